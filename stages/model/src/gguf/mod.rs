@@ -1,0 +1,1 @@
+//! GGUF reader, dequantization, tokenizer rebuild, writer.

@@ -1,0 +1,1 @@
+//! Training loop: AdamW, LR schedule, accumulation, clipping, checkpoints, metrics.

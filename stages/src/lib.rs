@@ -1,0 +1,1 @@
+//! newt-stages
