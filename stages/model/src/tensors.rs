@@ -233,10 +233,33 @@ impl TensorStore {
         self.shards.iter().map(|s| s.path.clone()).collect()
     }
 
-    /// A tensor's values as f32 (f16 and bf16 are widened exactly).
+    /// A tensor's values as f32 (f16 and bf16 are widened exactly). The mapped pages are
+    /// released afterwards (see [`TensorStore::release`]), so reading a model tensor by tensor
+    /// keeps only the returned copy resident.
     pub fn read_f32(&self, name: &str) -> Result<Vec<f32>, TensorError> {
         let (dtype, _, bytes) = self.read_raw(name)?;
-        Ok(decode_f32(dtype, bytes))
+        let v = decode_f32(dtype, bytes);
+        self.release(name);
+        Ok(v)
+    }
+
+    /// Drops a tensor's mapped pages from this process's resident set. They stay in the OS
+    /// page cache and are faulted back in if read again, so this only affects memory
+    /// accounting (RSS), never the data. Touched pages of a file mapping otherwise count
+    /// toward RSS until unmapped, which would make streaming over a model look like loading it.
+    pub fn release(&self, name: &str) {
+        #[cfg(unix)]
+        if let Some(e) = self.entries.get(name) {
+            // SAFETY: MADV_DONTNEED on a read-only shared file mapping discards nothing that
+            // cannot be re-read from the file, which newt never writes while it is mapped.
+            let _ = unsafe {
+                self.shards[e.shard].mmap.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    e.start,
+                    e.end - e.start,
+                )
+            };
+        }
     }
 
     /// A tensor's dtype, shape and little-endian bytes, borrowed from the mapping.
@@ -354,7 +377,7 @@ fn header_bytes(entries: &[(String, Dtype, Vec<usize>, usize)]) -> Vec<u8> {
         off += len;
     }
     let mut h = serde_json::to_vec(&Value::Object(map)).expect("header serializes");
-    while (h.len() + 8) % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = (h.len() as u64).to_le_bytes().to_vec();
