@@ -221,3 +221,43 @@ fn bf16_and_f16_encoding_round_to_nearest_even() {
     assert_eq!(decode_f32(Dtype::BF16, &encode_f32(Dtype::BF16, &[tie])), vec![1.0 + 2.0 * ulp]);
     assert_eq!(decode_f32(Dtype::F16, &encode_f32(Dtype::F16, &[65504.0])), vec![65504.0]);
 }
+
+#[test]
+fn a_tensor_streamed_in_chunks_equals_one_added_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = ramp(100, 0.5);
+    let bytes = encode_f32(Dtype::F32, &v);
+    let mut w = ShardedWriter::new(dir.path(), 1 << 20).unwrap();
+    w.begin_tensor("s", Dtype::F32, &[10, 10]).unwrap();
+    for c in bytes.chunks(64) {
+        w.write_chunk(c).unwrap();
+    }
+    w.end_tensor().unwrap();
+    w.add("whole", Dtype::F32, &[10, 10], &bytes).unwrap();
+    w.finish().unwrap();
+    let store = TensorStore::open(dir.path()).unwrap();
+    assert_eq!(store.read_f32("s").unwrap(), v);
+    assert_eq!(store.read_f32("whole").unwrap(), v);
+}
+
+#[test]
+fn streaming_too_many_or_too_few_bytes_is_an_error_that_stops_the_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = ShardedWriter::new(dir.path(), 1 << 20).unwrap();
+    w.begin_tensor("a", Dtype::F32, &[2]).unwrap();
+    w.write_chunk(&[0u8; 4]).unwrap();
+    let err = w.end_tensor().unwrap_err().to_string();
+    assert!(err.contains("4 of its 8"), "{err}");
+    // The partial bytes are in the shard: nothing more may be written, and no file appears.
+    assert!(w.begin_tensor("b", Dtype::F32, &[1]).unwrap_err().to_string().contains("earlier error"));
+    assert!(w.finish().is_err());
+    assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+
+    let mut w = ShardedWriter::new(dir.path(), 1 << 20).unwrap();
+    w.begin_tensor("c", Dtype::F32, &[1]).unwrap();
+    assert!(w.write_chunk(&[0u8; 8]).unwrap_err().to_string().contains("more than"));
+    let mut w = ShardedWriter::new(dir.path(), 1 << 20).unwrap();
+    w.begin_tensor("d", Dtype::F32, &[1]).unwrap();
+    let err = w.finish().unwrap_err().to_string();
+    assert!(err.contains("`d`") && err.contains("never ended"), "{err}");
+}
