@@ -8,7 +8,8 @@
 //!   Embedding, whose delta is (B·A)ᵀ;
 //! - `<module>.weight` (and `.bias`) for a whole tensor: `modules_to_save` are stored this way
 //!   (PEFT turns `<m>.modules_to_save.default.weight` into `<m>.weight`), and so are embedding
-//!   layers saved because the vocabulary was resized. Such a tensor replaces the base tensor,
+//!   layers saved because they are LoRA targets or the vocabulary was resized (PEFT ≥ 0.13
+//!   writes those as `<m>.base_layer.weight`). Such a tensor replaces the base tensor,
 //!   and a LoRA on the same module then applies on top, as when PEFT loads the adapter.
 //!
 //! Tied embeddings follow PEFT's unmerged behaviour: the adapter changes only the modules it
@@ -196,7 +197,10 @@ fn plan(
             let e = loras.entry(module).or_insert((None, None, emb));
             *(if is_a { &mut e.0 } else { &mut e.1 }) = Some(key.clone());
         } else if rest.ends_with(".weight") || rest.ends_with(".bias") {
-            whole.insert(rest.replace(".modules_to_save.default", ""), key.clone());
+            // `<m>.base_layer.weight`: PEFT saves a LoRA-wrapped embedding's base weight this way
+            // when the embedding is a target (`save_embedding_layers`).
+            let name = rest.replace(".modules_to_save.default", "").replace(".base_layer.", ".");
+            whole.insert(name, key.clone());
         } else {
             unknown.push(key);
         }

@@ -373,3 +373,32 @@ fn an_embedding_lora_adds_the_transpose_of_b_times_a() {
     let got = TensorStore::open(&out).unwrap().read_f32("model.embed_tokens.weight").unwrap();
     assert!(close(&got, &want, 1e-6));
 }
+
+#[test]
+fn a_saved_base_layer_of_a_lora_wrapped_embedding_replaces_the_base_and_gets_the_delta() {
+    let t = tempfile::tempdir().unwrap();
+    let (base, ad, out) = (t.path().join("base"), t.path().join("ad"), t.path().join("out"));
+    write_base(&base, &base_tensors(false), Dtype::F32, false);
+    let r = 2;
+    let saved = values(V * H, 70); // PEFT: `<m>.base_layer.weight` when the embedding is a target
+    let (a, b) = (values(r * V, 71), values(H * r, 72));
+    write_adapter(
+        &ad,
+        json!({"r": r, "lora_alpha": 2}),
+        &[
+            ("model.embed_tokens.base_layer.weight".into(), vec![V, H], saved.clone()),
+            ("model.embed_tokens.lora_embedding_A".into(), vec![r, V], a.clone()),
+            ("model.embed_tokens.lora_embedding_B".into(), vec![H, r], b.clone()),
+        ],
+    );
+    let s = merge_lora(&base, &ad, &out, MergeOptions::default()).unwrap();
+    assert_eq!((s.n_lora, s.n_replaced), (1, 1));
+    let mut want = saved;
+    for v in 0..V {
+        for h in 0..H {
+            want[v * H + h] += (0..r).map(|k| b[h * r + k] * a[k * V + v]).sum::<f32>();
+        }
+    }
+    let got = TensorStore::open(&out).unwrap().read_f32("model.embed_tokens.weight").unwrap();
+    assert!(close(&got, &want, 1e-6));
+}
