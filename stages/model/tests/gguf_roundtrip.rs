@@ -337,3 +337,23 @@ fn metadata_of_every_value_type_round_trips_through_writer_and_reader() {
     // Each tensor's data starts on a 32-byte boundary.
     assert_eq!(g.tensor("u").unwrap().offset, 32);
 }
+
+#[test]
+fn version_2_files_read_and_version_1_is_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("v.gguf");
+    let plan = vec![("t".to_string(), vec![4u64], GgmlType::F32)];
+    let mut w = GgufWriter::create(&p, &[("a".into(), MetaValue::U32(1))], &plan).unwrap();
+    w.write_tensor("t", &encode_f32(Dtype::F32, &[1.0, 2.0, 3.0, 4.0])).unwrap();
+    w.finish().unwrap();
+    let mut bytes = fs::read(&p).unwrap();
+    // v2 has v3's little-endian layout (v3 only added big-endian files).
+    bytes[4..8].copy_from_slice(&2u32.to_le_bytes());
+    fs::write(&p, &bytes).unwrap();
+    let g = GgufFile::open(&p).unwrap();
+    assert_eq!((g.version, g.dequantize("t").unwrap()), (2, vec![1.0, 2.0, 3.0, 4.0]));
+    bytes[4..8].copy_from_slice(&1u32.to_le_bytes());
+    fs::write(&p, &bytes).unwrap();
+    let msg = GgufFile::open(&p).err().unwrap().to_string();
+    assert!(msg.contains("version 1") && msg.contains("v2 and v3"), "{msg}");
+}
