@@ -1,1 +1,36 @@
-fn main() {}
+//! The `newt` binary: parse arguments, call the libraries, render results and errors, choose
+//! the exit code. Results go to stdout, progress and warnings to stderr.
+
+mod cli;
+mod commands;
+mod reporter;
+
+use clap::Parser;
+
+/// Exit codes.
+pub mod exit {
+    /// A stage failed or a command could not do its work.
+    pub const FAILURE: i32 = 1;
+    /// The pipeline file or the command line is wrong.
+    pub const USAGE: i32 = 2;
+    /// Interrupted (Ctrl-C).
+    pub const INTERRUPTED: i32 = 130;
+}
+
+fn main() {
+    if std::env::var_os("NO_COLOR").is_some() {
+        console::set_colors_enabled(false);
+        console::set_colors_enabled_stderr(false);
+    }
+    let cli = cli::Cli::parse();
+    let code = match commands::dispatch(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            let usage = e.downcast_ref::<newt_graph::config::ConfigError>().is_some()
+                || e.downcast_ref::<newt_graph::compile::CompileError>().is_some();
+            eprintln!("{} {e:#}", console::style("error:").red().bold());
+            if usage { exit::USAGE } else { exit::FAILURE }
+        }
+    };
+    std::process::exit(code);
+}

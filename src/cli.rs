@@ -1,0 +1,144 @@
+//! Command-line arguments (clap derive).
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Fine-tune LLMs from one YAML file: a content-addressed stage graph (fetch → tokenize → pack →
+/// train → evaluate → merge) where a rerun only runs what changed.
+#[derive(Debug, Parser)]
+#[command(name = "newt", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Cache directory (default: $NEWT_CACHE_DIR, then `cache_dir:` in the pipeline, then the user cache dir).
+    #[arg(long, global = true, env = "NEWT_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Print machine-readable JSON on stdout instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// No progress bars (plain log lines on stderr).
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// What to do.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the pipeline: every stage whose inputs changed; everything else is a cache hit.
+    Run {
+        /// The pipeline file.
+        pipeline: PathBuf,
+        /// Run only these stages (and what they need).
+        #[arg(long = "only", value_name = "STAGE")]
+        only: Vec<String>,
+        /// Stages run at once at most.
+        #[arg(long, short = 'j', default_value_t = 4)]
+        jobs: usize,
+    },
+    /// Show what `run` would do, and why, without doing it.
+    Plan {
+        /// The pipeline file.
+        pipeline: PathBuf,
+    },
+    /// Explain why a stage is (not) a cache hit: a diff of its key inputs against its last result.
+    Why {
+        /// The pipeline file.
+        pipeline: PathBuf,
+        /// The stage id (`train`, `tokenize.0`, ...).
+        stage: String,
+    },
+    /// Run up to `pack` (Axolotl's `preprocess`).
+    Preprocess {
+        /// The pipeline file.
+        pipeline: PathBuf,
+    },
+    /// Run up to `train` (Axolotl's `train`).
+    Train {
+        /// The pipeline file.
+        pipeline: PathBuf,
+    },
+    /// Merge the trained adapter (or `--lora-model-dir`) into the base model.
+    MergeLora {
+        /// The pipeline file.
+        pipeline: PathBuf,
+        /// An adapter made elsewhere (PEFT folder) instead of the pipeline's own.
+        #[arg(long)]
+        lora_model_dir: Option<PathBuf>,
+    },
+    /// Chat with the model: the trained adapter when the cache has one (`--base` for the base model).
+    Inference {
+        /// The pipeline file.
+        pipeline: PathBuf,
+        /// Answer this prompt and exit (otherwise a REPL).
+        #[arg(long)]
+        prompt: Option<String>,
+        /// Use the base model without the adapter.
+        #[arg(long)]
+        base: bool,
+        /// Tokens to generate at most.
+        #[arg(long, default_value_t = 256)]
+        max_new_tokens: usize,
+        /// Sampling temperature (0 = greedy).
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+    },
+    /// Look inside an artifact: a stage id (of the latest run) or a digest prefix.
+    Inspect {
+        /// Stage id or digest prefix.
+        target: String,
+        /// Resolve stage ids against this pipeline's latest run.
+        #[arg(long, short)]
+        pipeline: Option<PathBuf>,
+        /// Samples to show (tokenize/pack artifacts).
+        #[arg(short, default_value_t = 3)]
+        n: usize,
+    },
+    /// Run DataFusion SQL over a Parquet artifact (tables: its files, named by file stem).
+    Query {
+        /// Stage id or digest prefix.
+        target: String,
+        /// The SQL.
+        sql: String,
+        /// Resolve stage ids against this pipeline's latest run.
+        #[arg(long, short)]
+        pipeline: Option<PathBuf>,
+    },
+    /// Inspect and prune the cache.
+    Cache {
+        #[command(subcommand)]
+        command: CacheCommand,
+    },
+    /// Print the JSON Schema of the pipeline file.
+    ConfigSchema,
+}
+
+/// `newt cache ...`
+#[derive(Debug, Subcommand)]
+pub enum CacheCommand {
+    /// List cached results.
+    Ls,
+    /// Show one result: manifest and files.
+    Show {
+        /// Digest (or key) prefix.
+        digest: String,
+    },
+    /// Delete what no pipeline's latest run uses and nothing pins.
+    Gc {
+        /// List what would go, delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Keep an artifact through gc.
+    Pin {
+        /// Digest prefix.
+        digest: String,
+        /// A name for the pin.
+        name: String,
+    },
+    /// Remove a pin.
+    Unpin {
+        /// The pin's name.
+        name: String,
+    },
+}

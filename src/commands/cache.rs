@@ -1,0 +1,181 @@
+//! `newt cache ls | show | gc | pin | unpin`, `newt inspect`, `newt query`.
+
+use std::path::Path;
+
+use newt_cache::{Cache, Manifest};
+
+use super::{open_cache, session, shown};
+use crate::cli::{CacheCommand, Cli};
+
+/// `newt cache ...`
+pub fn cache(cli: &Cli, cmd: &CacheCommand) -> anyhow::Result<i32> {
+    let cache = open_cache(cli)?;
+    match cmd {
+        CacheCommand::Ls => {
+            let mut ms = cache.manifests()?;
+            ms.sort_by_key(|m| std::cmp::Reverse(m.created_unix));
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&ms)?);
+                return Ok(0);
+            }
+            println!("{:<14} {:<16} {:<14} {:>10} {:>8}", "output", "stage", "kind", "size", "took");
+            for m in ms {
+                let size: u64 = m.files.iter().map(|f| f.size).sum();
+                println!(
+                    "{:<14} {:<16} {:<14} {:>10} {:>7.1}s",
+                    m.output.short(),
+                    m.stage_id,
+                    m.kind,
+                    human(size),
+                    m.elapsed_ms as f64 / 1000.0
+                );
+            }
+            println!("cache: {}", cache.root().display());
+        }
+        CacheCommand::Show { digest } => {
+            let m = find(&cache, digest)?;
+            show(cli, &cache, &m)?;
+        }
+        CacheCommand::Gc { dry_run } => {
+            let r = cache.gc(*dry_run)?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                let verb = if *dry_run { "would remove" } else { "removed" };
+                for p in &r.removed {
+                    println!("{verb} {}", p.display());
+                }
+                println!("{verb} {} entries, {}", r.removed.len(), human(r.bytes_freed));
+            }
+        }
+        CacheCommand::Pin { digest, name } => {
+            let m = find(&cache, digest)?;
+            cache.pin(&m.output, name)?;
+            println!("pinned {} as {name}", m.output.short());
+        }
+        CacheCommand::Unpin { name } => {
+            cache.unpin(name)?;
+            println!("unpinned {name}");
+        }
+    }
+    Ok(0)
+}
+
+fn human(b: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 { format!("{b} B") } else { format!("{v:.1} {}", U[i]) }
+}
+
+/// The manifest of a digest or key prefix.
+fn find(cache: &Cache, prefix: &str) -> anyhow::Result<Manifest> {
+    let ms = cache.manifests()?;
+    let hits: Vec<&Manifest> = ms
+        .iter()
+        .filter(|m| m.output.to_string().starts_with(prefix) || m.key.to_string().starts_with(prefix))
+        .collect();
+    match hits.as_slice() {
+        [] => anyhow::bail!("no cached result matches `{prefix}` (see `newt cache ls`)"),
+        [m] => Ok((*m).clone()),
+        many => {
+            let first = many[0].output;
+            if many.iter().all(|m| m.output == first) {
+                return Ok(many[0].clone());
+            }
+            anyhow::bail!("`{prefix}` matches {} results; give more digits", many.len())
+        }
+    }
+}
+
+/// A stage id (through the latest run that has it) or a digest prefix.
+fn resolve(cli: &Cli, cache: &Cache, target: &str, pipeline: Option<&Path>) -> anyhow::Result<Manifest> {
+    if let Some(p) = pipeline {
+        let s = session(cli, p)?;
+        if let Some(run) = s.cache.last_run(&s.pipeline_id)? {
+            if let Some(st) = run.stages.get(target) {
+                return s
+                    .cache
+                    .lookup(&st.key)?
+                    .manifest
+                    .ok_or_else(|| anyhow::anyhow!("the last result of `{target}` is no longer cached"));
+            }
+        }
+    }
+    // Without a pipeline: the newest cached result of a stage with this id.
+    let mut ms: Vec<Manifest> = cache.manifests()?.into_iter().filter(|m| m.stage_id == target).collect();
+    ms.sort_by_key(|m| std::cmp::Reverse(m.created_unix));
+    if let Some(m) = ms.into_iter().next() {
+        return Ok(m);
+    }
+    find(cache, target)
+}
+
+fn show(cli: &Cli, cache: &Cache, m: &Manifest) -> anyhow::Result<()> {
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(m)?);
+        return Ok(());
+    }
+    println!("stage    {} ({})", m.stage_id, m.kind);
+    println!("key      {}", m.key);
+    println!("output   {}", m.output);
+    println!("path     {}", cache.object_path(&m.output).display());
+    println!("took     {:.2}s", m.elapsed_ms as f64 / 1000.0);
+    if !m.summary.is_null() {
+        println!("summary  {}", serde_json::to_string_pretty(&m.summary)?.replace('\n', "\n         "));
+    }
+    println!("files");
+    for f in &m.files {
+        println!("  {:>10}  {}", human(f.size), f.path);
+    }
+    Ok(())
+}
+
+/// `newt inspect`: manifest, files and the typed view of the artifact's kind.
+pub fn inspect(cli: &Cli, target: &str, pipeline: Option<&Path>, n: usize) -> anyhow::Result<i32> {
+    let cache = match pipeline {
+        Some(p) => (*session(cli, p)?.cache).clone(),
+        None => open_cache(cli)?,
+    };
+    let m = resolve(cli, &cache, target, pipeline)?;
+    show(cli, &cache, &m)?;
+    if !cli.json {
+        let color = console::colors_enabled();
+        if let Some(view) = newt_stages::views::inspect(&m.kind, &cache.object_path(&m.output), n, color)? {
+            println!();
+            println!("{view}");
+        }
+    }
+    Ok(0)
+}
+
+/// `newt query`: SQL over the Parquet files of an artifact.
+pub fn query(cli: &Cli, target: &str, sql: &str, pipeline: Option<&Path>) -> anyhow::Result<i32> {
+    let cache = match pipeline {
+        Some(p) => (*session(cli, p)?.cache).clone(),
+        None => open_cache(cli)?,
+    };
+    let m = resolve(cli, &cache, target, pipeline)?;
+    let dir = cache.object_path(&m.output);
+    let tables: Vec<(String, std::path::PathBuf)> = m
+        .files
+        .iter()
+        .filter(|f| f.path.ends_with(".parquet"))
+        .map(|f| {
+            let stem = Path::new(&f.path)
+                .file_stem()
+                .map(|s| s.to_string_lossy().replace(['-', '.'], "_"))
+                .unwrap_or_default();
+            (stem, dir.join(&f.path))
+        })
+        .collect();
+    if tables.is_empty() {
+        anyhow::bail!("{} ({}) has no Parquet files to query", shown(&dir), m.stage_id);
+    }
+    print!("{}", newt_data::query(&tables, sql)?);
+    Ok(0)
+}

@@ -1,0 +1,73 @@
+//! One function per subcommand; shared loading of pipelines and the cache.
+
+mod cache;
+mod run;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use newt_cache::Cache;
+use newt_graph::LoadedConfig;
+
+use crate::cli::{Cli, Command};
+
+/// Runs the chosen subcommand; returns the exit code.
+pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
+    match &cli.command {
+        Command::Run { pipeline, only, jobs } => run::run(&cli, pipeline, only, *jobs),
+        Command::Preprocess { pipeline } => run::run(&cli, pipeline, &["pack".to_string()], 4),
+        Command::Train { pipeline } => run::run(&cli, pipeline, &["train".to_string()], 4),
+        Command::Plan { pipeline } => run::plan(&cli, pipeline),
+        Command::Why { pipeline, stage } => run::why(&cli, pipeline, stage),
+        Command::Cache { command } => cache::cache(&cli, command),
+        Command::Inspect { target, pipeline, n } => cache::inspect(&cli, target, pipeline.as_deref(), *n),
+        Command::Query { target, sql, pipeline } => cache::query(&cli, target, sql, pipeline.as_deref()),
+        Command::MergeLora { pipeline, lora_model_dir } => run::merge_lora(&cli, pipeline, lora_model_dir.as_deref()),
+        Command::Inference { pipeline, prompt, base, max_new_tokens, temperature } => {
+            run::inference(&cli, pipeline, prompt.as_deref(), *base, *max_new_tokens, *temperature)
+        }
+        Command::ConfigSchema => {
+            let schema = schemars::schema_for!(newt_graph::config::Config);
+            println!("{}", serde_json::to_string_pretty(&schema)?);
+            Ok(0)
+        }
+    }
+}
+
+/// A loaded pipeline with its cache.
+pub struct Session {
+    /// The parsed config.
+    pub loaded: LoadedConfig,
+    /// The cache it uses.
+    pub cache: Arc<Cache>,
+    /// Identity of the pipeline file (for run records).
+    pub pipeline_id: String,
+}
+
+/// Loads a pipeline, prints its warnings, opens its cache.
+pub fn session(cli: &Cli, pipeline: &Path) -> anyhow::Result<Session> {
+    let loaded = newt_graph::config::load(pipeline)?;
+    for w in &loaded.warnings {
+        eprintln!("{} {w}", console::style("warning:").yellow().bold());
+    }
+    let root = cli
+        .cache_dir
+        .clone()
+        .or_else(|| loaded.config.cache_dir.as_ref().map(|d| loaded.base_dir.join(d)))
+        .unwrap_or_else(Cache::default_root);
+    let cache = Arc::new(Cache::open(&root)?);
+    let abs = std::fs::canonicalize(pipeline).unwrap_or_else(|_| pipeline.to_path_buf());
+    let pipeline_id = newt_cache::hash_bytes("newt pipeline id v1", &[abs.to_string_lossy().as_bytes()]).short();
+    Ok(Session { loaded, cache, pipeline_id })
+}
+
+/// The cache for commands without a pipeline.
+pub fn open_cache(cli: &Cli) -> anyhow::Result<Cache> {
+    Ok(Cache::open(&cli.cache_dir.clone().unwrap_or_else(Cache::default_root))?)
+}
+
+/// A path shown relative to the current directory when it is inside it.
+pub fn shown(p: &Path) -> String {
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+    p.strip_prefix(&cwd).unwrap_or(p).display().to_string()
+}

@@ -1,0 +1,223 @@
+//! `newt run | plan | why | merge-lora | inference`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use newt_graph::executor::{Executor, LocalExecutor, Outcome, RunReport, materialize};
+use newt_graph::{CancelToken, Pipeline};
+
+use super::{Session, session, shown};
+use crate::cli::Cli;
+use crate::exit;
+use crate::reporter::BarReporter;
+
+fn compiled(s: &Session) -> anyhow::Result<Pipeline> {
+    Ok(newt_graph::compile(&s.loaded.config)?)
+}
+
+/// Runs the pipeline (or the stages `only` needs) and prints the end-of-run table.
+pub fn run(cli: &Cli, pipeline: &Path, only: &[String], jobs: usize) -> anyhow::Result<i32> {
+    let s = session(cli, pipeline)?;
+    let p = compiled(&s)?;
+    let report = execute(cli, &s, &p, only, jobs)?;
+    print_report(cli, &report)?;
+    Ok(report_code(&report))
+}
+
+/// The exit code a report means.
+pub fn report_code(report: &RunReport) -> i32 {
+    if let Some(f) = report.failure() {
+        if matches!(&f.outcome, Outcome::Failed(m) if m.ends_with("cancelled")) {
+            return exit::INTERRUPTED;
+        }
+        return exit::FAILURE;
+    }
+    if report.stages.iter().any(|s| s.outcome == Outcome::Skipped) {
+        return exit::INTERRUPTED;
+    }
+    0
+}
+
+/// Executes a compiled pipeline with progress bars and Ctrl-C handling; materializes outputs.
+pub fn execute(cli: &Cli, s: &Session, p: &Pipeline, only: &[String], jobs: usize) -> anyhow::Result<RunReport> {
+    let registry = Arc::new(newt_stages::registry());
+    let reporter = Arc::new(BarReporter::new(cli.quiet));
+    let cancel = CancelToken::new();
+    let executor = LocalExecutor {
+        cache: s.cache.clone(),
+        registry: registry.clone(),
+        reporter: reporter.clone(),
+        cancel: cancel.clone(),
+        base_dir: s.loaded.base_dir.clone(),
+        pipeline_id: s.pipeline_id.clone(),
+        pipeline_path: std::fs::canonicalize(&s.loaded.path)
+            .unwrap_or_else(|_| s.loaded.path.clone())
+            .display()
+            .to_string(),
+        max_parallel: jobs,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let targets = if only.is_empty() { None } else { Some(only) };
+    let mut report = rt.block_on(async {
+        let c = cancel.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!(
+                    "\ninterrupted: stopping running stages (no partial result is kept); Ctrl-C again to quit now"
+                );
+                c.cancel();
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    std::process::exit(exit::INTERRUPTED);
+                }
+            }
+        });
+        executor.run(p, targets).await
+    })?;
+    for w in &report.warnings {
+        newt_graph::executor::Reporter::warn(reporter.as_ref(), w);
+    }
+    drop(reporter);
+    if report.failure().is_none() {
+        let out = PathBuf::from(&s.loaded.config.output_dir);
+        report.materialized = materialize(p, &registry, &report, &out)?;
+    }
+    Ok(report)
+}
+
+fn print_report(cli: &Cli, report: &RunReport) -> anyhow::Result<()> {
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+        return Ok(());
+    }
+    println!("{:<16} {:<8} {:>9}  {}", "stage", "result", "time", "output");
+    for s in &report.stages {
+        let result = match &s.outcome {
+            Outcome::Hit => console::style("hit").green().to_string(),
+            Outcome::Ran => console::style("ran").cyan().to_string(),
+            Outcome::Failed(_) => console::style("FAILED").red().bold().to_string(),
+            Outcome::Skipped => console::style("skipped").dim().to_string(),
+        };
+        let pad = 8usize.saturating_sub(console::measure_text_width(&result));
+        let digest = s.output.map(|d| d.short()).unwrap_or_else(|| "-".into());
+        println!("{:<16} {result}{:pad$} {:>8.2}s  {digest}", s.id, "", s.seconds);
+    }
+    for s in &report.stages {
+        if let Outcome::Failed(m) = &s.outcome {
+            eprintln!("{} stage `{}` failed: {m}", console::style("error:").red().bold(), s.id);
+        }
+    }
+    for m in &report.materialized {
+        eprintln!("wrote {}", shown(m));
+    }
+    Ok(())
+}
+
+/// `newt plan`: each stage, key prefix, hit or miss, and why.
+pub fn plan(cli: &Cli, pipeline: &Path) -> anyhow::Result<i32> {
+    let s = session(cli, pipeline)?;
+    let p = compiled(&s)?;
+    let registry = newt_stages::registry();
+    let entries = newt_graph::why::plan(&p, &registry, &s.cache, &s.loaded.base_dir, &s.pipeline_id)?;
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(&entries)?);
+        return Ok(0);
+    }
+    println!("{:<16} {:<12} {:<14} why", "stage", "key", "cache");
+    for e in &entries {
+        let key = e.key.map(|k| k.short()).unwrap_or_else(|| "?".into());
+        let state = if e.hit {
+            console::style("hit").green().to_string()
+        } else {
+            console::style("will run").yellow().to_string()
+        };
+        let pad = 14usize.saturating_sub(console::measure_text_width(&state));
+        println!("{:<16} {:<12} {state}{:pad$} {}", e.id, key, "", e.reasons.first().cloned().unwrap_or_default());
+        for r in e.reasons.iter().skip(1) {
+            println!("{:<16} {:<12} {:<14} {r}", "", "", "");
+        }
+    }
+    Ok(0)
+}
+
+/// `newt why STAGE`.
+pub fn why(cli: &Cli, pipeline: &Path, stage: &str) -> anyhow::Result<i32> {
+    let s = session(cli, pipeline)?;
+    let p = compiled(&s)?;
+    let registry = newt_stages::registry();
+    let entries = newt_graph::why::why(&p, &registry, &s.cache, &s.loaded.base_dir, &s.pipeline_id, stage)?;
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(&entries)?);
+        return Ok(0);
+    }
+    for e in entries.iter().rev() {
+        let key = e.key.map(|k| k.short()).unwrap_or_else(|| "(not yet known)".into());
+        if e.hit {
+            println!("{}: cache hit (key {key})", e.id);
+            continue;
+        }
+        println!("{}: will run (key {key})", e.id);
+        for r in &e.reasons {
+            println!("  {r}");
+        }
+    }
+    Ok(0)
+}
+
+/// `newt merge-lora`: the merge stage (and what it needs), or a merge of an adapter made elsewhere.
+pub fn merge_lora(cli: &Cli, pipeline: &Path, lora_model_dir: Option<&Path>) -> anyhow::Result<i32> {
+    let s = session(cli, pipeline)?;
+    let p = compiled(&s)?;
+    if let Some(dir) = lora_model_dir {
+        // Run fetch.model, then merge the given adapter directly into output_dir/merged.
+        let report = execute(cli, &s, &p, &["fetch.model".to_string()], 4)?;
+        let model = report.stages.iter().find(|r| r.id == "fetch.model").and_then(|r| r.path.clone());
+        let Some(model) = model else {
+            print_report(cli, &report)?;
+            return Ok(report_code(&report));
+        };
+        let out = PathBuf::from(&s.loaded.config.output_dir).join("merged");
+        newt_stages::merge::merge_external(&model, dir, &out, &s.loaded.config)?;
+        println!("merged {} into {}", shown(dir), shown(&out));
+        return Ok(0);
+    }
+    if p.node("merge").is_none() {
+        anyhow::bail!(
+            "this pipeline trains no adapter (`adapter:` is unset) or `merge.enabled` is false: nothing to merge"
+        );
+    }
+    run(cli, pipeline, &["merge".to_string()], 4)
+}
+
+/// `newt inference`: generation with the base model and, unless `--base`, the cached adapter.
+pub fn inference(
+    cli: &Cli,
+    pipeline: &Path,
+    prompt: Option<&str>,
+    base: bool,
+    max_new_tokens: usize,
+    temperature: f32,
+) -> anyhow::Result<i32> {
+    let s = session(cli, pipeline)?;
+    let p = compiled(&s)?;
+    let mut targets = vec!["fetch.model".to_string()];
+    if !base {
+        targets.push("train".into());
+    }
+    // Only uses what is cached: a missing adapter is said, not trained behind the user's back.
+    let registry = newt_stages::registry();
+    let plan = newt_graph::why::plan(&p, &registry, &s.cache, &s.loaded.base_dir, &s.pipeline_id)?;
+    let cached = |id: &str| plan.iter().find(|e| e.id == id).is_some_and(|e| e.hit);
+    if !cached("fetch.model") || (!base && !cached("train")) {
+        anyhow::bail!(
+            "the {} is not in the cache yet: run `newt run {}` first (or pass --base)",
+            if base { "base model" } else { "trained adapter" },
+            shown(pipeline)
+        );
+    }
+    let report = execute(cli, &s, &p, &targets, 1)?;
+    let dir = |id: &str| report.stages.iter().find(|r| r.id == id).and_then(|r| r.path.clone());
+    let model = dir("fetch.model").ok_or_else(|| anyhow::anyhow!("base model unavailable"))?;
+    let adapter = if base { None } else { dir("train") };
+    newt_stages::evaluate::chat(&model, adapter.as_deref(), &s.loaded.config, prompt, max_new_tokens, temperature)?;
+    Ok(0)
+}

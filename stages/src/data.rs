@@ -1,0 +1,138 @@
+//! Data stages: `fetch_dataset`, `tokenize`, `pack`, and the `sql` custom stage.
+
+use std::path::{Path, PathBuf};
+
+use newt_graph::compile::StageNode;
+use newt_graph::{Stage, StageContext};
+
+use crate::summary;
+
+/// Reads one dataset into Parquet with normalized columns.
+pub struct FetchDataset;
+
+impl Stage for FetchDataset {
+    fn kind(&self) -> &'static str {
+        "fetch_dataset"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn external_inputs(&self, node: &StageNode, base_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+        let ds = node.dataset()?;
+        if ds.path.starts_with("stage:") {
+            return Ok(Vec::new());
+        }
+        Ok(newt_data::source_files(&ds, base_dir)?)
+    }
+    fn required_outputs(&self, _: &StageNode) -> Vec<String> {
+        vec!["data.parquet".into()]
+    }
+    fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<serde_json::Value> {
+        let mut ds = ctx.node.dataset()?;
+        let cfg = ctx.node.config()?;
+        let files = match ds.path.strip_prefix("stage:") {
+            Some(stage) => {
+                // A custom stage's output folder is the dataset.
+                let dir = ctx.input(stage)?.to_path_buf();
+                ds.path = dir.display().to_string();
+                newt_data::source_files(&ds, Path::new("/"))?
+            }
+            None => ctx.external.clone(),
+        };
+        let opts = newt_data::FetchOptions { skip_invalid_rows: cfg.skip_invalid_rows };
+        let s = newt_data::fetch_dataset(&ds, &files, &ctx.out_dir, &opts)?;
+        summary(&s)
+    }
+}
+
+/// Tokenizes one fetched dataset with the model's tokenizer and chat template.
+pub struct Tokenize;
+
+impl Stage for Tokenize {
+    fn kind(&self) -> &'static str {
+        "tokenize"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn required_outputs(&self, _: &StageNode) -> Vec<String> {
+        vec!["tokens.parquet".into()]
+    }
+    fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<serde_json::Value> {
+        let ds = ctx.node.dataset()?;
+        let cfg = ctx.node.config()?;
+        let fetch = ctx
+            .node
+            .inputs
+            .iter()
+            .find(|i| i.starts_with("fetch.") && *i != "fetch.model")
+            .expect("compile gives tokenize a fetch input");
+        let data = ctx.input(fetch)?.join("data.parquet");
+        let model = ctx.input("fetch.model")?;
+        let s = newt_data::tokenize(&data, &ds, &cfg, model, &ctx.out_dir)?;
+        // The artifact carries its tokenizer so `newt inspect` can decode it on its own.
+        std::fs::copy(model.join("tokenizer.json"), ctx.out_dir.join("tokenizer.json"))?;
+        for w in &s.warnings {
+            ctx.progress.println(format!("warning: {w}"));
+        }
+        summary(&s)
+    }
+}
+
+/// Merges, shuffles, splits and packs the tokenized datasets.
+pub struct Pack;
+
+impl Stage for Pack {
+    fn kind(&self) -> &'static str {
+        "pack"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn required_outputs(&self, _: &StageNode) -> Vec<String> {
+        vec!["train.parquet".into(), "val.parquet".into()]
+    }
+    fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<serde_json::Value> {
+        let cfg = ctx.node.config()?;
+        let list = |key: &str| -> anyhow::Result<Vec<PathBuf>> {
+            let ids: Vec<String> = serde_json::from_value(ctx.node.params[key].clone())?;
+            ids.iter().map(|id| Ok(ctx.input(id)?.join("tokens.parquet"))).collect()
+        };
+        let train = list("train_inputs")?;
+        let s = newt_data::pack(&train, &list("test_inputs")?, &cfg, &ctx.out_dir)?;
+        if let Some(tok) = train.first().and_then(|t| t.parent()).map(|d| d.join("tokenizer.json")) {
+            std::fs::copy(tok, ctx.out_dir.join("tokenizer.json"))?;
+        }
+        summary(&s)
+    }
+}
+
+/// DataFusion SQL over upstream artifacts, producing a dataset.
+pub struct Sql;
+
+impl Stage for Sql {
+    fn kind(&self) -> &'static str {
+        "sql"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn required_outputs(&self, _: &StageNode) -> Vec<String> {
+        vec!["data.parquet".into()]
+    }
+    fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<serde_json::Value> {
+        let sql = ctx.node.params["custom"]["sql"].as_str().ok_or_else(|| anyhow::anyhow!("`sql` is missing"))?;
+        let mut tables = Vec::new();
+        for (id, dir) in &ctx.inputs {
+            let name = id.replace(['.', '-'], "_");
+            let file = ["data.parquet", "tokens.parquet", "train.parquet"]
+                .iter()
+                .map(|f| dir.join(f))
+                .find(|p| p.exists())
+                .unwrap_or_else(|| dir.clone());
+            tables.push((name, file));
+        }
+        let s = newt_data::run_sql(&tables, sql, &ctx.out_dir)?;
+        summary(&s)
+    }
+}
