@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use newt_graph::compile::StageNode;
 use newt_graph::{Stage, StageContext};
 
-use crate::summary;
+use crate::summary_debug;
 
 /// Reads one dataset into Parquet with normalized columns.
 pub struct FetchDataset;
@@ -41,7 +41,7 @@ impl Stage for FetchDataset {
         };
         let opts = newt_data::FetchOptions { skip_invalid_rows: cfg.skip_invalid_rows };
         let s = newt_data::fetch_dataset(&ds, &files, &ctx.out_dir, &opts)?;
-        summary(&s)
+        summary_debug(&s)
     }
 }
 
@@ -75,7 +75,7 @@ impl Stage for Tokenize {
         for w in &s.warnings {
             ctx.progress.println(format!("warning: {w}"));
         }
-        summary(&s)
+        summary_debug(&s)
     }
 }
 
@@ -103,7 +103,7 @@ impl Stage for Pack {
         if let Some(tok) = train.first().and_then(|t| t.parent()).map(|d| d.join("tokenizer.json")) {
             std::fs::copy(tok, ctx.out_dir.join("tokenizer.json"))?;
         }
-        summary(&s)
+        summary_debug(&s)
     }
 }
 
@@ -133,6 +133,6 @@ impl Stage for Sql {
             tables.push((name, file));
         }
         let s = newt_data::run_sql(&tables, sql, &ctx.out_dir)?;
-        summary(&s)
+        summary_debug(&s)
     }
 }

@@ -11,6 +11,9 @@
 //! | `merge` | train + model | merged HF folder (+ GGUF exports) |
 //! | `command`, `sql` | declared inputs | declared outputs / `data.parquet` |
 pub mod command;
+pub mod data;
+pub mod model;
+pub mod views;
 
 use std::sync::Arc;
 
@@ -20,12 +23,26 @@ use newt_graph::Registry;
 pub fn registry() -> Registry {
     let mut r = Registry::new();
     r.register(Arc::new(command::CommandStage));
+    r.register(Arc::new(data::FetchDataset));
+    r.register(Arc::new(data::Tokenize));
+    r.register(Arc::new(data::Pack));
+    r.register(Arc::new(data::Sql));
+    r.register(Arc::new(model::FetchModel));
+    r.register(Arc::new(model::Train));
+    r.register(Arc::new(model::Evaluate));
+    r.register(Arc::new(model::Merge));
     r
 }
-pub mod data;
-pub mod views;
+/// A library's summary struct as the text stored in the manifest (shown by `newt cache show`).
+pub(crate) fn summary_debug<T: std::fmt::Debug>(s: &T) -> anyhow::Result<serde_json::Value> {
+    Ok(serde_json::Value::String(format!("{s:#?}")))
+}
 
-/// A library's summary struct as the JSON stored in the manifest.
-pub(crate) fn summary<T: serde::Serialize>(s: &T) -> anyhow::Result<serde_json::Value> {
-    Ok(serde_json::to_value(s)?)
+/// The merge and chat entry points the CLI calls directly.
+pub mod merge {
+    pub use crate::model::merge_external;
+}
+/// Chat for `newt inference`.
+pub mod evaluate {
+    pub use crate::model::chat;
 }

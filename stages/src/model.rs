@@ -1,0 +1,548 @@
+//! Model stages: `fetch_model`, `train`, `evaluate`, `merge`, and chat for `newt inference`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use burn::module::AutodiffModule;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use newt_graph::compile::StageNode;
+use newt_graph::config::Config;
+use newt_graph::{Stage, StageContext};
+use newt_model::backend::{self, BackendChoice, ResolvedBackend, WithAutodiffBackend, WithBackend};
+use newt_model::generate::{ChatMessage, ChatTemplate, SamplingConfig};
+use newt_model::llama::Llama;
+use newt_model::lora::LoraConfig;
+use newt_model::train::{FlopsModel, StepReport, TrainConfig, TrainData, TrainHooks, TrainRun};
+
+/// Resolves a `base_model` value: a `.gguf` file, a local folder, or a hub id in the local cache.
+fn model_source(base_model: &str, base_dir: &Path) -> anyhow::Result<PathBuf> {
+    let local = base_dir.join(base_model);
+    if local.exists() {
+        return Ok(local);
+    }
+    let abs = PathBuf::from(base_model);
+    if abs.is_absolute() || base_model.ends_with(".gguf") || base_model.starts_with('.') {
+        anyhow::bail!("base_model `{base_model}`: no such file or folder");
+    }
+    Ok(newt_model::hf::resolve_hub_model(base_model)?)
+}
+
+/// Text of every string value in a fetched dataset (the tiny model's tokenizer corpus).
+fn dataset_texts(parquet: &Path) -> anyhow::Result<Vec<String>> {
+    use arrow::array::{Array, AsArray};
+    fn walk(a: &dyn Array, out: &mut Vec<String>) {
+        match a.data_type() {
+            arrow::datatypes::DataType::Utf8 => out.extend(a.as_string::<i32>().iter().flatten().map(String::from)),
+            arrow::datatypes::DataType::LargeUtf8 => {
+                out.extend(a.as_string::<i64>().iter().flatten().map(String::from))
+            }
+            arrow::datatypes::DataType::List(_) => walk(a.as_list::<i32>().values().as_ref(), out),
+            arrow::datatypes::DataType::Struct(_) => {
+                for c in a.as_struct().columns() {
+                    walk(c.as_ref(), out)
+                }
+            }
+            _ => {}
+        }
+    }
+    let file = std::fs::File::open(parquet).map_err(|e| anyhow::anyhow!("{}: {e}", parquet.display()))?;
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)?.build()?;
+    let mut out = Vec::new();
+    for batch in reader {
+        for c in batch?.columns() {
+            walk(c.as_ref(), &mut out);
+        }
+    }
+    Ok(out)
+}
+
+/// Turns `base_model` into a Hugging Face model folder.
+pub struct FetchModel;
+
+impl Stage for FetchModel {
+    fn kind(&self) -> &'static str {
+        "fetch_model"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn external_inputs(&self, node: &StageNode, base_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+        let cfg = node.config()?;
+        if cfg.base_model.starts_with("newt:") {
+            return Ok(Vec::new());
+        }
+        let mut v = vec![model_source(&cfg.base_model, base_dir)?];
+        if let Some(t) = &cfg.tokenizer_config {
+            v.push(model_source(t, base_dir)?);
+        }
+        Ok(v)
+    }
+    fn required_outputs(&self, _: &StageNode) -> Vec<String> {
+        vec!["config.json".into(), "tokenizer.json".into()]
+    }
+    fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<serde_json::Value> {
+        let cfg = ctx.node.config()?;
+        let out = &ctx.out_dir;
+        if let Some(name) = cfg.base_model.strip_prefix("newt:") {
+            if name != "tiny" {
+                anyhow::bail!("unknown built-in model `newt:{name}` (built-in: newt:tiny)");
+            }
+            let mut texts = Vec::new();
+            for dir in ctx.inputs.values() {
+                texts.extend(dataset_texts(&dir.join("data.parquet"))?);
+            }
+            let t = &cfg.tiny_model;
+            let spec = newt_model::tiny::TinySpec {
+                seed: cfg.seed,
+                vocab_size: t.vocab_size,
+                hidden_size: t.hidden_size,
+                intermediate_size: t.intermediate_size,
+                num_hidden_layers: t.num_hidden_layers,
+                num_attention_heads: t.num_attention_heads,
+                num_key_value_heads: t.num_key_value_heads,
+                max_position_embeddings: 4096,
+            };
+            newt_model::tiny::write_tiny_model(out, &spec, &texts)?;
+            return Ok(serde_json::json!({"source": "newt:tiny", "texts": texts.len()}));
+        }
+        let src = &ctx.external[0];
+        let summary = if src.is_file() && src.extension().is_some_and(|e| e == "gguf") {
+            ctx.progress.set_message(format!("dequantizing {}", src.display()));
+            let s = newt_model::gguf::import_to_hf(src, out)?;
+            serde_json::json!({"source": "gguf", "import": format!("{s:?}")})
+        } else if src.is_dir() {
+            let files = newt_model::hf::copy_model_dir(src, out)?;
+            serde_json::json!({"source": "folder", "files": files.len()})
+        } else {
+            anyhow::bail!("base_model {}: expected a Hugging Face model folder or a .gguf file", src.display());
+        };
+        if let Some(tok) = ctx.external.get(1) {
+            for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"] {
+                if tok.join(f).exists() {
+                    std::fs::copy(tok.join(f), out.join(f))?;
+                }
+            }
+        }
+        // Validate now, so a broken model fails here and is never cached.
+        newt_model::config::ModelConfig::from_dir(out)?;
+        Ok(summary)
+    }
+}
+
+fn backend_of(cfg: &Config) -> anyhow::Result<ResolvedBackend> {
+    Ok(backend::resolve(BackendChoice::from_str(&cfg.backend)?)?)
+}
+
+fn lora_config(cfg: &Config) -> LoraConfig {
+    LoraConfig {
+        r: cfg.lora_r,
+        alpha: cfg.lora_alpha,
+        dropout: cfg.lora_dropout,
+        target_modules: cfg.lora_target_modules.clone(),
+        target_linear: cfg.lora_target_linear || cfg.lora_target_modules.is_empty(),
+        use_rslora: cfg.peft_use_rslora,
+        modules_to_save: cfg.lora_modules_to_save.clone(),
+        seed: cfg.seed,
+    }
+}
+
+fn train_config(cfg: &Config) -> TrainConfig {
+    let accumulation = match cfg.batch_size {
+        Some(b) => (b / cfg.micro_batch_size).max(1),
+        None => cfg.gradient_accumulation_steps,
+    };
+    TrainConfig {
+        micro_batch_size: cfg.micro_batch_size,
+        gradient_accumulation_steps: accumulation,
+        num_epochs: cfg.num_epochs,
+        max_steps: cfg.max_steps,
+        learning_rate: cfg.learning_rate,
+        optimizer: cfg.optimizer.clone(),
+        adam_beta1: cfg.adam_beta1,
+        adam_beta2: cfg.adam_beta2,
+        adam_epsilon: cfg.adam_epsilon,
+        weight_decay: cfg.weight_decay,
+        max_grad_norm: cfg.max_grad_norm,
+        lr_scheduler: cfg.lr_scheduler.clone(),
+        cosine_min_lr_ratio: cfg.cosine_min_lr_ratio,
+        warmup_steps: cfg.warmup_steps,
+        warmup_ratio: cfg.warmup_ratio,
+        seed: cfg.seed,
+        save_steps: cfg.save_steps,
+        saves_per_epoch: cfg.saves_per_epoch,
+        save_total_limit: cfg.save_total_limit,
+        eval_steps: cfg.eval_steps,
+        evals_per_epoch: cfg.evals_per_epoch,
+        logging_steps: cfg.logging_steps,
+        shuffle: true,
+    }
+}
+
+fn read_data(path: &Path) -> anyhow::Result<Option<TrainData>> {
+    let d = TrainData::from_parquet(path)?;
+    Ok(if d.is_empty() { None } else { Some(d) })
+}
+
+/// LoRA training on the packed data.
+pub struct Train;
+
+struct Hooks<'a> {
+    ctx: &'a StageContext<'a>,
+    val: Option<&'a TrainData>,
+    eval_batch: usize,
+}
+
+impl<B: AutodiffBackend> TrainHooks<Llama<B>> for Hooks<'_> {
+    fn on_step(&mut self, r: &StepReport) {
+        self.ctx.progress.set_total(r.total_steps as u64);
+        self.ctx.progress.set_position(r.step as u64);
+        self.ctx.progress.set_message(format!("loss {:.4}  lr {:.2e}  {:.0} tok/s", r.loss, r.lr, r.tokens_per_s));
+    }
+    fn evaluate(&mut self, model: &Llama<B>, _step: usize) -> Option<f64> {
+        let val = self.val?;
+        let inner = model.valid();
+        let device = inner.embed_tokens.device();
+        Some(newt_model::train::eval_loss(&inner, val, self.eval_batch, &device))
+    }
+    fn cancelled(&self) -> bool {
+        self.ctx.cancel.is_cancelled()
+    }
+}
+
+struct TrainWork<'a> {
+    ctx: &'a StageContext<'a>,
+    cfg: Config,
+}
+
+impl WithAutodiffBackend for TrainWork<'_> {
+    type Output = anyhow::Result<serde_json::Value>;
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
+        let ctx = self.ctx;
+        let cfg = &self.cfg;
+        let pack = ctx.input("pack")?;
+        let model_dir = ctx.input("fetch.model")?;
+        let data = read_data(&pack.join("train.parquet"))?
+            .ok_or_else(|| anyhow::anyhow!("the pack stage produced no training rows"))?;
+        let val = read_data(&pack.join("val.parquet"))?;
+        let lora = lora_config(cfg);
+        ctx.progress.set_message("loading model".into());
+        let mut model = Llama::<B>::from_hf_dir(model_dir, &device)?.with_lora(&lora)?;
+        if let Some(dir) = &cfg.lora_model_dir {
+            let dir = ctx.external.first().cloned().unwrap_or_else(|| PathBuf::from(dir));
+            model = newt_model::peft::load_adapter(model, &dir)?.0;
+        }
+        let mc = &model.config;
+        let run = TrainRun {
+            checkpoint_dir: ctx.work_dir.join("checkpoints"),
+            metrics_jsonl: Some(ctx.out_dir.join("metrics.jsonl")),
+            loss_curve_png: Some(ctx.out_dir.join("loss.png")),
+            flops: Some(FlopsModel {
+                frozen_matmul_params: (mc.num_hidden_layers
+                    * (mc.hidden_size * (mc.num_attention_heads + 2 * mc.num_key_value_heads) * mc.head_dim
+                        + mc.num_attention_heads * mc.head_dim * mc.hidden_size
+                        + 3 * mc.hidden_size * mc.intermediate_size)
+                    + mc.hidden_size * mc.vocab_size) as u64,
+                n_layers: mc.num_hidden_layers as u64,
+                d_model: mc.hidden_size as u64,
+                peak_flops: if B::name(&device).to_lowercase().contains("cuda") { 989e12 } else { 1e11 },
+            }),
+        };
+        let tcfg = train_config(cfg);
+        let mut hooks =
+            Hooks { ctx, val: val.as_ref(), eval_batch: cfg.eval_batch_size.unwrap_or(cfg.micro_batch_size) };
+        let (model, summary) = newt_model::train::train(model, &data, &tcfg, &run, &mut hooks, &device)?;
+        for w in &summary.warnings {
+            ctx.progress.println(format!("warning: {w}"));
+        }
+        let base_name = cfg.base_model.clone();
+        newt_model::peft::save_adapter(&model.valid(), &lora, &base_name, &ctx.out_dir)?;
+        Ok(serde_json::json!({
+            "steps": summary.plan.total_steps,
+            "resumed_from": summary.resumed_from,
+            "final_loss": summary.final_loss,
+            "eval_loss": summary.eval_loss,
+            "tokens": summary.tokens,
+            "train_s": summary.train_s,
+            "tokens_per_s": if summary.train_s > 0.0 { summary.tokens as f64 / summary.train_s } else { 0.0 },
+            "trainable_params": summary.params.trainable,
+            "frozen_params": summary.params.frozen,
+        }))
+    }
+}
+
+impl Stage for Train {
+    fn kind(&self) -> &'static str {
+        "train"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn environment(&self, node: &StageNode) -> BTreeMap<String, String> {
+        env_of(node)
+    }
+    fn uses_device(&self, node: &StageNode) -> bool {
+        node.config().ok().and_then(|c| backend_of(&c).ok()).is_some_and(|b| b != ResolvedBackend::Cpu)
+    }
+    fn required_outputs(&self, _: &StageNode) -> Vec<String> {
+        vec!["adapter_config.json".into(), "adapter_model.safetensors".into(), "metrics.jsonl".into()]
+    }
+    fn materialize(&self, _: &StageNode) -> Vec<(String, String)> {
+        ["adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "loss.png"]
+            .iter()
+            .map(|f| (f.to_string(), f.to_string()))
+            .collect()
+    }
+    fn external_inputs(&self, node: &StageNode, base_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+        Ok(node.external.iter().map(|p| base_dir.join(p)).collect())
+    }
+    fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<serde_json::Value> {
+        let cfg = ctx.node.config()?;
+        let b = backend_of(&cfg)?;
+        if b != ResolvedBackend::Cpu {
+            backend::configure_kernel_cache(&ctx.cache_root)?;
+        }
+        backend::dispatch_autodiff(b, TrainWork { ctx, cfg })
+    }
+}
+
+fn env_of(node: &StageNode) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    match node.config().ok().map(|c| backend_of(&c)) {
+        Some(Ok(b)) => {
+            env.insert("backend".into(), b.name().into());
+            env.insert("dtype".into(), b.dtype_name().into());
+        }
+        _ => {
+            env.insert("backend".into(), "unavailable".into());
+        }
+    }
+    env
+}
+
+/// Loads the base model with the adapter of a train artifact (when given).
+fn load_model<B: Backend>(model_dir: &Path, adapter: Option<&Path>, device: &B::Device) -> anyhow::Result<Llama<B>> {
+    let model = Llama::<B>::from_hf_dir(model_dir, device)?;
+    Ok(match adapter {
+        Some(dir) => newt_model::peft::load_adapter(model, dir)?.0,
+        None => model,
+    })
+}
+
+fn stop_ids(model_dir: &Path, tok: &tokenizers::Tokenizer) -> Vec<u32> {
+    let mut ids = Vec::new();
+    let cfg: serde_json::Value = std::fs::read_to_string(model_dir.join("generation_config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    match &cfg["eos_token_id"] {
+        serde_json::Value::Number(n) => ids.extend(n.as_u64().map(|x| x as u32)),
+        serde_json::Value::Array(a) => ids.extend(a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32)),
+        _ => {}
+    }
+    for t in ["<|im_end|>", "<|eot_id|>", "<|endoftext|>", "</s>", "<|end_of_text|>"] {
+        if let Some(id) = tok.token_to_id(t) {
+            ids.push(id);
+        }
+    }
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
+/// Answers `prompts` with the model (chat template applied), greedy.
+fn answer<B: Backend>(
+    model: &Llama<B>,
+    model_dir: &Path,
+    prompts: &[String],
+    max_new_tokens: usize,
+    temperature: f32,
+    stream: bool,
+) -> anyhow::Result<Vec<String>> {
+    let tok = tokenizers::Tokenizer::from_file(model_dir.join("tokenizer.json"))
+        .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
+    let template = ChatTemplate::from_model_dir(model_dir)?;
+    let sampling =
+        SamplingConfig { max_new_tokens, temperature, stop_token_ids: stop_ids(model_dir, &tok), ..Default::default() };
+    let mut out = Vec::new();
+    for p in prompts {
+        let text = template.apply_chat_template(&[ChatMessage::new("user", p)], true)?;
+        let ids = tok.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?.get_ids().to_vec();
+        let mut streamer = newt_model::generate::TextStream::new(&tok);
+        let g = newt_model::generate::generate(model, &ids, &sampling, |t| {
+            if stream {
+                if let Some(piece) = streamer.push(t) {
+                    use std::io::Write;
+                    print!("{piece}");
+                    let _ = std::io::stdout().flush();
+                }
+            }
+            std::ops::ControlFlow::Continue(())
+        });
+        if stream {
+            println!();
+        }
+        out.push(tok.decode(&g.tokens, true).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?);
+    }
+    Ok(out)
+}
+
+/// Eval loss, perplexity and answers to `eval_prompts`, base and base+adapter.
+pub struct Evaluate;
+
+struct EvalWork<'a> {
+    ctx: &'a StageContext<'a>,
+    cfg: Config,
+}
+
+impl WithBackend for EvalWork<'_> {
+    type Output = anyhow::Result<serde_json::Value>;
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        let ctx = self.ctx;
+        let cfg = &self.cfg;
+        let model_dir = ctx.input("fetch.model")?;
+        let adapter = ctx.input("train")?;
+        let val = read_data(&ctx.input("pack")?.join("val.parquet"))?;
+        let batch = cfg.eval_batch_size.unwrap_or(1).max(1);
+        let mut metrics = serde_json::Map::new();
+        for (name, with_adapter) in [("base", false), ("tuned", true)] {
+            ctx.check_cancelled()?;
+            ctx.progress.set_message(format!("evaluating {name}"));
+            let model = load_model::<B>(model_dir, with_adapter.then_some(adapter), &device)?;
+            let mut m = serde_json::Map::new();
+            if let Some(val) = &val {
+                let loss = newt_model::train::eval_loss(&model, val, batch, &device);
+                m.insert("eval_loss".into(), loss.into());
+                m.insert("perplexity".into(), loss.exp().into());
+            }
+            let answers = answer(&model, model_dir, &cfg.eval_prompts, cfg.eval_max_new_tokens, 0.0, false)?;
+            let pairs: Vec<serde_json::Value> = cfg
+                .eval_prompts
+                .iter()
+                .zip(answers)
+                .map(|(p, a)| serde_json::json!({"prompt": p, "answer": a}))
+                .collect();
+            m.insert("generations".into(), pairs.into());
+            metrics.insert(name.into(), m.into());
+        }
+        let metrics = serde_json::Value::Object(metrics);
+        std::fs::write(ctx.out_dir.join("metrics.json"), serde_json::to_string_pretty(&metrics)? + "\n")?;
+        Ok(serde_json::json!({
+            "base_eval_loss": metrics["base"]["eval_loss"],
+            "tuned_eval_loss": metrics["tuned"]["eval_loss"],
+        }))
+    }
+}
+
+impl Stage for Evaluate {
+    fn kind(&self) -> &'static str {
+        "evaluate"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn environment(&self, node: &StageNode) -> BTreeMap<String, String> {
+        env_of(node)
+    }
+    fn uses_device(&self, node: &StageNode) -> bool {
+        node.config().ok().and_then(|c| backend_of(&c).ok()).is_some_and(|b| b != ResolvedBackend::Cpu)
+    }
+    fn required_outputs(&self, _: &StageNode) -> Vec<String> {
+        vec!["metrics.json".into()]
+    }
+    fn materialize(&self, _: &StageNode) -> Vec<(String, String)> {
+        vec![("metrics.json".into(), "eval_metrics.json".into())]
+    }
+    fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<serde_json::Value> {
+        let cfg = ctx.node.config()?;
+        backend::dispatch(backend_of(&cfg)?, EvalWork { ctx, cfg })
+    }
+}
+
+/// Merges the adapter into the base weights (f32, streaming) and writes GGUF exports.
+pub struct Merge;
+
+impl Stage for Merge {
+    fn kind(&self) -> &'static str {
+        "merge"
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn required_outputs(&self, _: &StageNode) -> Vec<String> {
+        vec!["config.json".into(), "tokenizer.json".into()]
+    }
+    fn materialize(&self, _: &StageNode) -> Vec<(String, String)> {
+        vec![(".".into(), "merged".into())]
+    }
+    fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<serde_json::Value> {
+        let cfg = ctx.node.config()?;
+        merge_into(ctx.input("fetch.model")?, ctx.input("train")?, &ctx.out_dir, &cfg)
+    }
+}
+
+fn merge_into(model: &Path, adapter: &Path, out: &Path, cfg: &Config) -> anyhow::Result<serde_json::Value> {
+    let opts = newt_model::merge::MergeOptions { max_shard_bytes: cfg.merge.max_shard_size, ..Default::default() };
+    let s = newt_model::merge::merge_lora(model, adapter, out, opts)?;
+    let mut exports = Vec::new();
+    for ty in &cfg.merge.gguf {
+        let t = newt_model::gguf::GgufType::parse(ty)
+            .ok_or_else(|| anyhow::anyhow!("merge.gguf: unknown type `{ty}` (f32, f16, q8_0)"))?;
+        let file = out.join(format!("model-{ty}.gguf"));
+        newt_model::gguf::export_gguf(out, &file, t)?;
+        exports.push(file.file_name().map(|f| f.to_string_lossy().to_string()));
+    }
+    Ok(serde_json::json!({"merge": format!("{s:?}"), "gguf": exports}))
+}
+
+/// `newt merge-lora --lora-model-dir`: merges an adapter made elsewhere.
+pub fn merge_external(model: &Path, adapter: &Path, out: &Path, cfg: &Config) -> anyhow::Result<()> {
+    if out.exists() {
+        anyhow::bail!("{} exists; remove it or choose another output_dir", out.display());
+    }
+    merge_into(model, adapter, out, cfg).map(|_| ())
+}
+
+struct ChatWork<'a> {
+    model: &'a Path,
+    adapter: Option<&'a Path>,
+    prompt: Option<&'a str>,
+    max_new_tokens: usize,
+    temperature: f32,
+}
+
+impl WithBackend for ChatWork<'_> {
+    type Output = anyhow::Result<()>;
+    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+        let model = load_model::<B>(self.model, self.adapter, &device)?;
+        if let Some(p) = self.prompt {
+            answer(&model, self.model, &[p.to_string()], self.max_new_tokens, self.temperature, true)?;
+            return Ok(());
+        }
+        let stdin = std::io::stdin();
+        loop {
+            eprint!("> ");
+            let mut line = String::new();
+            if stdin.read_line(&mut line)? == 0 {
+                return Ok(());
+            }
+            let line = line.trim();
+            if line.is_empty() {
+                continue;
+            }
+            answer(&model, self.model, &[line.to_string()], self.max_new_tokens, self.temperature, true)?;
+        }
+    }
+}
+
+/// `newt inference`: streams answers from base (+ adapter) to the terminal.
+pub fn chat(
+    model: &Path,
+    adapter: Option<&Path>,
+    cfg: &Config,
+    prompt: Option<&str>,
+    max_new_tokens: usize,
+    temperature: f32,
+) -> anyhow::Result<()> {
+    backend::dispatch(backend_of(cfg)?, ChatWork { model, adapter, prompt, max_new_tokens, temperature })
+}
