@@ -1,0 +1,220 @@
+//! End to end through the `newt` binary: the quickstart pipeline, the cache, and `why`.
+//!
+//! Each test copies the quickstart pipeline and its data into a temp dir, with its own cache.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+struct Project {
+    dir: tempfile::TempDir,
+}
+
+impl Project {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        std::fs::create_dir_all(dir.path().join("data")).unwrap();
+        std::fs::copy(root.join("pipelines/data/quickstart.jsonl"), dir.path().join("data/quickstart.jsonl")).unwrap();
+        let yaml = std::fs::read_to_string(root.join("pipelines/quickstart.yml")).unwrap();
+        // Fewer steps: these tests are about the graph, not the model.
+        let yaml = yaml.replace("num_epochs: 8", "num_epochs: 1");
+        std::fs::write(dir.path().join("p.yml"), yaml).unwrap();
+        Project { dir }
+    }
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+    fn newt(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_newt"));
+        c.args(args).current_dir(self.dir.path()).env("NEWT_CACHE_DIR", self.path("cache")).env("NO_COLOR", "1");
+        c
+    }
+    fn run(&self, args: &[&str]) -> Output {
+        self.newt(args).output().unwrap()
+    }
+    /// `newt run --json`: stage id → outcome.
+    fn run_pipeline(&self) -> Vec<(String, String)> {
+        let out = self.run(&["run", "p.yml", "--json", "--quiet"]);
+        assert!(out.status.success(), "newt run failed: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                (
+                    s["id"].as_str().unwrap().to_string(),
+                    match &s["outcome"] {
+                        serde_json::Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    },
+                )
+            })
+            .collect()
+    }
+    fn edit(&self, rel: &str, from: &str, to: &str) {
+        let p = self.path(rel);
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert!(text.contains(from), "{rel} lacks {from}");
+        std::fs::write(&p, text.replacen(from, to, 1)).unwrap();
+    }
+}
+
+fn ran(outcomes: &[(String, String)]) -> Vec<String> {
+    let mut v: Vec<String> = outcomes.iter().filter(|(_, o)| o == "ran").map(|(i, _)| i.clone()).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn quickstart_runs_then_reruns_as_all_hits_quickly() {
+    let p = Project::new();
+    let first = p.run_pipeline();
+    assert_eq!(ran(&first).len(), first.len(), "first run executes every stage: {first:?}");
+    for id in ["fetch.0", "fetch.model", "tokenize.0", "pack", "train", "evaluate", "merge"] {
+        assert!(first.iter().any(|(i, _)| i == id), "missing stage {id}");
+    }
+    assert!(p.path("outputs/quickstart/adapter_model.safetensors").exists());
+    assert!(p.path("outputs/quickstart/merged/config.json").exists());
+    let t = Instant::now();
+    let second = p.run_pipeline();
+    let took = t.elapsed();
+    assert!(second.iter().all(|(_, o)| o == "hit"), "{second:?}");
+    assert!(took < Duration::from_secs(1), "no-op rerun took {took:?}");
+}
+
+#[test]
+fn changing_learning_rate_reruns_train_and_after_and_why_says_so() {
+    let p = Project::new();
+    p.run_pipeline();
+    p.edit("p.yml", "learning_rate: 0.003", "learning_rate: 0.002");
+    let why = p.run(&["why", "p.yml", "train"]);
+    let text = String::from_utf8_lossy(&why.stdout);
+    assert!(text.contains("learning_rate: 0.003 → 0.002"), "{text}");
+    let r = p.run_pipeline();
+    assert_eq!(ran(&r), vec!["evaluate", "merge", "train"]);
+}
+
+#[test]
+fn changing_eval_prompts_reruns_evaluate_only() {
+    let p = Project::new();
+    p.run_pipeline();
+    p.edit("p.yml", "What is the capital of France?", "What is 2 plus 2?");
+    assert_eq!(ran(&p.run_pipeline()), vec!["evaluate"]);
+}
+
+#[test]
+fn changing_val_set_size_reruns_pack_and_after_not_tokenize() {
+    let p = Project::new();
+    p.run_pipeline();
+    p.edit("p.yml", "val_set_size: 0.1", "val_set_size: 0.2");
+    let r = ran(&p.run_pipeline());
+    assert!(r.contains(&"pack".to_string()) && r.contains(&"train".to_string()), "{r:?}");
+    assert!(!r.iter().any(|s| s.starts_with("tokenize") || s.starts_with("fetch")), "{r:?}");
+}
+
+#[test]
+fn editing_one_byte_of_the_dataset_reruns_from_its_fetch() {
+    let p = Project::new();
+    p.run_pipeline();
+    p.edit("data/quickstart.jsonl", "capital", "Capital");
+    let why = p.run(&["why", "p.yml", "fetch.0"]);
+    let text = String::from_utf8_lossy(&why.stdout);
+    assert!(text.contains("data: external.data/quickstart.jsonl"), "{text}");
+    let r = ran(&p.run_pipeline());
+    assert!(r.contains(&"fetch.0".to_string()) && r.contains(&"tokenize.0".to_string()), "{r:?}");
+}
+
+#[test]
+fn plan_lists_every_stage_as_hit_after_a_run() {
+    let p = Project::new();
+    p.run_pipeline();
+    let out = p.run(&["plan", "p.yml", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v.as_array().unwrap().iter().all(|e| e["hit"] == true), "{v}");
+}
+
+#[test]
+fn bad_yaml_is_a_clear_error_and_leaves_the_cache_untouched() {
+    let p = Project::new();
+    p.edit("p.yml", "learning_rate:", "learning_rte:");
+    let out = p.run(&["run", "p.yml"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown key `learning_rte`; did you mean `learning_rate`?"), "{err}");
+    let manifests = p.path("cache/v1/manifests");
+    let n = std::fs::read_dir(&manifests).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(n, 0, "nothing may be cached");
+}
+
+#[test]
+fn a_malformed_dataset_row_fails_fetch_naming_the_line_and_caches_nothing() {
+    let p = Project::new();
+    let data = p.path("data/quickstart.jsonl");
+    let mut text = std::fs::read_to_string(&data).unwrap();
+    text.push_str("{\"messages\": [oops\n");
+    std::fs::write(&data, text).unwrap();
+    let out = p.run(&["run", "p.yml"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("fetch.0") && err.contains("quickstart.jsonl") && err.contains("161"), "{err}");
+}
+
+#[test]
+fn sigkill_inside_a_stage_leaves_no_partial_result_and_reruns_only_that_stage() {
+    let p = Project::new();
+    // A custom stage that sleeps: kill the process while it runs.
+    let mut yaml = std::fs::read_to_string(p.path("p.yml")).unwrap();
+    yaml.push_str("stages:\n  - name: slow\n    kind: command\n    run: \"echo start > $NEWT_OUT/partial.txt; sleep 3; echo done > $NEWT_OUT/out.txt\"\n    outputs: [out.txt]\n");
+    std::fs::write(p.path("p.yml"), yaml).unwrap();
+    let mut child = p.newt(&["run", "p.yml", "--only", "slow", "--quiet"]).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let manifests = p.path("cache/v1/manifests");
+    assert_eq!(std::fs::read_dir(&manifests).map(|d| d.count()).unwrap_or(0), 0, "a killed stage is never cached");
+    let objects = p.path("cache/v1/objects");
+    assert_eq!(std::fs::read_dir(&objects).map(|d| d.count()).unwrap_or(0), 0, "no partial artifact is visible");
+    let out = p.run(&["run", "p.yml", "--only", "slow", "--json", "--quiet"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["stages"][0]["outcome"], "ran");
+}
+
+#[test]
+fn two_runs_at_once_execute_each_stage_once() {
+    let p = Project::new();
+    let mut yaml = std::fs::read_to_string(p.path("p.yml")).unwrap();
+    yaml.push_str("stages:\n  - name: once\n    kind: command\n    run: \"sleep 1; echo x >> runs.log; echo ok > $NEWT_OUT/out.txt\"\n    outputs: [out.txt]\n");
+    std::fs::write(p.path("p.yml"), yaml).unwrap();
+    let a = p.newt(&["run", "p.yml", "--only", "once", "--quiet"]).spawn().unwrap();
+    let b = p.newt(&["run", "p.yml", "--only", "once", "--quiet"]).spawn().unwrap();
+    assert!(a.wait_with_output().unwrap().status.success());
+    assert!(b.wait_with_output().unwrap().status.success());
+    let log = std::fs::read_to_string(p.path("runs.log")).unwrap_or_default();
+    assert_eq!(log.lines().count(), 1, "the command ran {} times", log.lines().count());
+}
+
+#[test]
+fn corrupt_manifest_is_a_miss_with_a_warning() {
+    let p = Project::new();
+    p.run_pipeline();
+    let dir = p.path("cache/v1/manifests");
+    let victim = std::fs::read_dir(&dir).unwrap().next().unwrap().unwrap().path();
+    std::fs::write(&victim, "{ not json").unwrap();
+    let out = p.run(&["run", "p.yml", "--quiet"]);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("warning"), "{err}");
+}
+
+#[test]
+fn inspect_shows_decoded_tokens_with_trained_markers() {
+    let p = Project::new();
+    p.run_pipeline();
+    let out = p.run(&["inspect", "tokenize.0", "-p", "p.yml", "-n", "1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Final answer"), "{text}");
+}
