@@ -1,1 +1,499 @@
-//! TODO(owner): llama
+//! The Llama-family transformer in Burn, in Hugging Face's layout and parameter names, loaded
+//! from a model folder into any backend with its base weights frozen.
+//!
+//! Batches may be *packed*: several samples share a row, told apart by `segment_ids` (0 for
+//! padding). Attention never crosses a segment boundary and next-token targets are shifted
+//! within each segment, so a packed batch computes exactly what its samples would alone.
+//! The ops themselves are `newt_kernels`' reference implementations.
+
+use std::path::{Path, PathBuf};
+
+use burn::module::{Module, Param};
+use burn::tensor::{DType, Int, Tensor, TensorData, backend::Backend};
+use newt_kernels::loss::IGNORE_INDEX;
+use newt_kernels::{
+    AttentionMask, RopeTables, apply_rope, attention, chunked_cross_entropy, rms_norm, rope_inv_freq, swiglu,
+};
+
+use crate::config::{ConfigError, ModelConfig};
+use crate::lora::{LoraLinear, frozen_param};
+use crate::tensors::{TensorError, TensorStore};
+
+/// Why a model folder could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// `config.json` is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The safetensors files are unusable.
+    #[error(transparent)]
+    Tensors(#[from] TensorError),
+    /// A tensor the config calls for is absent.
+    #[error("{dir}: tensor `{name}` is missing from the checkpoint")]
+    Missing {
+        /// The model folder.
+        dir: PathBuf,
+        /// The tensor.
+        name: String,
+    },
+    /// A tensor has a shape the config does not allow.
+    #[error("{dir}: tensor `{name}` has shape {found:?}, the config implies {expected:?}")]
+    Shape {
+        /// The model folder.
+        dir: PathBuf,
+        /// The tensor.
+        name: String,
+        /// What `config.json` implies.
+        expected: Vec<usize>,
+        /// What the file holds.
+        found: Vec<usize>,
+    },
+}
+
+/// A training micro-batch of packed rows, `[batch, seq]` each.
+#[derive(Debug, Clone)]
+pub struct TrainBatch<B: Backend> {
+    /// Token ids.
+    pub input_ids: Tensor<B, 2, Int>,
+    /// Label of each token (-100 = not trained on), *not yet shifted*: the model shifts within
+    /// each segment.
+    pub labels: Tensor<B, 2, Int>,
+    /// Position of each token within its sample (restarts at 0 per sample).
+    pub position_ids: Tensor<B, 2, Int>,
+    /// Sample number of each token within its row: 0 = padding, 1..n = samples.
+    pub segment_ids: Tensor<B, 2, Int>,
+}
+
+/// Summed loss of a batch and the number of tokens it sums over.
+#[derive(Debug, Clone)]
+pub struct LossOutput<B: Backend> {
+    /// Sum of per-token cross-entropies, `[1]`, f32.
+    pub sum: Tensor<B, 1>,
+    /// Tokens with a target (the divisor of the mean loss).
+    pub tokens: usize,
+}
+
+/// Keys and values of past positions, per layer, for incremental decoding.
+#[derive(Debug, Clone)]
+pub struct KvCache<B: Backend> {
+    layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    segments: Option<Tensor<B, 2, Int>>,
+    len: usize,
+}
+
+impl<B: Backend> KvCache<B> {
+    /// An empty cache for a model of `layers` layers.
+    pub fn new(layers: usize) -> Self {
+        KvCache { layers: vec![None; layers], segments: None, len: 0 }
+    }
+
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True before the first forward pass.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Query/key/value/output projections of one layer.
+#[derive(Module, Debug)]
+pub struct SelfAttention<B: Backend> {
+    /// `q_proj`.
+    pub q_proj: LoraLinear<B>,
+    /// `k_proj`.
+    pub k_proj: LoraLinear<B>,
+    /// `v_proj`.
+    pub v_proj: LoraLinear<B>,
+    /// `o_proj`.
+    pub o_proj: LoraLinear<B>,
+    /// `q_norm` (Qwen3): RMSNorm over each query head.
+    pub q_norm: Option<Param<Tensor<B, 1>>>,
+    /// `k_norm` (Qwen3).
+    pub k_norm: Option<Param<Tensor<B, 1>>>,
+}
+
+/// The SwiGLU MLP of one layer.
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    /// `gate_proj`.
+    pub gate_proj: LoraLinear<B>,
+    /// `up_proj`.
+    pub up_proj: LoraLinear<B>,
+    /// `down_proj`.
+    pub down_proj: LoraLinear<B>,
+}
+
+/// One pre-norm decoder layer.
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    /// `self_attn`.
+    pub self_attn: SelfAttention<B>,
+    /// `mlp`.
+    pub mlp: Mlp<B>,
+    /// `input_layernorm` weight.
+    pub input_layernorm: Param<Tensor<B, 1>>,
+    /// `post_attention_layernorm` weight.
+    pub post_attention_layernorm: Param<Tensor<B, 1>>,
+}
+
+/// What every layer needs besides its weights.
+struct LayerContext<'a, B: Backend> {
+    config: &'a ModelConfig,
+    rope: &'a RopeTables<B>,
+    mask: &'a AttentionMask<B>,
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        ctx: &LayerContext<'_, B>,
+        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    ) -> Tensor<B, 3> {
+        let eps = ctx.config.rms_norm_eps;
+        let normed = rms_norm(x.clone(), self.input_layernorm.val(), eps);
+        let h = x + self.self_attn.forward(normed, ctx, cache);
+        let normed = rms_norm(h.clone(), self.post_attention_layernorm.val(), eps);
+        let mlp = &self.mlp;
+        h + mlp.down_proj.forward(swiglu(mlp.gate_proj.forward(normed.clone()), mlp.up_proj.forward(normed)))
+    }
+}
+
+impl<B: Backend> SelfAttention<B> {
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        ctx: &LayerContext<'_, B>,
+        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    ) -> Tensor<B, 3> {
+        let c = ctx.config;
+        let [b, t, _] = x.dims();
+        let (hq, hkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let mut q = self.q_proj.forward(x.clone()).reshape([b, t, hq, hd]);
+        let mut k = self.k_proj.forward(x.clone()).reshape([b, t, hkv, hd]);
+        let v = self.v_proj.forward(x).reshape([b, t, hkv, hd]).swap_dims(1, 2);
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            q = rms_norm(q, qn.val(), c.rms_norm_eps);
+            k = rms_norm(k, kn.val(), c.rms_norm_eps);
+        }
+        let q = apply_rope(q.swap_dims(1, 2), ctx.rope);
+        let mut k = apply_rope(k.swap_dims(1, 2), ctx.rope);
+        let mut v = v;
+        if let Some(slot) = cache {
+            if let Some((past_k, past_v)) = slot.take() {
+                k = Tensor::cat(vec![past_k, k], 2);
+                v = Tensor::cat(vec![past_v, v], 2);
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let out = attention(q, k, v, ctx.mask, 1.0 / (hd as f64).sqrt());
+        self.o_proj.forward(out.swap_dims(1, 2).reshape([b, t, hq * hd]))
+    }
+}
+
+/// A Llama-family causal language model.
+#[derive(Module, Debug)]
+pub struct Llama<B: Backend> {
+    /// `model.embed_tokens.weight`, `[vocab, hidden]`.
+    pub embed_tokens: Param<Tensor<B, 2>>,
+    /// `model.layers`.
+    pub layers: Vec<DecoderLayer<B>>,
+    /// `model.norm.weight`.
+    pub norm: Param<Tensor<B, 1>>,
+    /// `lm_head.weight`; `None` when tied to the embedding.
+    pub lm_head: Option<Param<Tensor<B, 2>>>,
+    /// The model's shape.
+    pub config: ModelConfig,
+    /// Tokens per chunk of the loss's logits (bounds its memory to `chunk × vocab` floats).
+    pub loss_chunk_tokens: usize,
+    inv_freq: Vec<f32>,
+}
+
+impl<B: Backend> Llama<B> {
+    /// Loads `dir` (`config.json` and `model.safetensors` or its sharded form) onto `device`,
+    /// in the backend's float type, every weight frozen.
+    pub fn from_hf_dir(dir: &Path, device: &B::Device) -> Result<Self, LoadError> {
+        let config = ModelConfig::from_dir(dir)?;
+        let store = TensorStore::open(dir)?;
+        Self::from_store(config, &store, dir, device)
+    }
+
+    /// Builds the model from an open checkpoint; `dir` only names it in errors.
+    pub fn from_store(
+        config: ModelConfig,
+        store: &TensorStore,
+        dir: &Path,
+        device: &B::Device,
+    ) -> Result<Self, LoadError> {
+        let loader = Loader { store, dir, device };
+        let c = &config;
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let (q_out, kv_out) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let linear = |name: &str, out: usize, input: usize| -> Result<LoraLinear<B>, LoadError> {
+                let w = loader.tensor::<2>(&format!("{p}.{name}.weight"), [out, input])?;
+                let bias = loader.optional::<1>(&format!("{p}.{name}.bias"), [out])?;
+                Ok(LoraLinear::frozen(w, bias))
+            };
+            let qk_norm = |name: &str| -> Result<Option<Param<Tensor<B, 1>>>, LoadError> {
+                if !c.qk_norm {
+                    return Ok(None);
+                }
+                Ok(Some(frozen_param(loader.tensor::<1>(&format!("{p}.self_attn.{name}.weight"), [hd])?)))
+            };
+            layers.push(DecoderLayer {
+                self_attn: SelfAttention {
+                    q_proj: linear("self_attn.q_proj", q_out, h)?,
+                    k_proj: linear("self_attn.k_proj", kv_out, h)?,
+                    v_proj: linear("self_attn.v_proj", kv_out, h)?,
+                    o_proj: linear("self_attn.o_proj", h, q_out)?,
+                    q_norm: qk_norm("q_norm")?,
+                    k_norm: qk_norm("k_norm")?,
+                },
+                mlp: Mlp {
+                    gate_proj: linear("mlp.gate_proj", c.intermediate_size, h)?,
+                    up_proj: linear("mlp.up_proj", c.intermediate_size, h)?,
+                    down_proj: linear("mlp.down_proj", h, c.intermediate_size)?,
+                },
+                input_layernorm: frozen_param(loader.tensor(&format!("{p}.input_layernorm.weight"), [h])?),
+                post_attention_layernorm: frozen_param(
+                    loader.tensor(&format!("{p}.post_attention_layernorm.weight"), [h])?,
+                ),
+            });
+        }
+        let embed_tokens = frozen_param(loader.tensor("model.embed_tokens.weight", [c.vocab_size, h])?);
+        // transformers ties whenever the config says so, even if the file also has a head.
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(frozen_param(loader.tensor("lm_head.weight", [c.vocab_size, h])?))
+        };
+        let inv_freq = rope_inv_freq(hd, c.rope_theta, c.rope_scaling.as_ref());
+        Ok(Llama {
+            embed_tokens,
+            layers,
+            norm: frozen_param(loader.tensor("model.norm.weight", [h])?),
+            lm_head,
+            loss_chunk_tokens: default_chunk_tokens(c.vocab_size),
+            inv_freq,
+            config,
+        })
+    }
+
+    /// The LM head's weight `[vocab, hidden]` (the embedding when tied).
+    pub fn lm_head_weight(&self) -> Tensor<B, 2> {
+        match &self.lm_head {
+            Some(head) => head.val(),
+            None => self.embed_tokens.val(),
+        }
+    }
+
+    /// Final hidden states `[batch, seq, hidden]` (after the last norm).
+    ///
+    /// With a `cache`, the new tokens are appended to it and attend to everything it holds
+    /// (the given `position_ids` must continue where the cache left off).
+    pub fn forward_hidden(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        position_ids: Tensor<B, 2, Int>,
+        segment_ids: Tensor<B, 2, Int>,
+        mut cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
+        let [b, t] = input_ids.dims();
+        let hidden = self.config.hidden_size;
+        let mut x: Tensor<B, 3> = self.embed_tokens.val().select(0, input_ids.reshape([b * t])).reshape([b, t, hidden]);
+        let rope = RopeTables::new(position_ids, &self.inv_freq);
+        let (offset, k_segments) = match cache.as_deref_mut() {
+            None => (0, segment_ids.clone()),
+            Some(c) => {
+                let all = match c.segments.take() {
+                    Some(past) => Tensor::cat(vec![past, segment_ids.clone()], 1),
+                    None => segment_ids.clone(),
+                };
+                c.segments = Some(all.clone());
+                (c.len, all)
+            }
+        };
+        let mask = AttentionMask::packed_causal(segment_ids, k_segments, offset, self.config.sliding_window);
+        let ctx = LayerContext { config: &self.config, rope: &rope, mask: &mask };
+        for (i, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            x = layer.forward(x, &ctx, slot);
+        }
+        if let Some(c) = cache {
+            c.len += t;
+        }
+        rms_norm(x, self.norm.val(), self.config.rms_norm_eps)
+    }
+
+    /// Logits `[batch, seq, vocab]` of hidden states `[batch, seq, hidden]`.
+    pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [b, t, h] = hidden.dims();
+        hidden.reshape([b * t, h]).matmul(self.lm_head_weight().transpose()).reshape([b, t, self.config.vocab_size])
+    }
+
+    /// Logits `[batch, seq, vocab]` of a (possibly packed) batch.
+    pub fn forward(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        position_ids: Tensor<B, 2, Int>,
+        segment_ids: Tensor<B, 2, Int>,
+    ) -> Tensor<B, 3> {
+        self.logits(self.forward_hidden(input_ids, position_ids, segment_ids, None))
+    }
+
+    /// Feeds the next tokens of one sequence per row through the cache and returns the logits
+    /// of the last of them, `[batch, vocab]`, in f32.
+    pub fn forward_next(&self, input_ids: Tensor<B, 2, Int>, cache: &mut KvCache<B>) -> Tensor<B, 2> {
+        let device = input_ids.device();
+        let [b, t] = input_ids.dims();
+        let start = cache.len() as i64;
+        let positions = Tensor::<B, 1, Int>::arange(start..start + t as i64, &device).reshape([1, t]).expand([b, t]);
+        let segments = Tensor::<B, 2, Int>::ones([b, t], &device);
+        let hidden = self.forward_hidden(input_ids, positions, segments, Some(cache));
+        let last = hidden.narrow(1, t - 1, 1);
+        self.logits(last).reshape([b, self.config.vocab_size]).cast(DType::F32)
+    }
+
+    /// Summed next-token cross-entropy of a packed batch and its token count.
+    ///
+    /// Token `t`'s target is `labels[t + 1]` when `t + 1` belongs to the same segment, so the
+    /// last token of a sample never predicts the first of the next; a packed batch's loss is
+    /// the sum of its samples' losses. Logits exist only `loss_chunk_tokens` rows at a time.
+    pub fn loss(&self, batch: &TrainBatch<B>) -> LossOutput<B> {
+        let device = batch.input_ids.device();
+        let [b, t] = batch.input_ids.dims();
+        let labels = int_vec(batch.labels.clone());
+        let segments = int_vec(batch.segment_ids.clone());
+        let targets = shift_within_segments(&labels, &segments, t);
+        let tokens = targets.iter().filter(|&&l| l != IGNORE_INDEX).count();
+        let hidden =
+            self.forward_hidden(batch.input_ids.clone(), batch.position_ids.clone(), batch.segment_ids.clone(), None);
+        let sum = chunked_cross_entropy(
+            hidden.reshape([b * t, self.config.hidden_size]),
+            self.lm_head_weight(),
+            Tensor::from_data(TensorData::new(targets, [b * t]), &device),
+            self.loss_chunk_tokens,
+        );
+        LossOutput { sum, tokens }
+    }
+
+    /// Rebuilds every linear layer through `f`, given its Hugging Face path
+    /// (`model.layers.3.mlp.up_proj`); used to attach and load adapters.
+    pub fn map_linears<E>(
+        mut self,
+        mut f: impl FnMut(&str, LoraLinear<B>) -> Result<LoraLinear<B>, E>,
+    ) -> Result<Self, E> {
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for (i, mut layer) in std::mem::take(&mut self.layers).into_iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            let a = layer.self_attn;
+            layer.self_attn = SelfAttention {
+                q_proj: f(&format!("{p}.self_attn.q_proj"), a.q_proj)?,
+                k_proj: f(&format!("{p}.self_attn.k_proj"), a.k_proj)?,
+                v_proj: f(&format!("{p}.self_attn.v_proj"), a.v_proj)?,
+                o_proj: f(&format!("{p}.self_attn.o_proj"), a.o_proj)?,
+                q_norm: a.q_norm,
+                k_norm: a.k_norm,
+            };
+            let m = layer.mlp;
+            layer.mlp = Mlp {
+                gate_proj: f(&format!("{p}.mlp.gate_proj"), m.gate_proj)?,
+                up_proj: f(&format!("{p}.mlp.up_proj"), m.up_proj)?,
+                down_proj: f(&format!("{p}.mlp.down_proj"), m.down_proj)?,
+            };
+            layers.push(layer);
+        }
+        self.layers = layers;
+        Ok(self)
+    }
+
+    /// Every linear layer with its Hugging Face path, in checkpoint order.
+    pub fn linears(&self) -> Vec<(String, &LoraLinear<B>)> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            let a = &l.self_attn;
+            for (name, lin) in
+                [("q_proj", &a.q_proj), ("k_proj", &a.k_proj), ("v_proj", &a.v_proj), ("o_proj", &a.o_proj)]
+            {
+                out.push((format!("{p}.self_attn.{name}"), lin));
+            }
+            let m = &l.mlp;
+            for (name, lin) in [("gate_proj", &m.gate_proj), ("up_proj", &m.up_proj), ("down_proj", &m.down_proj)] {
+                out.push((format!("{p}.mlp.{name}"), lin));
+            }
+        }
+        out
+    }
+}
+
+/// About 256 MiB of f32 logits per chunk, at least 16 tokens.
+fn default_chunk_tokens(vocab: usize) -> usize {
+    ((256usize << 20) / (4 * vocab.max(1))).max(16)
+}
+
+/// Next-token targets: `labels[i + 1]` when it is in the same segment as `i`, else ignored.
+pub fn shift_within_segments(labels: &[i64], segments: &[i64], seq: usize) -> Vec<i64> {
+    let mut out = vec![IGNORE_INDEX; labels.len()];
+    for (i, target) in out.iter_mut().enumerate() {
+        let next = i + 1;
+        if !next.is_multiple_of(seq) && segments[i] != 0 && segments[next] == segments[i] {
+            *target = labels[next];
+        }
+    }
+    out
+}
+
+fn int_vec<B: Backend, const D: usize>(t: Tensor<B, D, Int>) -> Vec<i64> {
+    t.into_data().convert::<i64>().into_vec().expect("int tensor converts to i64")
+}
+
+/// Reads named tensors with shape checks.
+struct Loader<'a, B: Backend> {
+    store: &'a TensorStore,
+    dir: &'a Path,
+    device: &'a B::Device,
+}
+
+impl<B: Backend> Loader<'_, B> {
+    fn optional<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Option<Tensor<B, D>>, LoadError> {
+        let Some((_, found)) = self.store.info(name) else {
+            return Ok(None);
+        };
+        if found != shape {
+            return Err(LoadError::Shape {
+                dir: self.dir.to_path_buf(),
+                name: name.into(),
+                expected: shape.to_vec(),
+                found,
+            });
+        }
+        let values = self.store.read_f32(name)?;
+        Ok(Some(Tensor::from_data(TensorData::new(values, shape), self.device)))
+    }
+
+    fn tensor<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Tensor<B, D>, LoadError> {
+        self.optional(name, shape)?.ok_or_else(|| LoadError::Missing { dir: self.dir.to_path_buf(), name: name.into() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_shift_within_segments_only() {
+        // Two rows of 5: [s1 s1 s1 s2 s2] and [s1 s1 pad pad pad].
+        let labels = vec![10, 11, 12, 20, 21, 30, 31, 0, 0, 0];
+        let segments = vec![1, 1, 1, 2, 2, 1, 1, 0, 0, 0];
+        let shifted = shift_within_segments(&labels, &segments, 5);
+        let x = IGNORE_INDEX;
+        assert_eq!(shifted, vec![11, 12, x, 21, x, 31, x, x, x, x]);
+    }
+}

@@ -1,1 +1,337 @@
-//! TODO(owner): lora
+//! LoRA: a frozen linear layer with an optional low-rank adapter beside it, and the code that
+//! attaches adapters to a [`Llama`] the way PEFT does.
+//!
+//! The adapter is never merged: `y = x·Wᵀ (+ b) + scale·((dropout(x)·Aᵀ)·Bᵀ)`, with `A` `[r, in]`
+//! and `B` `[out, r]` kept in f32 whatever the base dtype, and `B·A` never formed. PEFT's
+//! initialisation: `A` Kaiming-uniform with `a = √5` (as `nn.Linear`), i.e. `U(-1/√in, 1/√in)`,
+//! and `B` zero, so a fresh adapter leaves the model's outputs unchanged.
+
+use burn::module::{Module, Param};
+use burn::tensor::{DType, Distribution, Tensor, TensorData, backend::Backend};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+
+use crate::llama::Llama;
+
+/// The linear layers LoRA may target, in the order they appear in a decoder layer.
+pub const LINEAR_TARGETS: &[&str] = &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+/// Modules that `lora_modules_to_save` may name (trained in full, saved with the adapter).
+pub const SAVABLE_MODULES: &[&str] = &["embed_tokens", "lm_head"];
+
+/// Why an adapter could not be attached.
+#[derive(Debug, thiserror::Error)]
+pub enum LoraError {
+    /// `lora_target_modules` names something that is not a linear layer of the model.
+    #[error(
+        "lora_target_modules: `{0}` is not a linear layer of this model; targets are {targets}",
+        targets = LINEAR_TARGETS.join(", ")
+    )]
+    UnknownTarget(String),
+    /// Neither targets nor `lora_target_linear` were given.
+    #[error("no LoRA targets: set lora_target_modules or lora_target_linear: true")]
+    NoTargets,
+    /// `lora_modules_to_save` names a module newt cannot train in full.
+    #[error(
+        "lora_modules_to_save: `{0}` is not supported; newt trains {modules} in full",
+        modules = SAVABLE_MODULES.join(" and ")
+    )]
+    UnknownModuleToSave(String),
+    /// Rank zero, or a dropout outside [0, 1).
+    #[error("{0}")]
+    BadValue(String),
+}
+
+/// LoRA hyper-parameters with Axolotl's meaning.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraConfig {
+    /// `lora_r`: rank.
+    pub r: usize,
+    /// `lora_alpha`.
+    pub alpha: f64,
+    /// `lora_dropout`: dropout on the adapter's input, during training only.
+    pub dropout: f64,
+    /// `lora_target_modules`: short names (`q_proj`, …) of the linears to adapt.
+    pub target_modules: Vec<String>,
+    /// `lora_target_linear`: adapt every linear of the decoder layers (not `lm_head`).
+    pub target_linear: bool,
+    /// `peft_use_rslora`: scale by `alpha/√r` instead of `alpha/r`.
+    pub use_rslora: bool,
+    /// `lora_modules_to_save`: `embed_tokens` and/or `lm_head`, trained in full.
+    pub modules_to_save: Vec<String>,
+    /// Seed of `A`'s initialisation (the same seed gives the same adapter).
+    pub seed: u64,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        LoraConfig {
+            r: 8,
+            alpha: 16.0,
+            dropout: 0.0,
+            target_modules: Vec::new(),
+            target_linear: true,
+            use_rslora: false,
+            modules_to_save: Vec::new(),
+            seed: 42,
+        }
+    }
+}
+
+impl LoraConfig {
+    /// The factor applied to the adapter's output.
+    pub fn scale(&self) -> f64 {
+        if self.use_rslora { self.alpha / (self.r as f64).sqrt() } else { self.alpha / self.r as f64 }
+    }
+
+    /// The short names of the adapted linears, validated, in [`LINEAR_TARGETS`] order.
+    pub fn resolved_targets(&self) -> Result<Vec<&'static str>, LoraError> {
+        if self.r == 0 {
+            return Err(LoraError::BadValue("lora_r must be at least 1".into()));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(LoraError::BadValue(format!("lora_dropout must be in [0, 1), got {}", self.dropout)));
+        }
+        for t in &self.target_modules {
+            if !LINEAR_TARGETS.contains(&t.as_str()) {
+                return Err(LoraError::UnknownTarget(t.clone()));
+            }
+        }
+        for m in &self.modules_to_save {
+            if !SAVABLE_MODULES.contains(&m.as_str()) {
+                return Err(LoraError::UnknownModuleToSave(m.clone()));
+            }
+        }
+        let targets: Vec<&'static str> = LINEAR_TARGETS
+            .iter()
+            .copied()
+            .filter(|t| self.target_linear || self.target_modules.iter().any(|m| m == t))
+            .collect();
+        if targets.is_empty() {
+            return Err(LoraError::NoTargets);
+        }
+        Ok(targets)
+    }
+}
+
+/// The trainable low-rank pair beside a frozen linear.
+#[derive(Module, Debug)]
+pub struct LoraAdapter<B: Backend> {
+    /// `lora_A.weight`, `[r, in]`, f32.
+    pub lora_a: Param<Tensor<B, 2>>,
+    /// `lora_B.weight`, `[out, r]`, f32.
+    pub lora_b: Param<Tensor<B, 2>>,
+    /// `alpha/r` or `alpha/√r`.
+    pub scale: f64,
+    /// Dropout probability on the adapter's input.
+    pub dropout: f64,
+}
+
+impl<B: Backend> LoraAdapter<B> {
+    /// An adapter with PEFT's initialisation for a `[out, in]` linear, `A` drawn from `seed`.
+    pub fn init(in_features: usize, out_features: usize, config: &LoraConfig, seed: u64, device: &B::Device) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed);
+        // kaiming_uniform_(a=√5) on [r, in]: gain √(2/(1+5)), bound gain·√(3/in) = 1/√in.
+        let bound = 1.0 / (in_features as f32).sqrt();
+        let a: Vec<f32> = (0..config.r * in_features).map(|_| rng.random_range(-bound..bound)).collect();
+        let b = vec![0.0f32; out_features * config.r];
+        LoraAdapter {
+            lora_a: f32_param(a, [config.r, in_features], device),
+            lora_b: f32_param(b, [out_features, config.r], device),
+            scale: config.scale(),
+            dropout: config.dropout,
+        }
+    }
+
+    /// The adapter's contribution for a 2-D input `[rows, in]`, in f32.
+    fn delta(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let device = x.device();
+        let mut x = x.cast(DType::F32);
+        // Dropout only while gradients are recorded (training); `Module::valid()` gives the
+        // inference view, as everywhere in Burn.
+        if self.dropout > 0.0 && B::ad_enabled(&device) {
+            let keep = x.random_like(Distribution::Bernoulli(1.0 - self.dropout));
+            x = x * keep.div_scalar(1.0 - self.dropout);
+        }
+        x.matmul(self.lora_a.val().transpose()).matmul(self.lora_b.val().transpose()).mul_scalar(self.scale)
+    }
+}
+
+/// A trainable f32 parameter, whatever the backend's default float type.
+pub(crate) fn f32_param<const D: usize, B: Backend>(
+    values: Vec<f32>,
+    shape: [usize; D],
+    device: &B::Device,
+) -> Param<Tensor<B, D>> {
+    Param::from_tensor(Tensor::from_data(TensorData::new(values, shape), (device, DType::F32)))
+}
+
+/// A linear layer in Hugging Face layout (`weight` `[out, in]`, optional `bias`), frozen unless
+/// trained in full, with an optional LoRA adapter.
+#[derive(Module, Debug)]
+pub struct LoraLinear<B: Backend> {
+    /// `weight`, `[out, in]`, in the backend's float type.
+    pub weight: Param<Tensor<B, 2>>,
+    /// `bias`, `[out]`, when the checkpoint has one.
+    pub bias: Option<Param<Tensor<B, 1>>>,
+    /// The adapter, when this layer is a LoRA target.
+    pub lora: Option<LoraAdapter<B>>,
+}
+
+impl<B: Backend> LoraLinear<B> {
+    /// A frozen layer over the given weights.
+    pub fn frozen(weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Self {
+        LoraLinear { weight: frozen_param(weight), bias: bias.map(frozen_param), lora: None }
+    }
+
+    /// `[out, in]`.
+    pub fn dims(&self) -> [usize; 2] {
+        self.weight.dims()
+    }
+
+    /// `x·Wᵀ + b + scale·((dropout(x)·Aᵀ)·Bᵀ)` over the last dimension of `x`.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let [out, input] = self.dims();
+        let mut shape = x.dims();
+        let rows = shape[..D - 1].iter().product();
+        let x = x.reshape([rows, input]);
+        let mut y = x.clone().matmul(self.weight.val().transpose());
+        if let Some(bias) = &self.bias {
+            y = y + bias.val().unsqueeze();
+        }
+        if let Some(lora) = &self.lora {
+            let dtype = y.dtype();
+            y = y + lora.delta(x).cast(dtype);
+        }
+        shape[D - 1] = out;
+        y.reshape(shape)
+    }
+}
+
+/// A parameter that no optimizer will touch (no gradient is recorded for it).
+pub(crate) fn frozen_param<const D: usize, B: Backend>(t: Tensor<B, D>) -> Param<Tensor<B, D>> {
+    Param::from_tensor(t).set_require_grad(false)
+}
+
+/// A seed for one module's adapter, from the run's seed and the module's path, so that each
+/// adapter's init is independent of the order in which modules are visited.
+fn module_seed(seed: u64, path: &str) -> u64 {
+    // FNV-1a over the path, mixed with the seed by splitmix64's finalizer.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in path.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let mut z = seed ^ h;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+impl<B: Backend> Llama<B> {
+    /// Attaches fresh adapters to the configured targets and unfreezes `modules_to_save`.
+    ///
+    /// A tied LM head named in `modules_to_save` gets its own trainable copy of the embedding
+    /// (what PEFT's `ModulesToSaveWrapper` does), so the embedding itself stays as it was.
+    pub fn with_lora(self, config: &LoraConfig) -> Result<Self, LoraError> {
+        let targets = config.resolved_targets()?;
+        let mut model = self.map_linears(|path, mut linear| {
+            let short = path.rsplit('.').next().unwrap_or(path);
+            if targets.contains(&short) {
+                let [out, input] = linear.dims();
+                let device = linear.weight.device();
+                linear.lora = Some(LoraAdapter::init(input, out, config, module_seed(config.seed, path), &device));
+            }
+            Ok::<_, LoraError>(linear)
+        })?;
+        for m in &config.modules_to_save {
+            model = model.train_in_full(m);
+        }
+        Ok(model)
+    }
+
+    /// Makes `embed_tokens` or `lm_head` trainable (a tied head is split off first).
+    pub(crate) fn train_in_full(mut self, module: &str) -> Self {
+        match module {
+            "embed_tokens" => {
+                self.embed_tokens = self.embed_tokens.set_require_grad(true);
+            }
+            "lm_head" => {
+                self.lm_head = Some(match self.lm_head.take() {
+                    Some(head) => head.set_require_grad(true),
+                    None => Param::from_tensor(self.embed_tokens.val().detach()),
+                });
+            }
+            _ => {}
+        }
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type B = burn::backend::Flex;
+
+    #[test]
+    fn rslora_scales_by_root_of_rank() {
+        let mut c = LoraConfig { r: 16, alpha: 32.0, ..Default::default() };
+        assert_eq!(c.scale(), 2.0);
+        c.use_rslora = true;
+        assert_eq!(c.scale(), 8.0);
+    }
+
+    #[test]
+    fn targets_are_validated_and_ordered() {
+        let c = LoraConfig {
+            target_modules: vec!["v_proj".into(), "q_proj".into()],
+            target_linear: false,
+            ..Default::default()
+        };
+        assert_eq!(c.resolved_targets().unwrap(), vec!["q_proj", "v_proj"]);
+        let bad = LoraConfig { target_modules: vec!["qkv".into()], target_linear: false, ..Default::default() };
+        let msg = bad.resolved_targets().unwrap_err().to_string();
+        assert!(msg.contains("qkv") && msg.contains("gate_proj"), "{msg}");
+        let all = LoraConfig::default().resolved_targets().unwrap();
+        assert_eq!(all, LINEAR_TARGETS);
+    }
+
+    #[test]
+    fn lora_init_is_kaiming_uniform_a_and_zero_b() {
+        let dev = Default::default();
+        let c = LoraConfig { r: 4, ..Default::default() };
+        let ad = LoraAdapter::<B>::init(64, 32, &c, 7, &dev);
+        let a = ad.lora_a.val().into_data().to_vec::<f32>().unwrap();
+        let b = ad.lora_b.val().into_data().to_vec::<f32>().unwrap();
+        assert_eq!((a.len(), b.len()), (4 * 64, 32 * 4));
+        assert!(a.iter().all(|v| v.abs() <= 0.125));
+        assert!(a.iter().any(|v| v.abs() > 0.1), "A should fill its range");
+        assert!(b.iter().all(|v| *v == 0.0));
+        let again = LoraAdapter::<B>::init(64, 32, &c, 7, &dev);
+        assert_eq!(a, again.lora_a.val().into_data().to_vec::<f32>().unwrap());
+    }
+
+    #[test]
+    fn lora_linear_adds_the_scaled_low_rank_product() {
+        let dev = Default::default();
+        let w = Tensor::<B, 2>::from_data([[1.0, 0.0, 2.0], [0.0, 1.0, -1.0]], &dev);
+        let mut lin = LoraLinear::frozen(w, Some(Tensor::from_data([0.5, -0.5], &dev)));
+        lin.lora = Some(LoraAdapter {
+            lora_a: f32_param(vec![1.0, 1.0, 1.0], [1, 3], &dev),
+            lora_b: f32_param(vec![2.0, -1.0], [2, 1], &dev),
+            scale: 0.5,
+            dropout: 0.0,
+        });
+        let x = Tensor::<B, 3>::from_data([[[1.0, 2.0, 3.0]]], &dev);
+        let y = lin.forward(x).into_data().to_vec::<f32>().unwrap();
+        // base: [1+6+0.5, 2-3-0.5] = [7.5, -1.5]; lora: A·x = 6, B·6·0.5 = [6, -3]
+        assert_eq!(y, vec![13.5, -4.5]);
+    }
+
+    #[test]
+    fn module_seeds_differ_by_path_and_seed() {
+        let a = module_seed(1, "model.layers.0.self_attn.q_proj");
+        assert_ne!(a, module_seed(1, "model.layers.0.self_attn.k_proj"));
+        assert_ne!(a, module_seed(2, "model.layers.0.self_attn.q_proj"));
+        assert_eq!(a, module_seed(1, "model.layers.0.self_attn.q_proj"));
+    }
+}

@@ -1,0 +1,162 @@
+//! LoRA adapters: initialisation, effect on the model, gradients, PEFT save/load.
+
+mod model_support;
+
+use burn::module::Param;
+use burn::tensor::{DType, Tensor, TensorData};
+use model_support::*;
+use newt_model::llama::{Llama, TrainBatch};
+use newt_model::lora::LoraConfig;
+use newt_model::peft::{ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, save_adapter};
+use newt_model::tensors::TensorStore;
+use serde_json::Value;
+
+const IDS: [i64; 8] = [3, 14, 15, 92, 65, 35, 89, 79];
+
+fn all_linear(r: usize, seed: u64) -> LoraConfig {
+    LoraConfig { r, alpha: 2.0 * r as f64, target_linear: true, seed, ..LoraConfig::default() }
+}
+
+/// Gives every adapter's B deterministic nonzero values, as if it had been trained.
+fn perturb<Bk: burn::tensor::backend::Backend>(model: Llama<Bk>) -> Llama<Bk> {
+    let mut k = 0u64;
+    model
+        .map_linears(|_, mut lin| {
+            if let Some(ad) = lin.lora.as_mut() {
+                let [out, r] = ad.lora_b.dims();
+                let vals: Vec<f32> = (0..out * r)
+                    .map(|i| (((i as u64 * 7919 + k * 104_729) % 1000) as f32 / 1000.0 - 0.5) * 0.2)
+                    .collect();
+                k += 1;
+                ad.lora_b = Param::from_tensor(Tensor::from_data(
+                    TensorData::new(vals, [out, r]),
+                    (&Default::default(), DType::F32),
+                ));
+            }
+            Ok::<_, ()>(lin)
+        })
+        .unwrap()
+}
+
+#[test]
+fn lora_b_zero_means_base_logits() {
+    let dir = tiny_model_dir(5);
+    let base = logits(&load::<B>(dir.path()), &IDS, 1);
+    let adapted = load::<B>(dir.path()).with_lora(&all_linear(4, 1)).unwrap();
+    assert_eq!(logits(&adapted, &IDS, 1), base);
+    // ... and an adapter with a nonzero B does change them.
+    let changed = logits(&perturb(adapted), &IDS, 1);
+    assert!(rel_diff(&changed, &base) > 1e-3);
+}
+
+#[test]
+fn same_seed_same_adapter() {
+    let dir = tiny_model_dir(5);
+    let a_of = |seed| {
+        let m = load::<B>(dir.path()).with_lora(&all_linear(4, seed)).unwrap();
+        floats(m.layers[1].mlp.down_proj.lora.as_ref().unwrap().lora_a.val())
+    };
+    assert_eq!(a_of(9), a_of(9));
+    assert_ne!(a_of(9), a_of(10));
+}
+
+#[test]
+fn only_targeted_linears_get_adapters() {
+    let dir = tiny_model_dir(5);
+    let cfg = LoraConfig {
+        target_modules: vec!["q_proj".into(), "v_proj".into()],
+        target_linear: false,
+        ..LoraConfig::default()
+    };
+    let m = load::<B>(dir.path()).with_lora(&cfg).unwrap();
+    let adapted: Vec<String> = m.linears().into_iter().filter(|(_, l)| l.lora.is_some()).map(|(p, _)| p).collect();
+    assert_eq!(
+        adapted,
+        [
+            "model.layers.0.self_attn.q_proj",
+            "model.layers.0.self_attn.v_proj",
+            "model.layers.1.self_attn.q_proj",
+            "model.layers.1.self_attn.v_proj"
+        ]
+    );
+}
+
+#[test]
+fn lora_gradients_reach_the_adapter_and_not_the_base() {
+    let dir = tiny_model_dir(6);
+    let model = perturb(load::<AD>(dir.path()).with_lora(&all_linear(2, 3)).unwrap());
+    let loss = model.loss(&TrainBatch {
+        input_ids: ints(&IDS, 1, 8),
+        labels: ints(&IDS, 1, 8),
+        position_ids: ints(&(0..8).collect::<Vec<_>>(), 1, 8),
+        segment_ids: ints(&[1; 8], 1, 8),
+    });
+    let grads = loss.sum.backward();
+    let lin = &model.layers[0].self_attn.q_proj;
+    let ad = lin.lora.as_ref().unwrap();
+    let ga = floats(ad.lora_a.val().grad(&grads).expect("A has a gradient"));
+    let gb = floats(ad.lora_b.val().grad(&grads).expect("B has a gradient"));
+    assert!(ga.iter().any(|g| *g != 0.0) && gb.iter().any(|g| *g != 0.0));
+    assert!(lin.weight.val().grad(&grads).is_none());
+}
+
+#[test]
+fn peft_adapter_save_then_load_gives_the_same_logits() {
+    let dir = tiny_model_dir(7);
+    let cfg = LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.05,
+        target_modules: vec!["q_proj".into(), "k_proj".into(), "v_proj".into(), "o_proj".into(), "down_proj".into()],
+        target_linear: false,
+        use_rslora: true,
+        modules_to_save: vec!["lm_head".into()],
+        seed: 11,
+    };
+    let trained = perturb(load::<B>(dir.path()).with_lora(&cfg).unwrap());
+    let want = logits(&trained, &IDS, 1);
+    let out = tempfile::tempdir().unwrap();
+    save_adapter(&trained, &cfg, "tiny-base", out.path()).unwrap();
+
+    let json: Value = serde_json::from_str(&std::fs::read_to_string(out.path().join(ADAPTER_CONFIG)).unwrap()).unwrap();
+    assert_eq!(json["peft_type"], "LORA");
+    assert_eq!(json["task_type"], "CAUSAL_LM");
+    assert_eq!(json["r"], 4);
+    assert_eq!(json["lora_alpha"], 8);
+    assert_eq!(json["use_rslora"], true);
+    assert_eq!(json["bias"], "none");
+    assert_eq!(json["fan_in_fan_out"], false);
+    assert_eq!(json["base_model_name_or_path"], "tiny-base");
+    assert_eq!(json["modules_to_save"], serde_json::json!(["lm_head"]));
+    let store = TensorStore::open_file(&out.path().join(ADAPTER_WEIGHTS)).unwrap();
+    let names = store.names();
+    assert!(names.contains(&"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight".to_string()));
+    assert!(names.contains(&"base_model.model.model.layers.1.mlp.down_proj.lora_B.weight".to_string()));
+    assert!(names.contains(&"base_model.model.lm_head.weight".to_string()));
+    assert!(!names.iter().any(|n| n.contains("gate_proj")));
+    for n in &names {
+        assert_eq!(store.info(n).unwrap().0, newt_model::tensors::Dtype::F32, "{n}");
+    }
+    let (_, shape) = store.info("base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight").unwrap();
+    assert_eq!(shape, vec![32, 4]);
+
+    let (loaded, loaded_cfg) = load_adapter(load::<B>(dir.path()), out.path()).unwrap();
+    assert_eq!(loaded_cfg.r, 4);
+    assert!(loaded_cfg.use_rslora);
+    assert_eq!(logits(&loaded, &IDS, 1), want);
+}
+
+#[test]
+fn loading_an_adapter_with_a_foreign_tensor_fails() {
+    let dir = tiny_model_dir(7);
+    let cfg = all_linear(2, 1);
+    let model = load::<B>(dir.path()).with_lora(&cfg).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    save_adapter(&model, &cfg, "tiny", out.path()).unwrap();
+    let mut json: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join(ADAPTER_CONFIG)).unwrap()).unwrap();
+    json["target_modules"] = serde_json::json!(["q_proj"]);
+    std::fs::write(out.path().join(ADAPTER_CONFIG), json.to_string()).unwrap();
+    let err = load_adapter(load::<B>(dir.path()), out.path()).unwrap_err().to_string();
+    assert!(err.contains("k_proj") || err.contains("up_proj") || err.contains("does not belong"), "{err}");
+}
