@@ -80,7 +80,7 @@ pub fn attention<B: Backend>(
     let q_heads = q.dims()[1];
     let kv_heads = k.dims()[1];
     assert!(
-        kv_heads > 0 && q_heads % kv_heads == 0,
+        kv_heads > 0 && q_heads.is_multiple_of(kv_heads),
         "attention: {q_heads} query heads are not a multiple of {kv_heads} key/value heads"
     );
     let n_rep = q_heads / kv_heads;
