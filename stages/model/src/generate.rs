@@ -13,6 +13,7 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::config::ModelConfig;
 use crate::llama::{KvCache, Llama};
 
 /// How to pick each next token.
@@ -199,6 +200,24 @@ pub fn generate<B: Backend>(
         }
     };
     Generation { tokens, stop }
+}
+
+/// The tokens that end a reply for the model in `model_dir`: `config.eos_token_ids` plus
+/// `generation_config.json`'s `eos_token_id` (a number or a list; chat models list their
+/// end-of-turn token there, e.g. Llama 3's `<|eot_id|>`).
+pub fn stop_token_ids(model_dir: &Path, config: &ModelConfig) -> Vec<u32> {
+    let mut ids = config.eos_token_ids.clone();
+    let generation: Option<Value> = std::fs::read_to_string(model_dir.join("generation_config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok());
+    match generation.as_ref().and_then(|g| g.get("eos_token_id")) {
+        Some(Value::Array(items)) => ids.extend(items.iter().filter_map(|v| v.as_u64().map(|n| n as u32))),
+        Some(v) => ids.extend(v.as_u64().map(|n| n as u32)),
+        None => {}
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    ids
 }
 
 /// Decodes a growing token sequence into text pieces for streaming, holding back a piece that

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use model_support::*;
-use newt_model::generate::{ChatMessage, ChatTemplate, SamplingConfig, TextStream, generate};
+use newt_model::generate::{ChatMessage, ChatTemplate, SamplingConfig, TextStream, generate, stop_token_ids};
 use newt_model::llama::Llama;
 
 /// The imported model folder, or `None` (with the reason printed) when the GGUF is unavailable.
@@ -44,7 +44,7 @@ fn smollm2_greedy_answer_is_coherent() {
     let mut text = String::new();
     let cfg = SamplingConfig {
         max_new_tokens: 40,
-        stop_token_ids: model.config.eos_token_ids.clone(),
+        stop_token_ids: stop_token_ids(dir.path(), &model.config),
         ..Default::default()
     };
     let out = generate(&model, &ids, &cfg, |t| {
@@ -71,7 +71,12 @@ fn smollm2_cpu_throughput() {
         let ids: Vec<i64> = (0..(rows * len) as i64).map(|i| (i * 7919 + 13) % v).collect();
         let pos: Vec<i64> = (0..rows).flat_map(|_| 0..len as i64).collect();
         let run = || {
-            model.forward_hidden(ints(&ids, rows, len), ints(&pos, rows, len), ints(&vec![1; rows * len], rows, len), None)
+            model.forward_hidden(
+                ints(&ids, rows, len),
+                ints(&pos, rows, len),
+                ints(&vec![1; rows * len], rows, len),
+                None,
+            )
         };
         let _ = floats(run()); // warm-up
         let t = Instant::now();

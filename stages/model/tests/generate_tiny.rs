@@ -6,7 +6,7 @@ use std::ops::ControlFlow;
 
 use burn::tensor::{Int, Tensor};
 use model_support::*;
-use newt_model::generate::{ChatMessage, ChatTemplate, SamplingConfig, StopReason, generate};
+use newt_model::generate::{ChatMessage, ChatTemplate, SamplingConfig, StopReason, generate, stop_token_ids};
 use newt_model::llama::KvCache;
 
 #[test]
@@ -127,4 +127,14 @@ fn sampled_generation_is_reproducible_from_its_seed() {
     let run = |seed| generate(&model, &[1, 2, 3], &cfg(seed), |_| ControlFlow::Continue(())).tokens;
     assert_eq!(run(5), run(5));
     assert!((6..16).any(|s| run(s) != run(5)), "the seed has no effect");
+}
+
+#[test]
+fn stop_tokens_join_config_and_generation_config() {
+    let dir = tiny_model_dir(1);
+    let model = load::<B>(dir.path());
+    let tok = tokenizers::Tokenizer::from_file(dir.path().join("tokenizer.json")).unwrap();
+    let mut want = vec![tok.token_to_id("<|im_end|>").unwrap(), tok.token_to_id("<|endoftext|>").unwrap()];
+    want.sort();
+    assert_eq!(stop_token_ids(dir.path(), &model.config), want);
 }

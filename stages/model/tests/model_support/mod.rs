@@ -63,7 +63,9 @@ pub fn logits<Bk: burn::tensor::backend::Backend>(model: &Llama<Bk>, ids: &[i64]
     floats(model.forward(ints(ids, rows, cols), ints(&pos, rows, cols), ints(&vec![1; ids.len()], rows, cols)))
 }
 
-/// `stages/model/tests/goldens`.
+/// `stages/model/tests/goldens` (found through the run-time `CARGO_MANIFEST_DIR` when set, so
+/// a test binary copied to another machine finds the repo it runs in).
 pub fn goldens_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests").join("goldens")
+    let root = std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from);
+    root.unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR"))).join("tests").join("goldens")
 }

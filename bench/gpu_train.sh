@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# On the GPU machine: newt's train stage (CUDA, bf16 base, f32 LoRA) on a random-weight model of a
+# given shape, beside ../shared/bench/peft_baseline.py on the same shape, in one run.
+#   bench/gpu_train.sh smollm2-135m      (expects .dev/gpu/newt.xz and .dev/gpu/peft_baseline.py)
+# Writes logs under $OUT. Random weights: throughput does not depend on them.
+set -uo pipefail
+shape=${1:-smollm2-135m}
+OUT=${OUT:-/tmp/newt-gpu-out}; mkdir -p "$OUT"
+python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('.dev/gpu/newt.xz'), open('/tmp/newt','wb'))" && chmod +x /tmp/newt
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt"
+# 1. The peer, same shape, batch 4x2048, r=32, AdamW.
+PYTHONUNBUFFERED=1 timeout 240 python3 .dev/gpu/peft_baseline.py --shape "$shape" --batch 4 --seq 2048 --rank 32 > "$OUT/peft.jsonl" 2> "$OUT/peft.err"
+# 2. A random model of that shape as a HF folder, with the SmolLM2 tokenizer fixture.
+python3 bench/random_model.py --shape "$shape" --out /tmp/model --tokenizer stages/data/tests/fixtures/smollm2 > "$OUT/model.log" 2>&1
+python3 - <<'PY'
+import random
+r = random.Random(0)
+words = [f"w{i}" for i in range(3000)]
+with open("/tmp/text.txt", "w") as f:
+    for _ in range(600):
+        f.write(" ".join(r.choice(words) for _ in range(700)) + "\n")
+PY
+cat > /tmp/gpu.yml <<YML
+base_model: /tmp/model
+datasets:
+  - path: /tmp/text.txt
+    type: completion
+sequence_len: 2048
+sample_packing: true
+adapter: lora
+lora_r: 32
+lora_alpha: 64
+lora_target_linear: true
+micro_batch_size: 4
+gradient_accumulation_steps: 1
+max_steps: 12
+learning_rate: 0.0002
+warmup_steps: 0
+backend: cuda
+output_dir: /tmp/gpu-out
+YML
+nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 250 > "$OUT/mem.log" &
+smi=$!
+NEWT_CACHE_DIR=/tmp/newt-cache timeout ${NEWT_TIMEOUT:-360} /tmp/newt run /tmp/gpu.yml --only train --quiet > "$OUT/newt.out" 2> "$OUT/newt.err"
+echo "newt exit $?" >> "$OUT/newt.out"
+kill $smi
+cp /tmp/gpu-out/metrics.jsonl "$OUT/newt_metrics.jsonl" 2>/dev/null
+echo "peak MiB used (incl. context): $(sort -n "$OUT/mem.log" | tail -1)" >> "$OUT/newt.out"
+tar czf "$OUT/kernel-cache.tgz" -C /tmp/newt-cache v1/cubecl 2>/dev/null || true
+cat "$OUT/peft.jsonl" "$OUT/newt.out"; tail -3 "$OUT/newt_metrics.jsonl" 2>/dev/null; tail -20 "$OUT/newt.err"

@@ -1,0 +1,134 @@
+//! Gradients of the trainable parameters keyed by module path, in f32: collected after each
+//! backward pass, accumulated over micro-batches, scaled, and clipped by their global norm.
+
+use std::collections::BTreeMap;
+
+use burn::module::{AutodiffModule, ModuleVisitor, Param};
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{ElementConversion, FloatDType, Tensor};
+
+use super::params::PathStack;
+
+/// Flattened f32 gradients by parameter path.
+#[derive(Debug, Clone)]
+pub struct ParamGrads<B: Backend> {
+    by_path: BTreeMap<String, Tensor<B, 1>>,
+}
+
+impl<B: Backend> Default for ParamGrads<B> {
+    fn default() -> Self {
+        ParamGrads { by_path: BTreeMap::new() }
+    }
+}
+
+struct Collect<'a, AB: AutodiffBackend> {
+    path: PathStack,
+    grads: &'a mut AB::Gradients,
+    out: &'a mut BTreeMap<String, Tensor<AB::InnerBackend, 1>>,
+}
+
+impl<AB: AutodiffBackend> ModuleVisitor<AB> for Collect<'_, AB> {
+    fn enter_module(&mut self, name: &str, _container: &str) {
+        self.path.enter(name);
+    }
+    fn exit_module(&mut self, _name: &str, _container: &str) {
+        self.path.exit();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
+        // Frozen parameters do not require grad, so they have no entry here.
+        let Some(g) = param.val().grad_remove(self.grads) else {
+            return;
+        };
+        let n = g.shape().num_elements();
+        let g = g.cast(FloatDType::F32).reshape([n]);
+        self.out.insert(self.path.path(), g);
+    }
+}
+
+impl<B: Backend> ParamGrads<B> {
+    /// Takes the gradients of `model`'s trainable parameters out of a backward pass.
+    pub fn collect<AB, M>(grads: &mut AB::Gradients, model: &M) -> Self
+    where
+        AB: AutodiffBackend<InnerBackend = B>,
+        M: AutodiffModule<AB>,
+    {
+        let mut by_path = BTreeMap::new();
+        model.visit(&mut Collect::<AB> { path: PathStack::default(), grads, out: &mut by_path });
+        ParamGrads { by_path }
+    }
+
+    /// Sets the gradient of one parameter (flattened, f32).
+    pub fn insert(&mut self, path: impl Into<String>, grad: Tensor<B, 1>) {
+        self.by_path.insert(path.into(), grad.cast(FloatDType::F32));
+    }
+
+    /// The gradient of one parameter, flattened.
+    pub fn get(&self, path: &str) -> Option<&Tensor<B, 1>> {
+        self.by_path.get(path)
+    }
+
+    /// Removes and returns the gradient of one parameter.
+    pub fn remove(&mut self, path: &str) -> Option<Tensor<B, 1>> {
+        self.by_path.remove(path)
+    }
+
+    /// Parameter paths that have a gradient.
+    pub fn paths(&self) -> impl Iterator<Item = &str> {
+        self.by_path.keys().map(String::as_str)
+    }
+
+    /// Number of parameters with a gradient.
+    pub fn len(&self) -> usize {
+        self.by_path.len()
+    }
+
+    /// True when no parameter has a gradient.
+    pub fn is_empty(&self) -> bool {
+        self.by_path.is_empty()
+    }
+
+    /// Adds another micro-batch's gradients into these.
+    pub fn accumulate(&mut self, other: ParamGrads<B>) {
+        for (path, g) in other.by_path {
+            let sum = match self.by_path.remove(&path) {
+                Some(acc) => acc + g,
+                None => g,
+            };
+            self.by_path.insert(path, sum);
+        }
+    }
+
+    /// Multiplies every gradient by `factor`.
+    pub fn scale(&mut self, factor: f64) {
+        for g in self.by_path.values_mut() {
+            *g = g.clone().mul_scalar(factor);
+        }
+    }
+
+    /// L2 norm over all gradients together (one host sync).
+    pub fn global_norm(&self) -> f64 {
+        let mut total: Option<Tensor<B, 1>> = None;
+        for g in self.by_path.values() {
+            let sq = g.clone().square().sum();
+            total = Some(match total {
+                Some(t) => t + sq,
+                None => sq,
+            });
+        }
+        total.map(|t| t.into_scalar().elem::<f64>().sqrt()).unwrap_or(0.0)
+    }
+
+    /// torch `clip_grad_norm_(params, max_norm)`: computes the total norm over all gradients
+    /// and, when `max_norm / (total + 1e-6) < 1`, scales every gradient by that factor. Returns
+    /// the norm before clipping. `max_norm <= 0` only measures.
+    pub fn clip_global_norm(&mut self, max_norm: f64) -> f64 {
+        let total = self.global_norm();
+        if max_norm > 0.0 {
+            let coef = max_norm / (total + 1e-6);
+            if coef < 1.0 {
+                self.scale(coef);
+            }
+        }
+        total
+    }
+}

@@ -1,0 +1,42 @@
+//! A tiny, version-stable random generator (SplitMix64) for epoch shuffles and per-step seeds.
+//!
+//! Kept in-crate on purpose: a resumed run must reproduce the same order even if a dependency's
+//! generator changes between versions.
+
+/// SplitMix64 (Steele, Lea, Flood 2014).
+#[derive(Debug, Clone)]
+pub struct SplitMix64 {
+    state: u64,
+}
+
+impl SplitMix64 {
+    /// A generator starting from `seed`.
+    pub fn new(seed: u64) -> Self {
+        SplitMix64 { state: seed }
+    }
+
+    /// Next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform integer in `0..n` (n > 0), by rejection so there is no modulo bias.
+    pub fn below(&mut self, n: u64) -> u64 {
+        let zone = u64::MAX - u64::MAX % n;
+        loop {
+            let x = self.next_u64();
+            if x < zone {
+                return x % n;
+            }
+        }
+    }
+
+    /// Derives an independent seed from a base seed and a stream number (epoch, step).
+    pub fn mix(seed: u64, stream: u64) -> u64 {
+        SplitMix64::new(seed ^ stream.wrapping_mul(0xd6e8_feb8_6659_fd93)).next_u64()
+    }
+}

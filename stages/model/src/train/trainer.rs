@@ -1,0 +1,365 @@
+//! The loop itself: resume, steps with accumulation, evaluation, checkpoints, metrics.
+
+use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
+use std::time::Instant;
+
+use burn::tensor::ElementConversion;
+use burn::tensor::Tensor;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+
+use super::adamw::AdamW;
+use super::checkpoint::{self, CHECKPOINT_FORMAT, CheckpointState};
+use super::config::{TrainConfig, TrainPlan};
+use super::data::TrainData;
+use super::grads::ParamGrads;
+use super::metrics::{EvalReport, MetricsLog, MetricsRecord, StepReport};
+use super::params::{count_params, load_params, trainable_params};
+use super::plot::write_loss_curve;
+use super::rng::SplitMix64;
+use super::{CausalLm, CausalLoss, TrainError, TrainHooks, TrainRun, TrainSummary};
+
+/// Where the data stream stands: steps done, and the next micro-batch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Position {
+    step: usize,
+    epoch: usize,
+    micro: usize,
+}
+
+/// Result of one optimizer step.
+struct StepOut {
+    loss_sum: f64,
+    trained_tokens: usize,
+    grad_norm: f64,
+}
+
+/// Trains `model` on `data` as `cfg` says, resuming from the newest checkpoint in
+/// `run.checkpoint_dir` if there is one, and returns the trained model.
+///
+/// Per step: the backend RNG is reseeded from (seed, step) so dropout is reproducible across a
+/// resume; `gradient_accumulation_steps` micro-batches are run (fewer at an epoch's end);
+/// gradients are divided by the step's trained-token count, clipped to `max_grad_norm` by
+/// global norm, and applied by AdamW at `schedule(step)`. Cancellation is checked between steps.
+/// An out-of-memory panic from the backend becomes [`TrainError::OutOfMemory`]; other panics
+/// propagate. The backend RNG is process-wide (Flex keeps one generator), so two trainings
+/// running at once in one process make each other's dropout irreproducible.
+pub fn train<B, M>(
+    model: M,
+    data: &TrainData,
+    cfg: &TrainConfig,
+    run: &TrainRun,
+    hooks: &mut dyn TrainHooks<M>,
+    device: &B::Device,
+) -> Result<(M, TrainSummary), TrainError>
+where
+    B: AutodiffBackend,
+    M: CausalLm<B>,
+{
+    let warnings = cfg.validate()?;
+    let plan = cfg.plan(data.len())?;
+    let schedule = cfg.schedule(&plan)?;
+    let counts = count_params(&model);
+    if counts.trainable == 0 {
+        return Err(TrainError::Config("the model has no trainable parameters (none requires grad)".into()));
+    }
+
+    let mut model = model;
+    let mut opt = AdamW::<B::InnerBackend>::new(cfg.adamw());
+    let mut pos = Position::default();
+    let mut last_checkpoint = None;
+    if let Some(dir) = checkpoint::latest(&run.checkpoint_dir)? {
+        let ck = checkpoint::load(&dir)?;
+        check_compatible(&ck.state, &plan, data.len(), cfg.seed, &dir)?;
+        model = load_params(model, &ck.params, device)?;
+        opt.import(ck.optimizer, device);
+        pos = Position { step: ck.state.step, epoch: ck.state.epoch, micro: ck.state.micro_batch };
+        last_checkpoint = Some(pos.step);
+    }
+    let resumed_from = last_checkpoint;
+    let mut log = MetricsLog::open(run.metrics_jsonl.as_deref(), pos.step)?;
+    let mut order = data.epoch_order(cfg.seed, pos.epoch, cfg.shuffle);
+    let mut summary = TrainSummary {
+        plan: plan.clone(),
+        resumed_from,
+        final_loss: None,
+        eval_loss: None,
+        tokens: 0,
+        train_s: 0.0,
+        params: counts,
+        warnings,
+    };
+
+    while pos.step < plan.total_steps {
+        if hooks.cancelled() {
+            return Err(TrainError::Cancelled { step: pos.step, checkpoint: last_checkpoint });
+        }
+        B::seed(device, SplitMix64::mix(cfg.seed, pos.step as u64));
+        let lr = schedule.lr(pos.step);
+        let mut next = pos;
+        let mut micro_batches = Vec::new();
+        while micro_batches.len() < cfg.gradient_accumulation_steps && next.micro < plan.micro_batches_per_epoch {
+            let start = next.micro * cfg.micro_batch_size;
+            let end = (start + cfg.micro_batch_size).min(data.len());
+            micro_batches.push(order[start..end].to_vec());
+            next.micro += 1;
+        }
+        let stats: Vec<_> = micro_batches.iter().map(|m| data.stats(m)).collect();
+        let tokens: usize = stats.iter().map(|s| s.tokens).sum();
+        let sum_sq: u64 = stats.iter().map(|s| s.sum_sq_sample_len).sum();
+
+        let t0 = Instant::now();
+        let step_no = pos.step + 1;
+        let max_norm = cfg.max_grad_norm;
+        let opt_ref = &mut opt;
+        let (new_model, out) = guard_oom(step_no, cfg, move || {
+            optimizer_step::<B, M>(model, data, &micro_batches, max_norm, opt_ref, lr, device)
+        })?;
+        model = new_model;
+        let step_s = t0.elapsed().as_secs_f64();
+
+        next.step += 1;
+        if next.micro >= plan.micro_batches_per_epoch {
+            next.epoch += 1;
+            next.micro = 0;
+            order = data.epoch_order(cfg.seed, next.epoch, cfg.shuffle);
+        }
+        pos = next;
+
+        let loss = if out.trained_tokens > 0 { out.loss_sum / out.trained_tokens as f64 } else { 0.0 };
+        let epoch = pos.epoch as f64 + pos.micro as f64 / plan.micro_batches_per_epoch as f64;
+        let mfu =
+            run.flops.map(|f| f.step_flops(counts.trainable as u64, tokens as u64, sum_sq) / step_s / f.peak_flops);
+        let report = StepReport {
+            step: pos.step,
+            total_steps: plan.total_steps,
+            epoch,
+            loss,
+            lr,
+            grad_norm: out.grad_norm,
+            tokens,
+            trained_tokens: out.trained_tokens,
+            tokens_per_s: tokens as f64 / step_s,
+            mfu,
+            step_s,
+            log_line: pos.step % plan.log_every == 0 || pos.step == plan.total_steps,
+        };
+        summary.tokens += tokens as u64;
+        summary.train_s += step_s;
+        summary.final_loss = Some(loss);
+        log.push(MetricsRecord::Train(report.clone()))?;
+        hooks.on_step(&report);
+
+        let last = pos.step == plan.total_steps;
+        if (pos.step % plan.eval_every == 0 || last)
+            && let Some(eval_loss) = hooks.evaluate(&model, pos.step)
+        {
+            let report = EvalReport { step: pos.step, epoch, eval_loss };
+            summary.eval_loss = Some(eval_loss);
+            log.push(MetricsRecord::Eval(report.clone()))?;
+            hooks.on_eval(&report);
+        }
+
+        if pos.step % plan.save_every == 0 {
+            let state = CheckpointState {
+                format: CHECKPOINT_FORMAT,
+                step: pos.step,
+                epoch: pos.epoch,
+                micro_batch: pos.micro,
+                seed: cfg.seed,
+                rows: data.len(),
+                plan: plan.clone(),
+                last_loss: Some(loss),
+            };
+            let keep = cfg.save_total_limit.unwrap_or(2);
+            let dir = checkpoint::save(&run.checkpoint_dir, &state, &trainable_params(&model), &opt.export(), keep)?;
+            last_checkpoint = Some(pos.step);
+            hooks.on_checkpoint(pos.step, &dir);
+        }
+    }
+
+    if let Some(png) = &run.loss_curve_png {
+        write_loss_curve(log.records(), png)?;
+    }
+    Ok((model, summary))
+}
+
+/// Gradients of one optimizer step, already divided by the step's trained-token count.
+#[derive(Debug)]
+pub struct StepGradients<B: Backend> {
+    /// Σ over micro-batches of ∂(Σ token loss)/∂θ, divided by `trained_tokens`.
+    pub grads: ParamGrads<B>,
+    /// Σ token losses over all micro-batches.
+    pub loss_sum: f64,
+    /// Tokens that carried a label, over all micro-batches.
+    pub trained_tokens: usize,
+}
+
+impl<B: Backend> StepGradients<B> {
+    /// The step's loss: Σ token losses / trained tokens (0 when nothing was trained).
+    pub fn loss(&self) -> f64 {
+        if self.trained_tokens == 0 { 0.0 } else { self.loss_sum / self.trained_tokens as f64 }
+    }
+}
+
+/// Runs forward and backward over `micro_batches` (row indices of each) and accumulates the
+/// gradients with HF's normalisation: one division by all trained tokens of the step.
+pub fn step_gradients<B, M>(
+    model: &M,
+    data: &TrainData,
+    micro_batches: &[Vec<usize>],
+    device: &B::Device,
+) -> StepGradients<B::InnerBackend>
+where
+    B: AutodiffBackend,
+    M: CausalLm<B>,
+{
+    let mut grads = ParamGrads::<B::InnerBackend>::default();
+    let mut loss_sum: Option<Tensor<B::InnerBackend, 1>> = None;
+    let mut trained_tokens = 0usize;
+    for rows in micro_batches {
+        let batch = data.micro_batch::<B>(rows, device);
+        let out = model.loss(&batch);
+        trained_tokens += out.tokens;
+        let mut backward = out.sum.backward();
+        grads.accumulate(ParamGrads::collect::<B, M>(&mut backward, model));
+        let value = out.sum.inner();
+        loss_sum = Some(match loss_sum {
+            Some(acc) => acc + value,
+            None => value,
+        });
+    }
+    let loss_sum = loss_sum.map(|t| t.into_scalar().elem::<f64>()).unwrap_or(0.0);
+    if trained_tokens > 0 {
+        grads.scale(1.0 / trained_tokens as f64);
+    }
+    StepGradients { grads, loss_sum, trained_tokens }
+}
+
+/// One optimizer step over `micro_batches`: gradients, clipping, AdamW.
+fn optimizer_step<B, M>(
+    model: M,
+    data: &TrainData,
+    micro_batches: &[Vec<usize>],
+    max_grad_norm: f64,
+    opt: &mut AdamW<B::InnerBackend>,
+    lr: f64,
+    device: &B::Device,
+) -> Result<(M, StepOut), TrainError>
+where
+    B: AutodiffBackend,
+    M: CausalLm<B>,
+{
+    let StepGradients { mut grads, loss_sum, trained_tokens } =
+        step_gradients::<B, M>(&model, data, micro_batches, device);
+    if trained_tokens == 0 {
+        // Every label masked: nothing to learn, and HF's 0/0 would poison the weights.
+        let out = StepOut { loss_sum, trained_tokens, grad_norm: 0.0 };
+        return Ok((model, out));
+    }
+    let grad_norm = grads.clip_global_norm(max_grad_norm);
+    let loss = loss_sum / trained_tokens as f64;
+    if !loss.is_finite() || !grad_norm.is_finite() {
+        return Err(TrainError::NonFinite { step: 0, loss, grad_norm });
+    }
+    let model = opt.step::<B, M>(model, grads, lr);
+    let out = StepOut { loss_sum, trained_tokens, grad_norm };
+    Ok((model, out))
+}
+
+/// Runs `f`, turning a backend out-of-memory panic into [`TrainError::OutOfMemory`] and
+/// filling in the step number of errors raised inside.
+fn guard_oom<T>(step: usize, cfg: &TrainConfig, f: impl FnOnce() -> Result<T, TrainError>) -> Result<T, TrainError> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Err(TrainError::NonFinite { loss, grad_norm, .. })) => Err(TrainError::NonFinite { step, loss, grad_norm }),
+        Ok(r) => r,
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            if is_out_of_memory(&msg) {
+                Err(TrainError::OutOfMemory { step, hint: out_of_memory_hint(cfg) })
+            } else {
+                resume_unwind(payload)
+            }
+        }
+    }
+}
+
+/// Whether a backend panic message reports device memory exhaustion (CubeCL's
+/// `OutOfMemory` / `BufferTooBig`, CUDA's `CUDA_ERROR_OUT_OF_MEMORY`, allocator messages).
+pub fn is_out_of_memory(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    [
+        "out of memory",
+        "out-of-memory",
+        "outofmemory",
+        "cuda_error_out_of_memory",
+        "buffertoobig",
+        "can't allocate buffer",
+    ]
+    .iter()
+    .any(|p| m.contains(p))
+}
+
+/// The settings that reduce training memory, cheapest first.
+pub fn out_of_memory_hint(cfg: &TrainConfig) -> String {
+    let mbs = cfg.micro_batch_size;
+    let lower = (mbs / 2).max(1);
+    let gas = cfg.gradient_accumulation_steps * mbs / lower;
+    format!(
+        "settings that reduce memory, cheapest first:\n\
+         \x20 1. micro_batch_size: {lower} (now {mbs}); gradient_accumulation_steps: {gas} keeps the batch\n\
+         \x20 2. gradient_checkpointing: true (recompute activations in the backward pass)\n\
+         \x20 3. sequence_len: a shorter one (activations grow with it)\n\
+         \x20 4. adapter: qlora (4-bit base weights)\n\
+         the last checkpoint is kept; re-running resumes from it"
+    )
+}
+
+fn check_compatible(
+    state: &CheckpointState,
+    plan: &TrainPlan,
+    rows: usize,
+    seed: u64,
+    dir: &std::path::Path,
+) -> Result<(), TrainError> {
+    let same = state.rows == rows
+        && state.seed == seed
+        && state.plan.micro_batches_per_epoch == plan.micro_batches_per_epoch
+        && state.plan.steps_per_epoch == plan.steps_per_epoch
+        && state.plan.total_steps == plan.total_steps
+        && state.plan.warmup_steps == plan.warmup_steps;
+    if same {
+        Ok(())
+    } else {
+        Err(TrainError::Checkpoint(format!(
+            "{} was written by a different run (rows {} vs {rows}, seed {} vs {seed}, plan {:?} vs \
+             {plan:?}); remove it or use the run's own checkpoint directory",
+            dir.display(),
+            state.rows,
+            state.seed,
+            state.plan
+        )))
+    }
+}
+
+/// Mean token loss of `model` over `data` (micro-batches of `batch_size` rows, in order):
+/// Σ token losses / Σ tokens. Pass an inference module (`model.valid()`), where dropout is off.
+pub fn eval_loss<B: Backend, M: CausalLoss<B>>(
+    model: &M,
+    data: &TrainData,
+    batch_size: usize,
+    device: &B::Device,
+) -> f64 {
+    let order: Vec<usize> = (0..data.len()).collect();
+    let mut sum = 0.0;
+    let mut tokens = 0usize;
+    for rows in order.chunks(batch_size.max(1)) {
+        let out = model.loss(&data.micro_batch::<B>(rows, device));
+        tokens += out.tokens;
+        sum += out.sum.into_scalar().elem::<f64>();
+    }
+    if tokens == 0 { f64::NAN } else { sum / tokens as f64 }
+}
