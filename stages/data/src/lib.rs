@@ -8,12 +8,12 @@
 //!   txt, hub cache) `type:`)    type)           DataFusion)          length)       decreasing bins)
 //! ```
 //!
-//! - [`source_files`] / [`fetch_dataset`]: [`source`], [`fetch`];
-//! - [`tokenize`]: [`tokenize()`](crate::tokenize::tokenize), with the prompt strategies in
+//! - fetch: [`source_files`], [`fetch_dataset`] (modules [`source`], [`fetch`]);
+//! - tokenize: [`tokenize()`](crate::tokenize::tokenize), with the prompt strategies in
 //!   [`strategy`], chat templates in [`template`], tokenizer files in [`tokenizer`];
-//! - [`pack`]: [`pack()`](crate::pack::pack);
-//! - [`run_sql`], [`query`]: the `sql` stage and `newt query` ([`sql`]);
-//! - [`inspect_tokens`]: `newt inspect` on token artifacts ([`inspect`]).
+//! - pack: [`pack()`](crate::pack::pack);
+//! - the `sql` stage and `newt query`: [`run_sql`], [`query`] (module [`sql`]);
+//! - `newt inspect` on token artifacts: [`inspect_tokens`] (module [`inspect`]).
 //!
 //! Every function is synchronous (DataFusion runs on a runtime of its own, on its own thread)
 //! and writes its artifact atomically: a failed run leaves no partial file. Artifacts are

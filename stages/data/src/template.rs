@@ -30,6 +30,9 @@ const SENTINEL_OPEN: char = '\u{E000}';
 const SENTINEL_CLOSE: char = '\u{E001}';
 const LAYOUT_CACHE_LIMIT: usize = 4096;
 
+/// Per message, the byte range of its content in the rendered text (None when not shown).
+pub type Spans = Vec<Option<Range<usize>>>;
+
 /// One message as the template sees it.
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct Message<'a> {
@@ -87,7 +90,7 @@ impl ChatTemplate {
 
     /// Renders a conversation and finds each message's content in the text: `spans[i]` is the
     /// byte range of message `i`'s content (None when the template does not show it).
-    pub fn render_with_spans(&self, messages: &[Message<'_>]) -> Result<(String, Vec<Option<Range<usize>>>), Error> {
+    pub fn render_with_spans(&self, messages: &[Message<'_>]) -> Result<(String, Spans), Error> {
         let text = self.render(messages)?;
         let contents: Vec<&str> = messages.iter().map(|m| m.content).collect();
         let spans = self
@@ -109,10 +112,10 @@ impl ChatTemplate {
             messages.iter().zip(&sentinels).map(|(m, s)| Message { role: m.role, content: s }).collect();
         let rendered = self.render(&probe).ok()?;
         let layout = Arc::new(parse_layout(&rendered, messages.len())?);
-        if let Ok(mut cache) = self.layouts.write() {
-            if cache.len() < LAYOUT_CACHE_LIMIT {
-                cache.insert(key, layout.clone());
-            }
+        if let Ok(mut cache) = self.layouts.write()
+            && cache.len() < LAYOUT_CACHE_LIMIT
+        {
+            cache.insert(key, layout.clone());
         }
         Some(layout)
     }
@@ -158,7 +161,7 @@ fn parse_layout(rendered: &str, n: usize) -> Option<Vec<Piece>> {
 }
 
 /// Walks `text` along `layout`; None when the text does not follow it.
-fn align(text: &str, layout: &[Piece], contents: &[&str]) -> Option<Vec<Option<Range<usize>>>> {
+fn align(text: &str, layout: &[Piece], contents: &[&str]) -> Option<Spans> {
     let mut spans = vec![None; contents.len()];
     let mut pos = 0;
     for (i, piece) in layout.iter().enumerate() {
@@ -196,7 +199,7 @@ fn align(text: &str, layout: &[Piece], contents: &[&str]) -> Option<Vec<Option<R
 }
 
 /// The fallback: each content (or its trimmed form) searched in order after the previous one.
-fn search_in_order(text: &str, contents: &[&str]) -> Vec<Option<Range<usize>>> {
+fn search_in_order(text: &str, contents: &[&str]) -> Spans {
     let mut cursor = 0;
     contents
         .iter()

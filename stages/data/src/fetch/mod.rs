@@ -96,7 +96,7 @@ pub fn fetch_dataset(
             Ok(())
         })?;
     }
-    if norm.len() > 0 {
+    if !norm.is_empty() {
         out.write(norm.finish_batch()?)?;
     }
     if out.rows() == 0 && skipped > 0 {

@@ -28,6 +28,9 @@ use crate::strategy::{dataset_type, role_map};
 /// A field problem: the field's path in the record and what is wrong.
 pub type FieldError = (String, String);
 
+/// A chat turn after mapping: role, content, per-message train flag.
+type Turn<'v> = (String, &'v str, Option<bool>);
+
 enum Kind {
     Chat {
         field: String,
@@ -177,6 +180,11 @@ impl Normalizer {
         self.rows
     }
 
+    /// Whether no row is waiting for the next batch.
+    pub fn is_empty(&self) -> bool {
+        self.rows == 0
+    }
+
     /// Validates a record and appends it; on error nothing is appended.
     pub fn push(&mut self, record: &Value) -> Result<(), FieldError> {
         if !record.is_object() {
@@ -248,7 +256,7 @@ impl Normalizer {
     }
 
     /// A chat record's turns after Axolotl's mapping: (role, content, train flag).
-    fn chat_turns<'v>(&self, record: &'v Value) -> Result<Vec<(String, &'v str, Option<bool>)>, FieldError> {
+    fn chat_turns<'v>(&self, record: &'v Value) -> Result<Vec<Turn<'v>>, FieldError> {
         let Kind::Chat { field, role, content, train, roles, drop_system } = &self.kind else { unreachable!() };
         let messages = match record.get(field) {
             Some(Value::Array(m)) if !m.is_empty() => m,
@@ -275,10 +283,10 @@ impl Normalizer {
             turns.push((roles.get(r).cloned().unwrap_or_else(|| r.to_string()), c, t));
         }
         // Axolotl's field_system: a top-level system prompt, used when the first turn is not one.
-        if let Some(Value::String(system)) = record.get("system") {
-            if turns[0].0 != "system" {
-                turns.insert(0, ("system".into(), system.as_str(), None));
-            }
+        if let Some(Value::String(system)) = record.get("system")
+            && turns[0].0 != "system"
+        {
+            turns.insert(0, ("system".into(), system.as_str(), None));
         }
         if *drop_system && turns[0].0 == "system" {
             turns.remove(0);

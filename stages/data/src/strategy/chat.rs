@@ -110,10 +110,10 @@ impl ChatStrategy {
         let roles_to_train = roles_to_train.into_iter().map(|r| roles.get(&r).cloned().unwrap_or(r)).collect();
         let train_on_eos = TrainOnEos::parse(ds.train_on_eos.as_deref())?;
         let mut warnings = Vec::new();
-        if train_on_eos != TrainOnEos::None {
-            if let Some(w) = eos_warning(&template, tok) {
-                warnings.push(w);
-            }
+        if train_on_eos != TrainOnEos::None
+            && let Some(w) = eos_warning(&template, tok)
+        {
+            warnings.push(w);
         }
         let strategy = ChatStrategy {
             template,
@@ -143,11 +143,11 @@ impl ChatStrategy {
             });
             flags.push(train.as_ref().and_then(|t| (!t.is_null(j)).then(|| t.value(j))));
         }
-        if let Some(system) = &self.default_system {
-            if msgs.first().is_none_or(|m| m.role != "system") {
-                msgs.insert(0, Message { role: "system", content: system });
-                flags.insert(0, None);
-            }
+        if let Some(system) = &self.default_system
+            && msgs.first().is_none_or(|m| m.role != "system")
+        {
+            msgs.insert(0, Message { role: "system", content: system });
+            flags.insert(0, None);
         }
         self.tokenize(&msgs, &flags)
     }
@@ -174,12 +174,12 @@ impl ChatStrategy {
                 }
             }
             let Some(eos) = self.eos else { continue };
-            if let Some(after) = ids[end..].iter().position(|&t| t == eos) {
-                if after <= 3 {
-                    last_eos = Some(end + after);
-                    if self.train_on_eos == TrainOnEos::All || (self.train_on_eos == TrainOnEos::Turn && train) {
-                        labels[end + after] = eos as i32;
-                    }
+            if let Some(after) = ids[end..].iter().position(|&t| t == eos)
+                && after <= 3
+            {
+                last_eos = Some(end + after);
+                if self.train_on_eos == TrainOnEos::All || (self.train_on_eos == TrainOnEos::Turn && train) {
+                    labels[end + after] = eos as i32;
                 }
             }
         }

@@ -47,7 +47,7 @@ pub struct Sample {
 /// The prompt strategy of one dataset, ready to tokenize rows.
 pub enum Strategy {
     /// `chat_template`.
-    Chat(chat::ChatStrategy),
+    Chat(Box<chat::ChatStrategy>),
     /// `alpaca`.
     Alpaca(plain::Alpaca),
     /// `completion`.
@@ -84,10 +84,11 @@ pub struct Stats {
 impl Stats {
     /// Records a warning once.
     pub fn warn(&self, message: String) {
-        if let Ok(mut w) = self.warnings.lock() {
-            if w.len() < MAX_WARNINGS && !w.contains(&message) {
-                w.push(message);
-            }
+        if let Ok(mut w) = self.warnings.lock()
+            && w.len() < MAX_WARNINGS
+            && !w.contains(&message)
+        {
+            w.push(message);
         }
     }
 
@@ -139,7 +140,7 @@ impl Strategy {
         Ok(match dataset_type(ds)? {
             "chat_template" => {
                 let (s, warnings) = chat::ChatStrategy::new(ds, cfg, tok)?;
-                (Strategy::Chat(s), warnings)
+                (Strategy::Chat(Box::new(s)), warnings)
             }
             "alpaca" => (Strategy::Alpaca(plain::Alpaca::new(cfg, tok)?), Vec::new()),
             "completion" => (Strategy::Completion(plain::Completion::new(cfg, tok)?), Vec::new()),

@@ -86,7 +86,7 @@ impl Alpaca {
         let instruction = str_at(cols[0].as_ref(), i).ok_or("`instruction` is null")?;
         let input = str_at(cols[1].as_ref(), i);
         let output = str_at(cols[2].as_ref(), i).ok_or("`output` is null")?;
-        Ok(self.tokenize(instruction, input, output)?)
+        self.tokenize(instruction, input, output)
     }
 
     /// Tokenizes one instruction/input/output triple.
