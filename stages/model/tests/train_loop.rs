@@ -165,6 +165,9 @@ fn kill_and_resume_matches_uninterrupted() {
     let mut killed = Record { cancel_after: Some(5), ..Default::default() };
     let err = train::train(model(0.1), &d, &cfg, &run_b, &mut killed, &dev).unwrap_err();
     assert!(matches!(err, TrainError::Cancelled { step: 5, checkpoint: Some(3) }), "{err}");
+    // The killed attempt's metrics (steps 1-5) are gone with its output directory: a stage
+    // writes into a fresh temp dir each attempt, so history must come from the checkpoint.
+    std::fs::remove_file(&metrics).unwrap();
 
     let mut resumed = Record::default();
     let (b, summary) = train::train(model(0.1), &d, &cfg, &run_b, &mut resumed, &dev).unwrap();
@@ -181,7 +184,7 @@ fn kill_and_resume_matches_uninterrupted() {
     for (x, y) in ha.steps.iter().skip(3).zip(&resumed.steps) {
         assert!((x.loss - y.loss).abs() < 1e-6 && x.lr == y.lr, "step {}: {x:?} vs {y:?}", x.step);
     }
-    // The JSONL has each step once, in order: the killed run's steps 4 and 5 were replaced.
+    // The JSONL has each step once, in order: 1-3 from the checkpoint, 4-12 from the resumed run.
     let steps: Vec<usize> = std::fs::read_to_string(&metrics)
         .unwrap()
         .lines()
@@ -274,20 +277,21 @@ fn cancel_flag_stops_between_steps() {
 #[test]
 fn parquet_rows_become_padded_micro_batches_with_segments() {
     use arrow::array::{ArrayRef, Int32Builder, ListBuilder, RecordBatch};
-    let rows =
-        [(vec![5, 6, 7, 8, 9], vec![-100, 6, 7, -100, 9], vec![0, 1, 2, 0, 1]), (vec![1, 2], vec![1, 2], vec![0, 1])];
-    let col = |pick: fn(&(Vec<i32>, Vec<i32>, Vec<i32>)) -> &Vec<i32>| -> ArrayRef {
+    // Columns: input_ids, labels, position_ids; row 0 packs two samples.
+    let columns: [[Vec<i32>; 2]; 3] =
+        [[vec![5, 6, 7, 8, 9], vec![1, 2]], [vec![-100, 6, 7, -100, 9], vec![1, 2]], [vec![0, 1, 2, 0, 1], vec![0, 1]]];
+    let col = |rows: &[Vec<i32>; 2]| -> ArrayRef {
         let mut b = ListBuilder::new(Int32Builder::new());
-        for r in &rows {
-            b.values().append_slice(pick(r));
+        for r in rows {
+            b.values().append_slice(r);
             b.append(true);
         }
         Arc::new(b.finish())
     };
     let batch = RecordBatch::try_from_iter([
-        ("input_ids", col(|r| &r.0)),
-        ("labels", col(|r| &r.1)),
-        ("position_ids", col(|r| &r.2)),
+        ("input_ids", col(&columns[0])),
+        ("labels", col(&columns[1])),
+        ("position_ids", col(&columns[2])),
     ])
     .unwrap();
     let dir = tempfile::tempdir().unwrap();

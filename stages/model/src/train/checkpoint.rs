@@ -5,6 +5,7 @@
 //! <checkpoint_dir>/checkpoint-<step>/
 //!   trainable.safetensors   f32 trainable parameters, by module path
 //!   optimizer.safetensors   "<path>.exp_avg", "<path>.exp_avg_sq" (f32)
+//!   metrics.jsonl           the metrics records up to this step
 //!   state.json              step, data position, seed, plan, per-param optimizer steps (last)
 //! ```
 
@@ -19,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use super::TrainError;
 use super::adamw::MomentsHost;
 use super::config::TrainPlan;
+use super::metrics::MetricsRecord;
 use super::params::HostTensor;
 
 /// Version of the on-disk layout.
@@ -59,6 +61,8 @@ pub struct Checkpoint {
     pub params: BTreeMap<String, HostTensor>,
     /// Optimizer moments by path.
     pub optimizer: BTreeMap<String, MomentsHost>,
+    /// Metrics logged up to this checkpoint.
+    pub metrics: Vec<MetricsRecord>,
 }
 
 /// Writes a checkpoint atomically, then prunes all but the newest `keep` (at least 1).
@@ -67,6 +71,7 @@ pub fn save(
     state: &CheckpointState,
     params: &BTreeMap<String, HostTensor>,
     optimizer: &BTreeMap<String, MomentsHost>,
+    metrics: &[MetricsRecord],
     keep: usize,
 ) -> Result<PathBuf, TrainError> {
     let io = |p: &Path| {
@@ -93,6 +98,13 @@ pub fn save(
         steps.insert(k.clone(), m.step.to_string());
     }
     write_safetensors_meta(&tmp.join("optimizer.safetensors"), moments, Some(steps))?;
+
+    let mut lines = String::new();
+    for r in metrics {
+        lines.push_str(&serde_json::to_string(r).map_err(|e| TrainError::Checkpoint(e.to_string()))?);
+        lines.push('\n');
+    }
+    write_synced(&tmp.join("metrics.jsonl"), lines.as_bytes())?;
 
     // state.json last: its presence marks the temp dir as complete before the rename.
     let state_path = tmp.join("state.json");
@@ -176,7 +188,17 @@ pub fn load(dir: &Path) -> Result<Checkpoint, TrainError> {
         let m = MomentsHost { exp_avg: get("exp_avg")?, exp_avg_sq: get("exp_avg_sq")?, step };
         optimizer.insert(path, m);
     }
-    Ok(Checkpoint { dir: dir.to_path_buf(), state, params, optimizer })
+    let metrics_path = dir.join("metrics.jsonl");
+    let metrics = match fs::read_to_string(&metrics_path) {
+        Ok(text) => text
+            .lines()
+            .map(|l| {
+                serde_json::from_str(l).map_err(|e| TrainError::Checkpoint(format!("{}: {e}", metrics_path.display())))
+            })
+            .collect::<Result<Vec<MetricsRecord>, _>>()?,
+        Err(e) => return Err(TrainError::io(&metrics_path, e)),
+    };
+    Ok(Checkpoint { dir: dir.to_path_buf(), state, params, optimizer, metrics })
 }
 
 fn write_safetensors<'a>(

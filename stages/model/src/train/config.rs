@@ -177,7 +177,7 @@ impl TrainConfig {
                 self.learning_rate
             )));
         }
-        if self.max_steps.is_none() && !(self.num_epochs > 0.0) {
+        if self.max_steps.is_none() && (self.num_epochs.is_nan() || self.num_epochs <= 0.0) {
             return Err(TrainError::Config("num_epochs must be positive when max_steps is not set".into()));
         }
         for (name, b) in [("adam_beta1", self.adam_beta1), ("adam_beta2", self.adam_beta2)] {

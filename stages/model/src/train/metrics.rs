@@ -13,7 +13,7 @@
 //! dense bf16).
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -93,7 +93,8 @@ pub enum MetricsRecord {
 }
 
 impl MetricsRecord {
-    fn step(&self) -> usize {
+    /// Optimizer steps done when the record was written.
+    pub fn step(&self) -> usize {
         match self {
             MetricsRecord::Train(r) => r.step,
             MetricsRecord::Eval(r) => r.step,
@@ -110,26 +111,15 @@ pub struct MetricsLog {
 }
 
 impl MetricsLog {
-    /// Opens the log at `path` (None: keep records in memory only). Records after `resume_step`
-    /// (steps redone after a crash) are dropped; with `resume_step == 0` the file starts empty.
-    pub fn open(path: Option<&Path>, resume_step: usize) -> Result<Self, TrainError> {
-        let mut records = Vec::new();
+    /// Opens the log at `path` (None: keep records in memory only), starting from `prior`: the
+    /// records saved with the checkpoint a run resumes from (empty for a fresh run). The file is
+    /// rewritten from them, so steps redone after a crash appear once, and a fresh output
+    /// directory still gets the whole history.
+    pub fn open(path: Option<&Path>, prior: Vec<MetricsRecord>) -> Result<Self, TrainError> {
+        let records = prior;
         let Some(path) = path else {
             return Ok(MetricsLog { path: None, file: None, records });
         };
-        if resume_step > 0
-            && let Ok(f) = File::open(path)
-        {
-            for line in BufReader::new(f).lines() {
-                let line = line.map_err(|e| TrainError::io(path, e))?;
-                // A line cut by a crash cannot parse; it belongs to a redone step anyway.
-                if let Ok(r) = serde_json::from_str::<MetricsRecord>(&line)
-                    && r.step() <= resume_step
-                {
-                    records.push(r);
-                }
-            }
-        }
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(|e| TrainError::io(parent, e))?;
         }

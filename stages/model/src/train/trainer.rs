@@ -67,6 +67,7 @@ where
     let mut opt = AdamW::<B::InnerBackend>::new(cfg.adamw());
     let mut pos = Position::default();
     let mut last_checkpoint = None;
+    let mut prior_metrics = Vec::new();
     if let Some(dir) = checkpoint::latest(&run.checkpoint_dir)? {
         let ck = checkpoint::load(&dir)?;
         check_compatible(&ck.state, &plan, data.len(), cfg.seed, &dir)?;
@@ -74,9 +75,10 @@ where
         opt.import(ck.optimizer, device);
         pos = Position { step: ck.state.step, epoch: ck.state.epoch, micro: ck.state.micro_batch };
         last_checkpoint = Some(pos.step);
+        prior_metrics = ck.metrics;
     }
     let resumed_from = last_checkpoint;
-    let mut log = MetricsLog::open(run.metrics_jsonl.as_deref(), pos.step)?;
+    let mut log = MetricsLog::open(run.metrics_jsonl.as_deref(), prior_metrics)?;
     let mut order = data.epoch_order(cfg.seed, pos.epoch, cfg.shuffle);
     let mut summary = TrainSummary {
         plan: plan.clone(),
@@ -171,7 +173,14 @@ where
                 last_loss: Some(loss),
             };
             let keep = cfg.save_total_limit.unwrap_or(2);
-            let dir = checkpoint::save(&run.checkpoint_dir, &state, &trainable_params(&model), &opt.export(), keep)?;
+            let dir = checkpoint::save(
+                &run.checkpoint_dir,
+                &state,
+                &trainable_params(&model),
+                &opt.export(),
+                log.records(),
+                keep,
+            )?;
             last_checkpoint = Some(pos.step);
             hooks.on_checkpoint(pos.step, &dir);
         }
