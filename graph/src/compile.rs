@@ -109,10 +109,10 @@ pub enum CompileError {
 fn routed(config: &serde_json::Value, kind: &str) -> serde_json::Map<String, serde_json::Value> {
     let mut m = serde_json::Map::new();
     for (key, route) in ROUTES {
-        if let Route::Stages(kinds) = route {
-            if kinds.contains(&kind) {
-                m.insert(key.to_string(), config[*key].clone());
-            }
+        if let Route::Stages(kinds) = route
+            && kinds.contains(&kind)
+        {
+            m.insert(key.to_string(), config[*key].clone());
         }
     }
     m

@@ -646,13 +646,13 @@ fn check_keys(
             "datasets" | "test_datasets" => check_list(v, &ds, text, path)?,
             "stages" => check_list(v, &stage_keys, text, path)?,
             _ => {
-                if let Some((_, keys)) = nested.iter().find(|(n, _)| *n == key) {
-                    if let Some(m) = v.as_mapping() {
-                        for nk in m.keys() {
-                            let nk = nk.as_str().unwrap_or_default();
-                            if !keys.iter().any(|x| x == nk) {
-                                return Err(unknown(nk, keys, text, path, 1));
-                            }
+                if let Some((_, keys)) = nested.iter().find(|(n, _)| *n == key)
+                    && let Some(m) = v.as_mapping()
+                {
+                    for nk in m.keys() {
+                        let nk = nk.as_str().unwrap_or_default();
+                        if !keys.iter().any(|x| x == nk) {
+                            return Err(unknown(nk, keys, text, path, 1));
                         }
                     }
                 }
@@ -710,10 +710,10 @@ pub fn locate_key(text: &str, key: &str, min_indent: usize) -> Option<(usize, us
         if indent < min_indent && min_indent > 0 && !trimmed.starts_with("- ") {
             continue;
         }
-        if let Some(rest) = body.strip_prefix(key) {
-            if rest.trim_start().starts_with(':') {
-                return Some((i + 1, col + 1));
-            }
+        if let Some(rest) = body.strip_prefix(key)
+            && rest.trim_start().starts_with(':')
+        {
+            return Some((i + 1, col + 1));
         }
     }
     None
@@ -742,10 +742,11 @@ fn validate(c: &Config, path: &Path, warnings: &mut Vec<String>) -> Result<(), C
             return Err(err(format!("datasets[{i}]: `path` is required")));
         }
     }
-    if let Some(a) = &c.adapter {
-        if a != "lora" && a != "qlora" {
-            return Err(err(format!("`adapter: {a}` is not supported; use `lora` or `qlora`")));
-        }
+    if let Some(a) = &c.adapter
+        && a != "lora"
+        && a != "qlora"
+    {
+        return Err(err(format!("`adapter: {a}` is not supported; use `lora` or `qlora`")));
     }
     if !["auto", "cuda", "cpu"].contains(&c.backend.as_str()) {
         return Err(err(format!("`backend: {}` must be one of auto, cuda, cpu", c.backend)));
@@ -756,10 +757,11 @@ fn validate(c: &Config, path: &Path, warnings: &mut Vec<String>) -> Result<(), C
     if c.val_set_size < 0.0 {
         return Err(err("`val_set_size` must be >= 0".into()));
     }
-    if let Some(s) = &c.excess_length_strategy {
-        if s != "drop" && s != "truncate" {
-            return Err(err(format!("`excess_length_strategy: {s}` must be drop or truncate")));
-        }
+    if let Some(s) = &c.excess_length_strategy
+        && s != "drop"
+        && s != "truncate"
+    {
+        return Err(err(format!("`excess_length_strategy: {s}` must be drop or truncate")));
     }
     if c.lora_fan_in_fan_out {
         return Err(err(

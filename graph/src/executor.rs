@@ -365,12 +365,12 @@ impl StageTask {
             Ok(Err(e)) => return fail(format!("locking the cache key: {e}"), Some(key), warnings),
             Err(e) => return fail(format!("{e}"), Some(key), warnings),
         };
-        if let Ok(l) = self.cache.lookup(&key) {
-            if let Some(m) = l.manifest {
-                let mut d = hit(&m, &self.cache);
-                d.warnings = warnings;
-                return d;
-            }
+        if let Ok(l) = self.cache.lookup(&key)
+            && let Some(m) = l.manifest
+        {
+            let mut d = hit(&m, &self.cache);
+            d.warnings = warnings;
+            return d;
         }
         let progress = self.reporter.started(&id, &kind);
         let staging = match self.cache.staging(&key) {

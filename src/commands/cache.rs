@@ -96,14 +96,14 @@ fn find(cache: &Cache, prefix: &str) -> anyhow::Result<Manifest> {
 fn resolve(cli: &Cli, cache: &Cache, target: &str, pipeline: Option<&Path>) -> anyhow::Result<Manifest> {
     if let Some(p) = pipeline {
         let s = session(cli, p)?;
-        if let Some(run) = s.cache.last_run(&s.pipeline_id)? {
-            if let Some(st) = run.stages.get(target) {
-                return s
-                    .cache
-                    .lookup(&st.key)?
-                    .manifest
-                    .ok_or_else(|| anyhow::anyhow!("the last result of `{target}` is no longer cached"));
-            }
+        if let Some(run) = s.cache.last_run(&s.pipeline_id)?
+            && let Some(st) = run.stages.get(target)
+        {
+            return s
+                .cache
+                .lookup(&st.key)?
+                .manifest
+                .ok_or_else(|| anyhow::anyhow!("the last result of `{target}` is no longer cached"));
         }
     }
     // Without a pipeline: the newest cached result of a stage with this id.

@@ -89,7 +89,7 @@ fn print_report(cli: &Cli, report: &RunReport) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(report)?);
         return Ok(());
     }
-    println!("{:<16} {:<8} {:>9}  {}", "stage", "result", "time", "output");
+    println!("{:<16} {:<8} {:>9}  output", "stage", "result", "time");
     for s in &report.stages {
         let result = match &s.outcome {
             Outcome::Hit => console::style("hit").green().to_string(),

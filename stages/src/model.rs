@@ -370,12 +370,10 @@ fn answer<B: Backend>(
         let ids = tok.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?.get_ids().to_vec();
         let mut streamer = newt_model::generate::TextStream::new(&tok);
         let g = newt_model::generate::generate(model, &ids, &sampling, |t| {
-            if stream {
-                if let Some(piece) = streamer.push(t) {
-                    use std::io::Write;
-                    print!("{piece}");
-                    let _ = std::io::stdout().flush();
-                }
+            if stream && let Some(piece) = streamer.push(t) {
+                use std::io::Write;
+                print!("{piece}");
+                let _ = std::io::stdout().flush();
             }
             std::ops::ControlFlow::Continue(())
         });
