@@ -108,9 +108,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let t = Instant::now();
     let f = fetch_dataset(&ds, &[data], &dir.join("out/fetch"), &FetchOptions::default())?;
     let fetch_s = t.elapsed().as_secs_f64();
+    let fetch_rss = peak_rss_mib();
     let t = Instant::now();
     let tk = tokenize(&dir.join("out/fetch/data.parquet"), &ds, &cfg, &model, &dir.join("out/tokenize"))?;
     let tok_s = t.elapsed().as_secs_f64();
+    let tok_rss = peak_rss_mib();
     let t = Instant::now();
     let p = pack(&[dir.join("out/tokenize/tokens.parquet")], &[], &cfg, &dir.join("out/pack"))?;
     let pack_s = t.elapsed().as_secs_f64();
@@ -142,6 +144,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         tk.rows as f64 / total,
         tk.tokens as f64 / total
     );
-    println!("peak RSS    {:.0} MiB (VmHWM, whole process)", peak_rss_mib());
+    println!(
+        "peak RSS    {:.0} MiB after fetch, {:.0} MiB after tokenize, {:.0} MiB after pack (VmHWM, whole process)",
+        fetch_rss,
+        tok_rss,
+        peak_rss_mib()
+    );
     Ok(())
 }

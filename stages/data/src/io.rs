@@ -25,7 +25,7 @@ pub const WRITE_CHUNK: usize = 1024;
 /// Rows per Parquet row group (a multiple of [`WRITE_CHUNK`]).
 pub const ROW_GROUP: usize = 8 * WRITE_CHUNK;
 /// Memory DataFusion may use for sorting before it spills to disk.
-pub const MEMORY_LIMIT: usize = 512 << 20;
+pub const MEMORY_LIMIT: usize = 256 << 20;
 
 /// Writes `dest` through a hidden temporary file that is renamed into place only by
 /// [`ParquetOut::finish`]: a failed run leaves no partial artifact.
