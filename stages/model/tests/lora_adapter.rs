@@ -160,3 +160,36 @@ fn loading_an_adapter_with_a_foreign_tensor_fails() {
     let err = load_adapter(load::<B>(dir.path()), out.path()).unwrap_err().to_string();
     assert!(err.contains("k_proj") || err.contains("up_proj") || err.contains("does not belong"), "{err}");
 }
+
+/// Writes a base model, an adapter (rsLoRA, dropout, lm_head trained in full) and newt's logits
+/// into `$NEWT_PEFT_EXPORT` for `scripts/model_peft_check.py`, which loads them with PEFT.
+#[test]
+fn export_adapter_for_the_peft_check() {
+    let Some(out) = std::env::var_os("NEWT_PEFT_EXPORT").map(std::path::PathBuf::from) else {
+        eprintln!("skipping: NEWT_PEFT_EXPORT is not set (scripts/model_peft_check.py uses it)");
+        return;
+    };
+    let base = out.join("base");
+    std::fs::create_dir_all(&base).unwrap();
+    let spec = newt_model::tiny::TinySpec { seed: 21, vocab_size: 400, ..Default::default() };
+    newt_model::tiny::write_tiny_model(&base, &spec, &corpus()).unwrap();
+    let cfg = LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.1,
+        target_modules: vec!["q_proj".into(), "v_proj".into(), "o_proj".into(), "up_proj".into(), "down_proj".into()],
+        target_linear: false,
+        use_rslora: true,
+        modules_to_save: vec!["lm_head".into()],
+        seed: 5,
+    };
+    let mut model = perturb(load::<B>(&base).with_lora(&cfg).unwrap());
+    // A trained lm_head differs from the embedding it was copied from.
+    let head = model.lm_head.take().unwrap().val();
+    model.lm_head = Some(Param::from_tensor(head.clone() + head.ones_like().mul_scalar(0.01)));
+    save_adapter(&model, &cfg, "tiny-base", &out.join("adapter")).unwrap();
+    let ids: Vec<i64> = IDS.iter().chain(IDS.iter().rev()).copied().collect();
+    let l = logits(&model, &ids, 2);
+    let json = serde_json::json!({ "input_ids": [ids[..8].to_vec(), ids[8..].to_vec()], "logits": l });
+    std::fs::write(out.join("newt_logits.json"), json.to_string()).unwrap();
+}
