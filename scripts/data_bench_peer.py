@@ -150,6 +150,12 @@ def write_packed(path, bins, ids_flat, labels_flat, offsets):
         writer.close()
 
 
+def cpu_seconds():
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def peak_rss_mib():
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
@@ -173,6 +179,7 @@ def main():
     rows = len(ds)
 
     t = time.perf_counter()
+    cpu0 = cpu_seconds()
     fn = tokenize_batch if args.algorithm == "axolotl" else tokenize_batch_single_render
     tok = ds.map(fn, batched=True, num_proc=args.num_proc, remove_columns=ds.column_names)
     tok = tok.filter(keep, num_proc=args.num_proc)
@@ -196,6 +203,7 @@ def main():
     write_packed(os.path.join(out, "train.parquet"), bins, ids_flat, labels_flat, offsets)
     write_packed(os.path.join(out, "val.parquet"), val_bins, ids_flat, labels_flat, offsets)
     pack_s = time.perf_counter() - t
+    cpu = cpu_seconds() - cpu0
     packed_tokens = sum(lengths[i] for i in train)
 
     own, children = peak_rss_mib()
@@ -205,6 +213,7 @@ def main():
     print(f"tokenize    {tok_s:.2f} s  {rows / tok_s:.0f} rows/s  {tokens / tok_s:.0f} tokens/s  ({n} samples, {tokens} tokens)")
     print(f"pack        {pack_s:.2f} s  ({len(bins)} rows, efficiency {packed_tokens / (len(bins) * args.sequence_len):.3f}, {len(val_bins)} val rows)")
     print(f"tokenize+pack {total:.2f} s  {rows / total:.0f} rows/s  {tokens / total:.0f} tokens/s")
+    print(f"cpu time    {cpu:.2f} s for tokenize+pack (this process and its workers)  {rows / cpu:.0f} rows per CPU-second")
     print(f"peak RSS    {own:.0f} MiB main process, {children:.0f} MiB largest worker (ru_maxrss)")
 
 

@@ -76,6 +76,17 @@ fn peak_rss_mib() -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// CPU seconds (user + system) this process has used so far, all threads (Linux /proc).
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after_name = stat.rsplit(')').next().unwrap_or_default();
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let ticks: f64 =
+        fields.get(11..13).map(|f| f.iter().filter_map(|x| x.parse::<f64>().ok()).sum()).unwrap_or(f64::NAN);
+    ticks / 100.0
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut rows = 100_000usize;
     let mut dir = PathBuf::from("/tmp/newt-bench");
@@ -110,12 +121,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fetch_s = t.elapsed().as_secs_f64();
     let fetch_rss = peak_rss_mib();
     let t = Instant::now();
+    let cpu0 = cpu_seconds();
     let tk = tokenize(&dir.join("out/fetch/data.parquet"), &ds, &cfg, &model, &dir.join("out/tokenize"))?;
     let tok_s = t.elapsed().as_secs_f64();
     let tok_rss = peak_rss_mib();
     let t = Instant::now();
     let p = pack(&[dir.join("out/tokenize/tokens.parquet")], &[], &cfg, &dir.join("out/pack"))?;
     let pack_s = t.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu0;
     let threads = newt_data::io::cores();
 
     println!("threads     {threads}");
@@ -144,6 +157,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         tk.rows as f64 / total,
         tk.tokens as f64 / total
     );
+    println!("cpu time    {:.2} s for tokenize+pack  {:.0} rows per CPU-second", cpu, tk.rows as f64 / cpu);
     println!(
         "peak RSS    {:.0} MiB after fetch, {:.0} MiB after tokenize, {:.0} MiB after pack (VmHWM, whole process)",
         fetch_rss,

@@ -22,6 +22,7 @@ use arrow::datatypes::{DataType, Field, Schema, SchemaRef, UInt64Type};
 use datafusion::common::Result as DfResult;
 use datafusion::execution::TaskContext;
 use datafusion::logical_expr::{ColumnarValue, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, Volatility};
+use datafusion::physical_plan::coalesce_partitions::CoalescePartitionsExec;
 use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::physical_plan::repartition::RepartitionExec;
 use datafusion::physical_plan::{ExecutionPlan, Partitioning};
@@ -128,8 +129,9 @@ pub fn tokenize_with_partitions(
 
 async fn run(input: &Path, udf: TokenizeUdf, partitions: usize, dest: &Path) -> Result<(), DataError> {
     let (plan, task) = plan(input, udf, partitions).await?;
-    let streams = (0..partitions).map(|p| plan.execute(p, task.clone())).collect::<Result<Vec<_>, _>>()?;
-    let mut merged = futures::stream::select_all(streams);
+    // Each partition runs on its own task (polling them all from this one would tokenize on
+    // one core); batches come back in whatever order they finish.
+    let mut merged = CoalescePartitionsExec::new(plan).execute(0, task)?;
     let mut out = ParquetOut::create(dest, tokens_schema())?;
     let mut reorder = Reorder::default();
     while let Some(batch) = merged.next().await {
