@@ -74,17 +74,35 @@ pub struct LossOutput<B: Backend> {
 }
 
 /// Keys and values of past positions, per layer, for incremental decoding.
+///
+/// They live in buffers of a fixed capacity (doubled when full) rather than growing by one
+/// position per step, so that step after step the backend sees the same tensor shapes: on CUDA
+/// the kernels compiled and autotuned for one decoding step serve all the following ones.
+/// Unused slots are masked out (they lie in every query's future).
 #[derive(Debug, Clone)]
 pub struct KvCache<B: Backend> {
     layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
     segments: Option<Tensor<B, 2, Int>>,
     len: usize,
+    capacity: usize,
 }
+
+/// Initial capacity of a [`KvCache`].
+const KV_BLOCK: usize = 256;
+/// Attention reads the cache up to the next multiple of this many positions, so a key length
+/// (and the kernels for it) changes once every this many steps, while the empty tail it reads
+/// stays short.
+const ATTN_BLOCK: usize = 64;
 
 impl<B: Backend> KvCache<B> {
     /// An empty cache for a model of `layers` layers.
     pub fn new(layers: usize) -> Self {
-        KvCache { layers: vec![None; layers], segments: None, len: 0 }
+        Self::with_capacity(layers, KV_BLOCK)
+    }
+
+    /// An empty cache whose buffers start with room for `capacity` positions.
+    pub fn with_capacity(layers: usize, capacity: usize) -> Self {
+        KvCache { layers: vec![None; layers], segments: None, len: 0, capacity: capacity.max(1) }
     }
 
     /// Positions held.
@@ -96,6 +114,44 @@ impl<B: Backend> KvCache<B> {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// Positions the buffers hold before they must grow.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Makes room for `new` more positions and records their segment ids; returns the segment
+    /// ids of every slot, `[batch, capacity]` (0 in unused slots).
+    fn push_segments(&mut self, segment_ids: Tensor<B, 2, Int>) -> Tensor<B, 2, Int> {
+        let device = segment_ids.device();
+        let [b, t] = segment_ids.dims();
+        while self.len + t > self.capacity {
+            self.capacity *= 2;
+        }
+        let segments = match self.segments.take() {
+            None => Tensor::zeros([b, self.capacity], &device),
+            Some(s) => grow(s, 1, self.capacity),
+        };
+        let segments = segments.slice_assign([0..b, self.len..self.len + t], segment_ids);
+        self.segments = Some(segments.clone());
+        segments
+    }
+}
+
+/// Pads `t` with zeros along `dim` up to `size`.
+fn grow<B: Backend, const D: usize, K>(t: Tensor<B, D, K>, dim: usize, size: usize) -> Tensor<B, D, K>
+where
+    K: burn::tensor::Numeric<B>,
+    K::Elem: burn::tensor::Element,
+{
+    let mut shape = t.dims();
+    let have = shape[dim];
+    if have >= size {
+        return t;
+    }
+    shape[dim] = size - have;
+    let pad = Tensor::<B, D, K>::zeros(shape, (&t.device(), t.dtype()));
+    Tensor::cat(vec![t, pad], dim)
 }
 
 /// Query/key/value/output projections of one layer.
@@ -144,6 +200,9 @@ struct LayerContext<'a, B: Backend> {
     config: &'a ModelConfig,
     rope: &'a RopeTables<B>,
     mask: &'a AttentionMask<B>,
+    /// With a KV cache: where the new positions go, the buffers' capacity, and how many
+    /// positions of them attention reads.
+    cache_at: (usize, usize, usize),
 }
 
 impl<B: Backend> DecoderLayer<B> {
@@ -183,11 +242,19 @@ impl<B: Backend> SelfAttention<B> {
         let mut k = apply_rope(k.swap_dims(1, 2), ctx.rope);
         let mut v = v;
         if let Some(slot) = cache {
-            if let Some((past_k, past_v)) = slot.take() {
-                k = Tensor::cat(vec![past_k, k], 2);
-                v = Tensor::cat(vec![past_v, v], 2);
-            }
+            let (at, capacity, span) = ctx.cache_at;
+            let (past_k, past_v) = match slot.take() {
+                Some((pk, pv)) => (grow(pk, 2, capacity), grow(pv, 2, capacity)),
+                None => {
+                    let zeros = || Tensor::zeros([b, hkv, capacity, hd], (&k.device(), k.dtype()));
+                    (zeros(), zeros())
+                }
+            };
+            k = past_k.slice_assign([0..b, 0..hkv, at..at + t, 0..hd], k);
+            v = past_v.slice_assign([0..b, 0..hkv, at..at + t, 0..hd], v);
             *slot = Some((k.clone(), v.clone()));
+            k = k.narrow(2, 0, span);
+            v = v.narrow(2, 0, span);
         }
         let out = attention(q, k, v, ctx.mask, 1.0 / (hd as f64).sqrt());
         self.o_proj.forward(out.swap_dims(1, 2).reshape([b, t, hq * hd]))
@@ -308,19 +375,16 @@ impl<B: Backend> Llama<B> {
         let hidden = self.config.hidden_size;
         let mut x: Tensor<B, 3> = self.embed_tokens.val().select(0, input_ids.reshape([b * t])).reshape([b, t, hidden]);
         let rope = RopeTables::new(position_ids, &self.inv_freq);
-        let (offset, k_segments) = match cache.as_deref_mut() {
-            None => (0, segment_ids.clone()),
+        let (offset, capacity, span, k_segments) = match cache.as_deref_mut() {
+            None => (0, t, t, segment_ids.clone()),
             Some(c) => {
-                let all = match c.segments.take() {
-                    Some(past) => Tensor::cat(vec![past, segment_ids.clone()], 1),
-                    None => segment_ids.clone(),
-                };
-                c.segments = Some(all.clone());
-                (c.len, all)
+                let all = c.push_segments(segment_ids.clone());
+                let span = (c.len + t).next_multiple_of(ATTN_BLOCK).min(c.capacity);
+                (c.len, c.capacity, span, all.narrow(1, 0, span))
             }
         };
         let mask = AttentionMask::packed_causal(segment_ids, k_segments, offset, self.config.sliding_window);
-        let ctx = LayerContext { config: &self.config, rope: &rope, mask: &mask };
+        let ctx = LayerContext { config: &self.config, rope: &rope, mask: &mask, cache_at: (offset, capacity, span) };
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             x = layer.forward(x, &ctx, slot);

@@ -47,7 +47,8 @@ fn kv_cache_logits_equal_no_cache_logits() {
     let ids: Vec<i64> = vec![4, 8, 15, 16, 23, 42, 7, 99, 100];
     let full = logits(&model, &ids, 1);
     let v = model.config.vocab_size;
-    let mut cache = KvCache::new(model.config.num_hidden_layers);
+    // A small capacity, so the buffers grow (4 → 8 → 16) along the way.
+    let mut cache = KvCache::with_capacity(model.config.num_hidden_layers, 4);
     // A prompt of 4 tokens, then one token at a time, then a chunk of 2.
     let mut at = 0;
     for step in [4usize, 1, 1, 1, 2] {
@@ -57,7 +58,7 @@ fn kv_cache_logits_equal_no_cache_logits() {
         let want = &full[(at - 1) * v..at * v];
         assert!(rel_diff(&got, want) < 1e-5, "after {at} tokens: {}", rel_diff(&got, want));
     }
-    assert_eq!(cache.len(), ids.len());
+    assert_eq!((cache.len(), cache.capacity()), (ids.len(), 16));
 }
 
 #[test]
