@@ -439,15 +439,21 @@ impl StageTask {
 }
 
 /// Copies the files stages offer (adapter, merged model, metrics) into `output_dir`.
+///
+/// `output_dir/.newt-outputs.json` records which artifact digest each destination was copied
+/// from, so a rerun whose results did not change copies nothing (a merged 8B model is 16 GB).
 pub fn materialize(
     pipeline: &Pipeline,
     registry: &Registry,
     report: &RunReport,
     output_dir: &Path,
 ) -> anyhow::Result<Vec<PathBuf>> {
+    let record_path = output_dir.join(".newt-outputs.json");
+    let mut record: BTreeMap<String, String> =
+        std::fs::read_to_string(&record_path).ok().and_then(|t| serde_json::from_str(&t).ok()).unwrap_or_default();
     let mut written = Vec::new();
     for s in &report.stages {
-        let (Some(path), Some(node)) = (&s.path, pipeline.node(&s.id)) else { continue };
+        let (Some(path), Some(output), Some(node)) = (&s.path, s.output, pipeline.node(&s.id)) else { continue };
         let Some(stage) = registry.get(&node.kind) else { continue };
         for (src, dst) in stage.materialize(node) {
             let from = path.join(&src);
@@ -455,9 +461,17 @@ pub fn materialize(
                 continue;
             }
             let to = output_dir.join(&dst);
+            let stamp = format!("{output}/{src}");
+            if to.exists() && record.get(&dst) == Some(&stamp) {
+                continue;
+            }
             copy_tree(&from, &to)?;
+            record.insert(dst, stamp);
             written.push(to);
         }
+    }
+    if !written.is_empty() {
+        std::fs::write(&record_path, serde_json::to_string_pretty(&record)? + "\n")?;
     }
     Ok(written)
 }

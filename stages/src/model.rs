@@ -282,7 +282,7 @@ impl Stage for Train {
         env_of(node)
     }
     fn uses_device(&self, node: &StageNode) -> bool {
-        node.config().ok().and_then(|c| backend_of(&c).ok()).is_some_and(|b| b != ResolvedBackend::Cpu)
+        on_device(node)
     }
     fn required_outputs(&self, _: &StageNode) -> Vec<String> {
         vec!["adapter_config.json".into(), "adapter_model.safetensors".into(), "metrics.jsonl".into()]
@@ -293,9 +293,6 @@ impl Stage for Train {
             .map(|f| (f.to_string(), f.to_string()))
             .collect()
     }
-    fn external_inputs(&self, node: &StageNode, base_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
-        Ok(node.external.iter().map(|p| base_dir.join(p)).collect())
-    }
     fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<serde_json::Value> {
         let cfg = ctx.node.config()?;
         let b = backend_of(&cfg)?;
@@ -304,6 +301,11 @@ impl Stage for Train {
         }
         backend::dispatch_autodiff(b, TrainWork { ctx, cfg })
     }
+}
+
+/// Whether the node's backend resolves to a GPU (GPU stages hold the device semaphore).
+fn on_device(node: &StageNode) -> bool {
+    node.config().ok().and_then(|c| backend_of(&c).ok()).is_some_and(|b| b != ResolvedBackend::Cpu)
 }
 
 fn env_of(node: &StageNode) -> BTreeMap<String, String> {
@@ -329,25 +331,17 @@ fn load_model<B: Backend>(model_dir: &Path, adapter: Option<&Path>, device: &B::
     })
 }
 
-fn stop_ids(model_dir: &Path, tok: &tokenizers::Tokenizer) -> Vec<u32> {
-    let mut ids = Vec::new();
-    let cfg: serde_json::Value = std::fs::read_to_string(model_dir.join("generation_config.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .unwrap_or_default();
-    match &cfg["eos_token_id"] {
-        serde_json::Value::Number(n) => ids.extend(n.as_u64().map(|x| x as u32)),
-        serde_json::Value::Array(a) => ids.extend(a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32)),
-        _ => {}
-    }
+/// The model's EOS ids (config.json + generation_config.json), plus the end-of-turn tokens of the
+/// common chat templates, which some tokenizer configs do not list as EOS.
+fn stop_ids(model_dir: &Path, tok: &tokenizers::Tokenizer) -> anyhow::Result<Vec<u32>> {
+    let config = newt_model::config::ModelConfig::from_dir(model_dir)?;
+    let mut ids = newt_model::generate::stop_token_ids(model_dir, &config);
     for t in ["<|im_end|>", "<|eot_id|>", "<|endoftext|>", "</s>", "<|end_of_text|>"] {
-        if let Some(id) = tok.token_to_id(t) {
-            ids.push(id);
-        }
+        ids.extend(tok.token_to_id(t));
     }
-    ids.sort();
+    ids.sort_unstable();
     ids.dedup();
-    ids
+    Ok(ids)
 }
 
 /// Answers `prompts` with the model (chat template applied), greedy.
@@ -362,8 +356,12 @@ fn answer<B: Backend>(
     let tok = tokenizers::Tokenizer::from_file(model_dir.join("tokenizer.json"))
         .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
     let template = ChatTemplate::from_model_dir(model_dir)?;
-    let sampling =
-        SamplingConfig { max_new_tokens, temperature, stop_token_ids: stop_ids(model_dir, &tok), ..Default::default() };
+    let sampling = SamplingConfig {
+        max_new_tokens,
+        temperature,
+        stop_token_ids: stop_ids(model_dir, &tok)?,
+        ..Default::default()
+    };
     let mut out = Vec::new();
     for p in prompts {
         let text = template.apply_chat_template(&[ChatMessage::new("user", p)], true)?;
@@ -443,7 +441,7 @@ impl Stage for Evaluate {
         env_of(node)
     }
     fn uses_device(&self, node: &StageNode) -> bool {
-        node.config().ok().and_then(|c| backend_of(&c).ok()).is_some_and(|b| b != ResolvedBackend::Cpu)
+        on_device(node)
     }
     fn required_outputs(&self, _: &StageNode) -> Vec<String> {
         vec!["metrics.json".into()]

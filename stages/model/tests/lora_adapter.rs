@@ -3,9 +3,8 @@
 mod model_support;
 
 use burn::module::Param;
-use burn::tensor::{DType, Tensor, TensorData};
 use model_support::*;
-use newt_model::llama::{Llama, TrainBatch};
+use newt_model::llama::TrainBatch;
 use newt_model::lora::LoraConfig;
 use newt_model::peft::{ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, save_adapter};
 use newt_model::tensors::TensorStore;
@@ -15,27 +14,6 @@ const IDS: [i64; 8] = [3, 14, 15, 92, 65, 35, 89, 79];
 
 fn all_linear(r: usize, seed: u64) -> LoraConfig {
     LoraConfig { r, alpha: 2.0 * r as f64, target_linear: true, seed, ..LoraConfig::default() }
-}
-
-/// Gives every adapter's B deterministic nonzero values, as if it had been trained.
-fn perturb<Bk: burn::tensor::backend::Backend>(model: Llama<Bk>) -> Llama<Bk> {
-    let mut k = 0u64;
-    model
-        .map_linears(|_, mut lin| {
-            if let Some(ad) = lin.lora.as_mut() {
-                let [out, r] = ad.lora_b.dims();
-                let vals: Vec<f32> = (0..out * r)
-                    .map(|i| (((i as u64 * 7919 + k * 104_729) % 1000) as f32 / 1000.0 - 0.5) * 0.2)
-                    .collect();
-                k += 1;
-                ad.lora_b = Param::from_tensor(Tensor::from_data(
-                    TensorData::new(vals, [out, r]),
-                    (&Default::default(), DType::F32),
-                ));
-            }
-            Ok::<_, ()>(lin)
-        })
-        .unwrap()
 }
 
 #[test]

@@ -69,3 +69,24 @@ pub fn goldens_dir() -> PathBuf {
     let root = std::env::var_os("CARGO_MANIFEST_DIR").map(PathBuf::from);
     root.unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR"))).join("tests").join("goldens")
 }
+
+/// Gives every adapter's B deterministic nonzero values, as if it had been trained.
+pub fn perturb<Bk: burn::tensor::backend::Backend>(model: Llama<Bk>) -> Llama<Bk> {
+    let mut k = 0u64;
+    model
+        .map_linears(|_, mut lin| {
+            if let Some(ad) = lin.lora.as_mut() {
+                let [out, r] = ad.lora_b.dims();
+                let vals: Vec<f32> = (0..out * r)
+                    .map(|i| (((i as u64 * 7919 + k * 104_729) % 1000) as f32 / 1000.0 - 0.5) * 0.2)
+                    .collect();
+                k += 1;
+                ad.lora_b = burn::module::Param::from_tensor(Tensor::from_data(
+                    burn::tensor::TensorData::new(vals, [out, r]),
+                    (&Default::default(), burn::tensor::DType::F32),
+                ));
+            }
+            Ok::<_, ()>(lin)
+        })
+        .unwrap()
+}
