@@ -1,0 +1,154 @@
+//! First-step parity with PEFT: newt's training loss and LoRA gradients on a fixed batch equal
+//! what torch + PEFT compute for the same base model, adapter and batch.
+//!
+//! Goldens (adapter in PEFT's own format, loss, gradients) come from
+//! `scripts/train_peft_first_step_golden.py`, run once on a machine with torch and committed
+//! under `tests/train_fixtures/peft_first_step/`; the base model is the logits-parity fixture
+//! `tests/goldens/llama`. The gradients are taken the way the trainer takes them
+//! (`train::step_gradients` on `Autodiff<Flex>`: Σ token loss backward, divided by the trained
+//! tokens), over one micro-batch holding a plain row and a packed row.
+
+mod model_support;
+
+use std::path::{Path, PathBuf};
+
+use model_support::{AD, goldens_dir};
+use newt_model::llama::Llama;
+use newt_model::peft::load_adapter;
+use newt_model::tensors::TensorStore;
+use newt_model::train::{PackedRow, ParamGrads, TrainData, step_gradients};
+use serde_json::Value;
+
+fn fixture_dir() -> PathBuf {
+    goldens_dir().parent().unwrap().join("train_fixtures").join("peft_first_step")
+}
+
+fn ints(v: &Value) -> Vec<i32> {
+    v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap() as i32).collect()
+}
+
+/// The golden batch, in newt's row format (unshifted labels, positions restarting per sample).
+fn golden_rows(golden: &Value) -> Vec<PackedRow> {
+    golden["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| PackedRow {
+            input_ids: ints(&r["input_ids"]),
+            labels: ints(&r["labels"]),
+            position_ids: ints(&r["position_ids"]),
+        })
+        .collect()
+}
+
+/// PEFT's key for a newt gradient path (`layers.0.self_attn.q_proj.lora.lora_a` →
+/// `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`).
+fn peft_key(path: &str) -> String {
+    let (module, part) = path.rsplit_once(".lora.").unwrap_or_else(|| panic!("{path} is not a LoRA parameter"));
+    let part = match part {
+        "lora_a" => "lora_A",
+        "lora_b" => "lora_B",
+        other => panic!("unexpected LoRA part {other} in {path}"),
+    };
+    format!("base_model.model.model.{module}.{part}.weight")
+}
+
+/// Loss and gradients of the trainer's first step on the golden batch, keyed by PEFT name.
+fn newt_first_step(adapter: &Path, rows: Vec<PackedRow>, chunk_tokens: usize) -> (f64, usize, Vec<(String, Vec<f32>)>) {
+    let device = Default::default();
+    let base = Llama::<AD>::from_hf_dir(&goldens_dir().join("llama"), &device).unwrap();
+    let (mut model, _cfg) = load_adapter(base, adapter).unwrap();
+    model.loss_chunk_tokens = chunk_tokens;
+    let data = TrainData::from_rows(rows).unwrap();
+    let step = step_gradients::<AD, _>(&model, &data, &[(0..data.len()).collect()], &device);
+    let loss = step.loss();
+    let tokens = step.trained_tokens;
+    let mut grads: ParamGrads<_> = step.grads;
+    let paths: Vec<String> = grads.paths().map(str::to_string).collect();
+    let named = paths
+        .into_iter()
+        .map(|p| {
+            let g = grads.remove(&p).unwrap();
+            (peft_key(&p), g.into_data().convert::<f32>().into_vec::<f32>().unwrap())
+        })
+        .collect();
+    (loss, tokens, named)
+}
+
+fn max_abs(v: &[f32]) -> f32 {
+    v.iter().fold(0f32, |m, x| m.max(x.abs()))
+}
+
+/// The goldens: loss, trained tokens, the batch, and the gradient file.
+struct Golden {
+    loss: f64,
+    tokens: usize,
+    rows: Vec<PackedRow>,
+    grads: TensorStore,
+}
+
+fn golden() -> Golden {
+    let dir = fixture_dir();
+    let json: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    Golden {
+        loss: json["loss"].as_f64().unwrap(),
+        tokens: json["trained_tokens"].as_u64().unwrap() as usize,
+        rows: golden_rows(&json),
+        grads: TensorStore::open_file(&dir.join("golden.safetensors")).unwrap(),
+    }
+}
+
+/// Relative loss difference and the worst gradient's max |newt - PEFT| / max |PEFT| (with its
+/// name), after checking that newt trains exactly the golden's parameters.
+fn differences(g: &Golden, loss: f64, grads: &[(String, Vec<f32>)]) -> (f64, f32, String) {
+    let mut want_names = g.grads.names();
+    want_names.sort();
+    let mut got_names: Vec<String> = grads.iter().map(|(k, _)| k.clone()).collect();
+    got_names.sort();
+    assert_eq!(got_names, want_names, "newt trains exactly the adapter's parameters");
+    let mut worst = (0f32, String::new());
+    for (name, got) in grads {
+        let want = g.grads.read_f32(name).unwrap();
+        assert_eq!(got.len(), want.len(), "{name} size");
+        let scale = max_abs(&want);
+        assert!(scale > 0.0, "{name}: a zero golden gradient tests nothing");
+        let diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max) / scale;
+        if diff >= worst.0 {
+            worst = (diff, name.clone());
+        }
+    }
+    (((loss - g.loss) / g.loss).abs(), worst.0, worst.1)
+}
+
+#[test]
+fn first_step_loss_and_lora_grads_match_peft() {
+    let g = golden();
+    assert!(g.rows.iter().any(|r| r.position_ids.iter().skip(1).any(|&p| p == 0)), "the batch must hold a packed row");
+    // A chunk size that splits the 2×12 positions unevenly, so the chunked loss is what is tested.
+    let (loss, tokens, grads) = newt_first_step(&fixture_dir().join("adapter"), g.rows.clone(), 7);
+    assert_eq!(tokens, g.tokens, "trained tokens");
+    let (loss_rel, grad_rel, worst) = differences(&g, loss, &grads);
+    println!("loss newt {loss:.9} PEFT {:.9}: rel diff {loss_rel:.2e}", g.loss);
+    println!("{} LoRA gradients: worst max|newt - PEFT|/max|PEFT| {grad_rel:.2e} ({worst})", grads.len());
+    assert!(loss_rel < 1e-5, "loss {loss} vs PEFT {}: rel diff {loss_rel:.2e}", g.loss);
+    assert!(grad_rel < 1e-4, "{worst}: max |newt - PEFT| / max |PEFT| = {grad_rel:.2e}");
+}
+
+/// The tolerances above are tight enough to notice a LoRA scale off by 1% (alpha 10.1 for 10).
+#[test]
+fn a_one_percent_wrong_lora_scale_misses_the_peft_goldens() {
+    let g = golden();
+    let adapter = tempfile::tempdir().unwrap();
+    let src = fixture_dir().join("adapter");
+    for f in ["adapter_model.safetensors", "adapter_config.json"] {
+        std::fs::copy(src.join(f), adapter.path().join(f)).unwrap();
+    }
+    let cfg_path = adapter.path().join("adapter_config.json");
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["lora_alpha"] = serde_json::json!(cfg["lora_alpha"].as_f64().unwrap() * 1.01);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let (loss, _, grads) = newt_first_step(adapter.path(), g.rows.clone(), 7);
+    let (loss_rel, grad_rel, _) = differences(&g, loss, &grads);
+    println!("alpha × 1.01: loss rel diff {loss_rel:.2e}, worst gradient rel diff {grad_rel:.2e}");
+    assert!(loss_rel > 1e-5 && grad_rel > 1e-4, "a wrong scale went unnoticed: {loss_rel:.2e}, {grad_rel:.2e}");
+}
