@@ -1,5 +1,6 @@
 //! Benchmark: fetch + tokenize + pack of N generated multi-turn conversations with the SmolLM2
-//! tokenizer fixture; prints rows/s, tokens/s and peak memory (VmHWM).
+//! tokenizer fixture; prints rows/s, tokens/s and each phase's peak memory (VmHWM, reset
+//! between phases).
 //!
 //! ```text
 //! cargo run -p newt-data --example bench_tokenize_pack -- [--rows 100000] [--dir /tmp/newt-bench]
@@ -76,6 +77,24 @@ fn peak_rss_mib() -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// Resident memory now, in MiB (Linux VmRSS).
+fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+/// Starts a new peak: resets VmHWM to the current RSS (Linux: `5` into /proc/self/clear_refs),
+/// so that [`peak_rss_mib`] after a phase is that phase's own peak. Returns the RSS it starts at.
+fn reset_peak() -> f64 {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    rss_mib()
+}
+
 /// CPU seconds (user + system) this process has used so far, all threads (Linux /proc).
 fn cpu_seconds() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
@@ -116,19 +135,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let cfg = Config { sequence_len, sample_packing: true, val_set_size: 0.01, ..Default::default() };
     let _ = std::fs::remove_dir_all(dir.join("out"));
 
+    let fetch_base = reset_peak();
     let t = Instant::now();
     let f = fetch_dataset(&ds, &[data], &dir.join("out/fetch"), &FetchOptions::default())?;
     let fetch_s = t.elapsed().as_secs_f64();
     let fetch_rss = peak_rss_mib();
+    let tok_base = reset_peak();
     let t = Instant::now();
     let cpu0 = cpu_seconds();
     let tk = tokenize(&dir.join("out/fetch/data.parquet"), &ds, &cfg, &model, &dir.join("out/tokenize"))?;
     let tok_s = t.elapsed().as_secs_f64();
     let tok_rss = peak_rss_mib();
+    let pack_base = reset_peak();
     let t = Instant::now();
     let p = pack(&[dir.join("out/tokenize/tokens.parquet")], &[], &cfg, &dir.join("out/pack"))?;
     let pack_s = t.elapsed().as_secs_f64();
     let cpu = cpu_seconds() - cpu0;
+    let pack_rss = peak_rss_mib();
     let threads = newt_data::io::cores();
 
     println!("threads     {threads}");
@@ -159,10 +182,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     println!("cpu time    {:.2} s for tokenize+pack  {:.0} rows per CPU-second", cpu, tk.rows as f64 / cpu);
     println!(
-        "peak RSS    {:.0} MiB after fetch, {:.0} MiB after tokenize, {:.0} MiB after pack (VmHWM, whole process)",
-        fetch_rss,
-        tok_rss,
-        peak_rss_mib()
+        "peak RSS    fetch {fetch_rss:.0} MiB, tokenize {tok_rss:.0} MiB, pack {pack_rss:.0} MiB \
+         (VmHWM of the whole process during each phase; RSS at the start of each: {fetch_base:.0}, {tok_base:.0}, {pack_base:.0} MiB)"
     );
     Ok(())
 }

@@ -24,6 +24,10 @@ use crate::DataError;
 pub const WRITE_CHUNK: usize = 1024;
 /// Rows per Parquet row group (a multiple of [`WRITE_CHUNK`]).
 pub const ROW_GROUP: usize = 8 * WRITE_CHUNK;
+/// Bytes (as the Parquet writer estimates them: encoded, compressed) a row group may take in
+/// memory before it is written out: packed rows are long (`sequence_len` tokens each), and
+/// [`ROW_GROUP`] of them would otherwise be buffered whole.
+pub const ROW_GROUP_BYTES: usize = 16 << 20;
 /// Memory DataFusion may use for sorting before it spills to disk.
 pub const MEMORY_LIMIT: usize = 256 << 20;
 
@@ -37,11 +41,18 @@ pub struct ParquetOut {
     pending_rows: usize,
     schema: SchemaRef,
     rows: usize,
+    chunk: usize,
 }
 
 impl ParquetOut {
-    /// Starts writing `dest` with `schema`.
+    /// Starts writing `dest` with `schema`, in chunks of [`WRITE_CHUNK`] rows.
     pub fn create(dest: &Path, schema: SchemaRef) -> Result<Self, DataError> {
+        Self::with_chunk(dest, schema, WRITE_CHUNK)
+    }
+
+    /// [`ParquetOut::create`] with chunks of `chunk` rows (long rows want fewer per chunk: the
+    /// queued chunk is held, and copied once, in memory).
+    pub fn with_chunk(dest: &Path, schema: SchemaRef, chunk: usize) -> Result<Self, DataError> {
         let dir = dest.parent().unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).map_err(|e| DataError::io(dir, e))?;
         let name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("out.parquet");
@@ -50,6 +61,7 @@ impl ParquetOut {
         let props = WriterProperties::builder()
             .set_compression(Compression::SNAPPY)
             .set_max_row_group_row_count(Some(ROW_GROUP))
+            .set_max_row_group_bytes(Some(ROW_GROUP_BYTES))
             .build();
         let writer = ArrowWriter::try_new(file, schema.clone(), Some(props))
             .map_err(|source| DataError::Parquet { path: dest.to_path_buf(), source })?;
@@ -61,6 +73,7 @@ impl ParquetOut {
             pending_rows: 0,
             schema,
             rows: 0,
+            chunk: chunk.max(1),
         })
     }
 
@@ -71,8 +84,8 @@ impl ParquetOut {
         }
         self.pending_rows += batch.num_rows();
         self.pending.push(batch);
-        while self.pending_rows >= WRITE_CHUNK {
-            self.flush_chunk(WRITE_CHUNK)?;
+        while self.pending_rows >= self.chunk {
+            self.flush_chunk(self.chunk)?;
         }
         Ok(())
     }
