@@ -5,8 +5,6 @@ use std::path::{Path, PathBuf};
 use newt_graph::compile::StageNode;
 use newt_graph::{Stage, StageContext};
 
-use crate::summary_debug;
-
 /// Reads one dataset into Parquet with normalized columns.
 pub struct FetchDataset;
 
@@ -41,7 +39,7 @@ impl Stage for FetchDataset {
         };
         let opts = newt_data::FetchOptions { skip_invalid_rows: cfg.skip_invalid_rows };
         let s = newt_data::fetch_dataset(&ds, &files, &ctx.out_dir, &opts)?;
-        summary_debug(&s)
+        Ok(serde_json::to_value(&s)?)
     }
 }
 
@@ -75,7 +73,7 @@ impl Stage for Tokenize {
         for w in &s.warnings {
             ctx.progress.println(format!("warning: {w}"));
         }
-        summary_debug(&s)
+        Ok(serde_json::to_value(&s)?)
     }
 }
 
@@ -103,7 +101,7 @@ impl Stage for Pack {
         if let Some(tok) = train.first().and_then(|t| t.parent()).map(|d| d.join("tokenizer.json")) {
             std::fs::copy(tok, ctx.out_dir.join("tokenizer.json"))?;
         }
-        summary_debug(&s)
+        Ok(serde_json::to_value(&s)?)
     }
 }
 
@@ -133,6 +131,6 @@ impl Stage for Sql {
             tables.push((name, file));
         }
         let s = newt_data::run_sql(&tables, sql, &ctx.out_dir)?;
-        summary_debug(&s)
+        Ok(serde_json::to_value(&s)?)
     }
 }

@@ -33,11 +33,6 @@ pub fn registry() -> Registry {
     r.register(Arc::new(model::Merge));
     r
 }
-/// A library's summary struct as the text stored in the manifest (shown by `newt cache show`).
-pub(crate) fn summary_debug<T: std::fmt::Debug>(s: &T) -> anyhow::Result<serde_json::Value> {
-    Ok(serde_json::Value::String(format!("{s:#?}")))
-}
-
 /// The merge and chat entry points the CLI calls directly.
 pub mod merge {
     pub use crate::model::merge_external;

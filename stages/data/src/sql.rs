@@ -17,7 +17,7 @@ pub const SQL_FILE: &str = "data.parquet";
 pub const QUERY_ROW_LIMIT: usize = 1000;
 
 /// What a `sql` stage produced.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SqlSummary {
     /// Rows written.
     pub rows: usize,

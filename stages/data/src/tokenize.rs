@@ -42,7 +42,7 @@ pub const TOKENS_FILE: &str = "tokens.parquet";
 const TOKENIZE_BATCH: usize = 512;
 
 /// What tokenize did.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct TokenizeSummary {
     /// Dataset rows read.
     pub rows: usize,

@@ -29,7 +29,7 @@ pub struct FetchOptions {
 }
 
 /// What fetch did.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FetchSummary {
     /// Rows written.
     pub rows: usize,
