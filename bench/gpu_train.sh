@@ -9,7 +9,7 @@ OUT=${OUT:-/tmp/newt-gpu-out}; mkdir -p "$OUT"
 python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('.dev/gpu/newt.xz'), open('/tmp/newt','wb'))" && chmod +x /tmp/newt
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt"
 # 1. The peer, same shape, batch 4x2048, r=32, AdamW.
-PYTHONUNBUFFERED=1 timeout 240 python3 .dev/gpu/peft_baseline.py --shape "$shape" --batch 4 --seq 2048 --rank 32 > "$OUT/peft.jsonl" 2> "$OUT/peft.err"
+[ "${PEER:-1}" = 1 ] && PYTHONUNBUFFERED=1 timeout 240 python3 .dev/gpu/peft_baseline.py --shape "$shape" --batch 4 --seq 2048 --rank 32 > "$OUT/peft.jsonl" 2> "$OUT/peft.err"
 # 2. A random model of that shape as a HF folder, with the SmolLM2 tokenizer fixture.
 python3 bench/random_model.py --shape "$shape" --out /tmp/model --tokenizer stages/data/tests/fixtures/smollm2 > "$OUT/model.log" 2>&1
 python3 - <<'PY'
@@ -41,10 +41,15 @@ output_dir: /tmp/gpu-out
 YML
 nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 250 > "$OUT/mem.log" &
 smi=$!
-NEWT_CACHE_DIR=/tmp/newt-cache timeout ${NEWT_TIMEOUT:-360} /tmp/newt run /tmp/gpu.yml --only train --quiet > "$OUT/newt.out" 2> "$OUT/newt.err"
+# A kernel cache carried from an earlier call (KERNEL_CACHE=path/to/kernel-cache.tgz).
+if [ -n "${KERNEL_CACHE:-}" ] && [ -f "$KERNEL_CACHE" ]; then mkdir -p /tmp/newt-cache && tar xzf "$KERNEL_CACHE" -C /tmp/newt-cache; fi
+NEWT_DATA_THREADS=${NEWT_DATA_THREADS:-2} NEWT_CACHE_DIR=/tmp/newt-cache timeout ${NEWT_TIMEOUT:-360} /tmp/newt run /tmp/gpu.yml --only train > "$OUT/newt.out" 2> "$OUT/newt.err"
 echo "newt exit $?" >> "$OUT/newt.out"
 kill $smi
-cp /tmp/gpu-out/metrics.jsonl "$OUT/newt_metrics.jsonl" 2>/dev/null
+# metrics.jsonl is flushed per step inside the stage's work dir; copy it even after a timeout.
+m=$(find /tmp/gpu-out /tmp/newt-cache -name metrics.jsonl 2>/dev/null | head -1); [ -n "$m" ] && cp "$m" "$OUT/newt_metrics.jsonl"
 echo "peak MiB used (incl. context): $(sort -n "$OUT/mem.log" | tail -1)" >> "$OUT/newt.out"
-tar czf "$OUT/kernel-cache.tgz" -C /tmp/newt-cache v1/cubecl 2>/dev/null || true
+# The persistent CubeCL caches (PTX and autotune results), to carry into the next call.
+kc=$(find /tmp/newt-cache -maxdepth 3 -type d -name cubecl | head -1)
+[ -n "$kc" ] && tar czf "$OUT/kernel-cache.tgz" -C "$(dirname "$kc")" cubecl && du -sh "$kc" >> "$OUT/newt.out"
 cat "$OUT/peft.jsonl" "$OUT/newt.out"; tail -3 "$OUT/newt_metrics.jsonl" 2>/dev/null; tail -20 "$OUT/newt.err"

@@ -11,11 +11,13 @@
 //!                                           └─> loss::chunked_cross_entropy (never all logits)
 //! ```
 pub mod attention;
+pub mod flash;
 pub mod loss;
 pub mod norm;
 pub mod rope;
 
 pub use attention::{AttentionMask, attention};
+pub use flash::{FlashOptions, KernelBackend, flash_attention};
 pub use loss::chunked_cross_entropy;
 pub use norm::rms_norm;
 pub use rope::{RopeScaling, RopeTables, apply_rope, rope_inv_freq};

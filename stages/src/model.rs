@@ -9,7 +9,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use newt_graph::compile::StageNode;
 use newt_graph::config::Config;
 use newt_graph::{Stage, StageContext};
-use newt_model::backend::{self, BackendChoice, ResolvedBackend, WithAutodiffBackend, WithBackend};
+use newt_model::backend::{self, BackendChoice, KernelBackend, ResolvedBackend, WithAutodiffBackend, WithBackend};
 use newt_model::generate::{ChatMessage, ChatTemplate, SamplingConfig};
 use newt_model::llama::Llama;
 use newt_model::lora::LoraConfig;
@@ -193,7 +193,10 @@ struct Hooks<'a> {
     eval_batch: usize,
 }
 
-impl<B: AutodiffBackend> TrainHooks<Llama<B>> for Hooks<'_> {
+impl<B: AutodiffBackend + KernelBackend> TrainHooks<Llama<B>> for Hooks<'_>
+where
+    B::InnerBackend: KernelBackend,
+{
     fn on_step(&mut self, r: &StepReport) {
         self.ctx.progress.set_total(r.total_steps as u64);
         self.ctx.progress.set_position(r.step as u64);
@@ -217,7 +220,10 @@ struct TrainWork<'a> {
 
 impl WithAutodiffBackend for TrainWork<'_> {
     type Output = anyhow::Result<serde_json::Value>;
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
+    fn run<B: AutodiffBackend + KernelBackend>(self, device: B::Device) -> Self::Output
+    where
+        B::InnerBackend: KernelBackend,
+    {
         let ctx = self.ctx;
         let cfg = &self.cfg;
         let pack = ctx.input("pack")?;
@@ -345,7 +351,7 @@ fn stop_ids(model_dir: &Path, tok: &tokenizers::Tokenizer) -> anyhow::Result<Vec
 }
 
 /// Answers `prompts` with the model (chat template applied), greedy.
-fn answer<B: Backend>(
+fn answer<B: KernelBackend>(
     model: &Llama<B>,
     model_dir: &Path,
     prompts: &[String],
@@ -393,7 +399,7 @@ struct EvalWork<'a> {
 
 impl WithBackend for EvalWork<'_> {
     type Output = anyhow::Result<serde_json::Value>;
-    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+    fn run<B: KernelBackend>(self, device: B::Device) -> Self::Output {
         let ctx = self.ctx;
         let cfg = &self.cfg;
         let model_dir = ctx.input("fetch.model")?;
@@ -509,7 +515,7 @@ struct ChatWork<'a> {
 
 impl WithBackend for ChatWork<'_> {
     type Output = anyhow::Result<()>;
-    fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+    fn run<B: KernelBackend>(self, device: B::Device) -> Self::Output {
         let model = load_model::<B>(self.model, self.adapter, &device)?;
         if let Some(p) = self.prompt {
             answer(&model, self.model, &[p.to_string()], self.max_new_tokens, self.temperature, true)?;

@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::OnceLock;
 
-use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::backend::AutodiffBackend;
+pub use newt_kernels::KernelBackend;
 
 /// The CPU backend: Flex, f32.
 pub type CpuBackend = burn::backend::Flex;
@@ -164,7 +165,7 @@ pub trait WithBackend {
     /// What the code returns.
     type Output;
     /// Runs on backend `B`, device `device`.
-    fn run<B: Backend>(self, device: B::Device) -> Self::Output;
+    fn run<B: KernelBackend>(self, device: B::Device) -> Self::Output;
 }
 
 /// Code generic over a training (autodiff) backend, run by [`dispatch_autodiff`].
@@ -172,7 +173,9 @@ pub trait WithAutodiffBackend {
     /// What the code returns.
     type Output;
     /// Runs on backend `B`, device `device`.
-    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output;
+    fn run<B: AutodiffBackend + KernelBackend>(self, device: B::Device) -> Self::Output
+    where
+        B::InnerBackend: KernelBackend;
 }
 
 /// Runs `work` on the resolved inference backend.

@@ -6,7 +6,7 @@
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
-use burn::tensor::{Int, Tensor, TensorData, backend::Backend};
+use burn::tensor::{Int, Tensor, TensorData};
 use minijinja::value::{Kwargs, Value as JValue};
 use minijinja::{Environment, ErrorKind};
 use rand::{Rng, SeedableRng, rngs::StdRng};
@@ -15,6 +15,7 @@ use serde_json::Value;
 
 use crate::config::ModelConfig;
 use crate::llama::{KvCache, Llama};
+use newt_kernels::KernelBackend;
 
 /// How to pick each next token.
 #[derive(Debug, Clone, PartialEq)]
@@ -158,7 +159,7 @@ fn argmax(values: &[f32]) -> u32 {
 
 /// Generates after `prompt`, calling `on_token` with each new token as soon as it is chosen
 /// (stop tokens excluded); returning `ControlFlow::Break` from it stops generation.
-pub fn generate<B: Backend>(
+pub fn generate<B: KernelBackend>(
     model: &Llama<B>,
     prompt: &[u32],
     config: &SamplingConfig,

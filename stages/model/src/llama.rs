@@ -12,7 +12,8 @@ use burn::module::{Module, Param};
 use burn::tensor::{DType, Int, Tensor, TensorData, backend::Backend};
 use newt_kernels::loss::IGNORE_INDEX;
 use newt_kernels::{
-    AttentionMask, RopeTables, apply_rope, attention, chunked_cross_entropy, rms_norm, rope_inv_freq, swiglu,
+    AttentionMask, FlashOptions, KernelBackend, RopeTables, apply_rope, attention, chunked_cross_entropy,
+    flash_attention, rms_norm, rope_inv_freq, swiglu,
 };
 
 use crate::config::{ConfigError, ModelConfig};
@@ -195,17 +196,26 @@ pub struct DecoderLayer<B: Backend> {
     pub post_attention_layernorm: Param<Tensor<B, 1>>,
 }
 
+/// How attention is told which keys each query may see.
+enum Attend<B: Backend> {
+    /// Whole sequences without a KV cache (training, scoring): newt's flash attention, which
+    /// builds its mask block by block from the segment ids and never keeps the score matrix.
+    Flash(Tensor<B, 2, Int>),
+    /// Decoding against a KV cache: the reference attention with a full mask.
+    Mask(AttentionMask<B>),
+}
+
 /// What every layer needs besides its weights.
 struct LayerContext<'a, B: Backend> {
     config: &'a ModelConfig,
     rope: &'a RopeTables<B>,
-    mask: &'a AttentionMask<B>,
+    attend: &'a Attend<B>,
     /// With a KV cache: where the new positions go, the buffers' capacity, and how many
     /// positions of them attention reads.
     cache_at: (usize, usize, usize),
 }
 
-impl<B: Backend> DecoderLayer<B> {
+impl<B: KernelBackend> DecoderLayer<B> {
     fn forward(
         &self,
         x: Tensor<B, 3>,
@@ -221,7 +231,7 @@ impl<B: Backend> DecoderLayer<B> {
     }
 }
 
-impl<B: Backend> SelfAttention<B> {
+impl<B: KernelBackend> SelfAttention<B> {
     fn forward(
         &self,
         x: Tensor<B, 3>,
@@ -256,7 +266,14 @@ impl<B: Backend> SelfAttention<B> {
             k = k.narrow(2, 0, span);
             v = v.narrow(2, 0, span);
         }
-        let out = attention(q, k, v, ctx.mask, 1.0 / (hd as f64).sqrt());
+        let scale = 1.0 / (hd as f64).sqrt();
+        let out = match ctx.attend {
+            Attend::Flash(segments) => {
+                let options = FlashOptions { window: c.sliding_window, ..FlashOptions::new(scale) };
+                flash_attention(q, k, v, segments.clone(), options)
+            }
+            Attend::Mask(mask) => attention(q, k, v, mask, scale),
+        };
         self.o_proj.forward(out.swap_dims(1, 2).reshape([b, t, hq * hd]))
     }
 }
@@ -359,7 +376,9 @@ impl<B: Backend> Llama<B> {
             None => self.embed_tokens.val(),
         }
     }
+}
 
+impl<B: KernelBackend> Llama<B> {
     /// Final hidden states `[batch, seq, hidden]` (after the last norm).
     ///
     /// With a `cache`, the new tokens are appended to it and attend to everything it holds
@@ -383,8 +402,13 @@ impl<B: Backend> Llama<B> {
                 (c.len, c.capacity, span, all.narrow(1, 0, span))
             }
         };
-        let mask = AttentionMask::packed_causal(segment_ids, k_segments, offset, self.config.sliding_window);
-        let ctx = LayerContext { config: &self.config, rope: &rope, mask: &mask, cache_at: (offset, capacity, span) };
+        let attend = if cache.is_some() {
+            Attend::Mask(AttentionMask::packed_causal(segment_ids, k_segments, offset, self.config.sliding_window))
+        } else {
+            Attend::Flash(segment_ids)
+        };
+        let ctx =
+            LayerContext { config: &self.config, rope: &rope, attend: &attend, cache_at: (offset, capacity, span) };
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             x = layer.forward(x, &ctx, slot);
@@ -446,7 +470,9 @@ impl<B: Backend> Llama<B> {
         );
         LossOutput { sum, tokens }
     }
+}
 
+impl<B: Backend> Llama<B> {
     /// Rebuilds every linear layer through `f`, given its Hugging Face path
     /// (`model.layers.3.mlp.up_proj`); used to attach and load adapters.
     pub fn map_linears<E>(

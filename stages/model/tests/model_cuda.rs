@@ -70,7 +70,7 @@ fn cuda_lora_step_matches_cpu_loss_and_keeps_adapters_in_f32() {
     let ids: Vec<i64> = vec![5, 9, 14, 2, 77, 31, 8, 90, 12, 6, 3, 1];
     let seg: Vec<i64> = vec![1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 0];
     let pos: Vec<i64> = vec![0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 0];
-    fn loss_of<Bk: burn::tensor::backend::AutodiffBackend>(
+    fn loss_of<Bk: burn::tensor::backend::AutodiffBackend + newt_model::backend::KernelBackend>(
         dir: &std::path::Path,
         cfg: &LoraConfig,
         (ids, pos, seg): (&[i64], &[i64], &[i64]),

@@ -57,7 +57,7 @@ pub fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// Logits of one unpacked sequence per row (positions 0.., one segment).
-pub fn logits<Bk: burn::tensor::backend::Backend>(model: &Llama<Bk>, ids: &[i64], rows: usize) -> Vec<f32> {
+pub fn logits<Bk: newt_model::backend::KernelBackend>(model: &Llama<Bk>, ids: &[i64], rows: usize) -> Vec<f32> {
     let cols = ids.len() / rows;
     let pos: Vec<i64> = (0..rows).flat_map(|_| 0..cols as i64).collect();
     floats(model.forward(ints(ids, rows, cols), ints(&pos, rows, cols), ints(&vec![1; ids.len()], rows, cols)))

@@ -1,0 +1,450 @@
+//! Memory-efficient ("flash") attention for training: causal, packed (varlen by segment ids),
+//! grouped-query, with an optional sliding window.
+//!
+//! Burn's attention under autodiff keeps the whole `[batch, heads, seq, seq]` score matrix (and
+//! its softmax) of every layer until the backward pass. This op keeps only what FlashAttention
+//! keeps — the output and one log-sum-exp per query row — and recomputes the scores in the
+//! backward pass, one block of queries at a time, so the scores of a block exist only while
+//! that block is processed. Causality is used to skip work: a block of queries `[s, e)` only
+//! reads keys `[0, e)`.
+//!
+//! Query heads that share a key/value head are stacked into one matmul (no `repeat_kv` copy),
+//! and the key/value gradients of the group come out summed by that same matmul.
+//!
+//! It is written with Burn tensor operations, so it runs (and is tested against
+//! [`crate::attention`]) on every backend; it is registered as one autodiff operation with its
+//! own backward pass through [`KernelBackend`], a Burn backend extension.
+
+use burn::backend::Autodiff;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::{DType, Int, Tensor, TensorPrimitive, backend::Backend};
+
+/// Added to the score of a masked key (as in [`crate::attention`]). Every query keeps its own
+/// diagonal, so no row is entirely masked.
+const MASKED: f32 = f32::MIN;
+
+/// Queries per block when the caller does not choose: the score block of one layer is then
+/// `batch × heads × 512 × seq` f32 values (151 MB for 4 × 9 heads × 2048).
+pub const DEFAULT_QUERY_BLOCK: usize = 512;
+
+/// Burn backends with newt's training kernels.
+///
+/// Every method has a default written with Burn tensor operations, so a backend opts in with an
+/// empty `impl`; [`Autodiff`] overrides them to register one operation with a hand-written
+/// backward pass instead of recording every inner operation.
+pub trait KernelBackend: Backend {
+    /// Causal attention over packed rows, without a KV cache.
+    ///
+    /// `q` is `[batch, q_heads, seq, head_dim]`; `k` and `v` are `[batch, kv_heads, seq,
+    /// head_dim]`; `segments` is `[batch, seq]` (a query sees a key only in the same segment and
+    /// not in its future, and with `window` only the last `window` keys). Queries are processed
+    /// `block` at a time.
+    fn flash_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        segments: IntTensor<Self>,
+        options: FlashOptions,
+    ) -> FloatTensor<Self> {
+        let (out, _) = forward::<Self>(float(q), float(k), float(v), Tensor::from_primitive(segments), options);
+        out.into_primitive().tensor()
+    }
+}
+
+/// The scalar settings of [`KernelBackend::flash_attention`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FlashOptions {
+    /// Multiplies `q·kᵀ` (usually `1/√head_dim`).
+    pub scale: f64,
+    /// Mistral's sliding window: a query sees at most this many keys back (itself included).
+    pub window: Option<usize>,
+    /// Queries per block.
+    pub block: usize,
+}
+
+impl FlashOptions {
+    /// `scale`, no window, [`DEFAULT_QUERY_BLOCK`].
+    pub fn new(scale: f64) -> Self {
+        FlashOptions { scale, window: None, block: DEFAULT_QUERY_BLOCK }
+    }
+}
+
+impl KernelBackend for burn::backend::Flex {}
+impl KernelBackend for burn::backend::Cuda<burn::tensor::bf16, i32> {}
+impl KernelBackend for burn::backend::Cuda<f32, i32> {}
+
+/// [`KernelBackend::flash_attention`] on tensors.
+pub fn flash_attention<B: KernelBackend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    segments: Tensor<B, 2, Int>,
+    options: FlashOptions,
+) -> Tensor<B, 4> {
+    check_shapes(&q, &k, &v, &segments);
+    float(B::flash_attention(
+        q.into_primitive().tensor(),
+        k.into_primitive().tensor(),
+        v.into_primitive().tensor(),
+        segments.into_primitive(),
+        options,
+    ))
+}
+
+fn check_shapes<B: Backend>(q: &Tensor<B, 4>, k: &Tensor<B, 4>, v: &Tensor<B, 4>, segments: &Tensor<B, 2, Int>) {
+    let [b, hq, t, d] = q.dims();
+    let [kb, hkv, kt, kd] = k.dims();
+    assert!(
+        hkv > 0 && hq.is_multiple_of(hkv),
+        "flash_attention: {hq} query heads are not a multiple of {hkv} key/value heads"
+    );
+    assert_eq!([kb, kt, kd], [b, t, d], "flash_attention: k {:?} does not match q {:?}", k.dims(), q.dims());
+    assert_eq!(k.dims(), v.dims(), "flash_attention: k and v differ");
+    assert_eq!(segments.dims(), [b, t], "flash_attention: segments must be [batch, seq]");
+}
+
+fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+/// One block of queries `[s, e)` and what it reads.
+struct Block<B: Backend> {
+    /// `[batch, kv_heads, n_rep * (e - s), head_dim]`: the group's query heads stacked.
+    q: Tensor<B, 4>,
+    /// `[batch, kv_heads, e, head_dim]`.
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    /// `[batch, kv_heads, n_rep * (e - s), e]` f32 scores, scaled and masked.
+    scores: Tensor<B, 4>,
+}
+
+/// Grouped views: `[b, hq, t, d]` → `[b, hkv, n_rep, t, d]`.
+fn grouped<B: Backend>(x: Tensor<B, 4>, hkv: usize) -> Tensor<B, 5> {
+    let [b, hq, t, d] = x.dims();
+    x.reshape([b, hkv, hq / hkv, t, d])
+}
+
+/// Rows `[s, e)` of a grouped tensor, stacked: `[b, hkv, n_rep, t, x]` → `[b, hkv, n_rep·(e-s), x]`.
+fn rows<B: Backend>(x: &Tensor<B, 5>, s: usize, e: usize) -> Tensor<B, 4> {
+    let [b, hkv, rep, _, d] = x.dims();
+    x.clone().slice([0..b, 0..hkv, 0..rep, s..e, 0..d]).reshape([b, hkv, rep * (e - s), d])
+}
+
+/// The additive mask of queries `[s, e)` against keys `[0, e)`, repeated for the `rep` stacked
+/// heads: `[b, 1, rep·(e-s), e]`.
+fn block_bias<B: Backend>(
+    segments: &Tensor<B, 2, Int>,
+    s: usize,
+    e: usize,
+    rep: usize,
+    window: Option<usize>,
+) -> Tensor<B, 4> {
+    let device = segments.device();
+    let [b, _] = segments.dims();
+    let c = e - s;
+    let shape = [b, c, e];
+    let q_index = Tensor::<B, 1, Int>::arange(s as i64..e as i64, &device).reshape([1, c, 1]).expand(shape);
+    let k_index = Tensor::<B, 1, Int>::arange(0..e as i64, &device).reshape([1, 1, e]).expand(shape);
+    let q_seg = segments.clone().slice([0..b, s..e]).reshape([b, c, 1]).expand(shape);
+    let k_seg = segments.clone().slice([0..b, 0..e]).reshape([b, 1, e]).expand(shape);
+    let mut blocked = k_index.clone().greater(q_index.clone()).bool_or(q_seg.not_equal(k_seg));
+    if let Some(w) = window {
+        blocked = blocked.bool_or((q_index - k_index).greater_equal_elem(w as i64));
+    }
+    Tensor::<B, 3>::zeros(shape, (&device, DType::F32))
+        .mask_fill(blocked, MASKED)
+        .reshape([b, 1, 1, c, e])
+        .expand([b, 1, rep, c, e])
+        .reshape([b, 1, rep * c, e])
+}
+
+fn block<B: Backend>(
+    q: &Tensor<B, 5>,
+    k: &Tensor<B, 4>,
+    v: &Tensor<B, 4>,
+    segments: &Tensor<B, 2, Int>,
+    (s, e): (usize, usize),
+    options: FlashOptions,
+) -> Block<B> {
+    let [b, hkv, _, d] = k.dims();
+    let rep = q.dims()[2];
+    let q = rows(q, s, e);
+    let k = k.clone().slice([0..b, 0..hkv, 0..e, 0..d]);
+    let v = v.clone().slice([0..b, 0..hkv, 0..e, 0..d]);
+    let scores = q.clone().matmul(k.clone().swap_dims(2, 3)).cast(DType::F32).mul_scalar(options.scale)
+        + block_bias(segments, s, e, rep, options.window);
+    Block { q, k, v, scores }
+}
+
+fn blocks(t: usize, block: usize) -> impl Iterator<Item = (usize, usize)> {
+    let block = block.max(1);
+    (0..t.div_ceil(block)).map(move |i| (i * block, ((i + 1) * block).min(t)))
+}
+
+/// The forward pass: the output `[b, hq, t, d]` (in `q`'s dtype) and the f32 log-sum-exp of
+/// every query row, `[b, hkv, n_rep, t, 1]`.
+pub fn forward<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    segments: Tensor<B, 2, Int>,
+    options: FlashOptions,
+) -> (Tensor<B, 4>, Tensor<B, 5>) {
+    let [b, hq, t, d] = q.dims();
+    let hkv = k.dims()[1];
+    let rep = hq / hkv;
+    let dtype = q.dtype();
+    let q = grouped(q, hkv);
+    let mut outs = Vec::new();
+    let mut lses = Vec::new();
+    for (s, e) in blocks(t, options.block) {
+        let blk = block(&q, &k, &v, &segments, (s, e), options);
+        let max = blk.scores.clone().max_dim(3);
+        let p = (blk.scores - max.clone()).exp();
+        let sum = p.clone().sum_dim(3);
+        // Normalise in f32 before the cast, as the reference's softmax does.
+        let out = (p / sum.clone()).cast(dtype).matmul(blk.v);
+        outs.push(out.reshape([b, hkv, rep, e - s, d]));
+        lses.push((max + sum.log()).reshape([b, hkv, rep, e - s, 1]));
+    }
+    let out = Tensor::cat(outs, 3).reshape([b, hq, t, d]);
+    (out, Tensor::cat(lses, 3))
+}
+
+/// The backward pass: gradients of `q`, `k`, `v` given the output's gradient `grad`.
+#[allow(clippy::too_many_arguments)]
+pub fn backward<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    segments: Tensor<B, 2, Int>,
+    out: Tensor<B, 4>,
+    lse: Tensor<B, 5>,
+    grad: Tensor<B, 4>,
+    options: FlashOptions,
+) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+    let [b, hq, t, d] = q.dims();
+    let hkv = k.dims()[1];
+    let rep = hq / hkv;
+    let dtype = q.dtype();
+    let device = q.device();
+    let q = grouped(q, hkv);
+    let grad = grouped(grad.cast(dtype), hkv);
+    // D = rowsum(dO ∘ O): the softmax backward's correction term, once per query row.
+    let delta = (grad.clone().cast(DType::F32) * grouped(out, hkv).cast(DType::F32)).sum_dim(4);
+    let mut dq = Vec::new();
+    let mut dk = Tensor::<B, 4>::zeros([b, hkv, t, d], (&device, DType::F32));
+    let mut dv = Tensor::<B, 4>::zeros([b, hkv, t, d], (&device, DType::F32));
+    for (s, e) in blocks(t, options.block) {
+        let blk = block(&q, &k, &v, &segments, (s, e), options);
+        let p = (blk.scores - rows(&lse, s, e)).exp();
+        let go = rows(&grad, s, e);
+        let dp = go.clone().matmul(blk.v.swap_dims(2, 3)).cast(DType::F32);
+        let ds = (p.clone() * (dp - rows(&delta, s, e))).cast(dtype);
+        let dv_part = p.cast(dtype).swap_dims(2, 3).matmul(go);
+        let dk_part = ds.clone().swap_dims(2, 3).matmul(blk.q).mul_scalar(options.scale);
+        dq.push(ds.matmul(blk.k).mul_scalar(options.scale).reshape([b, hkv, rep, e - s, d]));
+        let keys = [0..b, 0..hkv, 0..e, 0..d];
+        dk = dk.clone().slice_assign(keys.clone(), dk.slice(keys.clone()) + dk_part.cast(DType::F32));
+        dv = dv.clone().slice_assign(keys.clone(), dv.slice(keys) + dv_part.cast(DType::F32));
+    }
+    (Tensor::cat(dq, 3).reshape([b, hq, t, d]), dk.cast(dtype), dv.cast(dtype))
+}
+
+impl<B: KernelBackend, C: CheckpointStrategy> KernelBackend for Autodiff<B, C> {
+    fn flash_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        segments: IntTensor<Self>,
+        options: FlashOptions,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct FlashBackward;
+
+        /// q, k, v, segments, output, log-sum-exp, options.
+        type State<B> = (
+            FloatTensor<B>,
+            FloatTensor<B>,
+            FloatTensor<B>,
+            IntTensor<B>,
+            FloatTensor<B>,
+            FloatTensor<B>,
+            FlashOptions,
+        );
+
+        impl<B: Backend> Backward<B, 3> for FlashBackward {
+            type State = State<B>;
+
+            fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let [node_q, node_k, node_v] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let (q, k, v, segments, out, lse, options) = ops.state;
+                let (dq, dk, dv) = backward::<B>(
+                    float(q),
+                    float(k),
+                    float(v),
+                    Tensor::from_primitive(segments),
+                    float(out),
+                    float(lse),
+                    float(grad),
+                    options,
+                );
+                for (node, g) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
+                    if let Some(node) = node {
+                        grads.register::<B>(node.id, g.into_primitive().tensor());
+                    }
+                }
+            }
+        }
+
+        match FlashBackward.prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let (out, lse) = forward::<B>(
+                    float(q.primitive.clone()),
+                    float(k.primitive.clone()),
+                    float(v.primitive.clone()),
+                    Tensor::from_primitive(segments.clone()),
+                    options,
+                );
+                let out = out.into_primitive().tensor();
+                let state = (
+                    q.primitive,
+                    k.primitive,
+                    v.primitive,
+                    segments,
+                    out.clone(),
+                    lse.into_primitive().tensor(),
+                    options,
+                );
+                prep.finish(state, out)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::flash_attention(q.primitive, k.primitive, v.primitive, segments, options))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attention::{AttentionMask, attention};
+    use crate::test_util::*;
+    use burn::tensor::TensorData;
+
+    type B = TestBackend;
+    type A = TestAutodiff;
+
+    struct Case {
+        dims: (usize, usize, usize, usize, usize),
+        segments: Vec<i64>,
+        window: Option<usize>,
+        block: usize,
+    }
+
+    fn inputs<Bk: Backend>(case: &Case, dev: &Bk::Device) -> [Tensor<Bk, 4>; 3] {
+        let (b, hq, hkv, t, d) = case.dims;
+        let t4 = |x: Vec<f32>, h| Tensor::<Bk, 4>::from_data(TensorData::new(x, [b, h, t, d]), dev);
+        [t4(values(b * hq * t * d, 1), hq), t4(values(b * hkv * t * d, 2), hkv), t4(values(b * hkv * t * d, 3), hkv)]
+    }
+
+    fn segs<Bk: Backend>(case: &Case, dev: &Bk::Device) -> Tensor<Bk, 2, Int> {
+        let (b, _, _, t, _) = case.dims;
+        Tensor::from_data(TensorData::new(case.segments.clone(), [b, t]), dev)
+    }
+
+    fn options(case: &Case) -> FlashOptions {
+        FlashOptions { scale: 1.0 / (case.dims.4 as f64).sqrt(), window: case.window, block: case.block }
+    }
+
+    fn reference<Bk: Backend>(case: &Case, [q, k, v]: [Tensor<Bk, 4>; 3], dev: &Bk::Device) -> Tensor<Bk, 4> {
+        let mask = AttentionMask::packed_causal(segs::<Bk>(case, dev), segs::<Bk>(case, dev), 0, case.window);
+        attention(q, k, v, &mask, options(case).scale)
+    }
+
+    fn cases() -> Vec<Case> {
+        vec![
+            // Two packed samples and padding in row 0; blocks that do not divide the length.
+            Case {
+                dims: (2, 4, 2, 10, 8),
+                segments: vec![1, 1, 1, 1, 2, 2, 2, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+                window: None,
+                block: 3,
+            },
+            // Multi-query attention, one block covering everything.
+            Case { dims: (1, 3, 1, 6, 4), segments: vec![1, 1, 2, 2, 2, 2], window: None, block: 64 },
+            // Sliding window, one query per block.
+            Case { dims: (1, 2, 2, 7, 4), segments: vec![1; 7], window: Some(3), block: 1 },
+        ]
+    }
+
+    fn vec4<Bk: Backend>(t: Tensor<Bk, 4>) -> Vec<f32> {
+        t.into_data().convert::<f32>().to_vec::<f32>().unwrap()
+    }
+
+    #[test]
+    fn flash_forward_equals_reference_attention() {
+        let dev = Default::default();
+        for case in cases() {
+            let want = vec4(reference::<B>(&case, inputs::<B>(&case, &dev), &dev));
+            let [q, k, v] = inputs::<B>(&case, &dev);
+            let got = vec4(flash_attention(q, k, v, segs::<B>(&case, &dev), options(&case)));
+            let diff = max_abs_diff(&got, &want);
+            assert!(diff < 1e-5, "dims {:?} block {}: max diff {diff}", case.dims, case.block);
+        }
+    }
+
+    /// Gradients of `sum(out ∘ w)` for a fixed random `w`, through both paths.
+    fn grads(case: &Case, flash: bool) -> [Vec<f32>; 3] {
+        let dev = Default::default();
+        let [q, k, v] = inputs::<A>(case, &dev).map(|t| t.require_grad());
+        let out = if flash {
+            flash_attention(q.clone(), k.clone(), v.clone(), segs::<A>(case, &dev), options(case))
+        } else {
+            reference::<A>(case, [q.clone(), k.clone(), v.clone()], &dev)
+        };
+        let w = Tensor::<A, 4>::from_data(TensorData::new(values(out.dims().iter().product(), 9), out.dims()), &dev);
+        let g = (out * w).sum().backward();
+        [q, k, v].map(|x| vec4(x.grad(&g).expect("input has a gradient")))
+    }
+
+    #[test]
+    fn flash_gradients_equal_reference_gradients() {
+        for case in cases() {
+            let want = grads(&case, false);
+            let got = grads(&case, true);
+            for (name, (g, w)) in ["q", "k", "v"].iter().zip(got.iter().zip(&want)) {
+                let scale = w.iter().fold(0f32, |m, x| m.max(x.abs()));
+                let diff = max_abs_diff(g, w);
+                assert!(scale > 1e-3, "d{name} is zero: the test would prove nothing");
+                assert!(diff < 1e-5 * scale.max(1.0), "dims {:?}: d{name} max diff {diff} (scale {scale})", case.dims);
+            }
+        }
+    }
+
+    #[test]
+    fn later_samples_get_no_gradient_from_earlier_samples_outputs() {
+        // Only sample 1's outputs are weighted: keys and values of sample 2 must get zero gradient.
+        let case = Case { dims: (1, 2, 1, 6, 4), segments: vec![1, 1, 1, 2, 2, 2], window: None, block: 2 };
+        let dev = Default::default();
+        let [q, k, v] = inputs::<A>(&case, &dev).map(|t| t.require_grad());
+        let out = flash_attention(q, k.clone(), v.clone(), segs::<A>(&case, &dev), options(&case));
+        let mut w = vec![0.0f32; 2 * 6 * 4];
+        for h in 0..2 {
+            for x in &mut w[h * 24..h * 24 + 12] {
+                *x = 1.0;
+            }
+        }
+        let g = (out * Tensor::<A, 4>::from_data(TensorData::new(w, [1, 2, 6, 4]), &dev)).sum().backward();
+        for x in [k, v] {
+            let grad = vec4(x.grad(&g).unwrap());
+            assert!(grad[12..].iter().all(|x| *x == 0.0), "sample 2 got a gradient: {:?}", &grad[12..]);
+            assert!(grad[..12].iter().any(|x| *x != 0.0));
+        }
+    }
+}
