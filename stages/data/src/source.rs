@@ -102,16 +102,18 @@ fn looks_like_hub_id(path: &str) -> bool {
         && Path::new(path).extension().and_then(|e| e.to_str()).is_none_or(|e| !FORMATS.iter().any(|(f, _)| *f == e))
 }
 
-/// The Hugging Face hub cache folder: `HF_HUB_CACHE`, `HF_HOME/hub`, or `~/.cache/huggingface/hub`.
+/// The Hugging Face hub cache folder, as huggingface_hub (and newt-model's `hf`) resolve it:
+/// `HF_HUB_CACHE` (or `HUGGINGFACE_HUB_CACHE`), `HF_HOME/hub`, `XDG_CACHE_HOME/huggingface/hub`,
+/// or `~/.cache/huggingface/hub`. A variable set to the empty string counts as unset.
 fn hub_cache_dir() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("HF_HUB_CACHE").or_else(|| std::env::var_os("HUGGINGFACE_HUB_CACHE")) {
-        return Some(PathBuf::from(p));
+    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    if let Some(p) = var("HF_HUB_CACHE").or_else(|| var("HUGGINGFACE_HUB_CACHE")) {
+        return Some(p);
     }
-    if let Some(home) = std::env::var_os("HF_HOME") {
-        return Some(PathBuf::from(home).join("hub"));
+    if let Some(home) = var("HF_HOME") {
+        return Some(home.join("hub"));
     }
-    let base =
-        std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from).or_else(|| dirs::home_dir().map(|h| h.join(".cache")));
+    let base = var("XDG_CACHE_HOME").or_else(|| dirs::home_dir().map(|h| h.join(".cache")));
     base.map(|b| b.join("huggingface").join("hub"))
 }
 
