@@ -3,7 +3,7 @@
 //! first-fit-decreasing ([`binpack`]).
 //!
 //! The plan is made from the `length` columns alone (a few bytes per sample); the tokens then
-//! reach the output through a bucket sort on disk ([`spill`]), so memory does not grow with the
+//! reach the output through a bucket sort on disk (`spill.rs`), so memory does not grow with the
 //! tokens (187 → 215 MiB for the whole process from 20 000 to 300 000 conversations, was
 //! 344 → 737 MiB with DataFusion's sort: bench/results/data_tokenize_pack.md).
 //!
