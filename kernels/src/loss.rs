@@ -55,11 +55,24 @@ pub fn chunked_cross_entropy<B: Backend>(
     if rows.is_empty() {
         return Tensor::zeros([1], (&device, DType::F32));
     }
+    let chunk_tokens = chunk_tokens.max(1);
+    // The number of trained tokens changes from batch to batch; on a JIT backend every new
+    // shape costs a kernel compile (and an autotune run), so the kept rows are padded to one of
+    // a few sizes: a power of two below one chunk, whole chunks above. Padding rows repeat row
+    // 0 and carry zero weight in the loss and its gradient.
     let kept = rows.len();
-    let hidden = if kept == tokens {
+    let padded = if kept > chunk_tokens {
+        kept.next_multiple_of(chunk_tokens)
+    } else {
+        kept.next_power_of_two().min(chunk_tokens)
+    };
+    rows.resize(padded, rows[0]);
+    targets.resize(padded, targets[0]);
+    let weights: Vec<f32> = (0..padded).map(|i| if i < kept { 1.0 } else { 0.0 }).collect();
+    let hidden = if padded == kept && kept == tokens {
         hidden
     } else {
-        hidden.select(0, Tensor::from_data(TensorData::new(rows, [kept]), &device))
+        hidden.select(0, Tensor::from_data(TensorData::new(rows, [padded]), &device))
     };
 
     let grad_hidden = B::ad_enabled(&device);
@@ -68,24 +81,35 @@ pub fn chunked_cross_entropy<B: Backend>(
     let h_const = hidden.clone().detach();
     let w_const = lm_head_weight.clone().detach();
     let w_t = w_const.clone().transpose();
-    let chunk_tokens = chunk_tokens.max(1);
 
     let mut losses = Vec::new();
     let mut g_hidden = Vec::new();
     let mut g_weight: Option<Tensor<B, 2>> = None;
-    for start in (0..kept).step_by(chunk_tokens) {
-        let len = chunk_tokens.min(kept - start);
+    for start in (0..padded).step_by(chunk_tokens) {
+        let len = chunk_tokens.min(padded - start);
+        let weight = (start + len > kept).then(|| {
+            // from_data gives the backend's default float type (bf16 on CUDA); the loss is f32.
+            Tensor::<B, 2>::from_data(TensorData::new(weights[start..start + len].to_vec(), [len, 1]), &device)
+                .cast(DType::F32)
+        });
         let h = h_const.clone().narrow(0, start, len);
         let target =
             Tensor::<B, 2, Int>::from_data(TensorData::new(targets[start..start + len].to_vec(), [len, 1]), &device);
         let logits = h.clone().matmul(w_t.clone()).cast(DType::F32);
         let shifted = logits.clone() - logits.max_dim(1);
         let log_z = shifted.clone().exp().sum_dim(1).log();
-        losses.push((log_z.clone() - shifted.clone().gather(1, target.clone())).sum());
+        let token_loss = log_z.clone() - shifted.clone().gather(1, target.clone());
+        losses.push(match &weight {
+            Some(w) => (token_loss * w.clone()).sum(),
+            None => token_loss.sum(),
+        });
         if grad_hidden || grad_weight {
             // d loss / d logits = softmax - onehot(target)
             let minus_one = Tensor::<B, 2>::full([len, 1], -1.0, (&device, DType::F32));
-            let g = (shifted - log_z).exp().scatter(1, target, minus_one, IndexingUpdateOp::Add);
+            let mut g = (shifted - log_z).exp().scatter(1, target, minus_one, IndexingUpdateOp::Add);
+            if let Some(w) = &weight {
+                g = g * w.clone();
+            }
             if grad_hidden {
                 g_hidden.push(g.clone().cast(h_dtype).matmul(w_const.clone()));
             }
@@ -172,29 +196,33 @@ mod tests {
             Tensor::<AD, 2>::from_data(TensorData::new(x.clone(), s), &dev).require_grad()
         };
 
-        let (h1, w1) = (mk(&h, [n, d]), mk(&w, [v, d]));
-        let want = naive(h1.clone(), w1.clone(), &labels);
-        let g1 = want.clone().mul_scalar(0.5).backward();
+        // 3 and 4 leave a partial last chunk, 100 pads the kept rows to a power of two: padding
+        // rows must add nothing to the loss or to any gradient.
+        for chunk in [3, 4, 100] {
+            let (h1, w1) = (mk(&h, [n, d]), mk(&w, [v, d]));
+            let want = naive(h1.clone(), w1.clone(), &labels);
+            let g1 = want.clone().mul_scalar(0.5).backward();
 
-        let (h2, w2) = (mk(&h, [n, d]), mk(&w, [v, d]));
-        let got = chunked_cross_entropy(
-            h2.clone(),
-            w2.clone(),
-            Tensor::from_data(TensorData::new(labels.clone(), [n]), &dev),
-            3,
-        );
-        // Scaled, as a training loop divides by the token count: gradients must scale too.
-        let g2 = got.clone().mul_scalar(0.5).backward();
+            let (h2, w2) = (mk(&h, [n, d]), mk(&w, [v, d]));
+            let got = chunked_cross_entropy(
+                h2.clone(),
+                w2.clone(),
+                Tensor::from_data(TensorData::new(labels.clone(), [n]), &dev),
+                chunk,
+            );
+            // Scaled, as a training loop divides by the token count: gradients must scale too.
+            let g2 = got.clone().mul_scalar(0.5).backward();
 
-        let (want, got) = (want.into_scalar(), got.into_scalar());
-        assert!((got - want).abs() < 1e-4 * want.abs(), "{got} vs {want}");
-        let vec = |t: Tensor<TestBackend, 2>| t.into_data().to_vec::<f32>().unwrap();
-        let (gh1, gh2) = (vec(h1.grad(&g1).unwrap()), vec(h2.grad(&g2).unwrap()));
-        let (gw1, gw2) = (vec(w1.grad(&g1).unwrap()), vec(w2.grad(&g2).unwrap()));
-        assert!(max_abs_diff(&gh1, &gh2) < 1e-5, "hidden grads differ");
-        assert!(max_abs_diff(&gw1, &gw2) < 1e-5, "weight grads differ");
-        // Ignored tokens get no gradient.
-        assert!(gh2[d..2 * d].iter().all(|g| *g == 0.0));
+            let (want, got) = (want.into_scalar(), got.into_scalar());
+            assert!((got - want).abs() < 1e-4 * want.abs(), "chunk {chunk}: {got} vs {want}");
+            let vec = |t: Tensor<TestBackend, 2>| t.into_data().to_vec::<f32>().unwrap();
+            let (gh1, gh2) = (vec(h1.grad(&g1).unwrap()), vec(h2.grad(&g2).unwrap()));
+            let (gw1, gw2) = (vec(w1.grad(&g1).unwrap()), vec(w2.grad(&g2).unwrap()));
+            assert!(max_abs_diff(&gh1, &gh2) < 1e-5, "hidden grads differ");
+            assert!(max_abs_diff(&gw1, &gw2) < 1e-5, "weight grads differ");
+            // Ignored tokens get no gradient.
+            assert!(gh2[d..2 * d].iter().all(|g| *g == 0.0));
+        }
     }
 
     #[test]
