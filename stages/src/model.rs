@@ -302,6 +302,17 @@ impl Stage for Train {
     fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<serde_json::Value> {
         let cfg = ctx.node.config()?;
         let b = backend_of(&cfg)?;
+        if cfg.gradient_checkpointing.enabled() {
+            // Measured (bench/results/smollm2_cpu_pipeline.md): Burn 0.21's only form of it,
+            // `Autodiff<B, BalancedCheckpointing>`, used 19% MORE memory and 7% more time on
+            // SmolLM2 at 4×1024, with identical losses; so it is not used.
+            ctx.progress.println(
+                "warning: gradient_checkpointing is accepted but has no effect yet: newt does not recompute \
+                 activations (Burn's balanced checkpointing measured more memory, not less); \
+                 reduce micro_batch_size or sequence_len to save memory"
+                    .to_string(),
+            );
+        }
         if b != ResolvedBackend::Cpu {
             backend::configure_kernel_cache(&ctx.cache_root)?;
         }
