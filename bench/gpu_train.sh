@@ -7,11 +7,13 @@ set -uo pipefail
 shape=${1:-smollm2-135m}
 OUT=${OUT:-/tmp/newt-gpu-out}; mkdir -p "$OUT"
 python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('.dev/gpu/newt.xz'), open('/tmp/newt','wb'))" && chmod +x /tmp/newt
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt"
+# Few files under $OUT (the device returns a limited number): side logs go to /tmp/aux.
+mkdir -p /tmp/aux
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > /tmp/aux/gpu.txt
 # 1. The peer, same shape, batch 4x2048, r=32, AdamW.
-[ "${PEER:-1}" = 1 ] && PYTHONUNBUFFERED=1 timeout 240 python3 .dev/gpu/peft_baseline.py --shape "$shape" --batch 4 --seq 2048 --rank 32 > "$OUT/peft.jsonl" 2> "$OUT/peft.err"
+[ "${PEER:-1}" = 1 ] && PYTHONUNBUFFERED=1 timeout 240 python3 .dev/gpu/peft_baseline.py --shape "$shape" --batch 4 --seq 2048 --rank 32 > "$OUT/peft.jsonl" 2> /tmp/aux/peft-$shape.err
 # 2. A random model of that shape as a HF folder, with the SmolLM2 tokenizer fixture.
-python3 bench/random_model.py --shape "$shape" --out /tmp/model --tokenizer stages/data/tests/fixtures/smollm2 > "$OUT/model.log" 2>&1
+python3 bench/random_model.py --shape "$shape" --out /tmp/model-$shape --tokenizer stages/data/tests/fixtures/smollm2 > /tmp/aux/model.log 2>&1
 python3 - <<'PY'
 import random
 r = random.Random(0)
@@ -21,7 +23,7 @@ with open("/tmp/text.txt", "w") as f:
         f.write(" ".join(r.choice(words) for _ in range(700)) + "\n")
 PY
 cat > /tmp/gpu.yml <<YML
-base_model: /tmp/model
+base_model: /tmp/model-$shape
 datasets:
   - path: /tmp/text.txt
     type: completion
@@ -33,23 +35,26 @@ lora_alpha: 64
 lora_target_linear: true
 micro_batch_size: 4
 gradient_accumulation_steps: 1
-max_steps: 12
+max_steps: ${STEPS:-12}
 learning_rate: 0.0002
 warmup_steps: 0
 backend: cuda
-output_dir: /tmp/gpu-out
+output_dir: /tmp/gpu-out-$shape
 YML
-nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 250 > "$OUT/mem.log" &
+nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 250 > /tmp/aux/mem.log &
 smi=$!
 # A kernel cache carried from an earlier call (KERNEL_CACHE=path/to/kernel-cache.tgz).
-if [ -n "${KERNEL_CACHE:-}" ] && [ -f "$KERNEL_CACHE" ]; then mkdir -p /tmp/newt-cache && tar xzf "$KERNEL_CACHE" -C /tmp/newt-cache; fi
-NEWT_DATA_THREADS=${NEWT_DATA_THREADS:-2} NEWT_CACHE_DIR=/tmp/newt-cache timeout ${NEWT_TIMEOUT:-360} /tmp/newt run /tmp/gpu.yml --only train > "$OUT/newt.out" 2> "$OUT/newt.err"
+if [ -n "${KERNEL_CACHE:-}" ] && [ -f "$KERNEL_CACHE" ]; then mkdir -p /tmp/newt-cache && tar xf "$KERNEL_CACHE" -C /tmp/newt-cache; fi
+NEWT_DATA_THREADS=${NEWT_DATA_THREADS:-2} NEWT_CACHE_DIR=/tmp/newt-cache timeout ${NEWT_TIMEOUT:-360} /tmp/newt run /tmp/gpu.yml --only train > "$OUT/newt.out" 2> /tmp/aux/newt-$shape.err
 echo "newt exit $?" >> "$OUT/newt.out"
+cat /tmp/aux/gpu.txt >> "$OUT/newt.out"
 kill $smi
 # metrics.jsonl is flushed per step inside the stage's work dir; copy it even after a timeout.
-m=$(find /tmp/gpu-out /tmp/newt-cache -name metrics.jsonl 2>/dev/null | head -1); [ -n "$m" ] && cp "$m" "$OUT/newt_metrics.jsonl"
-echo "peak MiB used (incl. context): $(sort -n "$OUT/mem.log" | tail -1)" >> "$OUT/newt.out"
+m=$(find /tmp/gpu-out-$shape /tmp/newt-cache -name metrics.jsonl 2>/dev/null | head -1); [ -n "$m" ] && cp "$m" "$OUT/newt_metrics.jsonl"
+echo "peak MiB used (incl. context): $(sort -n /tmp/aux/mem.log | tail -1)" >> "$OUT/newt.out"
 # The persistent CubeCL caches (PTX and autotune results), to carry into the next call.
 kc=$(find /tmp/newt-cache -maxdepth 3 -type d -name cubecl | head -1)
-[ -n "$kc" ] && tar czf "$OUT/kernel-cache.tgz" -C "$(dirname "$kc")" cubecl && du -sh "$kc" >> "$OUT/newt.out"
-cat "$OUT/peft.jsonl" "$OUT/newt.out"; tail -3 "$OUT/newt_metrics.jsonl" 2>/dev/null; tail -20 "$OUT/newt.err"
+# xz: the cache is mostly PTX text; gzip of it grew past what a call returns.
+[ -n "$kc" ] && [ "${SAVE_CACHE:-1}" = 1 ] && tar cJf "$OUT/kernel-cache.txz" -C "$(dirname "$kc")" cubecl && du -sh "$kc" >> "$OUT/newt.out"
+tail -20 /tmp/aux/newt-$shape.err >> "$OUT/newt.out"
+cat "$OUT/peft.jsonl" "$OUT/newt.out"; tail -3 "$OUT/newt_metrics.jsonl" 2>/dev/null

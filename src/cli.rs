@@ -76,6 +76,10 @@ pub enum Command {
         /// Use the base model without the adapter.
         #[arg(long)]
         base: bool,
+        /// An adapter made elsewhere (PEFT folder) instead of the pipeline's own, as Axolotl's
+        /// `inference --lora-model-dir`.
+        #[arg(long, conflicts_with = "base")]
+        lora_model_dir: Option<PathBuf>,
         /// Tokens to generate at most.
         #[arg(long, default_value_t = 256)]
         max_new_tokens: usize,
@@ -111,6 +115,19 @@ pub enum Command {
     },
     /// Print the JSON Schema of the pipeline file.
     ConfigSchema,
+    /// Check newt's fast kernels against their Burn references on this machine, and time them.
+    Kernels {
+        /// auto, cuda or cpu.
+        #[arg(long, default_value = "auto")]
+        backend: String,
+        /// A linear to check, `tokens,in,out` (repeatable; default: the SmolLM2-135M and
+        /// Llama-3.2-1B linears at 4×2048 tokens, and 8192³).
+        #[arg(long = "shape", value_name = "T,IN,OUT")]
+        shapes: Vec<String>,
+        /// Timed calls per measurement.
+        #[arg(long, default_value_t = 20)]
+        reps: usize,
+    },
 }
 
 /// `newt cache ...`

@@ -218,3 +218,45 @@ fn inspect_shows_decoded_tokens_with_trained_markers() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("Final answer"), "{text}");
 }
+
+#[test]
+fn inference_with_lora_model_dir_uses_that_adapter() {
+    let p = Project::new();
+    p.run_pipeline();
+    let answer = |extra: &[&str]| {
+        let mut args = vec!["inference", "p.yml", "--prompt", "hello", "--max-new-tokens", "6"];
+        args.extend_from_slice(extra);
+        let out = p.run(&args);
+        assert!(out.status.success(), "inference {extra:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let own = answer(&[]);
+    // output_dir holds the PEFT copy of the same adapter: the same greedy answer.
+    let exported = answer(&["--lora-model-dir", "outputs/quickstart"]);
+    assert_eq!(own, exported);
+    assert!(!own.trim().is_empty());
+
+    std::fs::create_dir_all(p.path("empty")).unwrap();
+    let out = p.run(&["inference", "p.yml", "--prompt", "hello", "--lora-model-dir", "empty"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no adapter_config.json"), "{err}");
+}
+
+#[test]
+fn kernels_check_runs_on_the_cpu_and_reports_agreement() {
+    let p = Project::new();
+    let out = p.run(&["kernels", "--backend", "cpu", "--shape", "16,8,4", "--reps", "1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rows: Vec<&str> =
+        text.lines().filter(|l| ["x·Wᵀ ", "dY·W ", "dYᵀ·X "].iter().any(|p| l.starts_with(p))).collect();
+    assert_eq!(rows.len(), 3, "three products of one linear: {text}");
+    for row in rows {
+        let err: f64 = row.split_whitespace().nth(2).unwrap().parse().unwrap();
+        assert!(err < 1e-5, "{row}");
+    }
+    assert!(text.contains("dense_matmul under autodiff"), "{text}");
+    let bad = p.run(&["kernels", "--backend", "cpu", "--shape", "16,0,4"]);
+    assert!(!bad.status.success());
+}

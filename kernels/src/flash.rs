@@ -53,6 +53,11 @@ pub trait KernelBackend: Backend {
         let (out, _) = forward::<Self>(float(q), float(k), float(v), Tensor::from_primitive(segments), options);
         out.into_primitive().tensor()
     }
+
+    /// `lhs · rhs` for `[m, k] · [k, n]` (see [`crate::matmul`]); either may be a transposed view.
+    fn dense_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::float_matmul(lhs, rhs)
+    }
 }
 
 /// The scalar settings of [`KernelBackend::flash_attention`].
@@ -74,8 +79,16 @@ impl FlashOptions {
 }
 
 impl KernelBackend for burn::backend::Flex {}
-impl KernelBackend for burn::backend::Cuda<burn::tensor::bf16, i32> {}
-impl KernelBackend for burn::backend::Cuda<f32, i32> {}
+impl KernelBackend for burn::backend::Cuda<burn::tensor::bf16, i32> {
+    fn dense_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        crate::matmul::cuda::fusion_dense_matmul::<burn::tensor::bf16>(lhs, rhs)
+    }
+}
+impl KernelBackend for burn::backend::Cuda<f32, i32> {
+    fn dense_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        crate::matmul::cuda::fusion_dense_matmul::<f32>(lhs, rhs)
+    }
+}
 
 /// [`KernelBackend::flash_attention`] on tensors.
 pub fn flash_attention<B: KernelBackend>(
@@ -256,6 +269,10 @@ pub fn backward<B: Backend>(
 }
 
 impl<B: KernelBackend, C: CheckpointStrategy> KernelBackend for Autodiff<B, C> {
+    fn dense_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        crate::matmul::autodiff_dense_matmul::<B, C>(lhs, rhs)
+    }
+
     fn flash_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,

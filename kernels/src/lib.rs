@@ -11,14 +11,17 @@
 //!                                           └─> loss::chunked_cross_entropy (never all logits)
 //! ```
 pub mod attention;
+pub mod check;
 pub mod flash;
 pub mod loss;
+pub mod matmul;
 pub mod norm;
 pub mod rope;
 
 pub use attention::{AttentionMask, attention};
 pub use flash::{FlashOptions, KernelBackend, flash_attention};
 pub use loss::chunked_cross_entropy;
+pub use matmul::dense_matmul;
 pub use norm::rms_norm;
 pub use rope::{RopeScaling, RopeTables, apply_rope, rope_inv_freq};
 

@@ -27,7 +27,7 @@ pub const IGNORE_INDEX: i64 = -100;
 ///
 /// # Panics
 /// When a label is outside `0..vocab` (and not the ignore index), or the widths disagree.
-pub fn chunked_cross_entropy<B: Backend>(
+pub fn chunked_cross_entropy<B: crate::KernelBackend>(
     hidden: Tensor<B, 2>,
     lm_head_weight: Tensor<B, 2>,
     labels: Tensor<B, 1, Int>,
@@ -57,12 +57,14 @@ pub fn chunked_cross_entropy<B: Backend>(
     }
     let chunk_tokens = chunk_tokens.max(1);
     // The number of trained tokens changes from batch to batch; on a JIT backend every new
-    // shape costs a kernel compile (and an autotune run), so the kept rows are padded to one of
-    // a few sizes: a power of two below one chunk, whole chunks above. Padding rows repeat row
-    // 0 and carry zero weight in the loss and its gradient.
+    // shape costs a kernel compile (and an autotune run: minutes on CUDA), so no shape may
+    // depend on it. Above one chunk, the kept rows are padded to the whole batch rounded up to
+    // chunks — one size for every batch of the run — and chunks holding only padding are not
+    // computed (their gradient rows are zeros); below, to a power of two. Padding rows repeat
+    // row 0 and carry zero weight in the loss and its gradient.
     let kept = rows.len();
     let padded = if kept > chunk_tokens {
-        kept.next_multiple_of(chunk_tokens)
+        tokens.next_multiple_of(chunk_tokens)
     } else {
         kept.next_power_of_two().min(chunk_tokens)
     };
@@ -82,11 +84,17 @@ pub fn chunked_cross_entropy<B: Backend>(
     let w_const = lm_head_weight.clone().detach();
     let w_t = w_const.clone().transpose();
 
-    let mut losses = Vec::new();
     let mut g_hidden = Vec::new();
     let mut g_weight: Option<Tensor<B, 2>> = None;
+    let mut total: Option<Tensor<B, 1>> = None;
     for start in (0..padded).step_by(chunk_tokens) {
         let len = chunk_tokens.min(padded - start);
+        if start >= kept {
+            if grad_hidden {
+                g_hidden.push(Tensor::zeros([len, width], (&device, h_dtype)));
+            }
+            continue;
+        }
         let weight = (start + len > kept).then(|| {
             // from_data gives the backend's default float type (bf16 on CUDA); the loss is f32.
             Tensor::<B, 2>::from_data(TensorData::new(weights[start..start + len].to_vec(), [len, 1]), &device)
@@ -95,13 +103,17 @@ pub fn chunked_cross_entropy<B: Backend>(
         let h = h_const.clone().narrow(0, start, len);
         let target =
             Tensor::<B, 2, Int>::from_data(TensorData::new(targets[start..start + len].to_vec(), [len, 1]), &device);
-        let logits = h.clone().matmul(w_t.clone()).cast(DType::F32);
+        let logits = crate::dense_matmul(h.clone(), w_t.clone()).cast(DType::F32);
         let shifted = logits.clone() - logits.max_dim(1);
         let log_z = shifted.clone().exp().sum_dim(1).log();
         let token_loss = log_z.clone() - shifted.clone().gather(1, target.clone());
-        losses.push(match &weight {
+        let chunk_loss = match &weight {
             Some(w) => (token_loss * w.clone()).sum(),
             None => token_loss.sum(),
+        };
+        total = Some(match total {
+            Some(t) => t + chunk_loss,
+            None => chunk_loss,
         });
         if grad_hidden || grad_weight {
             // d loss / d logits = softmax - onehot(target)
@@ -111,10 +123,10 @@ pub fn chunked_cross_entropy<B: Backend>(
                 g = g * w.clone();
             }
             if grad_hidden {
-                g_hidden.push(g.clone().cast(h_dtype).matmul(w_const.clone()));
+                g_hidden.push(crate::dense_matmul(g.clone().cast(h_dtype), w_const.clone()));
             }
             if grad_weight {
-                let gw = g.transpose().matmul(h.cast(DType::F32));
+                let gw = crate::dense_matmul(g.transpose(), h.cast(DType::F32));
                 g_weight = Some(match g_weight {
                     Some(acc) => acc + gw,
                     None => gw,
@@ -123,7 +135,7 @@ pub fn chunked_cross_entropy<B: Backend>(
         }
     }
 
-    let mut total = Tensor::cat(losses, 0).sum();
+    let mut total = total.expect("at least one chunk holds a kept row");
     if grad_hidden {
         total = total + with_gradient(hidden, Tensor::cat(g_hidden, 0));
     }

@@ -1,6 +1,7 @@
 //! One function per subcommand; shared loading of pipelines and the cache.
 
 mod cache;
+mod kernels;
 mod run;
 
 use std::path::{Path, PathBuf};
@@ -23,9 +24,16 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Inspect { target, pipeline, n } => cache::inspect(&cli, target, pipeline.as_deref(), *n),
         Command::Query { target, sql, pipeline } => cache::query(&cli, target, sql, pipeline.as_deref()),
         Command::MergeLora { pipeline, lora_model_dir } => run::merge_lora(&cli, pipeline, lora_model_dir.as_deref()),
-        Command::Inference { pipeline, prompt, base, max_new_tokens, temperature } => {
-            run::inference(&cli, pipeline, prompt.as_deref(), *base, *max_new_tokens, *temperature)
-        }
+        Command::Inference { pipeline, prompt, base, lora_model_dir, max_new_tokens, temperature } => run::inference(
+            &cli,
+            pipeline,
+            prompt.as_deref(),
+            *base,
+            lora_model_dir.as_deref(),
+            *max_new_tokens,
+            *temperature,
+        ),
+        Command::Kernels { backend, shapes, reps } => kernels::kernels(&cli, backend, shapes, *reps),
         Command::ConfigSchema => {
             let schema = schemars::schema_for!(newt_graph::config::Config);
             println!("{}", serde_json::to_string_pretty(&schema)?);

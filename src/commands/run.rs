@@ -194,30 +194,42 @@ pub fn inference(
     pipeline: &Path,
     prompt: Option<&str>,
     base: bool,
+    lora_model_dir: Option<&Path>,
     max_new_tokens: usize,
     temperature: f32,
 ) -> anyhow::Result<i32> {
     let s = session(cli, pipeline)?;
     let p = compiled(&s)?;
+    if let Some(dir) = lora_model_dir
+        && !dir.join("adapter_config.json").is_file()
+    {
+        anyhow::bail!("--lora-model-dir {}: no adapter_config.json there (a PEFT adapter folder)", dir.display());
+    }
+    // The pipeline's own adapter unless the base model or another adapter was asked for.
+    let own_adapter = !base && lora_model_dir.is_none();
     let mut targets = vec!["fetch.model".to_string()];
-    if !base {
+    if own_adapter {
         targets.push("train".into());
     }
     // Only uses what is cached: a missing adapter is said, not trained behind the user's back.
     let registry = newt_stages::registry();
     let plan = newt_graph::why::plan(&p, &registry, &s.cache, &s.loaded.base_dir, &s.pipeline_id)?;
     let cached = |id: &str| plan.iter().find(|e| e.id == id).is_some_and(|e| e.hit);
-    if !cached("fetch.model") || (!base && !cached("train")) {
+    if !cached("fetch.model") || (own_adapter && !cached("train")) {
         anyhow::bail!(
             "the {} is not in the cache yet: run `newt run {}` first (or pass --base)",
-            if base { "base model" } else { "trained adapter" },
+            if own_adapter { "trained adapter" } else { "base model" },
             shown(pipeline)
         );
     }
     let report = execute(cli, &s, &p, &targets, 1)?;
     let dir = |id: &str| report.stages.iter().find(|r| r.id == id).and_then(|r| r.path.clone());
     let model = dir("fetch.model").ok_or_else(|| anyhow::anyhow!("base model unavailable"))?;
-    let adapter = if base { None } else { dir("train") };
+    let adapter = match lora_model_dir {
+        Some(d) => Some(d.to_path_buf()),
+        None if base => None,
+        None => dir("train"),
+    };
     newt_stages::evaluate::chat(&model, adapter.as_deref(), &s.loaded.config, prompt, max_new_tokens, temperature)?;
     Ok(0)
 }

@@ -316,7 +316,12 @@ impl Stage for Train {
         if b != ResolvedBackend::Cpu {
             backend::configure_kernel_cache(&ctx.cache_root)?;
         }
-        backend::dispatch_autodiff(b, TrainWork { ctx, cfg })
+        let out = backend::dispatch_autodiff(b, TrainWork { ctx, cfg });
+        if b != ResolvedBackend::Cpu {
+            let (lt, fallback) = newt_kernels::matmul::cuda_dense_matmul_calls();
+            ctx.progress.println(format!("dense matmuls: {lt} through cuBLASLt, {fallback} through CubeCL"));
+        }
+        out
     }
 }
 

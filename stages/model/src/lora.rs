@@ -141,7 +141,9 @@ impl<B: Backend> LoraAdapter<B> {
             dropout: config.dropout,
         }
     }
+}
 
+impl<B: newt_kernels::KernelBackend> LoraAdapter<B> {
     /// The adapter's contribution for a 2-D input `[rows, in]`, in f32.
     fn delta(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         let device = x.device();
@@ -152,7 +154,8 @@ impl<B: Backend> LoraAdapter<B> {
             let keep = x.random_like(Distribution::Bernoulli(1.0 - self.dropout));
             x = x * keep.div_scalar(1.0 - self.dropout);
         }
-        x.matmul(self.lora_a.val().transpose()).matmul(self.lora_b.val().transpose()).mul_scalar(self.scale)
+        let xa = newt_kernels::dense_matmul(x, self.lora_a.val().transpose());
+        newt_kernels::dense_matmul(xa, self.lora_b.val().transpose()).mul_scalar(self.scale)
     }
 }
 
@@ -187,14 +190,17 @@ impl<B: Backend> LoraLinear<B> {
     pub fn dims(&self) -> [usize; 2] {
         self.weight.dims()
     }
+}
 
-    /// `x·Wᵀ + b + scale·((dropout(x)·Aᵀ)·Bᵀ)` over the last dimension of `x`.
+impl<B: newt_kernels::KernelBackend> LoraLinear<B> {
+    /// `x·Wᵀ + b + scale·((dropout(x)·Aᵀ)·Bᵀ)` over the last dimension of `x`. The frozen
+    /// product goes through [`newt_kernels::dense_matmul`] (cuBLASLt on CUDA).
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let [out, input] = self.dims();
         let mut shape = x.dims();
         let rows = shape[..D - 1].iter().product();
         let x = x.reshape([rows, input]);
-        let mut y = x.clone().matmul(self.weight.val().transpose());
+        let mut y = newt_kernels::dense_matmul(x.clone(), self.weight.val().transpose());
         if let Some(bias) = &self.bias {
             y = y + bias.val().unsqueeze();
         }

@@ -67,6 +67,10 @@ pub struct StepReport {
     pub mfu: Option<f64>,
     /// Seconds this step took.
     pub step_s: f64,
+    /// Seconds from the start of training (this process) to the end of this step: with
+    /// `step_s`, shows time spent between steps (compiles, checkpoints, evaluation).
+    #[serde(default)]
+    pub elapsed_s: f64,
     /// True every `logging_steps` steps (for the CLI to print a line).
     pub log_line: bool,
 }

@@ -57,6 +57,7 @@ where
 {
     let warnings = cfg.validate()?;
     let plan = cfg.plan(data.len())?;
+    let started = Instant::now();
     let schedule = cfg.schedule(&plan)?;
     let counts = count_params(&model);
     if counts.trainable == 0 {
@@ -143,6 +144,7 @@ where
             tokens_per_s: tokens as f64 / step_s,
             mfu,
             step_s,
+            elapsed_s: started.elapsed().as_secs_f64(),
             log_line: pos.step % plan.log_every == 0 || pos.step == plan.total_steps,
         };
         summary.tokens += tokens as u64;

@@ -1,0 +1,107 @@
+//! `newt kernels`: each fast kernel against its plain Burn reference, on the backend at hand,
+//! with timings. On the CPU this repeats what the unit tests check; on a GPU (where CI never
+//! runs) it is how the CUDA paths are checked and measured.
+
+use std::time::Instant;
+
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Distribution, ElementConversion, Tensor};
+
+use crate::{KernelBackend, dense_matmul};
+
+/// One comparison: a kernel on one shape, against its reference.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CheckRow {
+    /// What was compared (`x·Wᵀ`, `dY·W`, ...).
+    pub op: String,
+    /// `m×k×n`.
+    pub shape: String,
+    /// Largest |fast − reference| over largest |reference|.
+    pub max_rel_err: f64,
+    /// Milliseconds per call, fast path.
+    pub fast_ms: f64,
+    /// Milliseconds per call, reference.
+    pub reference_ms: f64,
+    /// TFLOP/s of the fast path (2·m·k·n per call).
+    pub fast_tflops: f64,
+    /// TFLOP/s of the reference.
+    pub reference_tflops: f64,
+}
+
+fn time<B: Backend>(device: &B::Device, reps: usize, mut f: impl FnMut()) -> f64 {
+    f(); // first call: compile / autotune / plan
+    B::sync(device).expect("device sync");
+    let start = Instant::now();
+    for _ in 0..reps {
+        f();
+    }
+    B::sync(device).expect("device sync");
+    start.elapsed().as_secs_f64() * 1e3 / reps as f64
+}
+
+fn max_rel<B: Backend>(got: Tensor<B, 2>, want: Tensor<B, 2>) -> f64 {
+    let scale = want.clone().abs().max().into_scalar().elem::<f64>().max(1e-30);
+    (got - want).abs().max().into_scalar().elem::<f64>() / scale
+}
+
+/// The three products a linear layer makes, `(x·Wᵀ, dY·W, dYᵀ·X)`, for `tokens` rows through a
+/// `[out, in]` weight, each by [`dense_matmul`] and by Burn's `matmul`.
+pub fn matmul<B: KernelBackend>(
+    device: &B::Device,
+    tokens: usize,
+    input: usize,
+    out: usize,
+    reps: usize,
+) -> Vec<CheckRow> {
+    let x = Tensor::<B, 2>::random([tokens, input], Distribution::Normal(0.0, 1.0), device);
+    let w = Tensor::<B, 2>::random([out, input], Distribution::Normal(0.0, 0.02), device);
+    let dy = Tensor::<B, 2>::random([tokens, out], Distribution::Normal(0.0, 1.0), device);
+    let cases: [(&str, Tensor<B, 2>, Tensor<B, 2>); 3] =
+        [("x·Wᵀ", x.clone(), w.clone().transpose()), ("dY·W", dy.clone(), w), ("dYᵀ·X", dy.transpose(), x)];
+    cases
+        .into_iter()
+        .map(|(op, l, r)| {
+            let [m, k] = l.dims();
+            let n = r.dims()[1];
+            let err = max_rel(dense_matmul(l.clone(), r.clone()), l.clone().matmul(r.clone()));
+            let fast_ms = time::<B>(device, reps, || drop(dense_matmul(l.clone(), r.clone())));
+            let reference_ms = time::<B>(device, reps, || drop(l.clone().matmul(r.clone())));
+            let flop = 2.0 * (m * k * n) as f64;
+            CheckRow {
+                op: op.to_string(),
+                shape: format!("{m}×{k}×{n}"),
+                max_rel_err: err,
+                fast_ms,
+                reference_ms,
+                fast_tflops: flop / fast_ms / 1e9,
+                reference_tflops: flop / reference_ms / 1e9,
+            }
+        })
+        .collect()
+}
+
+/// Gradient check of [`dense_matmul`] under autodiff against Burn's matmul: a linear `x·Wᵀ` with
+/// `W` trained, largest relative error of `(y, dx, dW)`.
+pub fn matmul_gradients<B: AutodiffBackend + KernelBackend>(
+    device: &B::Device,
+    tokens: usize,
+    input: usize,
+    out: usize,
+) -> [f64; 3] {
+    let x = Tensor::<B, 2>::random([tokens, input], Distribution::Normal(0.0, 1.0), device);
+    let w = Tensor::<B, 2>::random([out, input], Distribution::Normal(0.0, 0.02), device);
+    let probe = Tensor::<B, 2>::random([tokens, out], Distribution::Normal(0.0, 1.0), device);
+    let run = |dense: bool| {
+        let (x, w) = (x.clone().detach().require_grad(), w.clone().detach().require_grad());
+        let y = if dense {
+            dense_matmul(x.clone(), w.clone().transpose())
+        } else {
+            x.clone().matmul(w.clone().transpose())
+        };
+        let g = (y.clone() * probe.clone()).sum().backward();
+        (y.inner(), x.grad(&g).expect("dx"), w.grad(&g).expect("dW"))
+    };
+    let (y0, dx0, dw0) = run(false);
+    let (y1, dx1, dw1) = run(true);
+    [max_rel(y1, y0), max_rel(dx1, dx0), max_rel(dw1, dw0)]
+}

@@ -1,0 +1,90 @@
+//! `newt kernels`: fast kernels against their references, with timings.
+
+use newt_kernels::KernelBackend;
+use newt_kernels::check::{self, CheckRow};
+use newt_model::backend::{self, BackendChoice, ResolvedBackend, WithAutodiffBackend};
+
+use crate::cli::Cli;
+
+/// Linears of the benchmark shapes at 4×2048 tokens: SmolLM2-135M, Llama-3.2-1B, a square one.
+const DEFAULT_SHAPES: &[[usize; 3]] = &[
+    [8192, 576, 576],
+    [8192, 576, 1536],
+    [8192, 1536, 576],
+    [8192, 2048, 2048],
+    [8192, 2048, 512],
+    [8192, 2048, 8192],
+    [8192, 8192, 2048],
+    [8192, 8192, 8192],
+];
+
+struct Check {
+    shapes: Vec<[usize; 3]>,
+    reps: usize,
+}
+
+impl WithAutodiffBackend for Check {
+    type Output = ();
+
+    fn run<B: burn::tensor::backend::AutodiffBackend + KernelBackend>(self, device: B::Device)
+    where
+        B::InnerBackend: KernelBackend,
+    {
+        println!(
+            "{:<7} {:>17} {:>11} {:>10} {:>10} {:>10} {:>10}",
+            "matmul", "m×k×n", "max rel err", "newt ms", "burn ms", "newt TF/s", "burn TF/s"
+        );
+        for &[t, i, o] in &self.shapes {
+            for r in check::matmul::<B::InnerBackend>(&device, t, i, o, self.reps) {
+                print_row(&r);
+            }
+        }
+        let [t, i, o] = self.shapes[0];
+        let g = check::matmul_gradients::<B>(&device, t.min(1024), i, o);
+        println!(
+            "dense_matmul under autodiff vs Burn matmul, max rel err: y {:.2e}, dx {:.2e}, dW {:.2e}",
+            g[0], g[1], g[2]
+        );
+    }
+}
+
+fn print_row(r: &CheckRow) {
+    use std::io::Write;
+    println!(
+        "{:<7} {:>17} {:>11.2e} {:>10.3} {:>10.3} {:>10.1} {:>10.1}",
+        r.op, r.shape, r.max_rel_err, r.fast_ms, r.reference_ms, r.fast_tflops, r.reference_tflops
+    );
+    let _ = std::io::stdout().flush();
+}
+
+fn parse_shape(s: &str) -> anyhow::Result<[usize; 3]> {
+    let v: Vec<usize> = s.split(',').map(|p| p.trim().parse()).collect::<Result<_, _>>()?;
+    match v[..] {
+        [t, i, o] if t > 0 && i > 0 && o > 0 => Ok([t, i, o]),
+        _ => anyhow::bail!("--shape wants three positive numbers `tokens,in,out`, got `{s}`"),
+    }
+}
+
+pub fn kernels(cli: &Cli, backend_name: &str, shapes: &[String], reps: usize) -> anyhow::Result<i32> {
+    let choice: BackendChoice = backend_name.parse()?;
+    let resolved = backend::resolve(choice)?;
+    let shapes = if shapes.is_empty() {
+        match resolved {
+            ResolvedBackend::Cpu => vec![[256, 576, 576], [256, 576, 1536]],
+            _ => DEFAULT_SHAPES.to_vec(),
+        }
+    } else {
+        shapes.iter().map(|s| parse_shape(s)).collect::<anyhow::Result<_>>()?
+    };
+    if resolved != ResolvedBackend::Cpu {
+        let root = cli.cache_dir.clone().unwrap_or_else(newt_cache::Cache::default_root);
+        backend::configure_kernel_cache(&root)?;
+    }
+    println!("backend: {} ({})", resolved.name(), resolved.dtype_name());
+    backend::dispatch_autodiff(resolved, Check { shapes, reps: reps.max(1) });
+    if resolved != ResolvedBackend::Cpu {
+        let (lt, fallback) = newt_kernels::matmul::cuda_dense_matmul_calls();
+        println!("CUDA dense_matmul calls: {lt} through cuBLASLt, {fallback} fell back to CubeCL's matmul");
+    }
+    Ok(0)
+}
