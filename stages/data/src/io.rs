@@ -28,8 +28,13 @@ pub const ROW_GROUP: usize = 8 * WRITE_CHUNK;
 /// memory before it is written out: packed rows are long (`sequence_len` tokens each), and
 /// [`ROW_GROUP`] of them would otherwise be buffered whole.
 pub const ROW_GROUP_BYTES: usize = 16 << 20;
-/// Memory DataFusion may use for sorting before it spills to disk.
+/// Memory DataFusion may use for sorting before it spills to disk, at least (see
+/// [`PARTITION_MEMORY`]).
 pub const MEMORY_LIMIT: usize = 256 << 20;
+/// Memory each partition's sort may hold before it spills. The pool is shared fairly by the
+/// partitions' sorts, and one sort must hold a whole batch plus DataFusion's merge reservation
+/// (10 MB): a fixed pool split 16 ways (the 16-core GPU machine) could not, and sorts failed.
+pub const PARTITION_MEMORY: usize = 64 << 20;
 
 /// Writes `dest` through a hidden temporary file that is renamed into place only by
 /// [`ParquetOut::finish`]: a failed run leaves no partial artifact.
@@ -161,6 +166,63 @@ pub fn session(partitions: usize, batch_size: usize) -> Result<SessionContext, D
         .with_batch_size(batch_size)
         .with_repartition_file_scans(false);
     config.options_mut().execution.parquet.schema_force_view_types = false;
-    let runtime = RuntimeEnvBuilder::new().with_memory_pool(Arc::new(FairSpillPool::new(MEMORY_LIMIT))).build_arc()?;
+    let pool = MEMORY_LIMIT.max(partitions.max(1) * PARTITION_MEMORY);
+    let runtime = RuntimeEnvBuilder::new().with_memory_pool(Arc::new(FairSpillPool::new(pool))).build_arc()?;
     Ok(SessionContext::new_with_config_rt(config, runtime))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow::array::{Int64Array, ListArray};
+    use arrow::datatypes::{DataType, Field, Int32Type, Schema};
+    use arrow::record_batch::RecordBatch;
+    use datafusion::datasource::MemTable;
+    use futures::StreamExt;
+
+    /// A sort over packed-size rows on a many-core machine: 16 partitions, each sorting 8 MB
+    /// batches of 1024-token rows. With one 256 MB pool shared fairly by 16 sorts (16 MB each,
+    /// of which DataFusion keeps 10 MB aside for merging spills) the sorts could not hold one
+    /// batch and failed ("Not enough memory to continue external sort"), as on the 16-core H200
+    /// machine; the pool now grows with the partitions.
+    #[test]
+    fn a_sort_of_long_rows_succeeds_in_sixteen_partitions() {
+        let width = 1024;
+        let rows_per_batch = 2048;
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("tokens", DataType::List(Arc::new(Field::new("item", DataType::Int32, true))), false),
+        ]));
+        let partitions: Vec<Vec<RecordBatch>> = (0..16)
+            .map(|p| {
+                let ids: Vec<i64> = (0..rows_per_batch).map(|i| ((i * 7919 + p * 104_729) % 1_000_003) as i64).collect();
+                let lists = ListArray::from_iter_primitive::<Int32Type, _, _>(
+                    (0..rows_per_batch).map(|i| Some((0..width).map(move |j| Some((i + j) as i32)))),
+                );
+                vec![
+                    RecordBatch::try_new(schema.clone(), vec![Arc::new(Int64Array::from(ids)), Arc::new(lists)])
+                        .unwrap(),
+                ]
+            })
+            .collect();
+        let rows = block_on(2, async move {
+            let ctx = session(16, 8192).unwrap();
+            ctx.register_table("t", Arc::new(MemTable::try_new(schema, partitions).unwrap())).unwrap();
+            let df = ctx.sql("SELECT id, tokens FROM t ORDER BY id").await.unwrap();
+            let mut stream = df.execute_stream().await.unwrap();
+            let mut n = 0;
+            let mut last = i64::MIN;
+            while let Some(batch) = stream.next().await {
+                let batch = batch.expect("the sort runs within its memory pool");
+                let ids = batch.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
+                for id in ids.values() {
+                    assert!(*id >= last, "sorted");
+                    last = *id;
+                }
+                n += batch.num_rows();
+            }
+            n
+        });
+        assert_eq!(rows, 16 * rows_per_batch);
+    }
 }
