@@ -260,3 +260,28 @@ fn kernels_check_runs_on_the_cpu_and_reports_agreement() {
     let bad = p.run(&["kernels", "--backend", "cpu", "--shape", "16,0,4"]);
     assert!(!bad.status.success());
 }
+
+/// `gradient_checkpointing` changes how the backward pass is computed, not the result: the same
+/// losses step by step (and the key ignores it, so the cache would serve either run).
+#[test]
+fn gradient_checkpointing_trains_to_the_same_losses() {
+    let losses = |checkpointing: bool| {
+        let p = Project::new();
+        if checkpointing {
+            p.edit("p.yml", "lora_dropout: 0.0", "lora_dropout: 0.0\ngradient_checkpointing: true");
+        }
+        p.run_pipeline();
+        let text = std::fs::read_to_string(p.path("outputs/quickstart/metrics.jsonl")).unwrap();
+        text.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v["kind"] == "train")
+            .map(|v| v["loss"].as_f64().unwrap())
+            .collect::<Vec<f64>>()
+    };
+    let (plain, checkpointed) = (losses(false), losses(true));
+    assert!(!plain.is_empty());
+    assert_eq!(plain.len(), checkpointed.len());
+    for (a, b) in plain.iter().zip(&checkpointed) {
+        assert!((a - b).abs() <= 1e-5 * a.abs(), "{plain:?} vs {checkpointed:?}");
+    }
+}

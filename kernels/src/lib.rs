@@ -5,6 +5,11 @@
 //! Hugging Face transformers (f32 where transformers upcasts), and tested against naive formulas.
 //! Fast CubeCL versions of the same ops will live beside them and be tested against them.
 //!
+//! Fast paths are Burn backend extensions ([`KernelBackend`]): [`flash`] (attention with its own
+//! backward pass) and [`matmul`] (cuBLASLt on CUDA), each with a default written in Burn tensor
+//! operations; [`check`] compares them with their references on the machine at hand
+//! (`newt kernels`).
+//!
 //! ```text
 //!  norm::rms_norm ─┐
 //!  rope::{inv_freq, RopeTables, apply_rope} ─┼─> attention::{AttentionMask, attention} ─> swiglu

@@ -234,6 +234,7 @@ impl WithAutodiffBackend for TrainWork<'_> {
         let lora = lora_config(cfg);
         ctx.progress.set_message("loading model".into());
         let mut model = Llama::<B>::from_hf_dir(model_dir, &device)?.with_lora(&lora)?;
+        model.gradient_checkpointing = cfg.gradient_checkpointing.enabled();
         if let Some(dir) = &cfg.lora_model_dir {
             let dir = ctx.external.first().cloned().unwrap_or_else(|| PathBuf::from(dir));
             model = newt_model::peft::load_adapter(model, &dir)?.0;
@@ -302,14 +303,11 @@ impl Stage for Train {
     fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<serde_json::Value> {
         let cfg = ctx.node.config()?;
         let b = backend_of(&cfg)?;
-        if cfg.gradient_checkpointing.enabled() {
-            // Measured (bench/results/smollm2_cpu_pipeline.md): Burn 0.21's only form of it,
-            // `Autodiff<B, BalancedCheckpointing>`, used 19% MORE memory and 7% more time on
-            // SmolLM2 at 4×1024, with identical losses; so it is not used.
+        if cfg.gradient_checkpointing.enabled() && cfg.lora_dropout > 0.0 {
+            // The layer-by-layer recomputation would draw other dropout masks than the forward.
             ctx.progress.println(
-                "warning: gradient_checkpointing is accepted but has no effect yet: newt does not recompute \
-                 activations (Burn's balanced checkpointing measured more memory, not less); \
-                 reduce micro_batch_size or sequence_len to save memory"
+                "warning: gradient_checkpointing is not applied with lora_dropout > 0 (the recomputed layers \
+                 would draw other dropout masks); set lora_dropout: 0 to use it"
                     .to_string(),
             );
         }

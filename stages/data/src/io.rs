@@ -195,7 +195,8 @@ mod tests {
         ]));
         let partitions: Vec<Vec<RecordBatch>> = (0..16)
             .map(|p| {
-                let ids: Vec<i64> = (0..rows_per_batch).map(|i| ((i * 7919 + p * 104_729) % 1_000_003) as i64).collect();
+                let ids: Vec<i64> =
+                    (0..rows_per_batch).map(|i| ((i * 7919 + p * 104_729) % 1_000_003) as i64).collect();
                 let lists = ListArray::from_iter_primitive::<Int32Type, _, _>(
                     (0..rows_per_batch).map(|i| Some((0..width).map(move |j| Some((i + j) as i32)))),
                 );

@@ -8,7 +8,9 @@
 
 use std::path::{Path, PathBuf};
 
+use burn::module::AutodiffModule;
 use burn::module::{Module, Param};
+use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, Int, Tensor, TensorData, backend::Backend};
 use newt_kernels::loss::IGNORE_INDEX;
 use newt_kernels::{
@@ -293,6 +295,9 @@ pub struct Llama<B: Backend> {
     pub config: ModelConfig,
     /// Tokens per chunk of the loss's logits (bounds its memory to `chunk × vocab` floats).
     pub loss_chunk_tokens: usize,
+    /// Training keeps only each decoder layer's input and recomputes the layer in the backward
+    /// pass (`gradient_checkpointing`; see [`crate::train::SelfBackward`]).
+    pub gradient_checkpointing: bool,
     inv_freq: Vec<f32>,
 }
 
@@ -364,6 +369,7 @@ impl<B: Backend> Llama<B> {
             norm: frozen_param(loader.tensor("model.norm.weight", [h])?),
             lm_head,
             loss_chunk_tokens: default_chunk_tokens(c.vocab_size),
+            gradient_checkpointing: false,
             inv_freq,
             config,
         })
@@ -454,14 +460,19 @@ impl<B: KernelBackend> Llama<B> {
     /// last token of a sample never predicts the first of the next; a packed batch's loss is
     /// the sum of its samples' losses. Logits exist only `loss_chunk_tokens` rows at a time.
     pub fn loss(&self, batch: &TrainBatch<B>) -> LossOutput<B> {
+        let hidden =
+            self.forward_hidden(batch.input_ids.clone(), batch.position_ids.clone(), batch.segment_ids.clone(), None);
+        self.head_loss(hidden, batch)
+    }
+
+    /// The summed loss of final hidden states `[batch, seq, hidden]` (after the last norm).
+    fn head_loss(&self, hidden: Tensor<B, 3>, batch: &TrainBatch<B>) -> LossOutput<B> {
         let device = batch.input_ids.device();
         let [b, t] = batch.input_ids.dims();
         let labels = int_vec(batch.labels.clone());
         let segments = int_vec(batch.segment_ids.clone());
         let targets = shift_within_segments(&labels, &segments, t);
         let tokens = targets.iter().filter(|&&l| l != IGNORE_INDEX).count();
-        let hidden =
-            self.forward_hidden(batch.input_ids.clone(), batch.position_ids.clone(), batch.segment_ids.clone(), None);
         let sum = chunked_cross_entropy(
             hidden.reshape([b * t, self.config.hidden_size]),
             self.lm_head_weight(),
@@ -469,6 +480,72 @@ impl<B: KernelBackend> Llama<B> {
             self.loss_chunk_tokens,
         );
         LossOutput { sum, tokens }
+    }
+}
+
+impl<B> crate::train::SelfBackward<B> for Llama<B>
+where
+    B: AutodiffBackend + KernelBackend,
+    B::InnerBackend: KernelBackend,
+{
+    /// Gradient checkpointing, layer by layer: a forward pass without autodiff keeps each
+    /// decoder layer's input only; the head (final norm and loss) runs with autodiff from the
+    /// last layer's output; then each layer, last to first, is run again with autodiff from its
+    /// saved input and back-propagated alone with the gradient of its output (`Σ out ⊙ g`), which
+    /// gives its parameters' gradients and the gradient of its input for the layer below. Peak
+    /// activation memory is one layer's graph plus one `[batch, seq, hidden]` tensor per layer,
+    /// for one more forward pass of compute.
+    ///
+    /// Not used (`None`, the ordinary path runs) when a layer draws random numbers or when the
+    /// embedding is trained: LoRA dropout would draw different masks in the recomputation, and
+    /// the embedding's gradient is not computed here.
+    fn self_backward(&self, batch: &TrainBatch<B>) -> Option<crate::train::SelfBackwardOut<B::InnerBackend>> {
+        use crate::train::ParamGrads;
+        let dropout = self.layers.iter().any(|l| {
+            let (a, m) = (&l.self_attn, &l.mlp);
+            [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
+                .iter()
+                .any(|lin| lin.lora.as_ref().is_some_and(|adapter| adapter.dropout > 0.0))
+        });
+        if !self.gradient_checkpointing || dropout || self.embed_tokens.is_require_grad() {
+            return None;
+        }
+        let inner = self.valid();
+        let [b, t] = batch.input_ids.dims();
+        let hidden = self.config.hidden_size;
+        let inner_ids = batch.input_ids.clone().inner();
+        let inner_pos = batch.position_ids.clone().inner();
+        let inner_seg = batch.segment_ids.clone().inner();
+        let rope = RopeTables::new(inner_pos, &inner.inv_freq);
+        let attend = Attend::Flash(inner_seg);
+        let ctx = LayerContext { config: &inner.config, rope: &rope, attend: &attend, cache_at: (0, t, t) };
+        let mut x = inner.embed_tokens.val().select(0, inner_ids.reshape([b * t])).reshape([b, t, hidden]);
+        let mut inputs = Vec::with_capacity(inner.layers.len());
+        for layer in &inner.layers {
+            inputs.push(x.clone());
+            x = layer.forward(x, &ctx, None);
+        }
+        drop(inner);
+
+        // The head, with autodiff from the last layer's output.
+        let last = Tensor::<B, 3>::from_inner(x).require_grad();
+        let out = self.head_loss(rms_norm(last.clone(), self.norm.val(), self.config.rms_norm_eps), batch);
+        let mut g = out.sum.backward();
+        let mut grads = ParamGrads::collect::<B, _>(&mut g, self);
+        let mut grad_out = last.grad(&g).expect("the head's input has a gradient");
+        drop(g);
+
+        let rope = RopeTables::new(batch.position_ids.clone(), &self.inv_freq);
+        let attend = Attend::Flash(batch.segment_ids.clone());
+        let ctx = LayerContext { config: &self.config, rope: &rope, attend: &attend, cache_at: (0, t, t) };
+        for (layer, input) in self.layers.iter().zip(inputs).rev() {
+            let input = Tensor::<B, 3>::from_inner(input).require_grad();
+            let y = layer.forward(input.clone(), &ctx, None);
+            let mut g = (y * Tensor::from_inner(grad_out)).sum().backward();
+            grads.accumulate(ParamGrads::collect::<B, _>(&mut g, self));
+            grad_out = input.grad(&g).expect("a layer's input has a gradient");
+        }
+        Some(crate::train::SelfBackwardOut { loss_sum: out.sum.inner(), tokens: out.tokens, grads })
     }
 }
 

@@ -55,11 +55,26 @@ fn peft_key(path: &str) -> String {
 
 /// Loss and gradients of the trainer's first step on the golden batch, keyed by PEFT name.
 fn newt_first_step(adapter: &Path, rows: Vec<PackedRow>, chunk_tokens: usize) -> (f64, usize, Vec<(String, Vec<f32>)>) {
+    first_step(adapter, rows, chunk_tokens, false)
+}
+
+/// [`newt_first_step`], optionally with `gradient_checkpointing` (the model's own layer-by-layer
+/// backward pass).
+fn first_step(
+    adapter: &Path,
+    rows: Vec<PackedRow>,
+    chunk_tokens: usize,
+    checkpointing: bool,
+) -> (f64, usize, Vec<(String, Vec<f32>)>) {
     let device = Default::default();
     let base = Llama::<AD>::from_hf_dir(&goldens_dir().join("llama"), &device).unwrap();
     let (mut model, _cfg) = load_adapter(base, adapter).unwrap();
     model.loss_chunk_tokens = chunk_tokens;
+    model.gradient_checkpointing = checkpointing;
     let data = TrainData::from_rows(rows).unwrap();
+    let all: Vec<usize> = (0..data.len()).collect();
+    let own = newt_model::train::SelfBackward::self_backward(&model, &data.micro_batch::<AD>(&all, &device));
+    assert_eq!(own.is_some(), checkpointing, "the model runs its own backward pass exactly when checkpointing");
     let step = step_gradients::<AD, _>(&model, &data, &[(0..data.len()).collect()], &device);
     let loss = step.loss();
     let tokens = step.trained_tokens;
@@ -151,4 +166,25 @@ fn a_one_percent_wrong_lora_scale_misses_the_peft_goldens() {
     let (loss_rel, grad_rel, _) = differences(&g, loss, &grads);
     println!("alpha × 1.01: loss rel diff {loss_rel:.2e}, worst gradient rel diff {grad_rel:.2e}");
     assert!(loss_rel > 1e-5 && grad_rel > 1e-4, "a wrong scale went unnoticed: {loss_rel:.2e}, {grad_rel:.2e}");
+}
+
+/// Gradient checkpointing (each layer recomputed and back-propagated alone) gives PEFT's loss and
+/// gradients too, and the same as the ordinary backward pass to float rounding.
+#[test]
+fn gradient_checkpointing_gives_the_same_loss_and_grads() {
+    let g = golden();
+    let adapter = fixture_dir().join("adapter");
+    let (loss, tokens, grads) = first_step(&adapter, g.rows.clone(), 7, true);
+    assert_eq!(tokens, g.tokens);
+    let (loss_rel, grad_rel, worst) = differences(&g, loss, &grads);
+    println!("checkpointed: loss rel diff {loss_rel:.2e}, worst gradient rel diff {grad_rel:.2e} ({worst})");
+    assert!(loss_rel < 1e-5 && grad_rel < 1e-4, "{worst}: {loss_rel:.2e}, {grad_rel:.2e}");
+    let (plain_loss, _, plain) = first_step(&adapter, g.rows.clone(), 7, false);
+    assert!(((loss - plain_loss) / plain_loss).abs() < 1e-6);
+    for ((name, a), (name_b, b)) in grads.iter().zip(&plain) {
+        assert_eq!(name, name_b);
+        let scale = max_abs(b);
+        let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(diff <= 1e-5 * scale, "{name}: checkpointed vs plain differ by {diff} (scale {scale})");
+    }
 }

@@ -35,6 +35,7 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 
 pub use adamw::{AdamW, MomentsHost, decays};
 pub use batch::{LossOutput, TrainBatch};
+use burn::tensor::Tensor;
 pub use config::{ACCEPTED_OPTIMIZERS, ACCEPTED_SCHEDULERS, AdamWParams, TrainConfig, TrainPlan};
 pub use data::{BatchStats, IGNORE_INDEX, PackedRow, TrainData};
 pub use grads::ParamGrads;
@@ -50,10 +51,31 @@ pub trait CausalLoss<B: Backend> {
     fn loss(&self, batch: &TrainBatch<B>) -> LossOutput<B>;
 }
 
-/// A trainable causal LM: an autodiff module with a summed loss. Implemented for every such type.
-pub trait CausalLm<B: AutodiffBackend>: AutodiffModule<B> + CausalLoss<B> {}
+/// The summed loss of a batch, its token count and the trainable parameters' gradients (not yet
+/// divided by the token count), as a model that runs its own backward pass returns them.
+pub struct SelfBackwardOut<B: Backend> {
+    /// Σ token losses.
+    pub loss_sum: Tensor<B, 1>,
+    /// Trained tokens.
+    pub tokens: usize,
+    /// Gradients by parameter path.
+    pub grads: ParamGrads<B>,
+}
 
-impl<B: AutodiffBackend, M: AutodiffModule<B> + CausalLoss<B>> CausalLm<B> for M {}
+/// A model that can run its own backward pass for a batch — gradient checkpointing: it keeps
+/// only each layer's input in the forward pass and recomputes one layer at a time in the
+/// backward. `None` (the default): the loop runs Burn's backward on [`CausalLoss::loss`].
+pub trait SelfBackward<B: AutodiffBackend> {
+    /// The loss and gradients of `batch`, or `None` to use the ordinary path.
+    fn self_backward(&self, _batch: &TrainBatch<B>) -> Option<SelfBackwardOut<B::InnerBackend>> {
+        None
+    }
+}
+
+/// A trainable causal LM: an autodiff module with a summed loss. Implemented for every such type.
+pub trait CausalLm<B: AutodiffBackend>: AutodiffModule<B> + CausalLoss<B> + SelfBackward<B> {}
+
+impl<B: AutodiffBackend, M: AutodiffModule<B> + CausalLoss<B> + SelfBackward<B>> CausalLm<B> for M {}
 
 /// Callbacks from the loop to its caller (progress bar, evaluation, cancellation).
 pub trait TrainHooks<M> {

@@ -58,6 +58,8 @@ impl<B: Backend> TinyLm<B> {
     }
 }
 
+impl<B: burn::tensor::backend::AutodiffBackend> newt_model::train::SelfBackward<B> for TinyLm<B> {}
+
 impl<B: Backend> CausalLoss<B> for TinyLm<B> {
     fn loss(&self, batch: &TrainBatch<B>) -> LossOutput<B> {
         if !self.panic_with.is_empty() {
