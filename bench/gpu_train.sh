@@ -11,7 +11,9 @@ python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('.dev/gpu/newt.xz')
 mkdir -p /tmp/aux
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > /tmp/aux/gpu.txt
 # 1. The peer, same shape, batch 4x2048, r=32, AdamW.
-[ "${PEER:-1}" = 1 ] && PYTHONUNBUFFERED=1 timeout 240 python3 .dev/gpu/peft_baseline.py --shape "$shape" --batch 4 --seq 2048 --rank 32 > "$OUT/peft.jsonl" 2> /tmp/aux/peft-$shape.err
+# GC=1: both with gradient checkpointing (the peer's --grad-ckpt, newt's gradient_checkpointing).
+gc=${GC:-0}; peer_gc=; [ "$gc" = 1 ] && peer_gc=--grad-ckpt
+[ "${PEER:-1}" = 1 ] && PYTHONUNBUFFERED=1 timeout 240 python3 .dev/gpu/peft_baseline.py --shape "$shape" --batch 4 --seq 2048 --rank 32 $peer_gc > "$OUT/peft.jsonl" 2> /tmp/aux/peft-$shape.err
 # 2. A random model of that shape as a HF folder, with the SmolLM2 tokenizer fixture.
 python3 bench/random_model.py --shape "$shape" --out /tmp/model-$shape --tokenizer stages/data/tests/fixtures/smollm2 > /tmp/aux/model.log 2>&1
 python3 - <<'PY'
@@ -39,18 +41,24 @@ max_steps: ${STEPS:-12}
 learning_rate: 0.0002
 warmup_steps: 0
 backend: cuda
-output_dir: /tmp/gpu-out-$shape
+gradient_checkpointing: $([ "$gc" = 1 ] && echo true || echo false)
+output_dir: /tmp/gpu-out-$shape-$gc
 YML
 nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 250 > /tmp/aux/mem.log &
 smi=$!
 # A kernel cache carried from an earlier call (KERNEL_CACHE=path/to/kernel-cache.tgz).
 if [ -n "${KERNEL_CACHE:-}" ] && [ -f "$KERNEL_CACHE" ]; then mkdir -p /tmp/newt-cache && tar xf "$KERNEL_CACHE" -C /tmp/newt-cache; fi
-NEWT_DATA_THREADS=${NEWT_DATA_THREADS:-2} NEWT_CACHE_DIR=/tmp/newt-cache timeout ${NEWT_TIMEOUT:-360} /tmp/newt run /tmp/gpu.yml --only train > "$OUT/newt.out" 2> /tmp/aux/newt-$shape.err
+# gradient_checkpointing is not part of the train stage's key (it does not change results), so
+# the GC run gets its own artifact cache, sharing the kernel cache.
+cache=/tmp/newt-cache; if [ "$gc" = 1 ]; then cache=/tmp/newt-cache-gc; mkdir -p $cache /tmp/newt-cache/cubecl; ln -sfn /tmp/newt-cache/cubecl $cache/cubecl; fi
+NEWT_DATA_THREADS=${NEWT_DATA_THREADS:-2} NEWT_CACHE_DIR=$cache timeout ${NEWT_TIMEOUT:-360} /tmp/newt run /tmp/gpu.yml --only train > "$OUT/newt.out" 2> /tmp/aux/newt-$shape.err
 echo "newt exit $?" >> "$OUT/newt.out"
 cat /tmp/aux/gpu.txt >> "$OUT/newt.out"
 kill $smi
 # metrics.jsonl is flushed per step inside the stage's work dir; copy it even after a timeout.
-m=$(find /tmp/gpu-out-$shape /tmp/newt-cache -name metrics.jsonl 2>/dev/null | head -1); [ -n "$m" ] && cp "$m" "$OUT/newt_metrics.jsonl"
+# (the newest one: the cache also holds earlier shapes' runs)
+m=$(find /tmp/gpu-out-$shape-$gc $cache/ -name metrics.jsonl -printf '%T@ %p\n' 2>/dev/null | sort -n | tail -1 | cut -d' ' -f2-)
+[ -n "$m" ] && cp "$m" "$OUT/newt_metrics.jsonl"
 echo "peak MiB used (incl. context): $(sort -n /tmp/aux/mem.log | tail -1)" >> "$OUT/newt.out"
 # The persistent CubeCL caches (PTX and autotune results), to carry into the next call.
 kc=$(find /tmp/newt-cache -maxdepth 3 -type d -name cubecl | head -1)

@@ -257,6 +257,10 @@ fn kernels_check_runs_on_the_cpu_and_reports_agreement() {
         assert!(err < 1e-5, "{row}");
     }
     assert!(text.contains("dense_matmul under autodiff"), "{text}");
+    let nf4 = text.lines().find(|l| l.starts_with("nf4:")).expect("an nf4 line");
+    let errs: Vec<f64> = nf4.split(|c: char| c == ' ' || c == ';').filter_map(|w| w.parse().ok()).collect();
+    assert_eq!(errs.len(), 2, "{nf4}");
+    assert!(errs.iter().all(|e| *e < 1e-5), "{nf4}");
     let bad = p.run(&["kernels", "--backend", "cpu", "--shape", "16,0,4"]);
     assert!(!bad.status.success());
 }
@@ -284,4 +288,29 @@ fn gradient_checkpointing_trains_to_the_same_losses() {
     for (a, b) in plain.iter().zip(&checkpointed) {
         assert!((a - b).abs() <= 1e-5 * a.abs(), "{plain:?} vs {checkpointed:?}");
     }
+}
+
+/// `adapter: qlora` trains on an NF4 base: it learns (the loss falls) and is not the LoRA run
+/// under another name (the quantized base changes the losses).
+#[test]
+fn qlora_trains_on_a_quantized_base() {
+    let losses = |adapter: &str| {
+        let p = Project::new();
+        p.edit("p.yml", "adapter: lora", &format!("adapter: {adapter}"));
+        p.run_pipeline();
+        let text = std::fs::read_to_string(p.path("outputs/quickstart/metrics.jsonl")).unwrap();
+        let out: Vec<f64> = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v["kind"] == "train")
+            .map(|v| v["loss"].as_f64().unwrap())
+            .collect();
+        assert!(p.path("outputs/quickstart/adapter_model.safetensors").is_file());
+        out
+    };
+    let (lora, qlora) = (losses("lora"), losses("qlora"));
+    assert!(qlora.last().unwrap() < qlora.first().unwrap(), "QLoRA loss must fall: {qlora:?}");
+    assert_ne!(lora, qlora, "QLoRA must train on the quantized base, not the full-precision one");
+    let rel = (qlora.last().unwrap() - lora.last().unwrap()).abs() / lora.last().unwrap();
+    assert!(rel < 0.2, "NF4 should cost little accuracy: LoRA {lora:?}, QLoRA {qlora:?}");
 }

@@ -105,3 +105,29 @@ pub fn matmul_gradients<B: AutodiffBackend + KernelBackend>(
     let (y1, dx1, dw1) = run(true);
     [max_rel(y1, y0), max_rel(dx1, dx0), max_rel(dw1, dw0)]
 }
+
+/// NF4 on this backend: the weight dequantized by tensor operations against the host's
+/// dequantization, and [`crate::nf4::nf4_linear`] against [`dense_matmul`] over that weight
+/// (largest relative errors), for a `[out, in]` weight and `tokens` rows.
+pub fn nf4<B: KernelBackend>(device: &B::Device, tokens: usize, input: usize, out: usize) -> [f64; 2] {
+    use crate::nf4::{Nf4Shape, dequantize, dequantize_host, nf4_linear, quantize};
+    use burn::tensor::{Int, TensorData};
+    let w: Vec<f32> = (0..out * input).map(|i| ((i * 7919 % 1000) as f32 / 1000.0 - 0.5) * 0.04).collect();
+    let q = quantize(&w);
+    let packed = Tensor::<B, 1, Int>::from_data(TensorData::new(q.packed.clone(), [q.packed.len()]), device);
+    let absmax = Tensor::<B, 1>::from_data(
+        TensorData::new(q.absmax.clone(), [q.absmax.len()]),
+        (device, burn::tensor::DType::F32),
+    );
+    let shape = Nf4Shape { out_features: out, in_features: input };
+    let host = Tensor::<B, 2>::from_data(
+        TensorData::new(dequantize_host(&q), [out, input]),
+        (device, burn::tensor::DType::F32),
+    );
+    let dev_w = dequantize(packed.clone(), absmax.clone(), shape, burn::tensor::DType::F32);
+    let x = Tensor::<B, 2>::random([tokens, input], Distribution::Normal(0.0, 1.0), device);
+    let dtype = x.dtype();
+    let want = dense_matmul(x.clone(), host.clone().cast(dtype).transpose());
+    let got = nf4_linear(x, packed, absmax, shape);
+    [max_rel(dev_w, host), max_rel(got.cast(burn::tensor::DType::F32), want.cast(burn::tensor::DType::F32))]
+}

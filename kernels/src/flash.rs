@@ -58,6 +58,16 @@ pub trait KernelBackend: Backend {
     fn dense_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
         Self::float_matmul(lhs, rhs)
     }
+
+    /// `x·Wᵀ` for `x` `[rows, in]` and an NF4-quantized `W` `[out, in]` (see [`crate::nf4`]).
+    fn nf4_linear(
+        x: FloatTensor<Self>,
+        packed: IntTensor<Self>,
+        absmax: FloatTensor<Self>,
+        shape: crate::nf4::Nf4Shape,
+    ) -> FloatTensor<Self> {
+        crate::nf4::nf4_linear_default::<Self>(x, packed, absmax, shape)
+    }
 }
 
 /// The scalar settings of [`KernelBackend::flash_attention`].
@@ -271,6 +281,15 @@ pub fn backward<B: Backend>(
 impl<B: KernelBackend, C: CheckpointStrategy> KernelBackend for Autodiff<B, C> {
     fn dense_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
         crate::matmul::autodiff_dense_matmul::<B, C>(lhs, rhs)
+    }
+
+    fn nf4_linear(
+        x: FloatTensor<Self>,
+        packed: IntTensor<Self>,
+        absmax: FloatTensor<Self>,
+        shape: crate::nf4::Nf4Shape,
+    ) -> FloatTensor<Self> {
+        crate::nf4::autodiff_nf4_linear::<B, C>(x, packed, absmax, shape)
     }
 
     fn flash_attention(

@@ -20,6 +20,7 @@ pub mod check;
 pub mod flash;
 pub mod loss;
 pub mod matmul;
+pub mod nf4;
 pub mod norm;
 pub mod rope;
 

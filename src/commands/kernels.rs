@@ -41,6 +41,8 @@ impl WithAutodiffBackend for Check {
         }
         let [t, i, o] = self.shapes[0];
         let g = check::matmul_gradients::<B>(&device, t.min(1024), i, o);
+        let n = check::nf4::<B::InnerBackend>(&device, t.min(1024), i, o);
+        println!("nf4: dequantized weight vs host, max rel err {:.2e}; nf4_linear vs dense_matmul {:.2e}", n[0], n[1]);
         println!(
             "dense_matmul under autodiff vs Burn matmul, max rel err: y {:.2e}, dx {:.2e}, dW {:.2e}",
             g[0], g[1], g[2]

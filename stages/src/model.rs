@@ -233,7 +233,12 @@ impl WithAutodiffBackend for TrainWork<'_> {
         let val = read_data(&pack.join("val.parquet"))?;
         let lora = lora_config(cfg);
         ctx.progress.set_message("loading model".into());
-        let mut model = Llama::<B>::from_hf_dir(model_dir, &device)?.with_lora(&lora)?;
+        let mut model = Llama::<B>::from_hf_dir(model_dir, &device)?;
+        if qlora(cfg) {
+            ctx.progress.set_message("quantizing the base model to NF4".into());
+            model = model.quantize_nf4();
+        }
+        let mut model = model.with_lora(&lora)?;
         model.gradient_checkpointing = cfg.gradient_checkpointing.enabled();
         if let Some(dir) = &cfg.lora_model_dir {
             let dir = ctx.external.first().cloned().unwrap_or_else(|| PathBuf::from(dir));
@@ -342,9 +347,23 @@ fn env_of(node: &StageNode) -> BTreeMap<String, String> {
     env
 }
 
-/// Loads the base model with the adapter of a train artifact (when given).
-fn load_model<B: Backend>(model_dir: &Path, adapter: Option<&Path>, device: &B::Device) -> anyhow::Result<Llama<B>> {
-    let model = Llama::<B>::from_hf_dir(model_dir, device)?;
+/// QLoRA (`adapter: qlora` or `load_in_4bit`): the base model's linears in NF4, in training and
+/// wherever the trained adapter is used, as bitsandbytes loads it for Axolotl.
+fn qlora(cfg: &Config) -> bool {
+    cfg.adapter.as_deref() == Some("qlora") || cfg.load_in_4bit
+}
+
+/// Loads the base model (in NF4 for QLoRA) with the adapter of a train artifact (when given).
+fn load_model<B: Backend>(
+    model_dir: &Path,
+    adapter: Option<&Path>,
+    quantize: bool,
+    device: &B::Device,
+) -> anyhow::Result<Llama<B>> {
+    let mut model = Llama::<B>::from_hf_dir(model_dir, device)?;
+    if quantize {
+        model = model.quantize_nf4();
+    }
     Ok(match adapter {
         Some(dir) => newt_model::peft::load_adapter(model, dir)?.0,
         None => model,
@@ -424,7 +443,7 @@ impl WithBackend for EvalWork<'_> {
         for (name, with_adapter) in [("base", false), ("tuned", true)] {
             ctx.check_cancelled()?;
             ctx.progress.set_message(format!("evaluating {name}"));
-            let model = load_model::<B>(model_dir, with_adapter.then_some(adapter), &device)?;
+            let model = load_model::<B>(model_dir, with_adapter.then_some(adapter), qlora(cfg), &device)?;
             let mut m = serde_json::Map::new();
             if let Some(val) = &val {
                 let loss = newt_model::train::eval_loss(&model, val, batch, &device);
@@ -525,12 +544,13 @@ struct ChatWork<'a> {
     prompt: Option<&'a str>,
     max_new_tokens: usize,
     temperature: f32,
+    quantize: bool,
 }
 
 impl WithBackend for ChatWork<'_> {
     type Output = anyhow::Result<()>;
     fn run<B: KernelBackend>(self, device: B::Device) -> Self::Output {
-        let model = load_model::<B>(self.model, self.adapter, &device)?;
+        let model = load_model::<B>(self.model, self.adapter, self.quantize, &device)?;
         if let Some(p) = self.prompt {
             answer(&model, self.model, &[p.to_string()], self.max_new_tokens, self.temperature, true)?;
             return Ok(());
@@ -560,5 +580,6 @@ pub fn chat(
     max_new_tokens: usize,
     temperature: f32,
 ) -> anyhow::Result<()> {
-    backend::dispatch(backend_of(cfg)?, ChatWork { model, adapter, prompt, max_new_tokens, temperature })
+    let quantize = qlora(cfg);
+    backend::dispatch(backend_of(cfg)?, ChatWork { model, adapter, prompt, max_new_tokens, temperature, quantize })
 }

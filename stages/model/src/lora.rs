@@ -7,7 +7,7 @@
 //! and `B` zero, so a fresh adapter leaves the model's outputs unchanged.
 
 use burn::module::{Module, Param};
-use burn::tensor::{DType, Distribution, Tensor, TensorData, backend::Backend};
+use burn::tensor::{DType, Distribution, Int, Tensor, TensorData, backend::Backend};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use crate::llama::Llama;
@@ -178,17 +178,77 @@ pub struct LoraLinear<B: Backend> {
     pub bias: Option<Param<Tensor<B, 1>>>,
     /// The adapter, when this layer is a LoRA target.
     pub lora: Option<LoraAdapter<B>>,
+    /// The base weight in NF4 (QLoRA), when quantized; `weight` is then a 1×1 placeholder.
+    pub nf4: Option<Nf4Weight<B>>,
+}
+
+/// A frozen `[out, in]` weight in NF4 ([`newt_kernels::nf4`]): 4 bits a weight and one f32 scale
+/// per 64.
+#[derive(Module, Debug)]
+pub struct Nf4Weight<B: Backend> {
+    /// Codes, eight per `i32`.
+    pub packed: Param<Tensor<B, 1, Int>>,
+    /// One scale per block of [`newt_kernels::nf4::NF4_BLOCK`] weights, f32.
+    pub absmax: Param<Tensor<B, 1>>,
+    /// Rows of the weight.
+    pub out_features: usize,
+    /// Columns of the weight.
+    pub in_features: usize,
+}
+
+impl<B: Backend> Nf4Weight<B> {
+    /// Quantizes `weight` `[out, in]` (read back to the host once).
+    pub fn quantize(weight: &Tensor<B, 2>) -> Self {
+        let [out, input] = weight.dims();
+        let device = weight.device();
+        let values = weight.clone().into_data().convert::<f32>().into_vec::<f32>().expect("weights convert to f32");
+        let q = newt_kernels::nf4::quantize(&values);
+        let absmax_len = q.absmax.len();
+        Nf4Weight {
+            packed: Param::initialized(
+                burn::module::ParamId::new(),
+                Tensor::<B, 1, Int>::from_data(TensorData::new(q.packed.clone(), [q.packed.len()]), &device),
+            ),
+            absmax: frozen_param(Tensor::from_data(TensorData::new(q.absmax, [absmax_len]), (&device, DType::F32))),
+            out_features: out,
+            in_features: input,
+        }
+    }
+
+    fn shape(&self) -> newt_kernels::nf4::Nf4Shape {
+        newt_kernels::nf4::Nf4Shape { out_features: self.out_features, in_features: self.in_features }
+    }
+
+    /// The weight it stands for, `[out, in]`, in `dtype`.
+    pub fn dequantize(&self, dtype: DType) -> Tensor<B, 2> {
+        newt_kernels::nf4::dequantize(self.packed.val(), self.absmax.val(), self.shape(), dtype)
+    }
 }
 
 impl<B: Backend> LoraLinear<B> {
     /// A frozen layer over the given weights.
     pub fn frozen(weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Self {
-        LoraLinear { weight: frozen_param(weight), bias: bias.map(frozen_param), lora: None }
+        LoraLinear { weight: frozen_param(weight), bias: bias.map(frozen_param), lora: None, nf4: None }
     }
 
     /// `[out, in]`.
     pub fn dims(&self) -> [usize; 2] {
-        self.weight.dims()
+        match &self.nf4 {
+            Some(q) => [q.out_features, q.in_features],
+            None => self.weight.dims(),
+        }
+    }
+
+    /// The same layer with its base weight in NF4 (QLoRA): the full-precision weight is dropped.
+    pub fn quantized(mut self) -> Self {
+        if self.nf4.is_none() {
+            let q = Nf4Weight::quantize(&self.weight.val());
+            let device = self.weight.device();
+            let dtype = self.weight.val().dtype();
+            self.weight = frozen_param(Tensor::zeros([1, 1], (&device, dtype)));
+            self.nf4 = Some(q);
+        }
+        self
     }
 }
 
@@ -200,7 +260,10 @@ impl<B: newt_kernels::KernelBackend> LoraLinear<B> {
         let mut shape = x.dims();
         let rows = shape[..D - 1].iter().product();
         let x = x.reshape([rows, input]);
-        let mut y = newt_kernels::dense_matmul(x.clone(), self.weight.val().transpose());
+        let mut y = match &self.nf4 {
+            Some(q) => newt_kernels::nf4::nf4_linear(x.clone(), q.packed.val(), q.absmax.val(), q.shape()),
+            None => newt_kernels::dense_matmul(x.clone(), self.weight.val().transpose()),
+        };
         if let Some(bias) = &self.bias {
             y = y + bias.val().unsqueeze();
         }
@@ -252,6 +315,13 @@ impl<B: Backend> Llama<B> {
             model = model.train_in_full(m);
         }
         Ok(model)
+    }
+
+    /// QLoRA's base model: every decoder linear's weight in NF4 ([`LoraLinear::quantized`]);
+    /// the embedding, norms and LM head stay as they are (as bitsandbytes leaves them).
+    pub fn quantize_nf4(self) -> Self {
+        self.map_linears(|_, linear| Ok::<_, std::convert::Infallible>(linear.quantized()))
+            .unwrap_or_else(|e| match e {})
     }
 
     /// Makes `embed_tokens` or `lm_head` trainable (a tied head is split off first).

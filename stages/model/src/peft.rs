@@ -214,8 +214,8 @@ pub fn load_adapter<B: Backend>(model: Llama<B>, dir: &Path) -> Result<(Llama<B>
 
     let model = model.with_lora(&config)?;
     let mut model = model.map_linears(|path, mut linear| {
+        let [out, input] = linear.dims();
         if let Some(adapter) = linear.lora.as_mut() {
-            let [out, input] = linear.weight.dims();
             let device = linear.weight.device();
             let r = config.r;
             adapter.lora_a = read(format!("{PREFIX}{path}.lora_A.weight"), [r, input], &device)?;

@@ -171,3 +171,44 @@ fn export_adapter_for_the_peft_check() {
     let json = serde_json::json!({ "input_ids": [ids[..8].to_vec(), ids[8..].to_vec()], "logits": l });
     std::fs::write(out.join("newt_logits.json"), json.to_string()).unwrap();
 }
+
+/// QLoRA: with its linears in NF4 the model computes exactly what the same model computes with
+/// those linears' weights replaced by their dequantized values — forward, and the adapter's
+/// gradients through the quantized base — and it differs from the full-precision model.
+#[test]
+fn nf4_base_equals_a_model_holding_the_dequantized_weights() {
+    use burn::tensor::DType;
+    use newt_model::llama::Llama;
+    let dir = tiny_model_dir(7);
+    let cfg = all_linear(4, 3);
+    let quantized = perturb(load::<AD>(dir.path()).quantize_nf4().with_lora(&cfg).unwrap());
+    let dequantized = perturb(
+        load::<AD>(dir.path())
+            .map_linears(|_, mut lin| {
+                let q = newt_model::lora::Nf4Weight::quantize(&lin.weight.val());
+                lin.weight = burn::module::Param::from_tensor(q.dequantize(DType::F32)).set_require_grad(false);
+                Ok::<_, std::convert::Infallible>(lin)
+            })
+            .unwrap()
+            .with_lora(&cfg)
+            .unwrap(),
+    );
+    let full = perturb(load::<AD>(dir.path()).with_lora(&cfg).unwrap());
+    let ids: Vec<i64> = (0..24).map(|i| (i * 37 % 400) as i64).collect();
+    let (lq, ld, lf) = (logits(&quantized, &ids, 2), logits(&dequantized, &ids, 2), logits(&full, &ids, 2));
+    assert!(rel_diff(&lq, &ld) < 1e-5, "NF4 path vs dequantized weights: {}", rel_diff(&lq, &ld));
+    assert!(rel_diff(&lq, &lf) > 1e-3, "quantization must change the logits: {}", rel_diff(&lq, &lf));
+
+    let grads = |m: &Llama<AD>| {
+        let pos: Vec<i64> = (0..2).flat_map(|_| 0..12).collect();
+        let out = m.forward(ints(&ids, 2, 12), ints(&pos, 2, 12), ints(&[1; 24], 2, 12));
+        let g = out.sum().backward();
+        let a = &m.layers[0].self_attn.q_proj.lora.as_ref().unwrap().lora_a;
+        floats(a.val().grad(&g).expect("the adapter gets a gradient"))
+    };
+    let (gq, gd) = (grads(&quantized), grads(&dequantized));
+    assert!(rel_diff(&gq, &gd) < 1e-4, "adapter gradients through NF4: {}", rel_diff(&gq, &gd));
+    // The base stays frozen: the NF4 model has no full-precision weights left to train.
+    assert_eq!(quantized.layers[0].mlp.down_proj.weight.dims(), [1, 1]);
+    assert_eq!(quantized.layers[0].mlp.down_proj.dims(), full.layers[0].mlp.down_proj.dims());
+}

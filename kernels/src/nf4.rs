@@ -1,0 +1,286 @@
+//! NF4 (4-bit NormalFloat) base weights for QLoRA: quantization on the host, dequantization in
+//! tensor operations, and a linear layer whose backward pass dequantizes again instead of keeping
+//! a full-precision copy of the weight.
+//!
+//! The format is QLoRA's (Dettmers et al. 2023; bitsandbytes' `quant_type="nf4"`): weights in
+//! blocks of [`NF4_BLOCK`], each block scaled by its largest magnitude (`absmax`, kept in f32 here:
+//! no double quantization) and every scaled value replaced by the nearest of the 16 [`NF4_CODE`]
+//! values. Codes are packed eight to an `i32` (Burn's integer tensors), element `j` of a group in
+//! bits `4j..4j+4`: 4 bits a weight plus 0.5 for the scales.
+
+use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::{DType, ElementConversion, Int, Tensor, TensorData, TensorPrimitive, backend::Backend};
+
+use crate::KernelBackend;
+
+/// The NF4 code book: quantiles of N(0, 1) normalized to [-1, 1], with an exact zero.
+pub const NF4_CODE: [f32; 16] = [
+    -1.0,
+    -0.696_192_8,
+    -0.525_073_05,
+    -0.394_917_5,
+    -0.284_441_38,
+    -0.184_773_43,
+    -0.091_050_036,
+    0.0,
+    0.079_580_3,
+    0.160_930_2,
+    0.246_112_3,
+    0.337_915_24,
+    0.440_709_83,
+    0.562_617,
+    0.722_956_84,
+    1.0,
+];
+
+/// Weights per scale (bitsandbytes' default for 4-bit).
+pub const NF4_BLOCK: usize = 64;
+
+/// A quantized matrix on the host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Nf4Host {
+    /// Codes, eight per value.
+    pub packed: Vec<i32>,
+    /// One scale per block.
+    pub absmax: Vec<f32>,
+    /// Weights (the last block is padded with zeros).
+    pub len: usize,
+}
+
+/// The index of the code nearest to `v` (in [-1, 1]).
+fn nearest(v: f32) -> u32 {
+    // Midpoints between neighbouring codes; the code book is sorted.
+    let mut best = 0;
+    for i in 1..16 {
+        if v > (NF4_CODE[i - 1] + NF4_CODE[i]) / 2.0 {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Quantizes `values` (row-major) in blocks of [`NF4_BLOCK`].
+pub fn quantize(values: &[f32]) -> Nf4Host {
+    let padded = values.len().next_multiple_of(NF4_BLOCK);
+    let mut codes = vec![7u32; padded]; // code 7 is 0.0
+    let mut absmax = Vec::with_capacity(padded / NF4_BLOCK);
+    for (b, block) in values.chunks(NF4_BLOCK).enumerate() {
+        let m = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+        absmax.push(m);
+        if m > 0.0 {
+            for (i, v) in block.iter().enumerate() {
+                codes[b * NF4_BLOCK + i] = nearest(v / m);
+            }
+        }
+    }
+    absmax.resize(padded / NF4_BLOCK, 0.0);
+    let packed =
+        codes.chunks(8).map(|g| g.iter().enumerate().fold(0u32, |acc, (j, c)| acc | (c << (4 * j))) as i32).collect();
+    Nf4Host { packed, absmax, len: values.len() }
+}
+
+/// The values a quantized matrix stands for, on the host.
+pub fn dequantize_host(q: &Nf4Host) -> Vec<f32> {
+    (0..q.len)
+        .map(|i| {
+            let code = (q.packed[i / 8] as u32 >> (4 * (i % 8))) & 15;
+            NF4_CODE[code as usize] * q.absmax[i / NF4_BLOCK]
+        })
+        .collect()
+}
+
+/// Shape of a quantized linear weight, `[out, in]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Nf4Shape {
+    /// Output features (rows).
+    pub out_features: usize,
+    /// Input features (columns).
+    pub in_features: usize,
+}
+
+/// The weight `[out, in]` in `dtype`, from its codes and scales, in tensor operations.
+pub fn dequantize<B: Backend>(
+    packed: Tensor<B, 1, Int>,
+    absmax: Tensor<B, 1>,
+    shape: Nf4Shape,
+    dtype: DType,
+) -> Tensor<B, 2> {
+    let device = packed.device();
+    let groups = packed.dims()[0];
+    let codes: Vec<Tensor<B, 2, Int>> = (0..8i32)
+        .map(|j| {
+            packed
+                .clone()
+                .bitwise_right_shift_scalar((4 * j).elem())
+                .bitwise_and_scalar(15i32.elem())
+                .reshape([groups, 1])
+        })
+        .collect();
+    let codes = Tensor::cat(codes, 1).reshape([groups * 8]);
+    let book = Tensor::<B, 1>::from_data(TensorData::new(NF4_CODE.to_vec(), [16]), (&device, DType::F32));
+    let blocks = absmax.dims()[0];
+    let values = book.select(0, codes).reshape([blocks, NF4_BLOCK]) * absmax.cast(DType::F32).reshape([blocks, 1]);
+    let n = shape.out_features * shape.in_features;
+    values.reshape([blocks * NF4_BLOCK]).narrow(0, 0, n).reshape([shape.out_features, shape.in_features]).cast(dtype)
+}
+
+/// `x·Wᵀ` for a quantized `W` through [`KernelBackend::nf4_linear`]; `x` is `[rows, in]`.
+pub fn nf4_linear<B: KernelBackend>(
+    x: Tensor<B, 2>,
+    packed: Tensor<B, 1, Int>,
+    absmax: Tensor<B, 1>,
+    shape: Nf4Shape,
+) -> Tensor<B, 2> {
+    Tensor::from_primitive(TensorPrimitive::Float(B::nf4_linear(
+        x.into_primitive().tensor(),
+        packed.into_primitive(),
+        absmax.into_primitive().tensor(),
+        shape,
+    )))
+}
+
+/// The default [`KernelBackend::nf4_linear`]: dequantize, then [`crate::dense_matmul`].
+pub(crate) fn nf4_linear_default<B: KernelBackend>(
+    x: FloatTensor<B>,
+    packed: IntTensor<B>,
+    absmax: FloatTensor<B>,
+    shape: Nf4Shape,
+) -> FloatTensor<B> {
+    let x = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(x));
+    let w = dequantize::<B>(
+        Tensor::from_primitive(packed),
+        Tensor::from_primitive(TensorPrimitive::Float(absmax)),
+        shape,
+        x.dtype(),
+    );
+    crate::dense_matmul(x, w.transpose()).into_primitive().tensor()
+}
+
+/// [`KernelBackend::nf4_linear`] under autodiff: the weight is never trained; the backward pass
+/// (`dX = dY·W`) dequantizes it again, so only the codes and scales are kept for it.
+pub(crate) fn autodiff_nf4_linear<
+    B: KernelBackend,
+    C: burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy,
+>(
+    x: FloatTensor<burn::backend::Autodiff<B, C>>,
+    packed: IntTensor<B>,
+    absmax: FloatTensor<burn::backend::Autodiff<B, C>>,
+    shape: Nf4Shape,
+) -> FloatTensor<burn::backend::Autodiff<B, C>> {
+    use burn::backend::autodiff::checkpoint::base::Checkpointer;
+    use burn::backend::autodiff::grads::Gradients;
+    use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+
+    #[derive(Debug)]
+    struct Nf4Backward;
+
+    impl<B: KernelBackend> Backward<B, 1> for Nf4Backward {
+        type State = (IntTensor<B>, FloatTensor<B>, Nf4Shape);
+
+        fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let [node_x] = ops.parents;
+            let grad = grads.consume::<B>(&ops.node);
+            let (packed, absmax, shape) = ops.state;
+            if let Some(node) = node_x {
+                let grad = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(grad));
+                let w = dequantize::<B>(
+                    Tensor::from_primitive(packed),
+                    Tensor::from_primitive(TensorPrimitive::Float(absmax)),
+                    shape,
+                    grad.dtype(),
+                );
+                grads.register::<B>(node.id, crate::dense_matmul(grad, w).into_primitive().tensor());
+            }
+        }
+    }
+
+    let absmax = absmax.primitive;
+    match Nf4Backward.prepare::<C>([x.node.clone()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => {
+            let out = B::nf4_linear(x.primitive, packed.clone(), absmax.clone(), shape);
+            prep.finish((packed, absmax, shape), out)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(B::nf4_linear(x.primitive, packed, absmax, shape)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::*;
+
+    #[test]
+    fn code_values_round_trip_exactly_and_others_go_to_the_nearest_code() {
+        // A block whose absmax is 1 holding every code value: exact.
+        let mut v: Vec<f32> = NF4_CODE.iter().chain(NF4_CODE.iter()).copied().collect();
+        v.extend(std::iter::repeat_n(0.0, NF4_BLOCK - v.len()));
+        assert_eq!(dequantize_host(&quantize(&v)), v);
+        // Between two codes: the nearer one (0.30 is nearer 0.3379 than 0.2461).
+        let q = quantize(&[1.0, 0.30, -0.95, 0.03]);
+        assert_eq!(dequantize_host(&q), vec![1.0, NF4_CODE[11], -1.0, 0.0]);
+        // Scales are per block of 64: a large value in block 1 does not coarsen block 0.
+        let mut w = vec![0.01f32; 2 * NF4_BLOCK];
+        w[NF4_BLOCK] = 100.0;
+        let d = dequantize_host(&quantize(&w));
+        assert_eq!(d[0], 0.01);
+        assert_eq!(d[NF4_BLOCK], 100.0);
+    }
+
+    #[test]
+    fn quantization_error_is_bounded_by_half_the_widest_code_gap() {
+        let w: Vec<f32> = values(10 * NF4_BLOCK + 24, 11).iter().map(|x| x * 0.05).collect();
+        let q = quantize(&w);
+        assert_eq!(q.packed.len(), 11 * NF4_BLOCK / 8);
+        let d = dequantize_host(&q);
+        let widest = NF4_CODE.windows(2).map(|p| p[1] - p[0]).fold(0f32, f32::max);
+        for (b, (blk, dq)) in w.chunks(NF4_BLOCK).zip(d.chunks(NF4_BLOCK)).enumerate() {
+            let m = blk.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let err = blk.iter().zip(dq).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(err <= widest / 2.0 * m + 1e-7, "block {b}: error {err}, absmax {m}");
+        }
+    }
+
+    fn tensors<Bk: Backend>(q: &Nf4Host, dev: &Bk::Device) -> (Tensor<Bk, 1, Int>, Tensor<Bk, 1>) {
+        (
+            Tensor::from_data(TensorData::new(q.packed.clone(), [q.packed.len()]), dev),
+            Tensor::from_data(TensorData::new(q.absmax.clone(), [q.absmax.len()]), dev),
+        )
+    }
+
+    #[test]
+    fn tensor_dequantization_equals_the_host_one() {
+        let dev = Default::default();
+        let (out, input) = (6, 40); // 240 weights: a padded last block
+        let w: Vec<f32> = values(out * input, 12);
+        let q = quantize(&w);
+        let (packed, absmax) = tensors::<TestBackend>(&q, &dev);
+        let shape = Nf4Shape { out_features: out, in_features: input };
+        let got = dequantize(packed, absmax, shape, DType::F32).into_data().to_vec::<f32>().unwrap();
+        assert_eq!(got, dequantize_host(&q));
+    }
+
+    #[test]
+    fn nf4_linear_and_its_input_gradient_equal_a_linear_over_the_dequantized_weight() {
+        type A = TestAutodiff;
+        let dev = Default::default();
+        let (rows, out, input) = (5, 6, 64);
+        let q = quantize(&values(out * input, 13));
+        let shape = Nf4Shape { out_features: out, in_features: input };
+        let w = Tensor::<A, 2>::from_data(TensorData::new(dequantize_host(&q), [out, input]), &dev);
+        let x =
+            || Tensor::<A, 2>::from_data(TensorData::new(values(rows * input, 14), [rows, input]), &dev).require_grad();
+        let probe = Tensor::<A, 2>::from_data(TensorData::new(values(rows * out, 15), [rows, out]), &dev);
+
+        let x0 = x();
+        let y0 = x0.clone().matmul(w.transpose());
+        let g0 = (y0.clone() * probe.clone()).sum().backward();
+        let x1 = x();
+        let (packed, absmax) = tensors::<A>(&q, &dev);
+        let y1 = nf4_linear(x1.clone(), packed, absmax, shape);
+        let g1 = (y1.clone() * probe).sum().backward();
+
+        let v = |t: Tensor<TestBackend, 2>| t.into_data().to_vec::<f32>().unwrap();
+        assert!(max_abs_diff(&v(y0.inner()), &v(y1.inner())) < 1e-5);
+        assert!(max_abs_diff(&v(x0.grad(&g0).unwrap()), &v(x1.grad(&g1).unwrap())) < 1e-5);
+    }
+}
