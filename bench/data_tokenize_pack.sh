@@ -5,8 +5,8 @@
 #
 #   bench/data_tokenize_pack.sh [ROWS] [MEMORY_ROWS...]     (default: 100000, then 20000 100000 300000)
 #
-# Needs `pip install datasets` for the peer. With Debian's libmimalloc2.0 installed, newt is also
-# run with mimalloc preloaded (the allocator the `newt` binary does not use yet).
+# Needs `pip install datasets` for the peer. The example, like the `newt` binary, uses mimalloc
+# (since 2026-11-29; the first results table was measured with glibc's malloc).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/tmp/newt-target}
@@ -17,7 +17,6 @@ cargo build -q -p newt-data --examples
 bin=$(mktemp /tmp/bench_tokenize_pack.XXXXXX)
 cp "$CARGO_TARGET_DIR/debug/examples/bench_tokenize_pack" "$bin"
 chmod +x "$bin"
-mimalloc=/usr/lib/x86_64-linux-gnu/libmimalloc.so.2
 
 step() { echo; echo "== $* ($(date -u +%H:%M:%S), load $(cut -d' ' -f1-3 /proc/loadavg))"; }
 
@@ -28,10 +27,6 @@ step "peer, Axolotl's algorithm, $rows rows"
 python3 scripts/data_bench_peer.py --data "$dir/chats.jsonl" --num-proc 2 --algorithm axolotl
 step "peer, single render, $rows rows"
 python3 scripts/data_bench_peer.py --data "$dir/chats.jsonl" --num-proc 2 --algorithm single-render
-if [ -e "$mimalloc" ]; then
-    step "newt with mimalloc (LD_PRELOAD), $rows rows"
-    LD_PRELOAD=$mimalloc "$bin" --rows "$rows" --dir "$dir"
-fi
 step "newt again, $rows rows"
 "$bin" --rows "$rows" --dir "$dir"
 

@@ -13,6 +13,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+/// The allocator of the `newt` binary, so the benchmark measures what users run.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use newt_data::{FetchOptions, fetch_dataset, pack, tokenize};
 use newt_graph::config::{Config, DatasetConfig};
 
