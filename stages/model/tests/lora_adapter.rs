@@ -208,6 +208,11 @@ fn nf4_base_equals_a_model_holding_the_dequantized_weights() {
     };
     let (gq, gd) = (grads(&quantized), grads(&dequantized));
     assert!(rel_diff(&gq, &gd) < 1e-4, "adapter gradients through NF4: {}", rel_diff(&gq, &gd));
+    // Parameter counts see the weights the codes stand for (the 1×1 placeholders add one a layer).
+    let (cq, cf) = (newt_model::train::count_params(&quantized), newt_model::train::count_params(&full));
+    assert_eq!(cq.trainable, cf.trainable);
+    let linears = 7 * full.layers.len();
+    assert_eq!(cq.frozen, cf.frozen + linears, "{cq:?} vs {cf:?}");
     // The base stays frozen: the NF4 model has no full-precision weights left to train.
     assert_eq!(quantized.layers[0].mlp.down_proj.weight.dims(), [1, 1]);
     assert_eq!(quantized.layers[0].mlp.down_proj.dims(), full.layers[0].mlp.down_proj.dims());

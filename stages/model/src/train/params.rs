@@ -71,20 +71,43 @@ impl<B: Backend> ModuleVisitor<B> for Collect<'_> {
 }
 
 /// Counts trainable and frozen parameter elements.
+///
+/// An NF4 weight ([`crate::lora::Nf4Weight`], module name `nf4`) counts as the weights its codes
+/// stand for (eight an `i32`), not as its codes and scales; the 1×1 placeholder a quantized
+/// layer keeps in `weight` still counts one.
 pub fn count_params<B: Backend, M: Module<B>>(model: &M) -> ParamCounts {
-    struct Count<'a>(&'a mut ParamCounts);
+    struct Count<'a> {
+        counts: &'a mut ParamCounts,
+        in_nf4: usize,
+    }
     impl<B: Backend> ModuleVisitor<B> for Count<'_> {
+        fn enter_module(&mut self, name: &str, _container: &str) {
+            if name == "nf4" || self.in_nf4 > 0 {
+                self.in_nf4 += 1;
+            }
+        }
+        fn exit_module(&mut self, _name: &str, _container: &str) {
+            self.in_nf4 = self.in_nf4.saturating_sub(1);
+        }
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if self.in_nf4 > 0 {
+                return; // the scales of an NF4 weight
+            }
             let n = param.lazy_shape().num_elements();
             if param.val().is_require_grad() {
-                self.0.trainable += n;
+                self.counts.trainable += n;
             } else {
-                self.0.frozen += n;
+                self.counts.frozen += n;
+            }
+        }
+        fn visit_int<const D: usize>(&mut self, param: &Param<Tensor<B, D, burn::tensor::Int>>) {
+            if self.in_nf4 > 0 {
+                self.counts.frozen += 8 * param.val().shape().num_elements();
             }
         }
     }
     let mut counts = ParamCounts::default();
-    model.visit(&mut Count(&mut counts));
+    model.visit(&mut Count { counts: &mut counts, in_nf4: 0 });
     counts
 }
 
