@@ -16,7 +16,7 @@
 //! dimension cuBLASLt gets for a row-major or transposed view — is [`GemmPlan`], a plain function
 //! tested on the CPU against a column-major GEMM with cuBLAS's semantics.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -38,7 +38,6 @@ pub fn dense_matmul<B: KernelBackend>(lhs: Tensor<B, 2>, rhs: Tensor<B, 2>) -> T
 
 static CUBLASLT_CALLS: AtomicU64 = AtomicU64::new(0);
 static FALLBACK_CALLS: AtomicU64 = AtomicU64::new(0);
-static UNAVAILABLE: AtomicBool = AtomicBool::new(false);
 
 /// How many CUDA [`KernelBackend::dense_matmul`] calls went to cuBLASLt, and how many fell back to
 /// CubeCL's matmul (cuBLASLt not loadable, or a dtype/layout it is not given), in this process.
@@ -259,7 +258,7 @@ pub(crate) mod cuda {
         if m == 0 || k == 0 || n == 0 || rhs.meta.shape()[0] != k {
             return None;
         }
-        let prepared = prepared(Key { plan: GemmPlan::new(m, k, n, lv, rv), ty: ty as i32 })?;
+        let prepared = prepared(Key { plan: GemmPlan::new(m, k, n, lv, rv), ty: ty as i32 }, ty)?;
         let out = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(
             lhs.client.clone(),
             lhs.device.clone(),
@@ -308,33 +307,24 @@ pub(crate) mod cuda {
     static PLANNER: OnceLock<Option<Planner>> = OnceLock::new();
     static PLANS: Mutex<Option<HashMap<Key, Option<Arc<Prepared>>>>> = Mutex::new(None);
 
-    fn prepared(key: Key) -> Option<Arc<Prepared>> {
+    fn prepared(key: Key, ty: sys::cudaDataType) -> Option<Arc<Prepared>> {
         let planner = PLANNER
             .get_or_init(|| {
                 // cudarc panics when it cannot load libcublasLt: that means "use CubeCL's matmul".
-                let made = std::panic::catch_unwind(lt::create_handle).ok().and_then(Result::ok).map(Planner);
-                if made.is_none() {
-                    super::UNAVAILABLE.store(true, Ordering::Relaxed);
-                }
-                made
+                std::panic::catch_unwind(lt::create_handle).ok().and_then(Result::ok).map(Planner)
             })
             .as_ref()?;
         let mut plans = PLANS.lock().unwrap();
         plans
             .get_or_insert_with(HashMap::new)
             .entry(key)
-            .or_insert_with(|| prepare(planner.0, &key).ok().map(Arc::new))
+            .or_insert_with(|| prepare(planner.0, &key, ty).ok().map(Arc::new))
             .clone()
     }
 
-    fn prepare(handle: sys::cublasLtHandle_t, key: &Key) -> LtResult<Prepared> {
+    fn prepare(handle: sys::cublasLtHandle_t, key: &Key, ty: sys::cudaDataType) -> LtResult<Prepared> {
         let p = key.plan;
-        // The key holds the cudaDataType as an i32; map it back.
-        let ty = [sys::cudaDataType::CUDA_R_16BF, sys::cudaDataType::CUDA_R_16F, sys::cudaDataType::CUDA_R_32F]
-            .into_iter()
-            .find(|t| *t as i32 == key.ty)
-            .ok_or("dtype")?;
-        let elem: u32 = if key.ty == sys::cudaDataType::CUDA_R_32F as i32 { 4 } else { 2 };
+        let elem: u32 = if ty == sys::cudaDataType::CUDA_R_32F { 4 } else { 2 };
         let desc = lt::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, sys::cudaDataType::CUDA_R_32F)?;
         unsafe {
             for (attr, t) in [

@@ -233,12 +233,10 @@ impl WithAutodiffBackend for TrainWork<'_> {
         let val = read_data(&pack.join("val.parquet"))?;
         let lora = lora_config(cfg);
         ctx.progress.set_message("loading model".into());
-        let mut model = Llama::<B>::from_hf_dir(model_dir, &device)?;
         if qlora(cfg) {
-            ctx.progress.set_message("quantizing the base model to NF4".into());
-            model = model.quantize_nf4();
+            ctx.progress.set_message("loading model, quantizing it to NF4".into());
         }
-        let mut model = model.with_lora(&lora)?;
+        let mut model = load_model::<B>(model_dir, None, qlora(cfg), &device)?.with_lora(&lora)?;
         model.gradient_checkpointing = cfg.gradient_checkpointing.enabled();
         if let Some(dir) = &cfg.lora_model_dir {
             let dir = ctx.external.first().cloned().unwrap_or_else(|| PathBuf::from(dir));

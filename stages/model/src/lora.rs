@@ -203,11 +203,11 @@ impl<B: Backend> Nf4Weight<B> {
         let device = weight.device();
         let values = weight.clone().into_data().convert::<f32>().into_vec::<f32>().expect("weights convert to f32");
         let q = newt_kernels::nf4::quantize(&values);
-        let absmax_len = q.absmax.len();
+        let (packed_len, absmax_len) = (q.packed.len(), q.absmax.len());
         Nf4Weight {
             packed: Param::initialized(
                 burn::module::ParamId::new(),
-                Tensor::<B, 1, Int>::from_data(TensorData::new(q.packed.clone(), [q.packed.len()]), &device),
+                Tensor::<B, 1, Int>::from_data(TensorData::new(q.packed, [packed_len]), &device),
             ),
             absmax: frozen_param(Tensor::from_data(TensorData::new(q.absmax, [absmax_len]), (&device, DType::F32))),
             out_features: out,

@@ -229,20 +229,17 @@ where
     let mut trained_tokens = 0usize;
     for rows in micro_batches {
         let batch = data.micro_batch::<B>(rows, device);
-        if let Some(out) = model.self_backward(&batch) {
-            trained_tokens += out.tokens;
-            grads.accumulate(out.grads);
-            loss_sum = Some(match loss_sum {
-                Some(acc) => acc + out.loss_sum,
-                None => out.loss_sum,
-            });
-            continue;
-        }
-        let out = model.loss(&batch);
-        trained_tokens += out.tokens;
-        let mut backward = out.sum.backward();
-        grads.accumulate(ParamGrads::collect::<B, M>(&mut backward, model));
-        let value = out.sum.inner();
+        // The model's own backward pass (gradient checkpointing), or Burn's on its loss.
+        let (tokens, step_grads, value) = match model.self_backward(&batch) {
+            Some(out) => (out.tokens, out.grads, out.loss_sum),
+            None => {
+                let out = model.loss(&batch);
+                let mut backward = out.sum.backward();
+                (out.tokens, ParamGrads::collect::<B, M>(&mut backward, model), out.sum.inner())
+            }
+        };
+        trained_tokens += tokens;
+        grads.accumulate(step_grads);
         loss_sum = Some(match loss_sum {
             Some(acc) => acc + value,
             None => value,
