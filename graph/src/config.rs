@@ -53,8 +53,9 @@ pub struct Config {
     pub sample_packing: bool,
     /// Pack the evaluation split too (default: as `sample_packing`).
     pub eval_sample_packing: Option<bool>,
-    /// Pad every row to `sequence_len`.
-    pub pad_to_sequence_len: bool,
+    /// Pad every micro-batch to `sequence_len` tokens and `micro_batch_size` rows, so every
+    /// step has one shape (default: on with `sample_packing`, as Axolotl recommends there).
+    pub pad_to_sequence_len: Option<bool>,
     /// Train on prompt tokens too, not only on responses.
     pub train_on_inputs: bool,
     /// What to do with a sample longer than `sequence_len`: `drop` (default) or `truncate`.
@@ -198,7 +199,7 @@ impl Default for Config {
             sequence_len: 2048,
             sample_packing: false,
             eval_sample_packing: None,
-            pad_to_sequence_len: false,
+            pad_to_sequence_len: None,
             train_on_inputs: false,
             excess_length_strategy: None,
             special_tokens: SpecialTokens::default(),

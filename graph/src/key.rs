@@ -57,7 +57,7 @@ pub const ROUTES: &[(&str, Route)] = &[
     ("sequence_len", Route::Stages(&[TOKENIZE, PACK])),
     ("sample_packing", Route::Stages(&[PACK])),
     ("eval_sample_packing", Route::Stages(&[PACK])),
-    ("pad_to_sequence_len", Route::Stages(&[PACK])),
+    ("pad_to_sequence_len", Route::Out("padded batches change shapes and speed, not results")),
     ("train_on_inputs", Route::Stages(&[TOKENIZE])),
     ("excess_length_strategy", Route::Stages(&[TOKENIZE])),
     ("special_tokens", Route::Stages(&[TOKENIZE, TRAIN, EVALUATE, MERGE])),

@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Distribution, ElementConversion, Tensor};
+use burn::tensor::{Distribution, Tensor};
 
 use crate::{KernelBackend, dense_matmul};
 
@@ -40,8 +40,8 @@ fn time<B: Backend>(device: &B::Device, reps: usize, mut f: impl FnMut()) -> f64
 }
 
 fn max_rel<B: Backend>(got: Tensor<B, 2>, want: Tensor<B, 2>) -> f64 {
-    let scale = want.clone().abs().max().into_scalar().elem::<f64>().max(1e-30);
-    (got - want).abs().max().into_scalar().elem::<f64>() / scale
+    let scale = crate::read_f64(want.clone().abs().max()).max(1e-30);
+    crate::read_f64((got - want).abs().max()) / scale
 }
 
 /// The three products a linear layer makes, `(x·Wᵀ, dY·W, dYᵀ·X)`, for `tokens` rows through a

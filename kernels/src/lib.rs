@@ -31,6 +31,20 @@ pub use matmul::dense_matmul;
 pub use norm::rms_norm;
 pub use rope::{RopeScaling, RopeTables, apply_rope, rope_inv_freq};
 
+/// The value of a one-element tensor as `f64`, read in the tensor's own dtype.
+///
+/// `Tensor::into_scalar` converts to the backend's default float element first: bf16 on newt's
+/// CUDA backend, so an f32 loss sum or squared gradient norm read that way keeps 8 bits of
+/// mantissa (a loss of 60,000 summed tokens is then off by up to 128).
+pub fn read_f64<B: Backend, const D: usize>(t: Tensor<B, D>) -> f64 {
+    assert_eq!(t.shape().num_elements(), 1, "read_f64 reads a one-element tensor, not {:?}", t.dims());
+    t.into_data().iter::<f64>().next().expect("one element")
+}
+
+/// Kernel compilations and module loads of the CUDA backend so far in this process (zeros when
+/// CUDA is not used); see `kernels/vendor/README.md`.
+pub use cubecl_cuda::jit_stats::{JitStats, jit_stats};
+
 use burn::tensor::{Tensor, activation::silu, backend::Backend};
 
 /// SwiGLU gating of a Llama MLP: `silu(gate) * up`.
@@ -71,7 +85,7 @@ pub(crate) mod test_util {
 mod tests {
     use super::test_util::*;
     use super::*;
-    use burn::tensor::TensorData;
+    use burn::tensor::{DType, TensorData};
 
     #[test]
     fn swiglu_is_silu_of_gate_times_up() {
@@ -87,5 +101,25 @@ mod tests {
         .unwrap();
         let want: Vec<f32> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
         assert!(max_abs_diff(&out, &want) < 1e-6);
+    }
+
+    #[test]
+    fn read_f64_reads_f32_and_bf16_tensors_in_their_own_precision() {
+        let dev = Default::default();
+        let x = 60417.0f32;
+        let f32_t = Tensor::<TestBackend, 1>::from_data(TensorData::new(vec![x], [1]), (&dev, DType::F32));
+        assert_eq!(read_f64(f32_t), 60417.0);
+        // A bf16 tensor holds the nearest bf16 value, and read_f64 gives that value exactly.
+        let bf16_t = Tensor::<TestBackend, 1>::from_data(TensorData::new(vec![x], [1]), (&dev, DType::BF16));
+        assert_eq!(read_f64(bf16_t), 60416.0);
+        let two = Tensor::<TestBackend, 2>::from_data(TensorData::new(vec![1.5f32], [1, 1]), &dev);
+        assert_eq!(read_f64(two), 1.5);
+    }
+
+    #[test]
+    #[should_panic(expected = "one-element tensor")]
+    fn read_f64_refuses_a_tensor_of_several_elements() {
+        let dev = Default::default();
+        read_f64(Tensor::<TestBackend, 1>::from_data(TensorData::new(vec![1.0f32, 2.0], [2]), &dev));
     }
 }

@@ -83,47 +83,42 @@ pub fn chunked_cross_entropy<B: crate::KernelBackend>(
     let h_const = hidden.clone().detach();
     let w_const = lm_head_weight.clone().detach();
     let w_t = w_const.clone().transpose();
+    // Every computed chunk runs the same operations (weighted, its gradient written into one
+    // preallocated tensor) whatever the batch: on a fusing JIT backend a chunk that ran
+    // different operations (unweighted when full, say) would be another kernel to compile the
+    // first time a batch happens to need it.
+    // from_data gives the backend's default float type (bf16 on CUDA); the loss is f32.
+    let weights = Tensor::<B, 2>::from_data(TensorData::new(weights, [padded, 1]), &device).cast(DType::F32);
+    let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [padded, 1]), &device);
+    let mut g_hidden = grad_hidden.then(|| Tensor::<B, 2>::zeros([padded, width], (&device, h_dtype)));
 
-    let mut g_hidden = Vec::new();
     let mut g_weight: Option<Tensor<B, 2>> = None;
     let mut total: Option<Tensor<B, 1>> = None;
     for start in (0..padded).step_by(chunk_tokens) {
-        let len = chunk_tokens.min(padded - start);
         if start >= kept {
-            if grad_hidden {
-                g_hidden.push(Tensor::zeros([len, width], (&device, h_dtype)));
-            }
-            continue;
+            // Only padding from here on: its gradient rows stay zero.
+            break;
         }
-        let weight = (start + len > kept).then(|| {
-            // from_data gives the backend's default float type (bf16 on CUDA); the loss is f32.
-            Tensor::<B, 2>::from_data(TensorData::new(weights[start..start + len].to_vec(), [len, 1]), &device)
-                .cast(DType::F32)
-        });
+        let len = chunk_tokens.min(padded - start);
+        let weight = weights.clone().narrow(0, start, len);
+        let target = targets.clone().narrow(0, start, len);
         let h = h_const.clone().narrow(0, start, len);
-        let target =
-            Tensor::<B, 2, Int>::from_data(TensorData::new(targets[start..start + len].to_vec(), [len, 1]), &device);
         let logits = crate::dense_matmul(h.clone(), w_t.clone()).cast(DType::F32);
         let shifted = logits.clone() - logits.max_dim(1);
         let log_z = shifted.clone().exp().sum_dim(1).log();
         let token_loss = log_z.clone() - shifted.clone().gather(1, target.clone());
-        let chunk_loss = match &weight {
-            Some(w) => (token_loss * w.clone()).sum(),
-            None => token_loss.sum(),
-        };
+        let chunk_loss = (token_loss * weight.clone()).sum();
         total = Some(match total {
             Some(t) => t + chunk_loss,
             None => chunk_loss,
         });
         if grad_hidden || grad_weight {
-            // d loss / d logits = softmax - onehot(target)
+            // d loss / d logits = softmax - onehot(target), weighted
             let minus_one = Tensor::<B, 2>::full([len, 1], -1.0, (&device, DType::F32));
-            let mut g = (shifted - log_z).exp().scatter(1, target, minus_one, IndexingUpdateOp::Add);
-            if let Some(w) = &weight {
-                g = g * w.clone();
-            }
-            if grad_hidden {
-                g_hidden.push(crate::dense_matmul(g.clone().cast(h_dtype), w_const.clone()));
+            let g = (shifted - log_z).exp().scatter(1, target, minus_one, IndexingUpdateOp::Add) * weight;
+            if let Some(acc) = g_hidden.take() {
+                let part = crate::dense_matmul(g.clone().cast(h_dtype), w_const.clone());
+                g_hidden = Some(acc.slice_assign([start..start + len, 0..width], part));
             }
             if grad_weight {
                 let gw = crate::dense_matmul(g.transpose(), h.cast(DType::F32));
@@ -136,8 +131,8 @@ pub fn chunked_cross_entropy<B: crate::KernelBackend>(
     }
 
     let mut total = total.expect("at least one chunk holds a kept row");
-    if grad_hidden {
-        total = total + with_gradient(hidden, Tensor::cat(g_hidden, 0));
+    if let Some(g) = g_hidden {
+        total = total + with_gradient(hidden, g);
     }
     if let Some(g) = g_weight {
         let g = g.cast(lm_head_weight.dtype());

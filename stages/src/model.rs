@@ -179,6 +179,12 @@ fn train_config(cfg: &Config) -> TrainConfig {
     }
 }
 
+/// Axolotl's `pad_to_sequence_len`, on by default with `sample_packing`: every micro-batch is
+/// `micro_batch_size × sequence_len`, one shape for the whole run.
+fn pads_batches(cfg: &Config) -> bool {
+    cfg.pad_to_sequence_len.unwrap_or(cfg.sample_packing)
+}
+
 fn read_data(path: &Path) -> anyhow::Result<Option<TrainData>> {
     let d = TrainData::from_parquet(path)?;
     Ok(if d.is_empty() { None } else { Some(d) })
@@ -201,6 +207,12 @@ where
         self.ctx.progress.set_total(r.total_steps as u64);
         self.ctx.progress.set_position(r.step as u64);
         self.ctx.progress.set_message(format!("loss {:.4}  lr {:.2e}  {:.0} tok/s", r.loss, r.lr, r.tokens_per_s));
+        if r.kernel_compiles > 0 {
+            self.ctx.progress.println(format!(
+                "step {}: {:.1} s, of which {:.1} s compiling {} kernels and loading them",
+                r.step, r.step_s, r.kernel_jit_s, r.kernel_compiles
+            ));
+        }
     }
     fn evaluate(&mut self, model: &Llama<B>, _step: usize) -> Option<f64> {
         let val = self.val?;
@@ -228,9 +240,13 @@ impl WithAutodiffBackend for TrainWork<'_> {
         let cfg = &self.cfg;
         let pack = ctx.input("pack")?;
         let model_dir = ctx.input("fetch.model")?;
+        let eval_batch = cfg.eval_batch_size.unwrap_or(cfg.micro_batch_size);
+        let pad = pads_batches(cfg);
         let data = read_data(&pack.join("train.parquet"))?
             .ok_or_else(|| anyhow::anyhow!("the pack stage produced no training rows"))?;
-        let val = read_data(&pack.join("val.parquet"))?;
+        let data = if pad { data.pad_batches_to(cfg.sequence_len, cfg.micro_batch_size) } else { data };
+        let val = read_data(&pack.join("val.parquet"))?
+            .map(|v| if pad { v.pad_batches_to(cfg.sequence_len, eval_batch) } else { v });
         let lora = lora_config(cfg);
         ctx.progress.set_message("loading model".into());
         if qlora(cfg) {
@@ -259,8 +275,7 @@ impl WithAutodiffBackend for TrainWork<'_> {
             }),
         };
         let tcfg = train_config(cfg);
-        let mut hooks =
-            Hooks { ctx, val: val.as_ref(), eval_batch: cfg.eval_batch_size.unwrap_or(cfg.micro_batch_size) };
+        let mut hooks = Hooks { ctx, val: val.as_ref(), eval_batch };
         let (model, summary) = newt_model::train::train(model, &data, &tcfg, &run, &mut hooks, &device)?;
         for w in &summary.warnings {
             ctx.progress.println(format!("warning: {w}"));
@@ -321,6 +336,15 @@ impl Stage for Train {
         if b != ResolvedBackend::Cpu {
             let (lt, fallback) = newt_kernels::matmul::cuda_dense_matmul_calls();
             ctx.progress.println(format!("dense matmuls: {lt} through cuBLASLt, {fallback} through CubeCL"));
+            let jit = newt_kernels::jit_stats();
+            ctx.progress.println(format!(
+                "kernels: {} compiled ({:.1} s), {} from the kernel cache, {} modules loaded ({:.1} s)",
+                jit.compiles,
+                jit.compile.as_secs_f64(),
+                jit.cache_hits,
+                jit.loads,
+                jit.load.as_secs_f64()
+            ));
         }
         out
     }
@@ -435,8 +459,9 @@ impl WithBackend for EvalWork<'_> {
         let cfg = &self.cfg;
         let model_dir = ctx.input("fetch.model")?;
         let adapter = ctx.input("train")?;
-        let val = read_data(&ctx.input("pack")?.join("val.parquet"))?;
         let batch = cfg.eval_batch_size.unwrap_or(1).max(1);
+        let val = read_data(&ctx.input("pack")?.join("val.parquet"))?
+            .map(|v| if pads_batches(cfg) { v.pad_batches_to(cfg.sequence_len, batch) } else { v });
         let mut metrics = serde_json::Map::new();
         for (name, with_adapter) in [("base", false), ("tuned", true)] {
             ctx.check_cancelled()?;

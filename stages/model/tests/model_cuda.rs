@@ -175,3 +175,21 @@ fn cuda_generation_throughput() {
         );
     }
 }
+
+/// Loss sums and gradient norms are f32 tensors read on the host: through `into_scalar` they
+/// would come back as the backend's float element, bf16 on CUDA (every loss sum and squared norm
+/// of the H200 runs before this test was written was a bf16 value).
+#[test]
+fn cuda_f32_scalars_are_read_in_f32() {
+    if !cuda_ready() {
+        return;
+    }
+    let dev = Default::default();
+    let x = 60417.0f32; // not a bf16 value (bf16 holds 60416 and 60672 here)
+    let t = burn::tensor::Tensor::<CudaBackend, 1>::from_data(
+        burn::tensor::TensorData::new(vec![x], [1]),
+        (&dev, burn::tensor::DType::F32),
+    );
+    assert_eq!(newt_kernels::read_f64(t.clone()), x as f64);
+    assert_ne!(f32::from(t.into_scalar()) as f64, x as f64, "into_scalar no longer rounds: read_f64 may go");
+}

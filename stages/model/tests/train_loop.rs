@@ -313,6 +313,34 @@ fn parquet_rows_become_padded_micro_batches_with_segments() {
     assert_eq!(ints(b.labels), [1, 2, -100, -100, -100, -100, 6, 7, -100, 9]);
     assert_eq!(ints(b.segment_ids), [1, 1, 0, 0, 0, 1, 1, 1, 2, 2]);
     assert_eq!(ints(b.position_ids), [0, 1, 0, 0, 0, 0, 1, 2, 0, 1]);
+
+    // pad_to_sequence_len: one shape for every batch, a short last batch included.
+    let d = d.pad_batches_to(8, 3);
+    let b = d.micro_batch::<burn::backend::Flex>(&[1], &Dev::default());
+    assert_eq!(b.input_ids.dims(), [3, 8]);
+    assert_eq!(ints(b.labels), [vec![1i64, 2], vec![-100; 22]].concat());
+    assert_eq!(ints(b.segment_ids), [vec![1i64, 1], vec![0; 22]].concat());
+    assert_eq!(d.stats(&[1]).tokens, 2, "padding is not counted as tokens");
+}
+
+#[test]
+fn batches_padded_to_a_fixed_shape_give_the_same_loss_and_gradients() {
+    let _serial = serial();
+    let (m, dev) = (model(0.0), Dev::default());
+    let plain = data(5);
+    let widest = (0..plain.len()).map(|i| plain.stats(&[i]).tokens).max().unwrap();
+    let padded = data(5).pad_batches_to(widest + 7, 4);
+    for mb in [vec![0, 1], vec![2, 3, 4]] {
+        let a = step_gradients::<Ad, _>(&m, &plain, std::slice::from_ref(&mb), &dev);
+        let b = step_gradients::<Ad, _>(&m, &padded, std::slice::from_ref(&mb), &dev);
+        assert_eq!(a.trained_tokens, b.trained_tokens);
+        assert!((a.loss() - b.loss()).abs() < 1e-6, "{} vs {}", a.loss(), b.loss());
+        for p in a.grads.paths() {
+            let (x, y) = (flat(a.grads.get(p).unwrap().clone()), flat(b.grads.get(p).unwrap().clone()));
+            assert!(max_abs_diff(&x, &y) < 1e-6, "{p}");
+            assert!(x.iter().any(|v| *v != 0.0), "{p} has no gradient: the test would prove nothing");
+        }
+    }
 }
 
 #[test]

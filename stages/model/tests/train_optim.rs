@@ -32,6 +32,17 @@ struct Net<B: Backend> {
 
 #[test]
 fn adamw_matches_torch_formula() {
+    adamw_golden(false);
+}
+
+/// The trainer creates the moments before the first step (so that step runs the same
+/// operations as every later one); the updates must not change.
+#[test]
+fn adamw_with_moments_prepared_before_the_first_step_matches_torch_formula() {
+    adamw_golden(true);
+}
+
+fn adamw_golden(prepare: bool) {
     let g = golden("adamw_golden.json");
     let dev = Default::default();
     let init = &g["init"];
@@ -50,6 +61,11 @@ fn adamw_matches_torch_formula() {
     };
     let max_norm = g["max_grad_norm"].as_f64().unwrap();
     let mut opt = AdamW::new(cfg.adamw());
+    if prepare {
+        assert_eq!(opt.prepare::<Ad, _>(&net, &dev), 2, "one moment pair per trainable parameter");
+        assert_eq!(opt.prepare::<Ad, _>(&net, &dev), 0, "prepared state is kept");
+        assert_eq!(opt.paths().collect::<Vec<_>>(), ["layer.bias", "layer.weight"]);
+    }
     let mut clipped_any = (false, false);
     for (i, step) in g["steps"].as_array().unwrap().iter().enumerate() {
         let mut grads = ParamGrads::default();

@@ -9,6 +9,8 @@ mod runtime;
 pub use device::*;
 /// newt patch: see `compute/external.rs`.
 pub use compute::external;
+/// newt patch: see `compute/jit_stats.rs`.
+pub use compute::jit_stats;
 pub use runtime::*;
 
 #[cfg(feature = "ptx-wmma")]

@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 
-use burn::module::{AutodiffModule, ModuleMapper, Param};
+use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{FloatDType, Tensor};
 
@@ -73,13 +73,57 @@ impl<B: Backend> AdamW<B> {
         model.map(&mut mapper)
     }
 
+    /// Creates the zero moments of every trainable parameter of `model` that has none yet, and
+    /// waits for them, so that the first update runs the same operations as every later one.
+    ///
+    /// On a fusing JIT backend the first update would otherwise fuse the freshly created zeros
+    /// into its arithmetic: a different kernel from the one every later step uses, compiled
+    /// (and autotuned) once more on step 2. Returns how many moments were created.
+    pub fn prepare<AB, M>(&mut self, model: &M, device: &B::Device) -> usize
+    where
+        AB: AutodiffBackend<InnerBackend = B>,
+        M: AutodiffModule<AB>,
+    {
+        struct Sizes<'a> {
+            path: PathStack,
+            out: &'a mut Vec<(String, usize)>,
+        }
+        impl<AB: AutodiffBackend> ModuleVisitor<AB> for Sizes<'_> {
+            fn enter_module(&mut self, name: &str, _container: &str) {
+                self.path.enter(name);
+            }
+            fn exit_module(&mut self, _name: &str, _container: &str) {
+                self.path.exit();
+            }
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
+                let t = param.val();
+                if t.is_require_grad() {
+                    self.out.push((self.path.path(), t.shape().num_elements()));
+                }
+            }
+        }
+        let mut sizes = Vec::new();
+        model.visit(&mut Sizes { path: PathStack::default(), out: &mut sizes });
+        let mut created = 0;
+        for (path, n) in sizes {
+            self.state.entry(path).or_insert_with(|| {
+                created += 1;
+                Moments { exp_avg: zeros(n, device), exp_avg_sq: zeros(n, device), step: 0 }
+            });
+        }
+        if created > 0 {
+            B::sync(device).expect("device sync after creating optimizer state");
+        }
+        created
+    }
+
     fn update(&mut self, path: &str, p: Tensor<B, 1>, g: Tensor<B, 1>, lr: f64) -> Tensor<B, 1> {
         let AdamWParams { beta1, beta2, eps, weight_decay } = self.params;
         let n = g.shape().num_elements();
         let device = g.device();
         let st = self.state.entry(path.to_string()).or_insert_with(|| Moments {
-            exp_avg: Tensor::zeros([n], (&device, burn::tensor::DType::F32)),
-            exp_avg_sq: Tensor::zeros([n], (&device, burn::tensor::DType::F32)),
+            exp_avg: zeros(n, &device),
+            exp_avg_sq: zeros(n, &device),
             step: 0,
         });
         st.step += 1;
@@ -127,6 +171,10 @@ impl<B: Backend> AdamW<B> {
     pub fn paths(&self) -> impl Iterator<Item = &str> {
         self.state.keys().map(String::as_str)
     }
+}
+
+fn zeros<B: Backend>(n: usize, device: &B::Device) -> Tensor<B, 1> {
+    Tensor::zeros([n], (device, burn::tensor::DType::F32))
 }
 
 struct Update<'a, AB: AutodiffBackend> {

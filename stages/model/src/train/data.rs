@@ -38,6 +38,10 @@ pub struct TrainData {
     labels: Vec<i32>,
     position_ids: Vec<i32>,
     offsets: Vec<usize>,
+    /// Micro-batches are at least this wide (see [`TrainData::pad_batches_to`]).
+    pad_width: usize,
+    /// Micro-batches have at least this many rows.
+    pad_rows: usize,
 }
 
 /// Host-side counts of one micro-batch, used for metrics (tokens/s, MFU).
@@ -156,6 +160,18 @@ impl TrainData {
         order
     }
 
+    /// Pads every micro-batch to at least `width` tokens and `rows` rows (Axolotl's
+    /// `pad_to_sequence_len`): every batch then has one shape, whatever the lengths of its rows
+    /// and however many rows are left at the end of an epoch. On a JIT backend each new shape
+    /// costs kernel compilations (a minute and more on the first meeting); padding costs only the
+    /// padded positions' arithmetic and changes no loss or gradient (padding carries no labels
+    /// and attends only to itself).
+    pub fn pad_batches_to(mut self, width: usize, rows: usize) -> Self {
+        self.pad_width = width;
+        self.pad_rows = rows;
+        self
+    }
+
     /// Counts of the rows `indices` (non-padding tokens, Σ sample length²).
     pub fn stats(&self, indices: &[usize]) -> BatchStats {
         let mut s = BatchStats::default();
@@ -169,11 +185,13 @@ impl TrainData {
         s
     }
 
-    /// Assembles rows `indices` into a micro-batch padded to its longest row (pad: token 0,
-    /// label -100, position 0, segment 0). Segment ids count packed samples from 1 within a row.
+    /// Assembles rows `indices` into a micro-batch padded to its longest row, or to the width and
+    /// row count of [`TrainData::pad_batches_to`] (pad: token 0, label -100, position 0,
+    /// segment 0). Segment ids count packed samples from 1 within a row.
     pub fn micro_batch<B: Backend>(&self, indices: &[usize], device: &B::Device) -> TrainBatch<B> {
-        let width = indices.iter().map(|&i| self.offsets[i + 1] - self.offsets[i]).max().unwrap_or(0);
-        let rows = indices.len();
+        let longest = indices.iter().map(|&i| self.offsets[i + 1] - self.offsets[i]).max().unwrap_or(0);
+        let width = longest.max(self.pad_width);
+        let rows = indices.len().max(self.pad_rows);
         let mut ids = vec![0i64; rows * width];
         let mut labels = vec![IGNORE_INDEX as i64; rows * width];
         let mut pos = vec![0i64; rows * width];

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use burn::module::{AutodiffModule, ModuleVisitor, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{ElementConversion, FloatDType, Tensor};
+use burn::tensor::{FloatDType, Tensor};
 
 use super::params::PathStack;
 
@@ -115,19 +115,20 @@ impl<B: Backend> ParamGrads<B> {
                 None => sq,
             });
         }
-        total.map(|t| t.into_scalar().elem::<f64>().sqrt()).unwrap_or(0.0)
+        total.map(|t| newt_kernels::read_f64(t).sqrt()).unwrap_or(0.0)
     }
 
     /// torch `clip_grad_norm_(params, max_norm)`: computes the total norm over all gradients
-    /// and, when `max_norm / (total + 1e-6) < 1`, scales every gradient by that factor. Returns
-    /// the norm before clipping. `max_norm <= 0` only measures.
+    /// and scales every gradient by `min(1, max_norm / (total + 1e-6))`. Returns the norm before
+    /// clipping. `max_norm <= 0` only measures.
+    ///
+    /// The factor is applied even when it is 1 (as torch's foreach path does): whether a step
+    /// is clipped then changes a scalar, not the operations, so a fusing JIT backend compiles
+    /// one update kernel for both cases.
     pub fn clip_global_norm(&mut self, max_norm: f64) -> f64 {
         let total = self.global_norm();
         if max_norm > 0.0 {
-            let coef = max_norm / (total + 1e-6);
-            if coef < 1.0 {
-                self.scale(coef);
-            }
+            self.scale((max_norm / (total + 1e-6)).min(1.0));
         }
         total
     }

@@ -71,6 +71,13 @@ pub struct StepReport {
     /// `step_s`, shows time spent between steps (compiles, checkpoints, evaluation).
     #[serde(default)]
     pub elapsed_s: f64,
+    /// Kernels the JIT backend compiled during this step (0 on the CPU, and once the kernel
+    /// cache is warm): a slow step with compiles paid for its kernels, not its arithmetic.
+    #[serde(default)]
+    pub kernel_compiles: u64,
+    /// Seconds of this step spent compiling kernels and loading them into the device.
+    #[serde(default)]
+    pub kernel_jit_s: f64,
     /// True every `logging_steps` steps (for the CLI to print a line).
     pub log_line: bool,
 }

@@ -3,7 +3,6 @@
 use std::panic::{AssertUnwindSafe, catch_unwind, resume_unwind};
 use std::time::Instant;
 
-use burn::tensor::ElementConversion;
 use burn::tensor::Tensor;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 
@@ -78,6 +77,7 @@ where
         last_checkpoint = Some(pos.step);
         prior_metrics = ck.metrics;
     }
+    opt.prepare::<B, M>(&model, device);
     let resumed_from = last_checkpoint;
     let mut log = MetricsLog::open(run.metrics_jsonl.as_deref(), prior_metrics)?;
     let mut order = data.epoch_order(cfg.seed, pos.epoch, cfg.shuffle);
@@ -111,6 +111,7 @@ where
         let sum_sq: u64 = stats.iter().map(|s| s.sum_sq_sample_len).sum();
 
         let t0 = Instant::now();
+        let jit0 = newt_kernels::jit_stats();
         let step_no = pos.step + 1;
         let max_norm = cfg.max_grad_norm;
         let opt_ref = &mut opt;
@@ -119,6 +120,7 @@ where
         })?;
         model = new_model;
         let step_s = t0.elapsed().as_secs_f64();
+        let jit = newt_kernels::jit_stats().since(&jit0);
 
         next.step += 1;
         if next.micro >= plan.micro_batches_per_epoch {
@@ -145,6 +147,8 @@ where
             mfu,
             step_s,
             elapsed_s: started.elapsed().as_secs_f64(),
+            kernel_compiles: jit.compiles,
+            kernel_jit_s: (jit.compile + jit.load).as_secs_f64(),
             log_line: pos.step % plan.log_every == 0 || pos.step == plan.total_steps,
         };
         summary.tokens += tokens as u64;
@@ -245,7 +249,7 @@ where
             None => value,
         });
     }
-    let loss_sum = loss_sum.map(|t| t.into_scalar().elem::<f64>()).unwrap_or(0.0);
+    let loss_sum = loss_sum.map(newt_kernels::read_f64).unwrap_or(0.0);
     if trained_tokens > 0 {
         grads.scale(1.0 / trained_tokens as f64);
     }
@@ -376,7 +380,7 @@ pub fn eval_loss<B: Backend, M: CausalLoss<B>>(
     for rows in order.chunks(batch_size.max(1)) {
         let out = model.loss(&data.micro_batch::<B>(rows, device));
         tokens += out.tokens;
-        sum += out.sum.into_scalar().elem::<f64>();
+        sum += newt_kernels::read_f64(out.sum);
     }
     if tokens == 0 { f64::NAN } else { sum / tokens as f64 }
 }

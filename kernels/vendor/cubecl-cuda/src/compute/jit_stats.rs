@@ -1,0 +1,64 @@
+//! newt patch: process-wide counts and times of kernel compilations and module loads, so a
+//! caller can see how much of a slow step was JIT work (and whether the kernel cache served it).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+static COMPILES: AtomicU64 = AtomicU64::new(0);
+static COMPILE_NS: AtomicU64 = AtomicU64::new(0);
+static CACHE_HITS: AtomicU64 = AtomicU64::new(0);
+static LOADS: AtomicU64 = AtomicU64::new(0);
+static LOAD_NS: AtomicU64 = AtomicU64::new(0);
+
+/// Totals since the process started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct JitStats {
+    /// Kernels compiled (CubeCL IR to C++ to NVRTC), cache misses.
+    pub compiles: u64,
+    /// Time spent in those compilations.
+    pub compile: Duration,
+    /// Kernels found in the persistent compilation cache.
+    pub cache_hits: u64,
+    /// Modules loaded into the CUDA context (after a compile or a cache hit).
+    pub loads: u64,
+    /// Time spent loading them (includes the driver's PTX compilation for PTX modules).
+    pub load: Duration,
+}
+
+impl JitStats {
+    /// What happened between `earlier` and `self`.
+    pub fn since(&self, earlier: &JitStats) -> JitStats {
+        JitStats {
+            compiles: self.compiles - earlier.compiles,
+            compile: self.compile.saturating_sub(earlier.compile),
+            cache_hits: self.cache_hits - earlier.cache_hits,
+            loads: self.loads - earlier.loads,
+            load: self.load.saturating_sub(earlier.load),
+        }
+    }
+}
+
+/// The totals so far.
+pub fn jit_stats() -> JitStats {
+    JitStats {
+        compiles: COMPILES.load(Ordering::Relaxed),
+        compile: Duration::from_nanos(COMPILE_NS.load(Ordering::Relaxed)),
+        cache_hits: CACHE_HITS.load(Ordering::Relaxed),
+        loads: LOADS.load(Ordering::Relaxed),
+        load: Duration::from_nanos(LOAD_NS.load(Ordering::Relaxed)),
+    }
+}
+
+pub(crate) fn record_compile(took: Duration) {
+    COMPILES.fetch_add(1, Ordering::Relaxed);
+    COMPILE_NS.fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+}
+
+pub(crate) fn record_cache_hit() {
+    CACHE_HITS.fetch_add(1, Ordering::Relaxed);
+}
+
+pub(crate) fn record_load(took: Duration) {
+    LOADS.fetch_add(1, Ordering::Relaxed);
+    LOAD_NS.fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+}
