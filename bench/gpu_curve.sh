@@ -23,13 +23,14 @@ for path in fast reference; do
   # The env var is not part of the train stage's key: each path gets its own artifact cache,
   # sharing the kernel cache.
   cache=/tmp/curve-cache-$path; mkdir -p $cache; ln -sfn /tmp/newt-cache/cubecl $cache/cubecl
-  mm=; [ $path = reference ] && mm=cubecl
+  mm=; limit=${TIMEOUT_FAST:-300}; [ $path = reference ] && mm=cubecl && limit=${TIMEOUT_REFERENCE:-300}
   NEWT_DENSE_MATMUL=$mm NEWT_DATA_THREADS=2 NEWT_CACHE_DIR=$cache CUBECL_AUTOTUNE_LEVEL=${CUBECL_AUTOTUNE_LEVEL:-minimal} \
-    timeout ${NEWT_TIMEOUT:-300} /tmp/newt run pipelines/.curve.yml --only train > /tmp/aux/$path.out 2> /tmp/aux/$path.err
+    bash bench/timeout_with_stacks.sh $limit "$OUT/$path.stacks" /tmp/newt run pipelines/.curve.yml --only train > /tmp/aux/$path.out 2> /tmp/aux/$path.err
   echo "newt exit $?" >> /tmp/aux/$path.out
   m=$(find $cache -name metrics.jsonl -printf '%T@ %p\n' 2>/dev/null | sort -n | tail -1 | cut -d' ' -f2-)
   [ -n "$m" ] && cp "$m" "$OUT/$path.jsonl"
-  { tail -4 /tmp/aux/$path.out; grep -E "kernels:|dense matmuls|step [0-9]+:" /tmp/aux/$path.err; } > "$OUT/$path.log"
+  # The stage's result lines, its JIT lines, and the end of stderr (a failure's error).
+  { tail -4 /tmp/aux/$path.out; grep -E "kernels:|dense matmuls|step [0-9]+:" /tmp/aux/$path.err; tail -8 /tmp/aux/$path.err; } > "$OUT/$path.log"
 done
 python3 bench/curve_compare.py "$OUT/fast.jsonl" "$OUT/reference.jsonl" | tee "$OUT/curve.md"
 [ "${SAVE_CACHE:-1}" = 1 ] && tar cJf "$OUT/kernel-cache.txz" -C /tmp/newt-cache cubecl

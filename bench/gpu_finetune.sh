@@ -21,11 +21,12 @@ mkdir -p /tmp/newt-cache && [ -f "$KERNEL_CACHE" ] && tar xf "$KERNEL_CACHE" -C 
 nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 250 > /tmp/aux/mem.log &
 smi=$!
 NEWT_DATA_THREADS=2 NEWT_CACHE_DIR=/tmp/newt-cache CUBECL_AUTOTUNE_LEVEL=${CUBECL_AUTOTUNE_LEVEL:-minimal} \
-  timeout ${NEWT_TIMEOUT:-400} /tmp/newt run pipelines/smollm2-chat-lora.yml --only train > "$OUT/newt.out" 2> /tmp/aux/newt.err
+  bash bench/timeout_with_stacks.sh ${NEWT_TIMEOUT:-400} /tmp/aux/stacks.txt /tmp/newt run pipelines/smollm2-chat-lora.yml --only train > "$OUT/newt.out" 2> /tmp/aux/newt.err
 echo "newt exit $?" >> "$OUT/newt.out"
 kill $smi
 echo "peak MiB used (incl. context): $(sort -n /tmp/aux/mem.log | tail -1)" >> "$OUT/newt.out"
 cat /tmp/aux/gguf.sha256 >> "$OUT/newt.out"; tail -20 /tmp/aux/newt.err >> "$OUT/newt.out"
+[ -f /tmp/aux/stacks.txt ] && cat /tmp/aux/stacks.txt >> "$OUT/newt.out"
 m=$(find outputs pipelines/outputs /tmp/newt-cache -name metrics.jsonl 2>/dev/null | head -1); [ -n "$m" ] && cp "$m" "$OUT/metrics.jsonl"
 a=$(find outputs pipelines/outputs /tmp/newt-cache -name adapter_model.safetensors 2>/dev/null | head -1)
 [ -n "$a" ] && mkdir -p "$OUT/adapter" && cp "$(dirname "$a")"/adapter_* "$OUT/adapter/"

@@ -51,7 +51,7 @@ if [ -n "${KERNEL_CACHE:-}" ] && [ -f "$KERNEL_CACHE" ]; then mkdir -p /tmp/newt
 # gradient_checkpointing is not part of the train stage's key (it does not change results), so
 # the GC run gets its own artifact cache, sharing the kernel cache.
 cache=/tmp/newt-cache; if [ "$gc" = 1 ]; then cache=/tmp/newt-cache-gc; mkdir -p $cache /tmp/newt-cache/cubecl; ln -sfn /tmp/newt-cache/cubecl $cache/cubecl; fi
-NEWT_DATA_THREADS=${NEWT_DATA_THREADS:-2} NEWT_CACHE_DIR=$cache timeout ${NEWT_TIMEOUT:-360} /tmp/newt run /tmp/gpu.yml --only train > "$OUT/newt.out" 2> /tmp/aux/newt-$shape.err
+NEWT_DATA_THREADS=${NEWT_DATA_THREADS:-2} NEWT_CACHE_DIR=$cache bash bench/timeout_with_stacks.sh ${NEWT_TIMEOUT:-360} /tmp/aux/stacks.txt /tmp/newt run /tmp/gpu.yml --only train > "$OUT/newt.out" 2> /tmp/aux/newt-$shape.err
 echo "newt exit $?" >> "$OUT/newt.out"
 cat /tmp/aux/gpu.txt >> "$OUT/newt.out"
 kill $smi
@@ -65,4 +65,6 @@ kc=$(find /tmp/newt-cache -maxdepth 3 -type d -name cubecl | head -1)
 # xz: the cache is mostly PTX text; gzip of it grew past what a call returns.
 [ -n "$kc" ] && [ "${SAVE_CACHE:-1}" = 1 ] && tar cJf "$OUT/kernel-cache.txz" -C "$(dirname "$kc")" cubecl && du -sh "$kc" >> "$OUT/newt.out"
 tail -20 /tmp/aux/newt-$shape.err >> "$OUT/newt.out"
+# Where a run that hit the limit was (bench/timeout_with_stacks.sh).
+[ -f /tmp/aux/stacks.txt ] && cat /tmp/aux/stacks.txt >> "$OUT/newt.out" && rm /tmp/aux/stacks.txt
 cat "$OUT/peft.jsonl" "$OUT/newt.out"; tail -3 "$OUT/newt_metrics.jsonl" 2>/dev/null
