@@ -33,11 +33,25 @@ pub fn chunked_cross_entropy<B: crate::KernelBackend>(
     labels: Tensor<B, 1, Int>,
     chunk_tokens: usize,
 ) -> Tensor<B, 1> {
+    let labels: Vec<i64> = labels.into_data().convert::<i64>().into_vec().expect("labels convert to i64");
+    chunked_cross_entropy_host_labels(hidden, lm_head_weight, &labels, chunk_tokens)
+}
+
+/// [`chunked_cross_entropy`] with the labels on the host, as the batch was built.
+///
+/// The loss needs the labels on the host (which rows to keep); reading them back from the device
+/// would wait for every operation queued before — on a GPU, for the whole forward pass — before
+/// the loss and the backward pass could be queued.
+pub fn chunked_cross_entropy_host_labels<B: crate::KernelBackend>(
+    hidden: Tensor<B, 2>,
+    lm_head_weight: Tensor<B, 2>,
+    labels: &[i64],
+    chunk_tokens: usize,
+) -> Tensor<B, 1> {
     let device = hidden.device();
     let [tokens, width] = hidden.dims();
     let [vocab, head_width] = lm_head_weight.dims();
     assert_eq!(width, head_width, "hidden width {width} vs lm_head width {head_width}");
-    let labels: Vec<i64> = labels.into_data().convert::<i64>().into_vec().expect("labels convert to i64");
     assert_eq!(labels.len(), tokens, "one label per hidden row");
     let mut rows = Vec::new();
     let mut targets = Vec::new();

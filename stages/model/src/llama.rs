@@ -14,7 +14,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, Int, Tensor, TensorData, backend::Backend};
 use newt_kernels::loss::IGNORE_INDEX;
 use newt_kernels::{
-    AttentionMask, FlashOptions, KernelBackend, RopeTables, apply_rope, attention, chunked_cross_entropy,
+    AttentionMask, FlashOptions, KernelBackend, RopeTables, apply_rope, attention, chunked_cross_entropy_host_labels,
     flash_attention, rms_norm, rope_inv_freq, swiglu,
 };
 
@@ -65,6 +65,10 @@ pub struct TrainBatch<B: Backend> {
     pub position_ids: Tensor<B, 2, Int>,
     /// Sample number of each token within its row: 0 = padding, 1..n = samples.
     pub segment_ids: Tensor<B, 2, Int>,
+    /// The next-token targets ([`shift_within_segments`] of `labels`), row-major, when the batch
+    /// was built on the host: the loss then reads nothing back from the device (a read would wait
+    /// for the whole forward pass). `None`: computed from `labels` and `segment_ids`.
+    pub host_targets: Option<Vec<i64>>,
 }
 
 /// Summed loss of a batch and the number of tokens it sums over.
@@ -467,16 +471,23 @@ impl<B: KernelBackend> Llama<B> {
 
     /// The summed loss of final hidden states `[batch, seq, hidden]` (after the last norm).
     fn head_loss(&self, hidden: Tensor<B, 3>, batch: &TrainBatch<B>) -> LossOutput<B> {
-        let device = batch.input_ids.device();
         let [b, t] = batch.input_ids.dims();
-        let labels = int_vec(batch.labels.clone());
-        let segments = int_vec(batch.segment_ids.clone());
-        let targets = shift_within_segments(&labels, &segments, t);
+        let targets = match &batch.host_targets {
+            Some(targets) => {
+                assert_eq!(targets.len(), b * t, "host_targets: one per token of the batch");
+                std::borrow::Cow::Borrowed(targets)
+            }
+            None => {
+                let labels = int_vec(batch.labels.clone());
+                let segments = int_vec(batch.segment_ids.clone());
+                std::borrow::Cow::Owned(shift_within_segments(&labels, &segments, t))
+            }
+        };
         let tokens = targets.iter().filter(|&&l| l != IGNORE_INDEX).count();
-        let sum = chunked_cross_entropy(
+        let sum = chunked_cross_entropy_host_labels(
             hidden.reshape([b * t, self.config.hidden_size]),
             self.lm_head_weight(),
-            Tensor::from_data(TensorData::new(targets, [b * t]), &device),
+            &targets,
             self.loss_chunk_tokens,
         );
         LossOutput { sum, tokens }

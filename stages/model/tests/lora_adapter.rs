@@ -68,6 +68,7 @@ fn lora_gradients_reach_the_adapter_and_not_the_base() {
         labels: ints(&IDS, 1, 8),
         position_ids: ints(&(0..8).collect::<Vec<_>>(), 1, 8),
         segment_ids: ints(&[1; 8], 1, 8),
+        host_targets: None,
     });
     let grads = loss.sum.backward();
     let lin = &model.layers[0].self_attn.q_proj;

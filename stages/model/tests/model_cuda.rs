@@ -82,6 +82,7 @@ fn cuda_lora_step_matches_cpu_loss_and_keeps_adapters_in_f32() {
             labels: ints(ids, 1, n),
             position_ids: ints(pos, 1, n),
             segment_ids: ints(seg, 1, n),
+            host_targets: None,
         });
         let grads = out.sum.clone().backward();
         let a = model.layers[0].self_attn.q_proj.lora.as_ref().unwrap().lora_a.val();

@@ -65,6 +65,7 @@ fn packed_loss_equals_mean_of_unpacked() {
             labels: ints(labels, 1, n),
             position_ids: ints(&(0..n as i64).collect::<Vec<_>>(), 1, n),
             segment_ids: ints(&vec![1; n], 1, n),
+            host_targets: None,
         });
         sum += out.sum.into_scalar() as f64;
         tokens += out.tokens;
@@ -89,6 +90,7 @@ fn packed_loss_equals_mean_of_unpacked() {
         labels: ints(&labels, 1, n),
         position_ids: ints(&pos, 1, n),
         segment_ids: ints(&seg, 1, n),
+        host_targets: None,
     });
     assert_eq!(packed.tokens, tokens);
     // 3 + 2 + 1 targets: a sample's last token never predicts the next sample's first.
@@ -100,6 +102,16 @@ fn packed_loss_equals_mean_of_unpacked() {
         packed_sum / tokens as f64,
         sum / tokens as f64
     );
+    // Targets shifted on the host (as TrainData builds batches) give the same loss.
+    let host = model.loss(&TrainBatch {
+        input_ids: ints(&ids, 1, n),
+        labels: ints(&labels, 1, n),
+        position_ids: ints(&pos, 1, n),
+        segment_ids: ints(&seg, 1, n),
+        host_targets: Some(newt_model::llama::shift_within_segments(&labels, &seg, n)),
+    });
+    assert_eq!(host.tokens, tokens);
+    assert_eq!(host.sum.into_scalar() as f64, packed_sum);
 }
 
 #[test]
@@ -122,6 +134,7 @@ fn loss_equals_cross_entropy_of_the_logits() {
         labels: ints(&ids, 1, n),
         position_ids: ints(&(0..n as i64).collect::<Vec<_>>(), 1, n),
         segment_ids: ints(&vec![1; n], 1, n),
+        host_targets: None,
     });
     assert_eq!(got.tokens, n - 1);
     let got = got.sum.into_scalar() as f64;
@@ -188,6 +201,7 @@ fn frozen_base_weights_get_no_gradient() {
         labels: ints(&ids, 1, 4),
         position_ids: ints(&[0, 1, 2, 3], 1, 4),
         segment_ids: ints(&[1, 1, 1, 1], 1, 4),
+        host_targets: None,
     });
     let grads = loss.sum.backward();
     let w: Tensor<AD, 2> = model.layers[0].self_attn.q_proj.weight.val();

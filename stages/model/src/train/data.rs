@@ -212,7 +212,14 @@ impl TrainData {
         }
         let shape = [rows, width];
         let int = |v: Vec<i64>| Tensor::<B, 2, Int>::from_data(TensorData::new(v, shape), device);
-        TrainBatch { input_ids: int(ids), labels: int(labels), position_ids: int(pos), segment_ids: int(seg) }
+        let host_targets = Some(crate::llama::shift_within_segments(&labels, &seg, width));
+        TrainBatch {
+            input_ids: int(ids),
+            labels: int(labels),
+            position_ids: int(pos),
+            segment_ids: int(seg),
+            host_targets,
+        }
     }
 }
 

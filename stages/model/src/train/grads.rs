@@ -107,15 +107,21 @@ impl<B: Backend> ParamGrads<B> {
 
     /// L2 norm over all gradients together (one host sync).
     pub fn global_norm(&self) -> f64 {
+        self.global_norm_sq().map(|t| newt_kernels::read_f64(t).sqrt()).unwrap_or(0.0)
+    }
+
+    /// The squared L2 norm over all gradients, as an f32 `[1]` tensor still on the device
+    /// (`None` without gradients).
+    pub fn global_norm_sq(&self) -> Option<Tensor<B, 1>> {
         let mut total: Option<Tensor<B, 1>> = None;
         for g in self.by_path.values() {
-            let sq = g.clone().square().sum();
+            let sq = g.clone().square().sum().cast(FloatDType::F32);
             total = Some(match total {
                 Some(t) => t + sq,
                 None => sq,
             });
         }
-        total.map(|t| newt_kernels::read_f64(t).sqrt()).unwrap_or(0.0)
+        total
     }
 
     /// torch `clip_grad_norm_(params, max_norm)`: computes the total norm over all gradients
@@ -127,9 +133,14 @@ impl<B: Backend> ParamGrads<B> {
     /// one update kernel for both cases.
     pub fn clip_global_norm(&mut self, max_norm: f64) -> f64 {
         let total = self.global_norm();
+        self.clip_to_norm(total, max_norm);
+        total
+    }
+
+    /// The scaling of [`ParamGrads::clip_global_norm`] for a norm `total` already measured.
+    pub fn clip_to_norm(&mut self, total: f64, max_norm: f64) {
         if max_norm > 0.0 {
             self.scale((max_norm / (total + 1e-6)).min(1.0));
         }
-        total
     }
 }

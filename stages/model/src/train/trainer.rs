@@ -228,6 +228,23 @@ where
     B: AutodiffBackend,
     M: CausalLm<B>,
 {
+    let (grads, loss_sum, trained_tokens) = queue_step_gradients::<B, M>(model, data, micro_batches, device);
+    let loss_sum = loss_sum.map(newt_kernels::read_f64).unwrap_or(0.0);
+    StepGradients { grads, loss_sum, trained_tokens }
+}
+
+/// [`step_gradients`] without reading anything back: the gradients (already divided by the
+/// trained-token count) and the loss sum stay on the device, queued.
+fn queue_step_gradients<B, M>(
+    model: &M,
+    data: &TrainData,
+    micro_batches: &[Vec<usize>],
+    device: &B::Device,
+) -> (ParamGrads<B::InnerBackend>, Option<Tensor<B::InnerBackend, 1>>, usize)
+where
+    B: AutodiffBackend,
+    M: CausalLm<B>,
+{
     let mut grads = ParamGrads::<B::InnerBackend>::default();
     let mut loss_sum: Option<Tensor<B::InnerBackend, 1>> = None;
     let mut trained_tokens = 0usize;
@@ -249,11 +266,10 @@ where
             None => value,
         });
     }
-    let loss_sum = loss_sum.map(newt_kernels::read_f64).unwrap_or(0.0);
     if trained_tokens > 0 {
         grads.scale(1.0 / trained_tokens as f64);
     }
-    StepGradients { grads, loss_sum, trained_tokens }
+    (grads, loss_sum, trained_tokens)
 }
 
 /// One optimizer step over `micro_batches`: gradients, clipping, AdamW.
@@ -270,14 +286,25 @@ where
     B: AutodiffBackend,
     M: CausalLm<B>,
 {
-    let StepGradients { mut grads, loss_sum, trained_tokens } =
-        step_gradients::<B, M>(&model, data, micro_batches, device);
+    let (mut grads, loss_sum, trained_tokens) = queue_step_gradients::<B, M>(&model, data, micro_batches, device);
     if trained_tokens == 0 {
         // Every label masked: nothing to learn, and HF's 0/0 would poison the weights.
+        let loss_sum = loss_sum.map(newt_kernels::read_f64).unwrap_or(0.0);
         let out = StepOut { loss_sum, trained_tokens, grad_norm: 0.0 };
         return Ok((model, out));
     }
-    let grad_norm = grads.clip_global_norm(max_grad_norm);
+    // One read for the loss and the gradient norm: each read waits for the device.
+    let (loss_sum, grad_norm) = match (loss_sum, grads.global_norm_sq()) {
+        (Some(loss), Some(norm_sq)) => {
+            let both = Tensor::cat(vec![loss.cast(burn::tensor::DType::F32), norm_sq], 0).into_data();
+            let v: Vec<f64> = both.iter::<f64>().collect();
+            (v[0], v[1].sqrt())
+        }
+        (loss, norm_sq) => {
+            (loss.map(newt_kernels::read_f64).unwrap_or(0.0), norm_sq.map_or(0.0, |n| newt_kernels::read_f64(n).sqrt()))
+        }
+    };
+    grads.clip_to_norm(grad_norm, max_grad_norm);
     let loss = loss_sum / trained_tokens as f64;
     if !loss.is_finite() || !grad_norm.is_finite() {
         return Err(TrainError::NonFinite { step: 0, loss, grad_norm });
