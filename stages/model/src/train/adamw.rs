@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 
-use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param};
+use burn::module::{AutodiffModule, ModuleMapper, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{FloatDType, Tensor};
 
@@ -84,28 +84,8 @@ impl<B: Backend> AdamW<B> {
         AB: AutodiffBackend<InnerBackend = B>,
         M: AutodiffModule<AB>,
     {
-        struct Sizes<'a> {
-            path: PathStack,
-            out: &'a mut Vec<(String, usize)>,
-        }
-        impl<AB: AutodiffBackend> ModuleVisitor<AB> for Sizes<'_> {
-            fn enter_module(&mut self, name: &str, _container: &str) {
-                self.path.enter(name);
-            }
-            fn exit_module(&mut self, _name: &str, _container: &str) {
-                self.path.exit();
-            }
-            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<AB, D>>) {
-                let t = param.val();
-                if t.is_require_grad() {
-                    self.out.push((self.path.path(), t.shape().num_elements()));
-                }
-            }
-        }
-        let mut sizes = Vec::new();
-        model.visit(&mut Sizes { path: PathStack::default(), out: &mut sizes });
         let mut created = 0;
-        for (path, n) in sizes {
+        for (path, n) in super::params::trainable_sizes(model) {
             self.state.entry(path).or_insert_with(|| {
                 created += 1;
                 Moments { exp_avg: zeros(n, device), exp_avg_sq: zeros(n, device), step: 0 }

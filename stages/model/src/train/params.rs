@@ -49,6 +49,8 @@ pub struct ParamCounts {
 struct Collect<'a> {
     path: PathStack,
     out: &'a mut BTreeMap<String, HostTensor>,
+    /// Copy the values to the host (else only shapes, `values` left empty).
+    read_values: bool,
 }
 
 impl<B: Backend> ModuleVisitor<B> for Collect<'_> {
@@ -64,8 +66,11 @@ impl<B: Backend> ModuleVisitor<B> for Collect<'_> {
             return;
         }
         let shape = t.shape().as_slice().to_vec();
-        let values =
-            t.cast(FloatDType::F32).into_data().convert::<f32>().into_vec::<f32>().expect("f32 data after cast");
+        let values = if self.read_values {
+            t.cast(FloatDType::F32).into_data().convert::<f32>().into_vec::<f32>().expect("f32 data after cast")
+        } else {
+            Vec::new()
+        };
         self.out.insert(self.path.path(), HostTensor { shape, values });
     }
 }
@@ -114,8 +119,15 @@ pub fn count_params<B: Backend, M: Module<B>>(model: &M) -> ParamCounts {
 /// Values of the parameters that require gradients, by path, copied to the host as f32.
 pub fn trainable_params<B: Backend, M: Module<B>>(model: &M) -> BTreeMap<String, HostTensor> {
     let mut out = BTreeMap::new();
-    model.visit(&mut Collect { path: PathStack::default(), out: &mut out });
+    model.visit(&mut Collect { path: PathStack::default(), out: &mut out, read_values: true });
     out
+}
+
+/// Element counts of the parameters that require gradients, by path (nothing is read).
+pub(crate) fn trainable_sizes<B: Backend, M: Module<B>>(model: &M) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    model.visit(&mut Collect { path: PathStack::default(), out: &mut out, read_values: false });
+    out.into_iter().map(|(path, t)| (path, t.shape.iter().product())).collect()
 }
 
 struct Load<'a, B: Backend> {
