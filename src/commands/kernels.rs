@@ -30,6 +30,16 @@ impl WithAutodiffBackend for Check {
     where
         B::InnerBackend: KernelBackend,
     {
+        // The correctness checks first: the timing table below autotunes Burn's own matmul for
+        // every shape, which on a cold GPU can take minutes.
+        let [t, i, o] = self.shapes[0];
+        let g = check::matmul_gradients::<B>(&device, t.min(1024), i, o);
+        println!(
+            "dense_matmul under autodiff vs Burn matmul, max rel err: y {:.2e}, dx {:.2e}, dW {:.2e}",
+            g[0], g[1], g[2]
+        );
+        let n = check::nf4::<B::InnerBackend>(&device, t.min(1024), i, o);
+        println!("nf4: dequantized weight vs host, max rel err {:.2e}; nf4_linear vs dense_matmul {:.2e}", n[0], n[1]);
         println!(
             "{:<7} {:>17} {:>11} {:>10} {:>10} {:>10} {:>10}",
             "matmul", "m×k×n", "max rel err", "newt ms", "burn ms", "newt TF/s", "burn TF/s"
@@ -39,14 +49,6 @@ impl WithAutodiffBackend for Check {
                 print_row(&r);
             }
         }
-        let [t, i, o] = self.shapes[0];
-        let g = check::matmul_gradients::<B>(&device, t.min(1024), i, o);
-        let n = check::nf4::<B::InnerBackend>(&device, t.min(1024), i, o);
-        println!("nf4: dequantized weight vs host, max rel err {:.2e}; nf4_linear vs dense_matmul {:.2e}", n[0], n[1]);
-        println!(
-            "dense_matmul under autodiff vs Burn matmul, max rel err: y {:.2e}, dx {:.2e}, dW {:.2e}",
-            g[0], g[1], g[2]
-        );
     }
 }
 
