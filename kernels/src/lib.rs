@@ -26,7 +26,7 @@ pub mod rope;
 
 pub use attention::{AttentionMask, attention};
 pub use flash::{FlashOptions, KernelBackend, flash_attention};
-pub use loss::{chunked_cross_entropy, chunked_cross_entropy_host_labels};
+pub use loss::chunked_cross_entropy;
 pub use matmul::dense_matmul;
 pub use norm::rms_norm;
 pub use rope::{RopeScaling, RopeTables, apply_rope, rope_inv_freq};

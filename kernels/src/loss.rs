@@ -17,7 +17,7 @@ pub const IGNORE_INDEX: i64 = -100;
 
 /// Sum over tokens whose label is not [`IGNORE_INDEX`] of `-log softmax(h·Wᵀ)[label]`, in f32.
 ///
-/// `hidden` is `[tokens, hidden]`, `lm_head_weight` `[vocab, hidden]`, `labels` `[tokens]`
+/// `hidden` is `[tokens, hidden]`, `lm_head_weight` `[vocab, hidden]`, `labels` one per token
 /// (already aligned: label `i` is the target of hidden row `i`). Logits are formed for at most
 /// `chunk_tokens` tokens at a time, and only for tokens that have a label. Returns a `[1]` tensor;
 /// zero (and constant) when no token has a label.
@@ -27,22 +27,11 @@ pub const IGNORE_INDEX: i64 = -100;
 ///
 /// # Panics
 /// When a label is outside `0..vocab` (and not the ignore index), or the widths disagree.
-pub fn chunked_cross_entropy<B: crate::KernelBackend>(
-    hidden: Tensor<B, 2>,
-    lm_head_weight: Tensor<B, 2>,
-    labels: Tensor<B, 1, Int>,
-    chunk_tokens: usize,
-) -> Tensor<B, 1> {
-    let labels: Vec<i64> = labels.into_data().convert::<i64>().into_vec().expect("labels convert to i64");
-    chunked_cross_entropy_host_labels(hidden, lm_head_weight, &labels, chunk_tokens)
-}
-
-/// [`chunked_cross_entropy`] with the labels on the host, as the batch was built.
 ///
-/// The loss needs the labels on the host (which rows to keep); reading them back from the device
-/// would wait for every operation queued before — on a GPU, for the whole forward pass — before
-/// the loss and the backward pass could be queued.
-pub fn chunked_cross_entropy_host_labels<B: crate::KernelBackend>(
+/// The labels are host values, as the batch was built: the loss needs them on the host (which
+/// rows to keep), and reading them back from the device would wait for every operation queued
+/// before — on a GPU, the whole forward pass — before the loss and its backward pass are queued.
+pub fn chunked_cross_entropy<B: crate::KernelBackend>(
     hidden: Tensor<B, 2>,
     lm_head_weight: Tensor<B, 2>,
     labels: &[i64],
@@ -197,13 +186,7 @@ mod tests {
         let mk = |x: &Vec<f32>, s: [usize; 2]| Tensor::<TestBackend, 2>::from_data(TensorData::new(x.clone(), s), &dev);
         let want = naive(mk(&h, [n, d]), mk(&w, [v, d]), &labels).into_scalar();
         for chunk in [1, 3, 4, 100] {
-            let got = chunked_cross_entropy(
-                mk(&h, [n, d]),
-                mk(&w, [v, d]),
-                Tensor::from_data(TensorData::new(labels.clone(), [n]), &dev),
-                chunk,
-            )
-            .into_scalar();
+            let got = chunked_cross_entropy(mk(&h, [n, d]), mk(&w, [v, d]), &labels, chunk).into_scalar();
             assert!((got - want).abs() < 1e-4 * want.abs(), "chunk {chunk}: {got} vs {want}");
         }
     }
@@ -225,12 +208,7 @@ mod tests {
             let g1 = want.clone().mul_scalar(0.5).backward();
 
             let (h2, w2) = (mk(&h, [n, d]), mk(&w, [v, d]));
-            let got = chunked_cross_entropy(
-                h2.clone(),
-                w2.clone(),
-                Tensor::from_data(TensorData::new(labels.clone(), [n]), &dev),
-                chunk,
-            );
+            let got = chunked_cross_entropy(h2.clone(), w2.clone(), &labels, chunk);
             // Scaled, as a training loop divides by the token count: gradients must scale too.
             let g2 = got.clone().mul_scalar(0.5).backward();
 
@@ -253,8 +231,7 @@ mod tests {
         let (h, w, labels) = setup(n, d, v);
         let h = Tensor::<AD, 2>::from_data(TensorData::new(h, [n, d]), &dev).require_grad();
         let w = Tensor::<AD, 2>::from_data(TensorData::new(w, [v, d]), &dev);
-        let loss =
-            chunked_cross_entropy(h.clone(), w.clone(), Tensor::from_data(TensorData::new(labels, [n]), &dev), 2);
+        let loss = chunked_cross_entropy(h.clone(), w.clone(), &labels, 2);
         let grads = loss.backward();
         assert!(h.grad(&grads).is_some());
         assert!(w.grad(&grads).is_none());
@@ -266,7 +243,7 @@ mod tests {
         let loss = chunked_cross_entropy(
             Tensor::<TestBackend, 2>::ones([3, 2], &dev),
             Tensor::<TestBackend, 2>::ones([4, 2], &dev),
-            Tensor::from_data(TensorData::new(vec![IGNORE_INDEX; 3], [3]), &dev),
+            &[IGNORE_INDEX; 3],
             2,
         );
         assert_eq!(loss.into_scalar(), 0.0);

@@ -147,13 +147,23 @@ pub(crate) fn nf4_linear_default<B: KernelBackend>(
     shape: Nf4Shape,
 ) -> FloatTensor<B> {
     let x = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(x));
-    let w = dequantize::<B>(
+    let w = dequantize_primitives::<B>(packed, absmax, shape, x.dtype());
+    crate::dense_matmul(x, w.transpose()).into_primitive().tensor()
+}
+
+/// [`dequantize`] of a backend op's primitive codes and scales.
+fn dequantize_primitives<B: Backend>(
+    packed: IntTensor<B>,
+    absmax: FloatTensor<B>,
+    shape: Nf4Shape,
+    dtype: DType,
+) -> Tensor<B, 2> {
+    dequantize::<B>(
         Tensor::from_primitive(packed),
         Tensor::from_primitive(TensorPrimitive::Float(absmax)),
         shape,
-        x.dtype(),
-    );
-    crate::dense_matmul(x, w.transpose()).into_primitive().tensor()
+        dtype,
+    )
 }
 
 /// [`KernelBackend::nf4_linear`] under autodiff: the weight is never trained; the backward pass
@@ -183,12 +193,7 @@ pub(crate) fn autodiff_nf4_linear<
             let (packed, absmax, shape) = ops.state;
             if let Some(node) = node_x {
                 let grad = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(grad));
-                let w = dequantize::<B>(
-                    Tensor::from_primitive(packed),
-                    Tensor::from_primitive(TensorPrimitive::Float(absmax)),
-                    shape,
-                    grad.dtype(),
-                );
+                let w = dequantize_primitives::<B>(packed, absmax, shape, grad.dtype());
                 grads.register::<B>(node.id, crate::dense_matmul(grad, w).into_primitive().tensor());
             }
         }

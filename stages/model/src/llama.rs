@@ -14,7 +14,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, Int, Tensor, TensorData, backend::Backend};
 use newt_kernels::loss::IGNORE_INDEX;
 use newt_kernels::{
-    AttentionMask, FlashOptions, KernelBackend, RopeTables, apply_rope, attention, chunked_cross_entropy_host_labels,
+    AttentionMask, FlashOptions, KernelBackend, RopeTables, apply_rope, attention, chunked_cross_entropy,
     flash_attention, rms_norm, rope_inv_freq, swiglu,
 };
 
@@ -484,7 +484,7 @@ impl<B: KernelBackend> Llama<B> {
             }
         };
         let tokens = targets.iter().filter(|&&l| l != IGNORE_INDEX).count();
-        let sum = chunked_cross_entropy_host_labels(
+        let sum = chunked_cross_entropy(
             hidden.reshape([b * t, self.config.hidden_size]),
             self.lm_head_weight(),
             &targets,
