@@ -28,6 +28,21 @@ pub struct CheckRow {
     pub reference_tflops: f64,
 }
 
+impl CheckRow {
+    /// A row for a kernel of `flop` operations per call.
+    fn new(op: &str, shape: String, max_rel_err: f64, fast_ms: f64, reference_ms: f64, flop: f64) -> Self {
+        CheckRow {
+            op: op.to_string(),
+            shape,
+            max_rel_err,
+            fast_ms,
+            reference_ms,
+            fast_tflops: flop / fast_ms / 1e9,
+            reference_tflops: flop / reference_ms / 1e9,
+        }
+    }
+}
+
 fn time<B: Backend>(device: &B::Device, reps: usize, mut f: impl FnMut()) -> f64 {
     f(); // first call: compile / autotune / plan
     B::sync(device).expect("device sync");
@@ -66,16 +81,7 @@ pub fn matmul<B: KernelBackend>(
             let err = max_rel(dense_matmul(l.clone(), r.clone()), l.clone().matmul(r.clone()));
             let fast_ms = time::<B>(device, reps, || drop(dense_matmul(l.clone(), r.clone())));
             let reference_ms = time::<B>(device, reps, || drop(l.clone().matmul(r.clone())));
-            let flop = 2.0 * (m * k * n) as f64;
-            CheckRow {
-                op: op.to_string(),
-                shape: format!("{m}×{k}×{n}"),
-                max_rel_err: err,
-                fast_ms,
-                reference_ms,
-                fast_tflops: flop / fast_ms / 1e9,
-                reference_tflops: flop / reference_ms / 1e9,
-            }
+            CheckRow::new(op, format!("{m}×{k}×{n}"), err, fast_ms, reference_ms, 2.0 * (m * k * n) as f64)
         })
         .collect()
 }
@@ -130,4 +136,62 @@ pub fn nf4<B: KernelBackend>(device: &B::Device, tokens: usize, input: usize, ou
     let want = dense_matmul(x.clone(), host.clone().cast(dtype).transpose());
     let got = nf4_linear(x, packed, absmax, shape);
     [max_rel(dev_w, host), max_rel(got.cast(burn::tensor::DType::F32), want.cast(burn::tensor::DType::F32))]
+}
+
+/// [`KernelBackend::flash_forward`] and [`KernelBackend::flash_backward`] of this backend (on
+/// CUDA, the kernels of [`crate::flash_cuda`] where they apply) against the Burn-op versions
+/// ([`crate::flash::default_flash_forward`], [`crate::flash::default_flash_backward`]): packed
+/// rows (samples of 300 tokens, the last 100 tokens padding), `[batch, q_heads, tokens, 64]`
+/// queries and `kv_heads` key/value heads. The error is the largest of out, dq, dk and dv; the
+/// times are forward + backward.
+pub fn flash<B: KernelBackend>(
+    device: &B::Device,
+    batch: usize,
+    q_heads: usize,
+    kv_heads: usize,
+    tokens: usize,
+    reps: usize,
+) -> CheckRow {
+    use crate::flash::{FlashOptions, default_flash_backward, default_flash_forward};
+    use burn::tensor::{Int, TensorData, TensorPrimitive};
+    let d = 64;
+    let q = Tensor::<B, 4>::random([batch, q_heads, tokens, d], Distribution::Normal(0.0, 1.0), device);
+    let k = Tensor::<B, 4>::random([batch, kv_heads, tokens, d], Distribution::Normal(0.0, 1.0), device);
+    let v = Tensor::<B, 4>::random([batch, kv_heads, tokens, d], Distribution::Normal(0.0, 1.0), device);
+    let grad = Tensor::<B, 4>::random([batch, q_heads, tokens, d], Distribution::Normal(0.0, 1.0), device);
+    let ids: Vec<i64> = (0..batch * tokens)
+        .map(|i| {
+            let t = i % tokens;
+            if t + 100 >= tokens { 0 } else { 1 + (t / 300) as i64 }
+        })
+        .collect();
+    let segments = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch, tokens]), device);
+    let options = FlashOptions::new(1.0 / (d as f64).sqrt());
+    let prim = |t: &Tensor<B, 4>| t.clone().into_primitive().tensor();
+    let tensor = |t| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(t));
+    let run = |fast: bool| {
+        let seg = segments.clone().into_primitive();
+        let (out, lse) = if fast {
+            B::flash_forward(prim(&q), prim(&k), prim(&v), seg.clone(), options)
+        } else {
+            default_flash_forward::<B>(prim(&q), prim(&k), prim(&v), seg.clone(), options)
+        };
+        let args = (prim(&q), prim(&k), prim(&v), seg, out.clone(), lse, prim(&grad));
+        let (dq, dk, dv) = if fast {
+            B::flash_backward(args.0, args.1, args.2, args.3, args.4, args.5, args.6, options)
+        } else {
+            default_flash_backward::<B>(args.0, args.1, args.2, args.3, args.4, args.5, args.6, options)
+        };
+        [out, dq, dk, dv].map(tensor)
+    };
+    let flat = |t: Tensor<B, 4>| {
+        let n = t.dims().iter().product::<usize>();
+        t.cast(burn::tensor::DType::F32).reshape([1, n])
+    };
+    let err = run(true).into_iter().zip(run(false)).map(|(f, r)| max_rel(flat(f), flat(r))).fold(0.0, f64::max);
+    let fast_ms = time::<B>(device, reps, || drop(run(true)));
+    let reference_ms = time::<B>(device, reps, || drop(run(false)));
+    // Causal: half the score matrix; forward 2 products, backward 5 (one recomputes the scores).
+    let flop = 3.5 * 4.0 * (batch * q_heads * tokens * tokens * d) as f64 / 2.0;
+    CheckRow::new("flash", format!("{batch}×{q_heads}/{kv_heads}×{tokens}"), err, fast_ms, reference_ms, flop)
 }

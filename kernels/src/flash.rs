@@ -50,8 +50,35 @@ pub trait KernelBackend: Backend {
         segments: IntTensor<Self>,
         options: FlashOptions,
     ) -> FloatTensor<Self> {
-        let (out, _) = forward::<Self>(float(q), float(k), float(v), Tensor::from_primitive(segments), options);
-        out.into_primitive().tensor()
+        Self::flash_forward(q, k, v, segments, options).0
+    }
+
+    /// The forward pass of [`KernelBackend::flash_attention`]: the output and the log-sum-exp
+    /// the backward pass needs (its layout is the implementation's own: see [`forward`]).
+    fn flash_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        segments: IntTensor<Self>,
+        options: FlashOptions,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        default_flash_forward::<Self>(q, k, v, segments, options)
+    }
+
+    /// The backward pass: `(dq, dk, dv)` given the output's gradient `grad` and what
+    /// [`KernelBackend::flash_forward`] returned.
+    #[allow(clippy::too_many_arguments)]
+    fn flash_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        segments: IntTensor<Self>,
+        out: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        options: FlashOptions,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        default_flash_backward::<Self>(q, k, v, segments, out, lse, grad, options)
     }
 
     /// `lhs · rhs` for `[m, k] · [k, n]` (see [`crate::matmul`]); either may be a transposed view.
@@ -88,17 +115,90 @@ impl FlashOptions {
     }
 }
 
+/// [`KernelBackend::flash_forward`] written with Burn tensor operations ([`forward`]).
+pub fn default_flash_forward<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    segments: IntTensor<B>,
+    options: FlashOptions,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let (out, lse) = forward::<B>(float(q), float(k), float(v), Tensor::from_primitive(segments), options);
+    (out.into_primitive().tensor(), lse.into_primitive().tensor())
+}
+
+/// [`KernelBackend::flash_backward`] written with Burn tensor operations ([`backward`]).
+#[allow(clippy::too_many_arguments)]
+pub fn default_flash_backward<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    segments: IntTensor<B>,
+    out: FloatTensor<B>,
+    lse: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    options: FlashOptions,
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    let (dq, dk, dv) = backward::<B>(
+        float(q),
+        float(k),
+        float(v),
+        Tensor::from_primitive(segments),
+        float(out),
+        float(lse),
+        float(grad),
+        options,
+    );
+    (dq.into_primitive().tensor(), dk.into_primitive().tensor(), dv.into_primitive().tensor())
+}
+
 impl KernelBackend for burn::backend::Flex {}
-impl KernelBackend for burn::backend::Cuda<burn::tensor::bf16, i32> {
-    fn dense_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
-        crate::matmul::cuda::fusion_dense_matmul::<burn::tensor::bf16>(lhs, rhs)
-    }
+
+/// Burn's CUDA backends: cuBLASLt for [`KernelBackend::dense_matmul`], and the CUDA flash
+/// attention kernels ([`crate::flash_cuda`]) where they apply.
+macro_rules! cuda_kernel_backend {
+    ($f:ty) => {
+        impl KernelBackend for burn::backend::Cuda<$f, i32> {
+            fn dense_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+                crate::matmul::cuda::fusion_dense_matmul::<$f>(lhs, rhs)
+            }
+
+            fn flash_forward(
+                q: FloatTensor<Self>,
+                k: FloatTensor<Self>,
+                v: FloatTensor<Self>,
+                segments: IntTensor<Self>,
+                options: FlashOptions,
+            ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+                if crate::flash_cuda::takes(q.dtype, k.dtype, v.dtype, segments.dtype, q.shape[3]) {
+                    crate::flash_cuda::fusion_forward::<$f>(q, k, v, segments, options)
+                } else {
+                    default_flash_forward::<Self>(q, k, v, segments, options)
+                }
+            }
+
+            fn flash_backward(
+                q: FloatTensor<Self>,
+                k: FloatTensor<Self>,
+                v: FloatTensor<Self>,
+                segments: IntTensor<Self>,
+                out: FloatTensor<Self>,
+                lse: FloatTensor<Self>,
+                grad: FloatTensor<Self>,
+                options: FlashOptions,
+            ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+                // The CUDA forward's log-sum-exp is [b, hq, t]; the Burn path's has rank 5.
+                if lse.shape.num_dims() == 3 {
+                    crate::flash_cuda::fusion_backward::<$f>(q, k, v, segments, out, lse, grad, options)
+                } else {
+                    default_flash_backward::<Self>(q, k, v, segments, out, lse, grad, options)
+                }
+            }
+        }
+    };
 }
-impl KernelBackend for burn::backend::Cuda<f32, i32> {
-    fn dense_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
-        crate::matmul::cuda::fusion_dense_matmul::<f32>(lhs, rhs)
-    }
-}
+cuda_kernel_backend!(burn::tensor::bf16);
+cuda_kernel_backend!(f32);
 
 /// [`KernelBackend::flash_attention`] on tensors.
 pub fn flash_attention<B: KernelBackend>(
@@ -313,26 +413,17 @@ impl<B: KernelBackend, C: CheckpointStrategy> KernelBackend for Autodiff<B, C> {
             FlashOptions,
         );
 
-        impl<B: Backend> Backward<B, 3> for FlashBackward {
+        impl<B: KernelBackend> Backward<B, 3> for FlashBackward {
             type State = State<B>;
 
             fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
                 let [node_q, node_k, node_v] = ops.parents;
                 let grad = grads.consume::<B>(&ops.node);
                 let (q, k, v, segments, out, lse, options) = ops.state;
-                let (dq, dk, dv) = backward::<B>(
-                    float(q),
-                    float(k),
-                    float(v),
-                    Tensor::from_primitive(segments),
-                    float(out),
-                    float(lse),
-                    float(grad),
-                    options,
-                );
+                let (dq, dk, dv) = B::flash_backward(q, k, v, segments, out, lse, grad, options);
                 for (node, g) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
                     if let Some(node) = node {
-                        grads.register::<B>(node.id, g.into_primitive().tensor());
+                        grads.register::<B>(node.id, g);
                     }
                 }
             }
@@ -340,23 +431,14 @@ impl<B: KernelBackend, C: CheckpointStrategy> KernelBackend for Autodiff<B, C> {
 
         match FlashBackward.prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
-                let (out, lse) = forward::<B>(
-                    float(q.primitive.clone()),
-                    float(k.primitive.clone()),
-                    float(v.primitive.clone()),
-                    Tensor::from_primitive(segments.clone()),
+                let (out, lse) = B::flash_forward(
+                    q.primitive.clone(),
+                    k.primitive.clone(),
+                    v.primitive.clone(),
+                    segments.clone(),
                     options,
                 );
-                let out = out.into_primitive().tensor();
-                let state = (
-                    q.primitive,
-                    k.primitive,
-                    v.primitive,
-                    segments,
-                    out.clone(),
-                    lse.into_primitive().tensor(),
-                    options,
-                );
+                let state = (q.primitive, k.primitive, v.primitive, segments, out.clone(), lse, options);
                 prep.finish(state, out)
             }
             OpsKind::UnTracked(prep) => {

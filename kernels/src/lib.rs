@@ -6,9 +6,9 @@
 //! Fast CubeCL versions of the same ops will live beside them and be tested against them.
 //!
 //! Fast paths are Burn backend extensions ([`KernelBackend`]): [`flash`] (attention with its own
-//! backward pass) and [`matmul`] (cuBLASLt on CUDA), each with a default written in Burn tensor
-//! operations; [`check`] compares them with their references on the machine at hand
-//! (`newt kernels`).
+//! backward pass; on CUDA the FlashAttention-2 kernels of [`flash_cuda`]) and [`matmul`]
+//! (cuBLASLt on CUDA), each with a default written in Burn tensor operations; [`check`] compares
+//! them with their references on the machine at hand (`newt kernels`).
 //!
 //! ```text
 //!  norm::rms_norm ─┐
@@ -18,6 +18,7 @@
 pub mod attention;
 pub mod check;
 pub mod flash;
+pub mod flash_cuda;
 pub mod loss;
 pub mod matmul;
 pub mod nf4;

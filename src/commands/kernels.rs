@@ -20,6 +20,8 @@ const DEFAULT_SHAPES: &[[usize; 3]] = &[
 
 struct Check {
     shapes: Vec<[usize; 3]>,
+    /// `[batch, q_heads, kv_heads, tokens]` of the flash attention rows (head_dim 64).
+    attention: Vec<[usize; 4]>,
     reps: usize,
 }
 
@@ -40,6 +42,13 @@ impl WithAutodiffBackend for Check {
         );
         let n = check::nf4::<B::InnerBackend>(&device, t.min(1024), i, o);
         println!("nf4: dequantized weight vs host, max rel err {:.2e}; nf4_linear vs dense_matmul {:.2e}", n[0], n[1]);
+        println!(
+            "{:<7} {:>17} {:>11} {:>10} {:>10} {:>10} {:>10}",
+            "flash", "b×hq/hkv×t", "max rel err", "newt ms", "burn ms", "newt TF/s", "burn TF/s"
+        );
+        for &[b, hq, hkv, tokens] in &self.attention {
+            print_row(&check::flash::<B::InnerBackend>(&device, b, hq, hkv, tokens, self.reps));
+        }
         println!(
             "{:<7} {:>17} {:>11} {:>10} {:>10} {:>10} {:>10}",
             "matmul", "m×k×n", "max rel err", "newt ms", "burn ms", "newt TF/s", "burn TF/s"
@@ -85,7 +94,13 @@ pub fn kernels(cli: &Cli, backend_name: &str, shapes: &[String], reps: usize) ->
         backend::configure_kernel_cache(&root)?;
     }
     println!("backend: {} ({})", resolved.name(), resolved.dtype_name());
-    backend::dispatch_autodiff(resolved, Check { shapes, reps: reps.max(1) });
+    // The attention of the benchmark shapes (SmolLM2-135M, Llama-3.2-1B) on a GPU; a small
+    // packed case on the CPU.
+    let attention = match resolved {
+        ResolvedBackend::Cpu => vec![[1, 4, 2, 512]],
+        _ => vec![[4, 9, 3, 2048], [4, 32, 8, 2048]],
+    };
+    backend::dispatch_autodiff(resolved, Check { shapes, attention, reps: reps.max(1) });
     if resolved != ResolvedBackend::Cpu {
         let (lt, fallback) = newt_kernels::matmul::cuda_dense_matmul_calls();
         println!("CUDA dense_matmul calls: {lt} through cuBLASLt, {fallback} fell back to CubeCL's matmul");

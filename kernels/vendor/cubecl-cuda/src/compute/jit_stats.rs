@@ -49,7 +49,8 @@ pub fn jit_stats() -> JitStats {
     }
 }
 
-pub(crate) fn record_compile(took: Duration) {
+/// Counts a compilation (also newt's own NVRTC kernels, `newt_kernels::flash_cuda`).
+pub fn record_compile(took: Duration) {
     COMPILES.fetch_add(1, Ordering::Relaxed);
     COMPILE_NS.fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
 }

@@ -1,0 +1,571 @@
+//! Flash attention on CUDA: `kernels/cuda/flash_attn.cu` (FlashAttention-2 on tensor cores),
+//! behind [`crate::KernelBackend::flash_forward`] and [`crate::KernelBackend::flash_backward`].
+//!
+//! [`crate::flash`]'s Burn-op version keeps a `[batch, heads, block, seq]` f32 score block per
+//! query block and runs each softmax step as its own kernel; here the scores never leave
+//! registers. The source is compiled by NVRTC for the GPU at hand the first time a process
+//! calls it (about a second; it needs no CUDA headers), loaded as a module, and launched on the
+//! CUDA stream CubeCL uses for the tensors, from CubeCL's device thread, through the same
+//! `launch_external` hook as the cuBLASLt matmul ([`crate::matmul`]) — nothing waits on the
+//! host. Each call is one fusion custom operation, so Burn's fusion sees it as an opaque op.
+//!
+//! It takes bf16 q/k/v with head_dim 64 and i32 segment ids; anything else (and
+//! `NEWT_FLASH=burn`) takes the Burn-op path. Its log-sum-exp is `[batch, q_heads, seq]` f32 in
+//! log2 units (the Burn path's is `[batch, kv_heads, rep, seq, 1]`, natural log): the backward
+//! pass tells the two apart by rank, so a forward and its backward always take the same path.
+//!
+//! The kernels are CUDA C++, not CubeCL: FlashAttention keeps the scores in registers between
+//! its two products by reusing the accumulator fragments of `q·kᵀ` as the A operand of `p·v`,
+//! which needs the documented `mma.sync` fragment layouts and `ldmatrix.trans`; CubeCL 0.10's
+//! `cmma` hides both.
+//!
+//! There is no CUDA in CI: `bench/flash_check.py` checks these kernels against PyTorch on the
+//! GPU (outputs and q/k/v gradients with packing, padding, GQA, a window and strided inputs),
+//! and `newt kernels --backend cuda` checks this path against the Burn-op one through Burn. On
+//! the CPU, the tests below check that the argument lists the launchers build match the kernels'
+//! signatures in the source, slot by slot.
+
+use std::collections::HashMap;
+use std::ffi::{CString, c_void};
+use std::sync::{Mutex, OnceLock};
+
+use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::{CubeBackend, FloatElement};
+use burn_fusion::stream::{Operation, OperationStreams};
+use burn_fusion::{Fusion, FusionBackend, FusionRuntime};
+use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
+use cubecl_cuda::CudaRuntime;
+use cudarc::driver::sys;
+
+use crate::FlashOptions;
+
+type Cube<F> = CubeBackend<CudaRuntime, F, i32, u8>;
+type Fus<F> = Fusion<Cube<F>>;
+/// `(dq, dk, dv)`.
+type Grads3<F> = (FloatTensor<Fus<F>>, FloatTensor<Fus<F>>, FloatTensor<Fus<F>>);
+
+/// The kernels' source, compiled at run time.
+pub const SOURCE: &str = include_str!("../cuda/flash_attn.cu");
+/// The head dimension the kernels are compiled for.
+pub const HEAD_DIM: usize = 64;
+/// Queries per forward block and keys per backward block (`BM`, `BN` in the source).
+const BLOCK: usize = 64;
+const THREADS: u32 = 128;
+
+/// Whether the CUDA kernels take a call with these inputs.
+pub(crate) fn takes(q: DType, k: DType, v: DType, segments: DType, head_dim: usize) -> bool {
+    static BURN_ONLY: OnceLock<bool> = OnceLock::new();
+    let burn_only = *BURN_ONLY.get_or_init(|| std::env::var("NEWT_FLASH").is_ok_and(|v| v == "burn"));
+    !burn_only && q == DType::BF16 && k == q && v == q && segments == DType::I32 && head_dim == HEAD_DIM
+}
+
+/// Forward on `Cuda<F>`: `(out [b, hq, t, d] bf16, lse [b, hq, t] f32)`.
+pub(crate) fn fusion_forward<F: FloatElement>(
+    q: FloatTensor<Fus<F>>,
+    k: FloatTensor<Fus<F>>,
+    v: FloatTensor<Fus<F>>,
+    segments: IntTensor<Fus<F>>,
+    options: FlashOptions,
+) -> (FloatTensor<Fus<F>>, FloatTensor<Fus<F>>) {
+    #[derive(Clone, Debug)]
+    struct ForwardOp<F> {
+        desc: CustomOpIr,
+        options: FlashOptions,
+        _f: std::marker::PhantomData<F>,
+    }
+
+    impl<F: FloatElement> Operation<<Cube<F> as FusionBackend>::FusionRuntime> for ForwardOp<F> {
+        fn execute(
+            &self,
+            handles: &mut HandleContainer<<<Cube<F> as FusionBackend>::FusionRuntime as FusionRuntime>::FusionHandle>,
+        ) {
+            let ([q, k, v, segments], [out, lse]) = self.desc.as_fixed();
+            let q = handles.get_float_tensor::<Cube<F>>(q);
+            let k = handles.get_float_tensor::<Cube<F>>(k);
+            let v = handles.get_float_tensor::<Cube<F>>(v);
+            let segments = handles.get_int_tensor::<Cube<F>>(segments);
+            let (o, l) = cube_forward(q, k, v, segments, self.options);
+            handles.register_float_tensor::<Cube<F>>(&out.id, o);
+            handles.register_float_tensor::<Cube<F>>(&lse.id, l);
+        }
+    }
+
+    let client = q.client.clone();
+    let streams = OperationStreams::with_inputs([&q, &k, &v, &segments]);
+    let [b, hq, t, d] = [q.shape[0], q.shape[1], q.shape[2], q.shape[3]];
+    let out = TensorIr::uninit(client.create_empty_handle(), Shape::new([b, hq, t, d]), DType::BF16);
+    let lse = TensorIr::uninit(client.create_empty_handle(), Shape::new([b, hq, t]), DType::F32);
+    let desc =
+        CustomOpIr::new("newt_flash_fwd", &[q.into_ir(), k.into_ir(), v.into_ir(), segments.into_ir()], &[out, lse]);
+    let mut outs = client
+        .register(streams, OperationIr::Custom(desc.clone()), ForwardOp::<F> { desc, options, _f: Default::default() })
+        .into_iter();
+    let out = outs.next().expect("flash forward output");
+    let lse = outs.next().expect("flash forward log-sum-exp");
+    (out, lse)
+}
+
+/// Backward on `Cuda<F>`: `(dq, dk, dv)` in q's dtype (bf16).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn fusion_backward<F: FloatElement>(
+    q: FloatTensor<Fus<F>>,
+    k: FloatTensor<Fus<F>>,
+    v: FloatTensor<Fus<F>>,
+    segments: IntTensor<Fus<F>>,
+    out: FloatTensor<Fus<F>>,
+    lse: FloatTensor<Fus<F>>,
+    grad: FloatTensor<Fus<F>>,
+    options: FlashOptions,
+) -> Grads3<F> {
+    #[derive(Clone, Debug)]
+    struct BackwardOp<F> {
+        desc: CustomOpIr,
+        options: FlashOptions,
+        _f: std::marker::PhantomData<F>,
+    }
+
+    impl<F: FloatElement> Operation<<Cube<F> as FusionBackend>::FusionRuntime> for BackwardOp<F> {
+        fn execute(
+            &self,
+            handles: &mut HandleContainer<<<Cube<F> as FusionBackend>::FusionRuntime as FusionRuntime>::FusionHandle>,
+        ) {
+            let ([q, k, v, segments, out, lse, grad], [dq, dk, dv]) = self.desc.as_fixed();
+            let q = handles.get_float_tensor::<Cube<F>>(q);
+            let k = handles.get_float_tensor::<Cube<F>>(k);
+            let v = handles.get_float_tensor::<Cube<F>>(v);
+            let segments = handles.get_int_tensor::<Cube<F>>(segments);
+            let out = handles.get_float_tensor::<Cube<F>>(out);
+            let lse = handles.get_float_tensor::<Cube<F>>(lse);
+            let grad = handles.get_float_tensor::<Cube<F>>(grad);
+            let (gq, gk, gv) = cube_backward(q, k, v, segments, out, lse, grad, self.options);
+            handles.register_float_tensor::<Cube<F>>(&dq.id, gq);
+            handles.register_float_tensor::<Cube<F>>(&dk.id, gk);
+            handles.register_float_tensor::<Cube<F>>(&dv.id, gv);
+        }
+    }
+
+    let grad = if grad.dtype == DType::BF16 {
+        grad
+    } else {
+        Tensor::<Fus<F>, 4>::from_primitive(TensorPrimitive::Float(grad)).cast(DType::BF16).into_primitive().tensor()
+    };
+    let client = q.client.clone();
+    let streams = OperationStreams::with_inputs([&q, &k, &v, &segments, &out, &lse, &grad]);
+    let [b, hq, t, d] = [q.shape[0], q.shape[1], q.shape[2], q.shape[3]];
+    let hkv = k.shape[1];
+    let dq = TensorIr::uninit(client.create_empty_handle(), Shape::new([b, hq, t, d]), DType::F32);
+    let dk = TensorIr::uninit(client.create_empty_handle(), Shape::new([b, hkv, t, d]), DType::BF16);
+    let dv = TensorIr::uninit(client.create_empty_handle(), Shape::new([b, hkv, t, d]), DType::BF16);
+    let inputs =
+        [q.into_ir(), k.into_ir(), v.into_ir(), segments.into_ir(), out.into_ir(), lse.into_ir(), grad.into_ir()];
+    let desc = CustomOpIr::new("newt_flash_bwd", &inputs, &[dq, dk, dv]);
+    let mut outs = client
+        .register(streams, OperationIr::Custom(desc.clone()), BackwardOp::<F> { desc, options, _f: Default::default() })
+        .into_iter();
+    let dq = outs.next().expect("dq");
+    let dk = outs.next().expect("dk");
+    let dv = outs.next().expect("dv");
+    // dq was accumulated in f32 (atomics over key blocks); q's dtype for the caller.
+    let dq =
+        Tensor::<Fus<F>, 4>::from_primitive(TensorPrimitive::Float(dq)).cast(DType::BF16).into_primitive().tensor();
+    (dq, dk, dv)
+}
+
+/// A layout the kernels read directly (last dimension contiguous, 16-byte aligned rows), or a
+/// contiguous copy.
+fn readable(t: CubeTensor<CudaRuntime>) -> CubeTensor<CudaRuntime> {
+    let strides = t.meta.strides();
+    let aligned = t.handle.offset_start.unwrap_or(0).is_multiple_of(16);
+    if strides[3] == 1 && strides[..3].iter().all(|s| s % 8 == 0) && aligned {
+        t
+    } else {
+        burn_cubecl::kernel::into_contiguous(t)
+    }
+}
+
+fn strides3(t: &CubeTensor<CudaRuntime>) -> [i64; 3] {
+    let s = t.meta.strides();
+    [s[0] as i64, s[1] as i64, s[2] as i64]
+}
+
+fn empty(like: &CubeTensor<CudaRuntime>, dims: &[usize], dtype: DType) -> CubeTensor<CudaRuntime> {
+    burn_cubecl::ops::numeric::empty_device_contiguous_dtype(
+        like.client.clone(),
+        like.device.clone(),
+        Shape::from(dims.to_vec()),
+        dtype,
+    )
+}
+
+/// The scalar arguments both passes share.
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    batch: usize,
+    q_heads: usize,
+    kv_heads: usize,
+    tokens: usize,
+    q: [i64; 3],
+    k: [i64; 3],
+    v: [i64; 3],
+    segments: [i64; 2],
+    scale: f32,
+    window: i32,
+}
+
+fn dims(
+    q: &CubeTensor<CudaRuntime>,
+    k: &CubeTensor<CudaRuntime>,
+    v: &CubeTensor<CudaRuntime>,
+    segments: &CubeTensor<CudaRuntime>,
+    options: FlashOptions,
+) -> Dims {
+    let shape = q.meta.shape();
+    assert_eq!(shape[3], HEAD_DIM, "the CUDA flash kernels are compiled for head_dim {HEAD_DIM}");
+    assert_eq!(segments.dtype, DType::I32, "the CUDA flash kernels read i32 segment ids");
+    let ss = segments.meta.strides();
+    Dims {
+        batch: shape[0],
+        q_heads: shape[1],
+        kv_heads: k.meta.shape()[1],
+        tokens: shape[2],
+        q: strides3(q),
+        k: strides3(k),
+        v: strides3(v),
+        segments: [ss[0] as i64, ss[1] as i64],
+        scale: options.scale as f32,
+        // A window of 0 means none in the kernels; the Burn path treats `Some(0)` as "hide every
+        // key", which no model configures.
+        window: options.window.map_or(0, |w| w as i32),
+    }
+}
+
+fn cube_forward(
+    q: CubeTensor<CudaRuntime>,
+    k: CubeTensor<CudaRuntime>,
+    v: CubeTensor<CudaRuntime>,
+    segments: CubeTensor<CudaRuntime>,
+    options: FlashOptions,
+) -> (CubeTensor<CudaRuntime>, CubeTensor<CudaRuntime>) {
+    let (q, k, v) = (readable(q), readable(k), readable(v));
+    let d = dims(&q, &k, &v, &segments, options);
+    let out = empty(&q, &[d.batch, d.q_heads, d.tokens, HEAD_DIM], DType::BF16);
+    let lse = empty(&q, &[d.batch, d.q_heads, d.tokens], DType::F32);
+    let buffers = [&q, &k, &v, &segments, &out, &lse].map(|t| t.handle.clone().binding()).to_vec();
+    cubecl_cuda::external::launch_external(
+        &q.client,
+        buffers,
+        Box::new(move |ptrs: &[u64], stream| {
+            let f = functions();
+            let mut args = forward_args(ptrs.try_into().expect("six flash forward buffers"), &d);
+            let grid = (d.tokens.div_ceil(BLOCK) as u32, d.q_heads as u32, d.batch as u32);
+            launch(f.forward, grid, &mut args, stream, "forward");
+        }),
+    );
+    (out, lse)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cube_backward(
+    q: CubeTensor<CudaRuntime>,
+    k: CubeTensor<CudaRuntime>,
+    v: CubeTensor<CudaRuntime>,
+    segments: CubeTensor<CudaRuntime>,
+    out: CubeTensor<CudaRuntime>,
+    lse: CubeTensor<CudaRuntime>,
+    grad: CubeTensor<CudaRuntime>,
+    options: FlashOptions,
+) -> (CubeTensor<CudaRuntime>, CubeTensor<CudaRuntime>, CubeTensor<CudaRuntime>) {
+    let (q, k, v, grad) = (readable(q), readable(k), readable(v), readable(grad));
+    let out = burn_cubecl::kernel::into_contiguous(out);
+    let lse = burn_cubecl::kernel::into_contiguous(lse);
+    let d = dims(&q, &k, &v, &segments, options);
+    let gs = strides3(&grad);
+    let rows = d.batch * d.q_heads * d.tokens;
+    let delta = empty(&q, &[d.batch, d.q_heads, d.tokens], DType::F32);
+    let dq = empty(&q, &[d.batch, d.q_heads, d.tokens, HEAD_DIM], DType::F32);
+    let dk = empty(&q, &[d.batch, d.kv_heads, d.tokens, HEAD_DIM], DType::BF16);
+    let dv = empty(&q, &[d.batch, d.kv_heads, d.tokens, HEAD_DIM], DType::BF16);
+    let buffers =
+        [&q, &k, &v, &segments, &grad, &out, &lse, &delta, &dq, &dk, &dv].map(|t| t.handle.clone().binding()).to_vec();
+    cubecl_cuda::external::launch_external(
+        &q.client,
+        buffers,
+        Box::new(move |ptrs: &[u64], stream| {
+            let f = functions();
+            let [q, k, v, seg, grad, out, lse, delta, dq, dk, dv] =
+                <[u64; 11]>::try_from(ptrs).expect("eleven flash backward buffers");
+            // SAFETY: dq is a live buffer of `rows × HEAD_DIM` f32, queued on its stream.
+            unsafe { cudarc::driver::result::memset_d8_async(dq, 0, rows * HEAD_DIM * 4, stream) }.expect("zeroing dq");
+            let mut args = delta_args([out, grad, delta], &d, gs);
+            launch(f.delta, (rows.div_ceil(4) as u32, 1, 1), &mut args, stream, "backward (delta)");
+            let mut args = backward_args([q, k, v, seg, grad, lse, delta, dq, dk, dv], &d, gs);
+            let grid = (d.tokens.div_ceil(BLOCK) as u32, d.kv_heads as u32, d.batch as u32);
+            launch(f.backward, grid, &mut args, stream, "backward");
+        }),
+    );
+    (dq, dk, dv)
+}
+
+/// The C type of a kernel parameter, as the launcher passes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Ptr,
+    I32,
+    I64,
+    F32,
+}
+
+/// Kernel arguments, one 8-byte slot each (a 4-byte argument in the slot's low bytes: the
+/// driver reads each parameter at its own size), with the kind of each.
+#[derive(Default)]
+struct Args(Vec<u64>, Vec<Kind>);
+
+impl Args {
+    fn ptr(&mut self, p: u64) -> &mut Self {
+        assert!(p.is_multiple_of(16), "flash attention: a buffer is not 16-byte aligned ({p:#x})");
+        self.push(p, Kind::Ptr)
+    }
+    fn i32(&mut self, v: i32) -> &mut Self {
+        self.push(v as u32 as u64, Kind::I32)
+    }
+    fn i64(&mut self, v: i64) -> &mut Self {
+        self.push(v as u64, Kind::I64)
+    }
+    fn f32(&mut self, v: f32) -> &mut Self {
+        self.push(v.to_bits() as u64, Kind::F32)
+    }
+    fn push(&mut self, slot: u64, kind: Kind) -> &mut Self {
+        self.0.push(slot);
+        self.1.push(kind);
+        self
+    }
+}
+
+/// The arguments of `newt_flash_fwd`: q, k, v, segments, out, lse (device pointers, in order).
+fn forward_args(ptrs: [u64; 6], d: &Dims) -> Args {
+    let mut args = Args::default();
+    for p in ptrs {
+        args.ptr(p);
+    }
+    args.i32(d.tokens as i32).i32(d.q_heads as i32).i32(d.kv_heads as i32);
+    for s in d.q.into_iter().chain(d.k).chain(d.v).chain(d.segments) {
+        args.i64(s);
+    }
+    args.f32(d.scale).i32(d.window);
+    args
+}
+
+/// The arguments of `newt_flash_bwd_delta`: out, dO, delta.
+fn delta_args([out, grad, delta]: [u64; 3], d: &Dims, grad_strides: [i64; 3]) -> Args {
+    let mut args = Args::default();
+    args.ptr(out).ptr(grad).ptr(delta);
+    args.i32(d.batch as i32).i32(d.q_heads as i32).i32(d.tokens as i32);
+    for s in grad_strides {
+        args.i64(s);
+    }
+    args
+}
+
+/// The arguments of `newt_flash_bwd`: q, k, v, segments, dO, lse, delta, dq, dk, dv.
+fn backward_args(ptrs: [u64; 10], d: &Dims, grad_strides: [i64; 3]) -> Args {
+    let mut args = Args::default();
+    for p in ptrs {
+        args.ptr(p);
+    }
+    args.i32(d.tokens as i32).i32(d.q_heads as i32).i32(d.kv_heads as i32);
+    for s in d.q.into_iter().chain(d.k).chain(d.v).chain(grad_strides).chain(d.segments) {
+        args.i64(s);
+    }
+    args.f32(d.scale).i32(d.window);
+    args
+}
+
+fn launch(f: usize, grid: (u32, u32, u32), args: &mut Args, stream: sys::CUstream, what: &str) {
+    let mut params: Vec<*mut c_void> = args.0.iter_mut().map(|s| s as *mut u64 as *mut c_void).collect();
+    // SAFETY: `f` is a kernel of the module loaded in this (the device thread's) context; the
+    // parameters match its signature in SOURCE, slot by slot, and point at live buffers.
+    let result = unsafe {
+        cudarc::driver::result::launch_kernel(f as sys::CUfunction, grid, (THREADS, 1, 1), 0, stream, &mut params)
+    };
+    if let Err(e) = result {
+        panic!("flash attention {what} kernel launch failed: {e:?}");
+    }
+}
+
+/// The three kernels, loaded in one CUDA context.
+#[derive(Clone, Copy)]
+struct Functions {
+    forward: usize,
+    delta: usize,
+    backward: usize,
+}
+
+/// Modules by context (CubeCL keeps one context per device).
+static LOADED: Mutex<Option<HashMap<usize, Functions>>> = Mutex::new(None);
+
+/// The kernels for the current context, compiled and loaded on first use.
+fn functions() -> Functions {
+    let mut ctx: sys::CUcontext = std::ptr::null_mut();
+    // SAFETY: plain query of the calling thread's current context.
+    unsafe { sys::cuCtxGetCurrent(&mut ctx) }.result().expect("a current CUDA context");
+    let mut loaded = LOADED.lock().unwrap();
+    *loaded.get_or_insert_with(HashMap::new).entry(ctx as usize).or_insert_with(|| match load() {
+        Ok(f) => f,
+        Err(e) => panic!("flash attention kernels: {e}"),
+    })
+}
+
+fn load() -> Result<Functions, String> {
+    let mut dev: sys::CUdevice = 0;
+    // SAFETY: queries of the current context's device.
+    let (major, minor) = unsafe {
+        sys::cuCtxGetDevice(&mut dev).result().map_err(|e| format!("{e:?}"))?;
+        let get = |a| cudarc::driver::result::device::get_attribute(dev, a).map_err(|e| format!("{e:?}"));
+        (
+            get(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
+            get(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
+        )
+    };
+    if major < 8 {
+        return Err(format!("they need compute capability 8.0 or newer (bf16 mma), this GPU has {major}.{minor}"));
+    }
+    let started = std::time::Instant::now();
+    let image = compile(&format!("sm_{major}{minor}"))?;
+    cubecl_cuda::jit_stats::record_compile(started.elapsed());
+    // SAFETY: `image` is a CUBIN (or PTX) NVRTC produced for this device, NUL-padded.
+    unsafe {
+        let module = cudarc::driver::result::module::load_data(image.as_ptr() as *const c_void)
+            .map_err(|e| format!("loading the module: {e:?}"))?;
+        let get = |name: &str| {
+            cudarc::driver::result::module::get_function(module, CString::new(name).unwrap())
+                .map(|f| f as usize)
+                .map_err(|e| format!("{name}: {e:?}"))
+        };
+        Ok(Functions {
+            forward: get("newt_flash_fwd")?,
+            delta: get("newt_flash_bwd_delta")?,
+            backward: get("newt_flash_bwd")?,
+        })
+    }
+}
+
+/// NVRTC: SOURCE for `arch` (`sm_90`), as CUBIN (PTX when NVRTC gives no CUBIN).
+fn compile(arch: &str) -> Result<Vec<u8>, String> {
+    use cudarc::nvrtc::{result as nvrtc, sys as nv};
+    let source = CString::new(SOURCE).unwrap();
+    let program = nvrtc::create_program(source.as_c_str(), None).map_err(|e| format!("NVRTC: {e:?}"))?;
+    let options = [format!("--gpu-architecture={arch}"), format!("-DHD={HEAD_DIM}"), "-std=c++17".to_string()];
+    // SAFETY: `program` is live until destroyed below; the buffers are sized by NVRTC.
+    unsafe {
+        if nvrtc::compile_program(program, &options).is_err() {
+            let log = nvrtc::get_program_log(program).unwrap_or_default();
+            let log: String = log.iter().map(|c| *c as u8 as char).collect();
+            let _ = nvrtc::destroy_program(program);
+            return Err(format!("NVRTC could not compile kernels/cuda/flash_attn.cu for {arch}:\n{log}"));
+        }
+        let mut size = 0usize;
+        let mut image = if nv::nvrtcGetCUBINSize(program, &mut size) == nv::nvrtcResult::NVRTC_SUCCESS && size > 0 {
+            let mut cubin = vec![0u8; size];
+            (nv::nvrtcGetCUBIN(program, cubin.as_mut_ptr() as *mut _) == nv::nvrtcResult::NVRTC_SUCCESS)
+                .then_some(cubin)
+        } else {
+            None
+        };
+        if image.is_none() {
+            image = nvrtc::get_ptx(program).ok().map(|p| p.iter().map(|c| *c as u8).collect());
+        }
+        let _ = nvrtc::destroy_program(program);
+        let mut image = image.ok_or("NVRTC gave neither CUBIN nor PTX")?;
+        image.push(0);
+        Ok(image)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The parameter kinds of `extern "C" __global__ ... name(...)` in SOURCE.
+    fn signature(name: &str) -> Vec<Kind> {
+        let at = SOURCE.find(&format!("{name}(")).unwrap_or_else(|| panic!("{name} is not in the source"));
+        let open = at + name.len() + 1;
+        let close = open + SOURCE[open..].find(')').expect("closing parenthesis");
+        SOURCE[open..close]
+            .split(',')
+            .map(|p| {
+                let p = p.trim();
+                if p.contains('*') {
+                    Kind::Ptr
+                } else if p.starts_with("long long") {
+                    Kind::I64
+                } else if p.starts_with("int") {
+                    Kind::I32
+                } else if p.starts_with("float") {
+                    Kind::F32
+                } else {
+                    panic!("{name}: unexpected parameter `{p}`")
+                }
+            })
+            .collect()
+    }
+
+    fn dims() -> Dims {
+        Dims {
+            batch: 2,
+            q_heads: 4,
+            kv_heads: 2,
+            tokens: 100,
+            q: [1, 2, 3],
+            k: [4, 5, 6],
+            v: [7, 8, 9],
+            segments: [10, 11],
+            scale: 0.125,
+            window: 0,
+        }
+    }
+
+    #[test]
+    fn launchers_pass_what_the_kernels_declare_slot_by_slot() {
+        let d = dims();
+        let cases = [
+            ("newt_flash_fwd", forward_args([16; 6], &d)),
+            ("newt_flash_bwd_delta", delta_args([16; 3], &d, [12, 13, 14])),
+            ("newt_flash_bwd", backward_args([16; 10], &d, [12, 13, 14])),
+        ];
+        for (name, args) in cases {
+            let want = signature(name);
+            assert!(want.len() > 5, "{name}: parsed only {want:?}");
+            assert_eq!(args.1, want, "{name}: launcher and kernel disagree");
+            assert_eq!(args.0.len(), want.len());
+        }
+    }
+
+    #[test]
+    fn strides_and_scalars_land_in_their_slots() {
+        let d = dims();
+        let args = backward_args([16; 10], &d, [12, 13, 14]);
+        // 10 pointers, tokens, q_heads, kv_heads, then q, k, v, dO and segment strides.
+        assert_eq!(&args.0[10..13], &[100, 4, 2]);
+        assert_eq!(&args.0[13..27], &[1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 13, 14, 10, 11]);
+        assert_eq!(args.0[27], 0.125f32.to_bits() as u64);
+        let fwd = forward_args([16; 6], &d);
+        assert_eq!(&fwd.0[9..20], &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
+    }
+
+    #[test]
+    fn only_bf16_head_dim_64_with_i32_segments_takes_the_kernels() {
+        let bf = DType::BF16;
+        assert!(takes(bf, bf, bf, DType::I32, 64));
+        assert!(!takes(DType::F32, DType::F32, DType::F32, DType::I32, 64));
+        assert!(!takes(bf, bf, bf, DType::I64, 64));
+        assert!(!takes(bf, bf, bf, DType::I32, 128));
+    }
+
+    #[test]
+    #[should_panic(expected = "not 16-byte aligned")]
+    fn misaligned_buffers_are_refused() {
+        Args::default().ptr(8);
+    }
+}
