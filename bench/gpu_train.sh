@@ -64,6 +64,7 @@ echo "peak MiB used (incl. context): $(sort -n /tmp/aux/mem.log | tail -1)" >> "
 kc=$(find /tmp/newt-cache -maxdepth 3 -type d -name cubecl | head -1)
 # xz: the cache is mostly PTX text; gzip of it grew past what a call returns.
 [ -n "$kc" ] && [ "${SAVE_CACHE:-1}" = 1 ] && tar cJf "$OUT/kernel-cache.txz" -C "$(dirname "$kc")" cubecl && du -sh "$kc" >> "$OUT/newt.out"
+grep "^profile step" /tmp/aux/newt-$shape.err >> "$OUT/newt.out"
 tail -20 /tmp/aux/newt-$shape.err >> "$OUT/newt.out"
 # Where a run that hit the limit was (bench/timeout_with_stacks.sh).
 [ -f /tmp/aux/stacks.txt ] && cat /tmp/aux/stacks.txt >> "$OUT/newt.out" && rm /tmp/aux/stacks.txt

@@ -92,6 +92,49 @@ fn adamw_golden(prepare: bool) {
     assert_eq!(clipped_any, (true, true), "goldens must cover clipped and unclipped steps");
 }
 
+/// The update runs over one flat vector of all parameters; a step in which one parameter has no
+/// gradient must leave that parameter and its moments alone (as torch skips a `None` grad), and
+/// the parameter must pick up its moments again at the next step it has a gradient.
+#[test]
+fn a_parameter_without_a_gradient_keeps_its_value_and_moments() {
+    let dev = Default::default();
+    let mut net = Net::<Ad> {
+        layer: Layer {
+            weight: Param::from_tensor(Tensor::from_data(TensorData::new(vec![0.5f32; 12], [3, 4]), &dev)),
+            bias: Param::from_tensor(Tensor::from_data(TensorData::new(vec![0.25f32; 4], [4]), &dev)),
+        },
+    };
+    let grad = |v: f32, n: usize| Tensor::from_data(TensorData::new(vec![v; n], [n]), &dev);
+    let mut opt = AdamW::new(TrainConfig::default().adamw());
+    let mut both = ParamGrads::default();
+    both.insert("layer.weight", grad(0.1, 12));
+    both.insert("layer.bias", grad(-0.2, 4));
+    net = opt.step::<Ad, _>(net, both, 0.01);
+    let after_first = opt.export();
+    let bias_after_first = flat(net.layer.bias.val());
+    assert!(bias_after_first.iter().all(|b| *b > 0.25), "the bias moved against its negative gradient");
+
+    let mut weight_only = ParamGrads::default();
+    weight_only.insert("layer.weight", grad(0.1, 12));
+    net = opt.step::<Ad, _>(net, weight_only, 0.01);
+    let after_second = opt.export();
+    assert_eq!(flat(net.layer.bias.val()), bias_after_first, "no gradient: the bias must not move");
+    assert_eq!(after_second["layer.bias"], after_first["layer.bias"], "its moments must be kept as they were");
+    assert_eq!(after_second["layer.weight"].step, 2);
+    assert_ne!(after_second["layer.weight"].exp_avg, after_first["layer.weight"].exp_avg);
+
+    // Back in the flat state with its moments: its second update is AdamW's second step (moments
+    // 0.1·g then 0.19·g; bias-corrected m/√v is then exactly sign(g)).
+    let mut both = ParamGrads::default();
+    both.insert("layer.weight", grad(0.1, 12));
+    both.insert("layer.bias", grad(-0.2, 4));
+    net = opt.step::<Ad, _>(net, both, 0.01);
+    let m = &opt.export()["layer.bias"];
+    assert!((m.exp_avg[0] - (-0.2 * 0.1 * 0.9 - 0.2 * 0.1)).abs() < 1e-6, "first moment {}", m.exp_avg[0]);
+    let moved = flat(net.layer.bias.val())[0] - bias_after_first[0];
+    assert!(moved > 0.0099 && moved < 0.0101, "the bias moved {moved}, not lr·sign(-g) (weight decay aside)");
+}
+
 #[test]
 fn global_norm_clipping_scales_all_params_together() {
     let dev = Default::default();

@@ -105,6 +105,17 @@ impl<B: Backend> ParamGrads<B> {
         }
     }
 
+    /// All gradients as one flat vector, in path order, with the layout (path, size) that says
+    /// where each lies (`None` without gradients). One concatenation; a step's scaling,
+    /// clipping and AdamW update then run on the flat vector ([`super::AdamW::step_flat`]).
+    pub fn flatten(self) -> Option<(super::adamw::Layout, Tensor<B, 1>)> {
+        if self.by_path.is_empty() {
+            return None;
+        }
+        let layout = self.by_path.iter().map(|(path, g)| (path.clone(), g.shape().num_elements())).collect();
+        Some((layout, Tensor::cat(self.by_path.into_values().collect(), 0)))
+    }
+
     /// L2 norm over all gradients together (one host sync).
     pub fn global_norm(&self) -> f64 {
         self.global_norm_sq().map(|t| newt_kernels::read_f64(t).sqrt()).unwrap_or(0.0)
@@ -140,7 +151,12 @@ impl<B: Backend> ParamGrads<B> {
     /// The scaling of [`ParamGrads::clip_global_norm`] for a norm `total` already measured.
     pub fn clip_to_norm(&mut self, total: f64, max_norm: f64) {
         if max_norm > 0.0 {
-            self.scale((max_norm / (total + 1e-6)).min(1.0));
+            self.scale(clip_coefficient(total, max_norm));
         }
     }
+}
+
+/// torch's clipping factor `min(1, max_norm / (total + 1e-6))`; 1 when `max_norm <= 0`.
+pub fn clip_coefficient(total: f64, max_norm: f64) -> f64 {
+    if max_norm > 0.0 { (max_norm / (total + 1e-6)).min(1.0) } else { 1.0 }
 }

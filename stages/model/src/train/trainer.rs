@@ -25,6 +25,46 @@ struct Position {
     micro: usize,
 }
 
+/// `NEWT_PROFILE=1`: the device is synchronized after each phase of a step (forward, backward,
+/// gradient norm, optimizer) and the phases' times go to stderr, one line per step. The syncs
+/// cost a little speed, so it is off by default; it is how the GPU benchmarks split a step.
+struct PhaseClock {
+    last: Option<Instant>,
+    phases: Vec<(&'static str, f64)>,
+}
+
+impl PhaseClock {
+    fn new() -> Self {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let on = *ON.get_or_init(|| std::env::var("NEWT_PROFILE").is_ok_and(|v| !v.is_empty() && v != "0"));
+        PhaseClock { last: on.then(Instant::now), phases: Vec::new() }
+    }
+
+    /// Waits for the device and charges the time since the last mark to `phase`.
+    fn mark<B: Backend>(&mut self, phase: &'static str, device: &B::Device) {
+        if let Some(last) = self.last {
+            B::sync(device).expect("device sync");
+            let now = Instant::now();
+            self.phases.push((phase, (now - last).as_secs_f64() * 1e3));
+            self.last = Some(now);
+        }
+    }
+
+    fn report(&self, step: usize) {
+        if self.last.is_some() {
+            let mut totals: Vec<(&str, f64)> = Vec::new();
+            for (name, ms) in &self.phases {
+                match totals.iter_mut().find(|(n, _)| n == name) {
+                    Some((_, t)) => *t += ms,
+                    None => totals.push((name, *ms)),
+                }
+            }
+            let parts: Vec<String> = totals.iter().map(|(n, ms)| format!("{n} {ms:.1} ms")).collect();
+            eprintln!("profile step {step}: {}", parts.join(", "));
+        }
+    }
+}
+
 /// Result of one optimizer step.
 struct StepOut {
     loss_sum: f64,
@@ -115,9 +155,12 @@ where
         let step_no = pos.step + 1;
         let max_norm = cfg.max_grad_norm;
         let opt_ref = &mut opt;
+        let mut clock = PhaseClock::new();
+        let clock_ref = &mut clock;
         let (new_model, out) = guard_oom(step_no, cfg, move || {
-            optimizer_step::<B, M>(model, data, &micro_batches, max_norm, opt_ref, lr, device)
+            optimizer_step::<B, M>(model, data, &micro_batches, max_norm, opt_ref, lr, device, clock_ref)
         })?;
+        clock.report(step_no);
         model = new_model;
         let step_s = t0.elapsed().as_secs_f64();
         let jit = newt_kernels::jit_stats().since(&jit0);
@@ -228,19 +271,27 @@ where
     B: AutodiffBackend,
     M: CausalLm<B>,
 {
-    let (grads, loss_sum, trained_tokens) = queue_step_gradients::<B, M>(model, data, micro_batches, device);
+    let (mut grads, loss_sum, trained_tokens) =
+        queue_step_gradients::<B, M>(model, data, micro_batches, device, &mut PhaseClock::new());
+    if trained_tokens > 0 {
+        grads.scale(1.0 / trained_tokens as f64);
+    }
     let loss_sum = loss_sum.map(newt_kernels::read_f64).unwrap_or(0.0);
     StepGradients { grads, loss_sum, trained_tokens }
 }
 
-/// [`step_gradients`] without reading anything back: the gradients (already divided by the
-/// trained-token count) and the loss sum stay on the device, queued.
+/// Gradient sums by path, the loss sum (on the device), and the trained-token count.
+type Queued<B> = (ParamGrads<B>, Option<Tensor<B, 1>>, usize);
+
+/// [`step_gradients`] without reading anything back and without the division by the
+/// trained-token count: the gradient sums and the loss sum stay on the device, queued.
 fn queue_step_gradients<B, M>(
     model: &M,
     data: &TrainData,
     micro_batches: &[Vec<usize>],
     device: &B::Device,
-) -> (ParamGrads<B::InnerBackend>, Option<Tensor<B::InnerBackend, 1>>, usize)
+    clock: &mut PhaseClock,
+) -> Queued<B::InnerBackend>
 where
     B: AutodiffBackend,
     M: CausalLm<B>,
@@ -250,13 +301,20 @@ where
     let mut trained_tokens = 0usize;
     for rows in micro_batches {
         let batch = data.micro_batch::<B>(rows, device);
+        clock.mark::<B>("batch", device);
         // The model's own backward pass (gradient checkpointing), or Burn's on its loss.
         let (tokens, step_grads, value) = match model.self_backward(&batch) {
-            Some(out) => (out.tokens, out.grads, out.loss_sum),
+            Some(out) => {
+                clock.mark::<B>("forward+backward", device);
+                (out.tokens, out.grads, out.loss_sum)
+            }
             None => {
                 let out = model.loss(&batch);
+                clock.mark::<B>("forward", device);
                 let mut backward = out.sum.backward();
-                (out.tokens, ParamGrads::collect::<B, M>(&mut backward, model), out.sum.inner())
+                let grads = ParamGrads::collect::<B, M>(&mut backward, model);
+                clock.mark::<B>("backward", device);
+                (out.tokens, grads, out.sum.inner())
             }
         };
         trained_tokens += tokens;
@@ -266,13 +324,11 @@ where
             None => value,
         });
     }
-    if trained_tokens > 0 {
-        grads.scale(1.0 / trained_tokens as f64);
-    }
     (grads, loss_sum, trained_tokens)
 }
 
 /// One optimizer step over `micro_batches`: gradients, clipping, AdamW.
+#[allow(clippy::too_many_arguments)]
 fn optimizer_step<B, M>(
     model: M,
     data: &TrainData,
@@ -281,35 +337,43 @@ fn optimizer_step<B, M>(
     opt: &mut AdamW<B::InnerBackend>,
     lr: f64,
     device: &B::Device,
+    clock: &mut PhaseClock,
 ) -> Result<(M, StepOut), TrainError>
 where
     B: AutodiffBackend,
     M: CausalLm<B>,
 {
-    let (mut grads, loss_sum, trained_tokens) = queue_step_gradients::<B, M>(&model, data, micro_batches, device);
-    if trained_tokens == 0 {
+    let (grads, loss_sum, trained_tokens) = queue_step_gradients::<B, M>(&model, data, micro_batches, device, clock);
+    let flat = grads.flatten();
+    if trained_tokens == 0 || flat.is_none() {
         // Every label masked: nothing to learn, and HF's 0/0 would poison the weights.
         let loss_sum = loss_sum.map(newt_kernels::read_f64).unwrap_or(0.0);
         let out = StepOut { loss_sum, trained_tokens, grad_norm: 0.0 };
         return Ok((model, out));
     }
+    // All gradients as one vector: the division, the norm, the clipping and AdamW are then a
+    // few operations each, not a few per parameter.
+    let (layout, grad) = flat.expect("checked above");
+    let grad = grad.mul_scalar(1.0 / trained_tokens as f64);
+    let norm_sq = grad.clone().square().sum();
     // One read for the loss and the gradient norm: each read waits for the device.
-    let (loss_sum, grad_norm) = match (loss_sum, grads.global_norm_sq()) {
-        (Some(loss), Some(norm_sq)) => {
+    let (loss_sum, grad_norm) = match loss_sum {
+        Some(loss) => {
             let both = Tensor::cat(vec![loss.cast(burn::tensor::DType::F32), norm_sq], 0).into_data();
             let v: Vec<f64> = both.iter::<f64>().collect();
             (v[0], v[1].sqrt())
         }
-        (loss, norm_sq) => {
-            (loss.map(newt_kernels::read_f64).unwrap_or(0.0), norm_sq.map_or(0.0, |n| newt_kernels::read_f64(n).sqrt()))
-        }
+        None => (0.0, newt_kernels::read_f64(norm_sq).sqrt()),
     };
-    grads.clip_to_norm(grad_norm, max_grad_norm);
+    clock.mark::<B>("norm", device);
+    // Applied even when it is 1, so clipped and unclipped steps run the same operations.
+    let grad = grad.mul_scalar(super::grads::clip_coefficient(grad_norm, max_grad_norm));
     let loss = loss_sum / trained_tokens as f64;
     if !loss.is_finite() || !grad_norm.is_finite() {
         return Err(TrainError::NonFinite { step: 0, loss, grad_norm });
     }
-    let model = opt.step::<B, M>(model, grads, lr);
+    let model = opt.step_flat::<B, M>(model, layout, grad, lr);
+    clock.mark::<B>("optimizer", device);
     let out = StepOut { loss_sum, trained_tokens, grad_norm };
     Ok((model, out))
 }
