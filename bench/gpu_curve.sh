@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # On the GPU machine: issue 7's numerics check. The real SmolLM2-135M-Instruct fine-tune
 # (pipelines/smollm2-chat-lora.yml, CUDA, bf16 base, f32 LoRA) for STEPS steps (default 200), twice
-# in one call: the fast path (every dense matmul through cuBLASLt) and the reference path
-# (NEWT_DENSE_MATMUL=cubecl: Burn/CubeCL's own matmul; everything else identical), then
+# in one call: the fast path (dense matmuls through cuBLASLt, attention through the CUDA flash
+# kernels) and the reference path (NEWT_FLASH=burn: the Burn-op flash attention; everything
+# else identical; REFERENCE_MATMUL=cubecl also swaps cuBLASLt for CubeCL's matmul, which on
+# 2026-11-29 gave an infinite gradient norm at step 7), then
 # bench/curve_compare.py prints the two loss curves side by side (curve.md).
 # The GGUF travels in two parts as for bench/gpu_finetune.sh (see its header); the binary comes
 # from /root/keep/newt when an earlier call left it there, else from .dev/gpu/newt.xz.
@@ -23,8 +25,8 @@ for path in fast reference; do
   # The env var is not part of the train stage's key: each path gets its own artifact cache,
   # sharing the kernel cache.
   cache=/tmp/curve-cache-$path; mkdir -p $cache; ln -sfn /tmp/newt-cache/cubecl $cache/cubecl
-  mm=; limit=${TIMEOUT_FAST:-300}; [ $path = reference ] && mm=cubecl && limit=${TIMEOUT_REFERENCE:-300}
-  NEWT_DENSE_MATMUL=$mm NEWT_DATA_THREADS=2 NEWT_CACHE_DIR=$cache CUBECL_AUTOTUNE_LEVEL=${CUBECL_AUTOTUNE_LEVEL:-minimal} \
+  mm=; fl=; limit=${TIMEOUT_FAST:-300}; [ $path = reference ] && mm=${REFERENCE_MATMUL:-} && fl=burn && limit=${TIMEOUT_REFERENCE:-300}
+  NEWT_DENSE_MATMUL=$mm NEWT_FLASH=$fl NEWT_DATA_THREADS=2 NEWT_CACHE_DIR=$cache CUBECL_AUTOTUNE_LEVEL=${CUBECL_AUTOTUNE_LEVEL:-minimal} \
     bash bench/timeout_with_stacks.sh $limit "$OUT/$path.stacks" /tmp/newt run pipelines/.curve.yml --only train > /tmp/aux/$path.out 2> /tmp/aux/$path.err
   echo "newt exit $?" >> /tmp/aux/$path.out
   m=$(find $cache -name metrics.jsonl -printf '%T@ %p\n' 2>/dev/null | sort -n | tail -1 | cut -d' ' -f2-)

@@ -258,7 +258,7 @@ fn kernels_check_runs_on_the_cpu_and_reports_agreement() {
     }
     assert!(text.contains("dense_matmul under autodiff"), "{text}");
     let nf4 = text.lines().find(|l| l.starts_with("nf4:")).expect("an nf4 line");
-    let errs: Vec<f64> = nf4.split(|c: char| c == ' ' || c == ';').filter_map(|w| w.parse().ok()).collect();
+    let errs: Vec<f64> = nf4.split([' ', ';']).filter_map(|w| w.parse().ok()).collect();
     assert_eq!(errs.len(), 2, "{nf4}");
     assert!(errs.iter().all(|e| *e < 1e-5), "{nf4}");
     let bad = p.run(&["kernels", "--backend", "cpu", "--shape", "16,0,4"]);
