@@ -39,13 +39,53 @@ pub struct MomentsHost {
 /// Parameter paths (sorted) and sizes: where each parameter lies in the flat vectors.
 pub type Layout = Vec<(String, usize)>;
 
-/// The moments of every parameter, flat, in `layout` order, and each parameter's step count.
+/// The moments of every parameter, flat, in `layout` order, and each parameter's step count;
+/// with what depends only on the layout, worked out once: where each path lies, and which
+/// elements weight decay applies to.
 #[derive(Debug, Clone)]
 struct FlatState<B: Backend> {
     layout: Layout,
     exp_avg: Tensor<B, 1>,
     exp_avg_sq: Tensor<B, 1>,
     steps: Vec<u64>,
+    /// Path → (offset, size) in the flat vectors.
+    offsets: BTreeMap<String, (usize, usize)>,
+    decay: Decay<B>,
+}
+
+/// Which elements weight decay applies to ([`decays`] by path).
+#[derive(Debug, Clone)]
+enum Decay<B: Backend> {
+    All,
+    Nothing,
+    /// 1 where the element's parameter decays, 0 elsewhere.
+    Mask(Tensor<B, 1>),
+}
+
+impl<B: Backend> FlatState<B> {
+    fn new(layout: Layout, exp_avg: Tensor<B, 1>, exp_avg_sq: Tensor<B, 1>, steps: Vec<u64>) -> Self {
+        let mut offsets = BTreeMap::new();
+        let mut at = 0;
+        for (path, n) in &layout {
+            offsets.insert(path.clone(), (at, *n));
+            at += n;
+        }
+        let decaying: Vec<bool> = layout.iter().map(|(path, _)| decays(path)).collect();
+        let decay = if decaying.iter().all(|d| *d) {
+            Decay::All
+        } else if !decaying.iter().any(|d| *d) {
+            Decay::Nothing
+        } else {
+            let mask: Vec<f32> = layout
+                .iter()
+                .zip(&decaying)
+                .flat_map(|((_, n), d)| std::iter::repeat_n(if *d { 1.0f32 } else { 0.0 }, *n))
+                .collect();
+            let n = mask.len();
+            Decay::Mask(Tensor::from_data(TensorData::new(mask, [n]), (&exp_avg.device(), burn::tensor::DType::F32)))
+        };
+        FlatState { layout, exp_avg, exp_avg_sq, steps, offsets, decay }
+    }
 }
 
 /// The optimizer: hyper-parameters and state.
@@ -113,18 +153,10 @@ impl<B: Backend> AdamW<B> {
             .collect();
         let mut p = Tensor::cat(params, 0);
         if weight_decay != 0.0 {
-            let decaying: Vec<bool> = layout.iter().map(|(path, _)| decays(path)).collect();
-            if decaying.iter().all(|d| *d) {
-                p = p.mul_scalar(1.0 - lr * weight_decay);
-            } else if decaying.iter().any(|d| *d) {
-                let mask: Vec<f32> = layout
-                    .iter()
-                    .zip(&decaying)
-                    .flat_map(|((_, n), d)| std::iter::repeat_n(if *d { 1.0f32 } else { 0.0 }, *n))
-                    .collect();
-                let n = mask.len();
-                let mask = Tensor::<B, 1>::from_data(TensorData::new(mask, [n]), (&device, burn::tensor::DType::F32));
-                p = p.clone() - p * mask.mul_scalar(lr * weight_decay);
+            match &st.decay {
+                Decay::All => p = p.mul_scalar(1.0 - lr * weight_decay),
+                Decay::Mask(mask) => p = p.clone() - p * mask.clone().mul_scalar(lr * weight_decay),
+                Decay::Nothing => {}
             }
         }
         st.exp_avg = st.exp_avg.clone().mul_scalar(beta1) + grad.clone().mul_scalar(1.0 - beta1);
@@ -150,13 +182,7 @@ impl<B: Backend> AdamW<B> {
             p - st.exp_avg.clone() / denom * step_size
         };
 
-        let mut offsets = BTreeMap::new();
-        let mut at = 0;
-        for (path, n) in &layout {
-            offsets.insert(path.clone(), (at, *n));
-            at += n;
-        }
-        model.map(&mut Scatter::<AB> { path: PathStack::default(), offsets: &offsets, flat: &p })
+        model.map(&mut Scatter::<AB> { path: PathStack::default(), offsets: &st.offsets, flat: &p })
     }
 
     /// The state for `layout`: kept when it matches, else rebuilt per path (moments of paths
@@ -189,7 +215,7 @@ impl<B: Backend> AdamW<B> {
                 }
             }
             let (exp_avg, exp_avg_sq) = (Tensor::cat(m, 0), Tensor::cat(v, 0));
-            self.state = Some(FlatState { layout: layout.clone(), exp_avg, exp_avg_sq, steps });
+            self.state = Some(FlatState::new(layout.clone(), exp_avg, exp_avg_sq, steps));
         }
         self.state.as_mut().expect("state was just set")
     }
@@ -253,7 +279,7 @@ impl<B: Backend> AdamW<B> {
             let n = v.len();
             Tensor::<B, 1>::from_data(TensorData::new(v, [n]), (device, burn::tensor::DType::F32))
         };
-        self.state = Some(FlatState { layout, exp_avg: dev(m), exp_avg_sq: dev(v), steps });
+        self.state = Some(FlatState::new(layout, dev(m), dev(v), steps));
     }
 
     /// Paths that have optimizer state.

@@ -123,7 +123,7 @@ impl<B: Backend> ParamGrads<B> {
 
     /// The squared L2 norm over all gradients, as an f32 `[1]` tensor still on the device
     /// (`None` without gradients).
-    pub fn global_norm_sq(&self) -> Option<Tensor<B, 1>> {
+    fn global_norm_sq(&self) -> Option<Tensor<B, 1>> {
         let mut total: Option<Tensor<B, 1>> = None;
         for g in self.by_path.values() {
             let sq = g.clone().square().sum().cast(FloatDType::F32);
