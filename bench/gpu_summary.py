@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Side-by-side table of a bench/gpu_compare.sh output folder: for each shape (and its
 gradient-checkpointing variant, `<shape>-gc`), the peer's tokens/s and allocator peak
-(peft.jsonl) beside newt's steady tokens/s, MFU and whole-process peak (newt_metrics.jsonl,
+(peft.jsonl) and its whole-process peak (nvidia-smi, peer-smi.txt) beside newt's steady tokens/s, MFU and whole-process peak (newt_metrics.jsonl,
 newt.out). newt's steady figure is the median over the steps after the first three, counting a
 step's tokens as the batch's full 4×2048 positions (the peer's convention: every position of its
 random batch is a token), and the real (non-padding) tokens beside it.
@@ -35,8 +35,8 @@ def newt_steady(metrics: pathlib.Path, batch_tokens: int):
 
 
 def main(out: pathlib.Path):
-    print("| shape | peer tokens/s | peer peak | newt tokens/s (4×2048/step) | newt real tokens/s | newt MFU | newt first step | newt peak (process) | newt / peer |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| shape | peer tokens/s | peer peak (allocator) | peer peak (process) | newt tokens/s (4×2048/step) | newt real tokens/s | newt MFU | newt first step | newt peak (process) | newt / peer |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for d in sorted(p for p in out.iterdir() if p.is_dir()):
         peer = None
         if (d / "peft.jsonl").exists():
@@ -47,10 +47,15 @@ def main(out: pathlib.Path):
         if (d / "newt.out").exists():
             m = re.search(r"peak MiB used \(incl\. context\): (\d+)", (d / "newt.out").read_text())
             peak = int(m.group(1)) / 1024 if m else None
+        peer_process = None
+        if (d / "peer-smi.txt").exists():
+            m = re.search(r"peer peak MiB used \(incl\. context\): (\d+)", (d / "peer-smi.txt").read_text())
+            peer_process = int(m.group(1)) / 1024 if m else None
         cells = [
             d.name,
             f"{peer['tokens_per_s']:,}" if peer else "—",
             f"{peer['peak_gib']:.2f} GiB" if peer else "—",
+            f"{peer_process:.2f} GiB" if peer_process else "—",
             f"{newt['tokens_per_s']:,.0f}" if newt else "—",
             f"{newt['real_tokens_per_s']:,.0f}" if newt else "—",
             f"{newt['mfu'] * 100:.1f} %" if newt and newt["mfu"] is not None else "—",

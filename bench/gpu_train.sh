@@ -13,7 +13,15 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > /tmp/aux/
 # 1. The peer, same shape, batch 4x2048, r=32, AdamW.
 # GC=1: both with gradient checkpointing (the peer's --grad-ckpt, newt's gradient_checkpointing).
 gc=${GC:-0}; peer_gc=; [ "$gc" = 1 ] && peer_gc=--grad-ckpt
-[ "${PEER:-1}" = 1 ] && PYTHONUNBUFFERED=1 timeout 240 python3 .dev/gpu/peft_baseline.py --shape "$shape" --batch 4 --seq 2048 --rank 32 $peer_gc > "$OUT/peft.jsonl" 2> /tmp/aux/peft-$shape.err
+# Its allocator peak (max_memory_allocated) is what it prints; nvidia-smi is also sampled while it
+# runs, so the two processes are also compared the same way (whole process, context included).
+if [ "${PEER:-1}" = 1 ]; then
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 250 > /tmp/aux/peer-mem.log &
+  peer_smi=$!
+  PYTHONUNBUFFERED=1 timeout 240 python3 .dev/gpu/peft_baseline.py --shape "$shape" --batch 4 --seq 2048 --rank 32 $peer_gc > "$OUT/peft.jsonl" 2> /tmp/aux/peft-$shape.err
+  kill $peer_smi
+  echo "peer peak MiB used (incl. context): $(sort -n /tmp/aux/peer-mem.log | tail -1)" > "$OUT/peer-smi.txt"
+fi
 # 2. A random model of that shape as a HF folder, with the SmolLM2 tokenizer fixture.
 python3 bench/random_model.py --shape "$shape" --out /tmp/model-$shape --tokenizer stages/data/tests/fixtures/smollm2 > /tmp/aux/model.log 2>&1
 python3 - <<'PY'

@@ -195,3 +195,51 @@ pub fn flash<B: KernelBackend>(
     let flop = 3.5 * 4.0 * (batch * q_heads * tokens * tokens * d) as f64 / 2.0;
     CheckRow::new("flash", format!("{batch}×{q_heads}/{kv_heads}×{tokens}"), err, fast_ms, reference_ms, flop)
 }
+
+/// [`KernelBackend::lora_forward`] and [`KernelBackend::lora_backward`] of this backend (on CUDA,
+/// one custom operation per pass, the scale and sums folded into cuBLASLt calls) against
+/// [`crate::lora::default_lora_forward`] and [`crate::lora::default_lora_backward`] (separate
+/// [`dense_matmul`]s and elementwise operations), for `tokens` rows through a `[out, in]` layer
+/// with a rank-`r` adapter. The error is the largest of y, dx, dA and dB; times are forward +
+/// backward.
+pub fn lora<B: KernelBackend>(
+    device: &B::Device,
+    tokens: usize,
+    input: usize,
+    out: usize,
+    r: usize,
+    reps: usize,
+) -> CheckRow {
+    use crate::lora::{default_lora_backward, default_lora_forward};
+    use burn::tensor::TensorPrimitive;
+    let x = Tensor::<B, 2>::random([tokens, input], Distribution::Normal(0.0, 1.0), device);
+    let w = Tensor::<B, 2>::random([out, input], Distribution::Normal(0.0, 0.02), device);
+    let a = Tensor::<B, 2>::random([r, input], Distribution::Normal(0.0, 0.05), device);
+    let b = Tensor::<B, 2>::random([out, r], Distribution::Normal(0.0, 0.05), device);
+    let dy = Tensor::<B, 2>::random([tokens, out], Distribution::Normal(0.0, 1.0), device);
+    let scale = 2.0;
+    let prim = |t: &Tensor<B, 2>| t.clone().into_primitive().tensor();
+    let tensor = |t| Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(t));
+    let run = |fast: bool| {
+        let (y, t) = if fast {
+            B::lora_forward(prim(&x), prim(&w), prim(&a), prim(&b), scale)
+        } else {
+            default_lora_forward::<B>(prim(&x), prim(&w), prim(&a), prim(&b), scale)
+        };
+        let args = (prim(&dy), prim(&x), prim(&w), prim(&a), prim(&b), t);
+        let (dx, da, db) = if fast {
+            B::lora_backward(args.0, args.1, args.2, args.3, args.4, args.5, scale, true)
+        } else {
+            default_lora_backward::<B>(args.0, args.1, args.2, args.3, args.4, args.5, scale, true)
+        };
+        [y, dx.expect("dx was asked for"), da, db].map(tensor)
+    };
+    let f32 = |t: Tensor<B, 2>| t.cast(burn::tensor::DType::F32);
+    let err = run(true).into_iter().zip(run(false)).map(|(f, r)| max_rel(f32(f), f32(r))).fold(0.0, f64::max);
+    let fast_ms = time::<B>(device, reps, || drop(run(true)));
+    let reference_ms = time::<B>(device, reps, || drop(run(false)));
+    // Forward: x·Wᵀ, x·Aᵀ, t·Bᵀ; backward: dy·B, dy·W, dt·A, dtᵀ·x, dyᵀ·t.
+    let (m, k, n, r) = (tokens as f64, input as f64, out as f64, r as f64);
+    let flop = 2.0 * m * (2.0 * k * n + 2.0 * k * r + 3.0 * n * r + k * r);
+    CheckRow::new("lora", format!("{tokens}×{input}×{out}/r{}", r as usize), err, fast_ms, reference_ms, flop)
+}

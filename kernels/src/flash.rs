@@ -86,6 +86,44 @@ pub trait KernelBackend: Backend {
         Self::float_matmul(lhs, rhs)
     }
 
+    /// `x·Wᵀ + scale·(x·Aᵀ)·Bᵀ`, a LoRA linear layer as one operation (see [`crate::lora`]).
+    fn lora_linear(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        Self::lora_forward(x, w, a, b, scale).0
+    }
+
+    /// The forward pass of [`KernelBackend::lora_linear`]: `(y, t = x·Aᵀ)`.
+    fn lora_forward(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        scale: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        crate::lora::default_lora_forward::<Self>(x, w, a, b, scale)
+    }
+
+    /// The backward pass of [`KernelBackend::lora_linear`]: `(dx, dA, dB)` given `dy` and the
+    /// forward's `t`; `dx` only when `need_dx`.
+    #[allow(clippy::too_many_arguments)]
+    fn lora_backward(
+        dy: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        t: FloatTensor<Self>,
+        scale: f64,
+        need_dx: bool,
+    ) -> (Option<FloatTensor<Self>>, FloatTensor<Self>, FloatTensor<Self>) {
+        crate::lora::default_lora_backward::<Self>(dy, x, w, a, b, t, scale, need_dx)
+    }
+
     /// `x·Wᵀ` for `x` `[rows, in]` and an NF4-quantized `W` `[out, in]` (see [`crate::nf4`]).
     fn nf4_linear(
         x: FloatTensor<Self>,
@@ -161,6 +199,29 @@ macro_rules! cuda_kernel_backend {
         impl KernelBackend for burn::backend::Cuda<$f, i32> {
             fn dense_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
                 crate::matmul::cuda::fusion_dense_matmul::<$f>(lhs, rhs)
+            }
+
+            fn lora_forward(
+                x: FloatTensor<Self>,
+                w: FloatTensor<Self>,
+                a: FloatTensor<Self>,
+                b: FloatTensor<Self>,
+                scale: f64,
+            ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+                crate::lora::cuda::fusion_forward::<$f>(x, w, a, b, scale)
+            }
+
+            fn lora_backward(
+                dy: FloatTensor<Self>,
+                x: FloatTensor<Self>,
+                w: FloatTensor<Self>,
+                a: FloatTensor<Self>,
+                b: FloatTensor<Self>,
+                t: FloatTensor<Self>,
+                scale: f64,
+                need_dx: bool,
+            ) -> (Option<FloatTensor<Self>>, FloatTensor<Self>, FloatTensor<Self>) {
+                crate::lora::cuda::fusion_backward::<$f>(dy, x, w, a, b, t, scale, need_dx)
             }
 
             fn flash_forward(
@@ -381,6 +442,16 @@ pub fn backward<B: Backend>(
 impl<B: KernelBackend, C: CheckpointStrategy> KernelBackend for Autodiff<B, C> {
     fn dense_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
         crate::matmul::autodiff_dense_matmul::<B, C>(lhs, rhs)
+    }
+
+    fn lora_linear(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        crate::lora::autodiff_lora_linear::<B, C>(x, w, a, b, scale)
     }
 
     fn nf4_linear(

@@ -7,7 +7,8 @@
 //!
 //! Fast paths are Burn backend extensions ([`KernelBackend`]): [`flash`] (attention with its own
 //! backward pass; on CUDA the FlashAttention-2 kernels of [`flash_cuda`]) and [`matmul`]
-//! (cuBLASLt on CUDA), each with a default written in Burn tensor operations; [`check`] compares
+//! (cuBLASLt on CUDA) and [`lora`] (a LoRA linear as one operation, its products cuBLASLt calls
+//! on CUDA), each with a default written in Burn tensor operations; [`check`] compares
 //! them with their references on the machine at hand (`newt kernels`).
 //!
 //! ```text
@@ -19,6 +20,7 @@ pub mod attention;
 pub mod check;
 pub mod flash;
 pub mod flash_cuda;
+pub mod lora;
 pub mod loss;
 pub mod matmul;
 pub mod nf4;
@@ -27,6 +29,7 @@ pub mod rope;
 
 pub use attention::{AttentionMask, attention};
 pub use flash::{FlashOptions, KernelBackend, flash_attention};
+pub use lora::lora_linear;
 pub use loss::chunked_cross_entropy;
 pub use matmul::dense_matmul;
 pub use norm::rms_norm;

@@ -212,14 +212,34 @@ pub(crate) mod cuda {
         lhs: CubeTensor<CudaRuntime>,
         rhs: CubeTensor<CudaRuntime>,
     ) -> CubeTensor<CudaRuntime> {
-        match gemm(&lhs, &rhs) {
+        cube_gemm::<F>(lhs, rhs, 1.0, None)
+    }
+
+    /// `alpha·(lhs · rhs)`, plus `acc` when given (`acc` is then overwritten with the result and
+    /// returned: the caller owns it, nothing else reads it), through cuBLASLt or, when it cannot
+    /// take the call, CubeCL's matmul and elementwise ops.
+    pub(crate) fn cube_gemm<F: FloatElement>(
+        lhs: CubeTensor<CudaRuntime>,
+        rhs: CubeTensor<CudaRuntime>,
+        alpha: f32,
+        acc: Option<CubeTensor<CudaRuntime>>,
+    ) -> CubeTensor<CudaRuntime> {
+        use burn::tensor::ops::FloatTensorOps;
+        match gemm(&lhs, &rhs, alpha, acc.as_ref()) {
             Some(out) => {
                 super::CUBLASLT_CALLS.fetch_add(1, Ordering::Relaxed);
                 out
             }
             None => {
                 super::FALLBACK_CALLS.fetch_add(1, Ordering::Relaxed);
-                <Cube<F> as burn::tensor::ops::FloatTensorOps<Cube<F>>>::float_matmul(lhs, rhs)
+                let mut out = Cube::<F>::float_matmul(lhs, rhs);
+                if alpha != 1.0 {
+                    out = Cube::<F>::float_mul_scalar(out, alpha.into());
+                }
+                match acc {
+                    Some(acc) => Cube::<F>::float_add(acc, out),
+                    None => out,
+                }
             }
         }
     }
@@ -242,8 +262,14 @@ pub(crate) mod cuda {
     }
 
     /// `None` (fall back) for shapes, dtypes or layouts cuBLASLt is not given, or when the
-    /// library cannot be loaded.
-    fn gemm(lhs: &CubeTensor<CudaRuntime>, rhs: &CubeTensor<CudaRuntime>) -> Option<CubeTensor<CudaRuntime>> {
+    /// library cannot be loaded. With `acc` (a contiguous `[m, n]` of the operands' dtype), the
+    /// product is added to it in place (`beta = 1`) and `acc` returned.
+    fn gemm(
+        lhs: &CubeTensor<CudaRuntime>,
+        rhs: &CubeTensor<CudaRuntime>,
+        alpha: f32,
+        acc: Option<&CubeTensor<CudaRuntime>>,
+    ) -> Option<CubeTensor<CudaRuntime>> {
         static CUBECL_ONLY: OnceLock<bool> = OnceLock::new();
         // `NEWT_DENSE_MATMUL=cubecl` measures CubeCL's matmul in the same binary.
         if *CUBECL_ONLY.get_or_init(|| std::env::var("NEWT_DENSE_MATMUL").is_ok_and(|v| v == "cubecl")) {
@@ -258,18 +284,34 @@ pub(crate) mod cuda {
         if m == 0 || k == 0 || n == 0 || rhs.meta.shape()[0] != k {
             return None;
         }
+        if let Some(acc) = acc {
+            let contiguous = acc.meta.shape().num_dims() == 2
+                && acc.meta.shape()[0] == m
+                && acc.meta.shape()[1] == n
+                && acc.meta.strides()[1] == 1
+                && acc.meta.strides()[0] == n;
+            if !contiguous || acc.dtype != lhs.dtype {
+                return None;
+            }
+        }
         let prepared = prepared(Key { plan: GemmPlan::new(m, k, n, lv, rv), ty: ty as i32 }, ty)?;
-        let out = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(
-            lhs.client.clone(),
-            lhs.device.clone(),
-            Shape::new([m, n]),
-            lhs.dtype,
-        );
+        let (out, beta) = match acc {
+            Some(acc) => (acc.clone(), 1.0f32),
+            None => (
+                burn_cubecl::ops::numeric::empty_device_contiguous_dtype(
+                    lhs.client.clone(),
+                    lhs.device.clone(),
+                    Shape::new([m, n]),
+                    lhs.dtype,
+                ),
+                0.0,
+            ),
+        };
         let buffers = vec![rhs.handle.clone().binding(), lhs.handle.clone().binding(), out.handle.clone().binding()];
         cubecl_cuda::external::launch_external(
             &lhs.client,
             buffers,
-            Box::new(move |ptrs: &[u64], stream| run(&prepared, ptrs, stream)),
+            Box::new(move |ptrs: &[u64], stream| run(&prepared, ptrs, alpha, beta, stream)),
         );
         Some(out)
     }
@@ -376,8 +418,8 @@ pub(crate) mod cuda {
         static RUNNER: RefCell<Option<Runner>> = const { RefCell::new(None) };
     }
 
-    /// On the device thread: `ptrs` are `[A (rhs), B (lhs), D (out)]`.
-    fn run(p: &Prepared, ptrs: &[u64], stream: cudarc::driver::sys::CUstream) {
+    /// On the device thread: `ptrs` are `[A (rhs), B (lhs), D (out)]`; `D = alpha·A·B + beta·D`.
+    fn run(p: &Prepared, ptrs: &[u64], alpha: f32, beta: f32, stream: cudarc::driver::sys::CUstream) {
         RUNNER.with(|cell| {
             let mut slot = cell.borrow_mut();
             let runner = slot.get_or_insert_with(|| Runner {
@@ -387,7 +429,6 @@ pub(crate) mod cuda {
             });
             let [a, b, d] = [ptrs[0], ptrs[1], ptrs[2]];
             let algo = if (a | b | d) % 16 == 0 { &p.aligned } else { &p.unaligned };
-            let (alpha, beta) = (1.0f32, 0.0f32);
             // SAFETY: the pointers are live CubeCL buffers of the sizes the layouts describe,
             // resolved by CubeCL for this launch; the call is queued on their stream.
             let result = unsafe {

@@ -87,6 +87,20 @@ impl<B: Backend> RopeTables<B> {
         let emb = Tensor::cat(vec![freqs.clone(), freqs], 2);
         RopeTables { cos: emb.clone().cos(), sin: emb.sin() }
     }
+
+    /// The tables in `dtype`, the activations' type (computed in f32, then cast, as transformers'
+    /// rotary embedding returns them): cast once per forward pass rather than once per layer.
+    pub fn cast(self, dtype: DType) -> Self {
+        if self.cos.dtype() == dtype {
+            return self;
+        }
+        RopeTables { cos: self.cos.cast(dtype), sin: self.sin.cast(dtype) }
+    }
+}
+
+/// `x` in `dtype`, with no operation recorded when it already is.
+fn in_dtype<B: Backend, const D: usize>(x: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
+    if x.dtype() == dtype { x } else { x.cast(dtype) }
 }
 
 /// `[-x2, x1]` for `x = [x1, x2]` split in halves along the last dimension.
@@ -100,8 +114,8 @@ fn rotate_half<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
 /// Rotates queries or keys `x` (`[batch, heads, seq, head_dim]`): `x·cos + rotate_half(x)·sin`.
 pub fn apply_rope<B: Backend>(x: Tensor<B, 4>, tables: &RopeTables<B>) -> Tensor<B, 4> {
     let dtype = x.dtype();
-    let cos: Tensor<B, 4> = tables.cos.clone().cast(dtype).unsqueeze_dim(1);
-    let sin: Tensor<B, 4> = tables.sin.clone().cast(dtype).unsqueeze_dim(1);
+    let cos: Tensor<B, 4> = in_dtype(tables.cos.clone(), dtype).unsqueeze_dim(1);
+    let sin: Tensor<B, 4> = in_dtype(tables.sin.clone(), dtype).unsqueeze_dim(1);
     x.clone() * cos + rotate_half(x) * sin
 }
 

@@ -44,6 +44,13 @@ impl WithAutodiffBackend for Check {
         println!("nf4: dequantized weight vs host, max rel err {:.2e}; nf4_linear vs dense_matmul {:.2e}", n[0], n[1]);
         println!(
             "{:<7} {:>17} {:>11} {:>10} {:>10} {:>10} {:>10}",
+            "lora", "t×in×out/r", "max rel err", "newt ms", "burn ms", "newt TF/s", "burn TF/s"
+        );
+        for &[t, i, o] in &self.shapes {
+            print_row(&check::lora::<B::InnerBackend>(&device, t, i, o, 32, self.reps));
+        }
+        println!(
+            "{:<7} {:>17} {:>11} {:>10} {:>10} {:>10} {:>10}",
             "flash", "b×hq/hkv×t", "max rel err", "newt ms", "burn ms", "newt TF/s", "burn TF/s"
         );
         for &[b, hq, hkv, tokens] in &self.attention {

@@ -403,7 +403,7 @@ impl<B: KernelBackend> Llama<B> {
         let [b, t] = input_ids.dims();
         let hidden = self.config.hidden_size;
         let mut x: Tensor<B, 3> = self.embed_tokens.val().select(0, input_ids.reshape([b * t])).reshape([b, t, hidden]);
-        let rope = RopeTables::new(position_ids, &self.inv_freq);
+        let rope = RopeTables::new(position_ids, &self.inv_freq).cast(x.dtype());
         let (offset, capacity, span, k_segments) = match cache.as_deref_mut() {
             None => (0, t, t, segment_ids.clone()),
             Some(c) => {
@@ -527,7 +527,8 @@ where
         let inner_ids = batch.input_ids.clone().inner();
         let inner_pos = batch.position_ids.clone().inner();
         let inner_seg = batch.segment_ids.clone().inner();
-        let rope = RopeTables::new(inner_pos, &inner.inv_freq);
+        let dtype = inner.embed_tokens.val().dtype();
+        let rope = RopeTables::new(inner_pos, &inner.inv_freq).cast(dtype);
         let attend = Attend::Flash(inner_seg);
         let ctx = LayerContext { config: &inner.config, rope: &rope, attend: &attend, cache_at: (0, t, t) };
         let mut x = inner.embed_tokens.val().select(0, inner_ids.reshape([b * t])).reshape([b, t, hidden]);
@@ -546,7 +547,7 @@ where
         let mut grad_out = last.grad(&g).expect("the head's input has a gradient");
         drop(g);
 
-        let rope = RopeTables::new(batch.position_ids.clone(), &self.inv_freq);
+        let rope = RopeTables::new(batch.position_ids.clone(), &self.inv_freq).cast(dtype);
         let attend = Attend::Flash(batch.segment_ids.clone());
         let ctx = LayerContext { config: &self.config, rope: &rope, attend: &attend, cache_at: (0, t, t) };
         for (layer, input) in self.layers.iter().zip(inputs).rev() {

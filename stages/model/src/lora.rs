@@ -2,7 +2,8 @@
 //! attaches adapters to a [`Llama`] the way PEFT does.
 //!
 //! The adapter is never merged: `y = x·Wᵀ (+ b) + scale·((dropout(x)·Aᵀ)·Bᵀ)`, with `A` `[r, in]`
-//! and `B` `[out, r]` kept in f32 whatever the base dtype, and `B·A` never formed. PEFT's
+//! and `B` `[out, r]` kept in f32 whatever the base dtype (their matmuls run in the activations'
+//! type, as under autocast: [`lora_compute_dtype`]), and `B·A` never formed. PEFT's
 //! initialisation: `A` Kaiming-uniform with `a = √5` (as `nn.Linear`), i.e. `U(-1/√in, 1/√in)`,
 //! and `B` zero, so a fresh adapter leaves the model's outputs unchanged.
 
@@ -144,19 +145,53 @@ impl<B: Backend> LoraAdapter<B> {
 }
 
 impl<B: newt_kernels::KernelBackend> LoraAdapter<B> {
-    /// The adapter's contribution for a 2-D input `[rows, in]`, in f32.
+    /// The adapter's contribution for a 2-D input `[rows, in]`, in [`lora_compute_dtype`].
     fn delta(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         let device = x.device();
-        let mut x = x.cast(DType::F32);
+        let dtype = lora_compute_dtype(x.dtype());
+        let mut x = in_dtype(x, dtype);
         // Dropout only while gradients are recorded (training); `Module::valid()` gives the
         // inference view, as everywhere in Burn.
         if self.dropout > 0.0 && B::ad_enabled(&device) {
             let keep = x.random_like(Distribution::Bernoulli(1.0 - self.dropout));
             x = x * keep.div_scalar(1.0 - self.dropout);
         }
-        let xa = newt_kernels::dense_matmul(x, self.lora_a.val().transpose());
-        newt_kernels::dense_matmul(xa, self.lora_b.val().transpose()).mul_scalar(self.scale)
+        let a = in_dtype(self.lora_a.val(), dtype);
+        let b = in_dtype(self.lora_b.val(), dtype);
+        let xa = newt_kernels::dense_matmul(x, a.transpose());
+        newt_kernels::dense_matmul(xa, b.transpose()).mul_scalar(self.scale)
     }
+}
+
+impl<B: Backend> LoraAdapter<B> {
+    /// `A` and `B` in the activations' type, when the adapter can run as one
+    /// [`newt_kernels::lora_linear`] with its base layer: it computes in that type and draws no
+    /// dropout mask (none configured, or not training).
+    fn fused_operands(&self, activations: DType, device: &B::Device) -> Option<(Tensor<B, 2>, Tensor<B, 2>)> {
+        let dropout = self.dropout > 0.0 && B::ad_enabled(device);
+        if dropout || lora_compute_dtype(activations) != activations {
+            return None;
+        }
+        Some((in_dtype(self.lora_a.val(), activations), in_dtype(self.lora_b.val(), activations)))
+    }
+}
+
+/// The type the adapter's matmuls run in, for activations of type `activations`.
+///
+/// The activations' own type: with a bf16 model that is what Axolotl's `bf16: true` does (the
+/// Hugging Face Trainer runs the forward pass under `torch.autocast(bfloat16)`, which runs every
+/// linear, the adapters' included, in bf16), while `A` and `B`, their gradients and the optimizer
+/// state stay f32. `NEWT_LORA_F32=1` runs the adapters in f32 instead, as PEFT does without
+/// autocast (it casts the input to the adapter's f32): the reference path, and what
+/// `peft_baseline.py` computes.
+pub fn lora_compute_dtype(activations: DType) -> DType {
+    static F32: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *F32.get_or_init(|| std::env::var("NEWT_LORA_F32").is_ok_and(|v| v == "1")) { DType::F32 } else { activations }
+}
+
+/// `x` in `dtype`, with no operation recorded when it already is.
+fn in_dtype<B: Backend, const D: usize>(x: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
+    if x.dtype() == dtype { x } else { x.cast(dtype) }
 }
 
 /// A trainable f32 parameter, whatever the backend's default float type.
@@ -260,6 +295,17 @@ impl<B: newt_kernels::KernelBackend> LoraLinear<B> {
         let mut shape = x.dims();
         let rows = shape[..D - 1].iter().product();
         let x = x.reshape([rows, input]);
+        if let (Some(lora), None) = (&self.lora, &self.nf4)
+            && let Some((a, b)) = lora.fused_operands(x.dtype(), &x.device())
+        {
+            // One operation forward and one backward (newt_kernels::lora).
+            let mut y = newt_kernels::lora_linear(x, self.weight.val(), a, b, lora.scale);
+            if let Some(bias) = &self.bias {
+                y = y + bias.val().unsqueeze();
+            }
+            shape[D - 1] = out;
+            return y.reshape(shape);
+        }
         let mut y = match &self.nf4 {
             Some(q) => newt_kernels::nf4::nf4_linear(x.clone(), q.packed.val(), q.absmax.val(), q.shape()),
             None => newt_kernels::dense_matmul(x.clone(), self.weight.val().transpose()),
@@ -269,7 +315,7 @@ impl<B: newt_kernels::KernelBackend> LoraLinear<B> {
         }
         if let Some(lora) = &self.lora {
             let dtype = y.dtype();
-            y = y + lora.delta(x).cast(dtype);
+            y = y + in_dtype(lora.delta(x), dtype);
         }
         shape[D - 1] = out;
         y.reshape(shape)
