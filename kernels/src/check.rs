@@ -243,3 +243,36 @@ pub fn lora<B: KernelBackend>(
     let flop = 2.0 * m * (2.0 * k * n + 2.0 * k * r + 3.0 * n * r + k * r);
     CheckRow::new("lora", format!("{tokens}×{input}×{out}/r{}", r as usize), err, fast_ms, reference_ms, flop)
 }
+
+/// [`KernelBackend::rms_norm_forward`] and [`KernelBackend::rms_norm_backward`] of this backend
+/// (on CUDA in bf16, `kernels/cuda/rms_norm.cu`) against [`crate::norm::default_rms_norm_forward`]
+/// and [`crate::norm::default_rms_norm_backward`] (Burn operations), `[rows, n]`. The error is
+/// the larger of y's and dx's; times are forward + backward; "TF/s" counts bytes moved (x, dy,
+/// y and dx, two bytes each) as TB/s.
+pub fn rms_norm<B: KernelBackend>(device: &B::Device, rows: usize, n: usize, reps: usize) -> CheckRow {
+    use crate::norm::{default_rms_norm_backward, default_rms_norm_forward};
+    use burn::tensor::TensorPrimitive;
+    let x = Tensor::<B, 2>::random([rows, n], Distribution::Normal(0.0, 1.0), device);
+    let w = Tensor::<B, 1>::random([n], Distribution::Normal(1.0, 0.1), device);
+    let dy = Tensor::<B, 2>::random([rows, n], Distribution::Normal(0.0, 1.0), device);
+    let prim2 = |t: &Tensor<B, 2>| t.clone().into_primitive().tensor();
+    let prim1 = |t: &Tensor<B, 1>| t.clone().into_primitive().tensor();
+    let run = |fast: bool| {
+        let (y, inv) = if fast {
+            B::rms_norm_forward(prim2(&x), prim1(&w), 1e-5)
+        } else {
+            default_rms_norm_forward::<B>(prim2(&x), prim1(&w), 1e-5)
+        };
+        let dx = if fast {
+            B::rms_norm_backward(prim2(&x), prim1(&w), inv, prim2(&dy))
+        } else {
+            default_rms_norm_backward::<B>(prim2(&x), prim1(&w), inv, prim2(&dy))
+        };
+        [y, dx].map(|t| Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(t)).cast(burn::tensor::DType::F32))
+    };
+    let err = run(true).into_iter().zip(run(false)).map(|(f, r)| max_rel(f, r)).fold(0.0, f64::max);
+    let fast_ms = time::<B>(device, reps, || drop(run(true)));
+    let reference_ms = time::<B>(device, reps, || drop(run(false)));
+    let bytes = 4.0 * 2.0 * (rows * n) as f64;
+    CheckRow::new("rmsnorm", format!("{rows}×{n}"), err, fast_ms, reference_ms, bytes)
+}

@@ -86,6 +86,30 @@ pub trait KernelBackend: Backend {
         Self::float_matmul(lhs, rhs)
     }
 
+    /// RMSNorm of `x` `[rows, n]` by `weight` `[n]` (see [`crate::norm`]).
+    fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+        Self::rms_norm_forward(x, weight, eps).0
+    }
+
+    /// The forward pass of [`KernelBackend::rms_norm`]: `(y, inv [rows] f32)`.
+    fn rms_norm_forward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        eps: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        crate::norm::default_rms_norm_forward::<Self>(x, weight, eps)
+    }
+
+    /// The backward pass of [`KernelBackend::rms_norm`]: the input's gradient.
+    fn rms_norm_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        inv: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        crate::norm::default_rms_norm_backward::<Self>(x, weight, inv, dy)
+    }
+
     /// `x·Wᵀ + scale·(x·Aᵀ)·Bᵀ`, a LoRA linear layer as one operation (see [`crate::lora`]).
     fn lora_linear(
         x: FloatTensor<Self>,
@@ -209,6 +233,32 @@ macro_rules! cuda_kernel_backend {
                 scale: f64,
             ) -> (FloatTensor<Self>, FloatTensor<Self>) {
                 crate::lora::cuda::fusion_forward::<$f>(x, w, a, b, scale)
+            }
+
+            fn rms_norm_forward(
+                x: FloatTensor<Self>,
+                weight: FloatTensor<Self>,
+                eps: f64,
+            ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+                if crate::norm::cuda::takes(x.dtype, weight.dtype) {
+                    crate::norm::cuda::fusion_forward::<$f>(x, weight, eps)
+                } else {
+                    crate::norm::default_rms_norm_forward::<Self>(x, weight, eps)
+                }
+            }
+
+            fn rms_norm_backward(
+                x: FloatTensor<Self>,
+                weight: FloatTensor<Self>,
+                inv: FloatTensor<Self>,
+                dy: FloatTensor<Self>,
+            ) -> FloatTensor<Self> {
+                // The same test as the forward pass: a forward and its backward take one path.
+                if crate::norm::cuda::takes(x.dtype, weight.dtype) {
+                    crate::norm::cuda::fusion_backward::<$f>(x, weight, inv, dy)
+                } else {
+                    crate::norm::default_rms_norm_backward::<Self>(x, weight, inv, dy)
+                }
             }
 
             fn lora_backward(
@@ -452,6 +502,10 @@ impl<B: KernelBackend, C: CheckpointStrategy> KernelBackend for Autodiff<B, C> {
         scale: f64,
     ) -> FloatTensor<Self> {
         crate::lora::autodiff_lora_linear::<B, C>(x, w, a, b, scale)
+    }
+
+    fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
+        crate::norm::autodiff_rms_norm::<B, C>(x, weight, eps)
     }
 
     fn nf4_linear(

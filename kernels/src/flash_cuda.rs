@@ -46,8 +46,9 @@ type Fus<F> = Fusion<Cube<F>>;
 /// `(dq, dk, dv)`.
 type Grads3<F> = (FloatTensor<Fus<F>>, FloatTensor<Fus<F>>, FloatTensor<Fus<F>>);
 
-/// The kernels' source, compiled at run time.
-pub const SOURCE: &str = include_str!("../cuda/flash_attn.cu");
+/// The kernels' source, compiled at run time as one module: the flash attention kernels and the
+/// RMSNorm ones ([`crate::norm`]).
+pub const SOURCE: &str = concat!(include_str!("../cuda/flash_attn.cu"), include_str!("../cuda/rms_norm.cu"));
 /// The head dimension the kernels are compiled for.
 pub const HEAD_DIM: usize = 64;
 /// Queries per forward block and keys per backward block (`BM`, `BN` in the source).
@@ -310,7 +311,7 @@ fn cube_backward(
 
 /// The C type of a kernel parameter, as the launcher passes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
+pub(crate) enum Kind {
     Ptr,
     I32,
     I64,
@@ -320,20 +321,20 @@ enum Kind {
 /// Kernel arguments, one 8-byte slot each (a 4-byte argument in the slot's low bytes: the
 /// driver reads each parameter at its own size), with the kind of each.
 #[derive(Default)]
-struct Args(Vec<u64>, Vec<Kind>);
+pub(crate) struct Args(Vec<u64>, pub(crate) Vec<Kind>);
 
 impl Args {
-    fn ptr(&mut self, p: u64) -> &mut Self {
-        assert!(p.is_multiple_of(16), "flash attention: a buffer is not 16-byte aligned ({p:#x})");
+    pub(crate) fn ptr(&mut self, p: u64) -> &mut Self {
+        assert!(p.is_multiple_of(16), "CUDA kernels: a buffer is not 16-byte aligned ({p:#x})");
         self.push(p, Kind::Ptr)
     }
-    fn i32(&mut self, v: i32) -> &mut Self {
+    pub(crate) fn i32(&mut self, v: i32) -> &mut Self {
         self.push(v as u32 as u64, Kind::I32)
     }
     fn i64(&mut self, v: i64) -> &mut Self {
         self.push(v as u64, Kind::I64)
     }
-    fn f32(&mut self, v: f32) -> &mut Self {
+    pub(crate) fn f32(&mut self, v: f32) -> &mut Self {
         self.push(v.to_bits() as u64, Kind::F32)
     }
     fn push(&mut self, slot: u64, kind: Kind) -> &mut Self {
@@ -383,37 +384,53 @@ fn backward_args(ptrs: [u64; 10], d: &Dims, grad_strides: [i64; 3]) -> Args {
 }
 
 fn launch(f: usize, grid: (u32, u32, u32), args: &mut Args, stream: sys::CUstream, what: &str) {
+    launch_block(f, grid, THREADS, args, stream, &format!("flash attention {what}"));
+}
+
+/// Launches `f` with `block` threads per block on `stream` (from the device thread).
+pub(crate) fn launch_block(
+    f: usize,
+    grid: (u32, u32, u32),
+    block: u32,
+    args: &mut Args,
+    stream: sys::CUstream,
+    what: &str,
+) {
     let mut params: Vec<*mut c_void> = args.0.iter_mut().map(|s| s as *mut u64 as *mut c_void).collect();
     // SAFETY: `f` is a kernel of the module loaded in this (the device thread's) context; the
     // parameters match its signature in SOURCE, slot by slot, and point at live buffers.
     let result = unsafe {
-        cudarc::driver::result::launch_kernel(f as sys::CUfunction, grid, (THREADS, 1, 1), 0, stream, &mut params)
+        cudarc::driver::result::launch_kernel(f as sys::CUfunction, grid, (block, 1, 1), 0, stream, &mut params)
     };
     if let Err(e) = result {
-        panic!("flash attention {what} kernel launch failed: {e:?}");
+        panic!("{what} kernel launch failed: {e:?}");
     }
 }
 
-/// The three kernels, loaded in one CUDA context.
+/// The module's kernels, loaded in one CUDA context.
 #[derive(Clone, Copy)]
-struct Functions {
+pub(crate) struct Functions {
     forward: usize,
     delta: usize,
     backward: usize,
+    /// `newt_rms_fwd`.
+    pub(crate) rms_forward: usize,
+    /// `newt_rms_bwd`.
+    pub(crate) rms_backward: usize,
 }
 
 /// Modules by context (CubeCL keeps one context per device).
 static LOADED: Mutex<Option<HashMap<usize, Functions>>> = Mutex::new(None);
 
 /// The kernels for the current context, compiled and loaded on first use.
-fn functions() -> Functions {
+pub(crate) fn functions() -> Functions {
     let mut ctx: sys::CUcontext = std::ptr::null_mut();
     // SAFETY: plain query of the calling thread's current context.
     unsafe { sys::cuCtxGetCurrent(&mut ctx) }.result().expect("a current CUDA context");
     let mut loaded = LOADED.lock().unwrap();
     *loaded.get_or_insert_with(HashMap::new).entry(ctx as usize).or_insert_with(|| match load() {
         Ok(f) => f,
-        Err(e) => panic!("flash attention kernels: {e}"),
+        Err(e) => panic!("newt's CUDA kernels: {e}"),
     })
 }
 
@@ -447,6 +464,8 @@ fn load() -> Result<Functions, String> {
             forward: get("newt_flash_fwd")?,
             delta: get("newt_flash_bwd_delta")?,
             backward: get("newt_flash_bwd")?,
+            rms_forward: get("newt_rms_fwd")?,
+            rms_backward: get("newt_rms_bwd")?,
         })
     }
 }
@@ -463,7 +482,7 @@ fn compile(arch: &str) -> Result<Vec<u8>, String> {
             let log = nvrtc::get_program_log(program).unwrap_or_default();
             let log: String = log.iter().map(|c| *c as u8 as char).collect();
             let _ = nvrtc::destroy_program(program);
-            return Err(format!("NVRTC could not compile kernels/cuda/flash_attn.cu for {arch}:\n{log}"));
+            return Err(format!("NVRTC could not compile kernels/cuda/*.cu for {arch}:\n{log}"));
         }
         let mut size = 0usize;
         let mut image = if nv::nvrtcGetCUBINSize(program, &mut size) == nv::nvrtcResult::NVRTC_SUCCESS && size > 0 {
@@ -484,11 +503,11 @@ fn compile(arch: &str) -> Result<Vec<u8>, String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// The parameter kinds of `extern "C" __global__ ... name(...)` in SOURCE.
-    fn signature(name: &str) -> Vec<Kind> {
+    pub(crate) fn signature(name: &str) -> Vec<Kind> {
         let at = SOURCE.find(&format!("{name}(")).unwrap_or_else(|| panic!("{name} is not in the source"));
         let open = at + name.len() + 1;
         let close = open + SOURCE[open..].find(')').expect("closing parenthesis");

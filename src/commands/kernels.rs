@@ -49,6 +49,14 @@ impl WithAutodiffBackend for Check {
         for &[t, i, o] in &self.shapes {
             print_row(&check::lora::<B::InnerBackend>(&device, t, i, o, 32, self.reps));
         }
+        print_matmul_calls();
+        println!(
+            "{:<7} {:>17} {:>11} {:>10} {:>10} {:>10} {:>10}",
+            "rmsnorm", "rows×n", "max rel err", "newt ms", "burn ms", "newt TB/s", "burn TB/s"
+        );
+        for &[t, i, _] in &self.shapes {
+            print_row(&check::rms_norm::<B::InnerBackend>(&device, t, i, self.reps));
+        }
         println!(
             "{:<7} {:>17} {:>11} {:>10} {:>10} {:>10} {:>10}",
             "flash", "b×hq/hkv×t", "max rel err", "newt ms", "burn ms", "newt TF/s", "burn TF/s"
@@ -108,9 +116,14 @@ pub fn kernels(cli: &Cli, backend_name: &str, shapes: &[String], reps: usize) ->
         _ => vec![[4, 9, 3, 2048], [4, 32, 8, 2048]],
     };
     backend::dispatch_autodiff(resolved, Check { shapes, attention, reps: reps.max(1) });
-    if resolved != ResolvedBackend::Cpu {
-        let (lt, fallback) = newt_kernels::matmul::cuda_dense_matmul_calls();
+    print_matmul_calls();
+    Ok(0)
+}
+
+/// How many CUDA products went to cuBLASLt so far (nothing on the CPU).
+fn print_matmul_calls() {
+    let (lt, fallback) = newt_kernels::matmul::cuda_dense_matmul_calls();
+    if lt + fallback > 0 {
         println!("CUDA dense_matmul calls: {lt} through cuBLASLt, {fallback} fell back to CubeCL's matmul");
     }
-    Ok(0)
 }

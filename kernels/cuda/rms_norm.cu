@@ -1,0 +1,71 @@
+// RMSNorm forward and backward over the last dimension of a row-major bf16 [rows, n] tensor, as
+// Hugging Face's LlamaRMSNorm computes it: the mean square and the scaling in f32, the normed
+// value rounded to bf16, then multiplied by the bf16 weight (the product rounded to bf16).
+//
+//   forward:  r = rsqrt(mean(x^2) + eps);  y = bf16(bf16(x * r) * w);  inv[row] = r
+//   backward: g = dy * w;  xh = x * r;  dx = r * (g - xh * mean(g * xh))      (f32, then bf16)
+//
+// One warp per row, ROWS_PER_BLOCK rows per block; no headers (bf16 travels as its bits).
+// Compiled by NVRTC together with flash_attn.cu (kernels/src/flash_cuda.rs), so every name here
+// carries an `rn_` prefix.
+
+#define RN_ROWS_PER_BLOCK 4
+
+typedef unsigned short rn_bf16;
+
+__device__ __forceinline__ float rn_to_f32(rn_bf16 x) { return __uint_as_float(((unsigned int)x) << 16); }
+
+// Round to nearest even (finite inputs; a NaN stays a NaN).
+__device__ __forceinline__ rn_bf16 rn_to_bf16(float f) {
+  unsigned int u = __float_as_uint(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (rn_bf16)((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return (rn_bf16)(u >> 16);
+}
+
+__device__ __forceinline__ float rn_warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+extern "C" __global__ void newt_rms_fwd(const rn_bf16* __restrict__ x, const rn_bf16* __restrict__ w,
+                                        rn_bf16* __restrict__ y, float* __restrict__ inv, int rows, int n,
+                                        float eps) {
+  const int lane = threadIdx.x & 31;
+  const long long row = (long long)blockIdx.x * RN_ROWS_PER_BLOCK + (threadIdx.x >> 5);
+  if (row >= rows) return;
+  const rn_bf16* xr = x + row * n;
+  float ss = 0.f;
+  for (int i = lane; i < n; i += 32) {
+    const float v = rn_to_f32(xr[i]);
+    ss += v * v;
+  }
+  const float r = rsqrtf(rn_warp_sum(ss) / (float)n + eps);
+  if (lane == 0) inv[row] = r;
+  rn_bf16* yr = y + row * n;
+  for (int i = lane; i < n; i += 32) {
+    const float normed = rn_to_f32(rn_to_bf16(rn_to_f32(xr[i]) * r));
+    yr[i] = rn_to_bf16(normed * rn_to_f32(w[i]));
+  }
+}
+
+extern "C" __global__ void newt_rms_bwd(const rn_bf16* __restrict__ x, const rn_bf16* __restrict__ w,
+                                        const rn_bf16* __restrict__ dy, const float* __restrict__ inv,
+                                        rn_bf16* __restrict__ dx, int rows, int n) {
+  const int lane = threadIdx.x & 31;
+  const long long row = (long long)blockIdx.x * RN_ROWS_PER_BLOCK + (threadIdx.x >> 5);
+  if (row >= rows) return;
+  const rn_bf16* xr = x + row * n;
+  const rn_bf16* dyr = dy + row * n;
+  const float r = inv[row];
+  float dot = 0.f;
+  for (int i = lane; i < n; i += 32) dot += rn_to_f32(dyr[i]) * rn_to_f32(w[i]) * rn_to_f32(xr[i]) * r;
+  const float mean = rn_warp_sum(dot) / (float)n;
+  rn_bf16* dxr = dx + row * n;
+  for (int i = lane; i < n; i += 32) {
+    const float xh = rn_to_f32(xr[i]) * r;
+    const float g = rn_to_f32(dyr[i]) * rn_to_f32(w[i]);
+    dxr[i] = rn_to_bf16(r * (g - xh * mean));
+  }
+}
