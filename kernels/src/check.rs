@@ -276,3 +276,40 @@ pub fn rms_norm<B: KernelBackend>(device: &B::Device, rows: usize, n: usize, rep
     let bytes = 4.0 * 2.0 * (rows * n) as f64;
     CheckRow::new("rmsnorm", format!("{rows}×{n}"), err, fast_ms, reference_ms, bytes)
 }
+
+/// [`KernelBackend::rope`] of this backend (on CUDA in bf16, `kernels/cuda/rope.cu`) against
+/// [`crate::rope::default_rope`], for `[batch, tokens, heads, head_dim]` queries at positions
+/// `0..tokens`, both signs (forward and backward). "TF/s" counts bytes moved (x and y, two bytes
+/// each) as TB/s.
+pub fn rope<B: KernelBackend>(
+    device: &B::Device,
+    batch: usize,
+    tokens: usize,
+    heads: usize,
+    head_dim: usize,
+    reps: usize,
+) -> CheckRow {
+    use crate::rope::{RopeTables, default_rope, rope_inv_freq};
+    use burn::tensor::{Int, TensorPrimitive};
+    let x = Tensor::<B, 4>::random([batch, tokens, heads, head_dim], Distribution::Normal(0.0, 1.0), device);
+    let positions = Tensor::<B, 1, Int>::arange(0..tokens as i64, device).reshape([1, tokens]).repeat_dim(0, batch);
+    let tables = RopeTables::new(positions, &rope_inv_freq(head_dim, 500_000.0, None)).cast(x.dtype());
+    let prim4 = |t: &Tensor<B, 4>| t.clone().into_primitive().tensor();
+    let prim3 = |t: &Tensor<B, 3>| t.clone().into_primitive().tensor();
+    let run = |fast: bool| {
+        [1.0f32, -1.0].map(|sign| {
+            let y = if fast {
+                B::rope(prim4(&x), prim3(&tables.cos), prim3(&tables.sin), sign)
+            } else {
+                default_rope::<B>(prim4(&x), prim3(&tables.cos), prim3(&tables.sin), sign)
+            };
+            let n = batch * tokens * heads * head_dim;
+            Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(y)).cast(burn::tensor::DType::F32).reshape([1, n])
+        })
+    };
+    let err = run(true).into_iter().zip(run(false)).map(|(f, r)| max_rel(f, r)).fold(0.0, f64::max);
+    let fast_ms = time::<B>(device, reps, || drop(run(true)));
+    let reference_ms = time::<B>(device, reps, || drop(run(false)));
+    let bytes = 2.0 * 2.0 * 2.0 * (batch * tokens * heads * head_dim) as f64;
+    CheckRow::new("rope", format!("{batch}×{tokens}×{heads}×{head_dim}"), err, fast_ms, reference_ms, bytes)
+}

@@ -110,6 +110,12 @@ pub trait KernelBackend: Backend {
         crate::norm::default_rms_norm_backward::<Self>(x, weight, inv, dy)
     }
 
+    /// Rotary embedding of `x` `[b, t, h, d]` by tables `[b, t, d]` (their halves repeated):
+    /// `x·cos + sign·rotate_half(x)·sin` (see [`crate::rope`]).
+    fn rope(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>, sign: f32) -> FloatTensor<Self> {
+        crate::rope::default_rope::<Self>(x, cos, sin, sign)
+    }
+
     /// `x·Wᵀ + scale·(x·Aᵀ)·Bᵀ`, a LoRA linear layer as one operation (see [`crate::lora`]).
     fn lora_linear(
         x: FloatTensor<Self>,
@@ -233,6 +239,19 @@ macro_rules! cuda_kernel_backend {
                 scale: f64,
             ) -> (FloatTensor<Self>, FloatTensor<Self>) {
                 crate::lora::cuda::fusion_forward::<$f>(x, w, a, b, scale)
+            }
+
+            fn rope(
+                x: FloatTensor<Self>,
+                cos: FloatTensor<Self>,
+                sin: FloatTensor<Self>,
+                sign: f32,
+            ) -> FloatTensor<Self> {
+                if crate::rope::cuda::takes(x.dtype, cos.dtype, sin.dtype, x.shape[3]) {
+                    crate::rope::cuda::fusion_rope::<$f>(x, cos, sin, sign)
+                } else {
+                    crate::rope::default_rope::<Self>(x, cos, sin, sign)
+                }
             }
 
             fn rms_norm_forward(
@@ -506,6 +525,10 @@ impl<B: KernelBackend, C: CheckpointStrategy> KernelBackend for Autodiff<B, C> {
 
     fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
         crate::norm::autodiff_rms_norm::<B, C>(x, weight, eps)
+    }
+
+    fn rope(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>, sign: f32) -> FloatTensor<Self> {
+        crate::rope::autodiff_rope::<B, C>(x, cos, sin, sign)
     }
 
     fn nf4_linear(

@@ -46,9 +46,13 @@ type Fus<F> = Fusion<Cube<F>>;
 /// `(dq, dk, dv)`.
 type Grads3<F> = (FloatTensor<Fus<F>>, FloatTensor<Fus<F>>, FloatTensor<Fus<F>>);
 
-/// The kernels' source, compiled at run time as one module: the flash attention kernels and the
-/// RMSNorm ones ([`crate::norm`]).
-pub const SOURCE: &str = concat!(include_str!("../cuda/flash_attn.cu"), include_str!("../cuda/rms_norm.cu"));
+/// The kernels' source, compiled at run time as one module: the flash attention kernels, the
+/// RMSNorm ones ([`crate::norm`]) and RoPE ([`crate::rope`]).
+pub const SOURCE: &str = concat!(
+    include_str!("../cuda/flash_attn.cu"),
+    include_str!("../cuda/rms_norm.cu"),
+    include_str!("../cuda/rope.cu")
+);
 /// The head dimension the kernels are compiled for.
 pub const HEAD_DIM: usize = 64;
 /// Queries per forward block and keys per backward block (`BM`, `BN` in the source).
@@ -331,7 +335,7 @@ impl Args {
     pub(crate) fn i32(&mut self, v: i32) -> &mut Self {
         self.push(v as u32 as u64, Kind::I32)
     }
-    fn i64(&mut self, v: i64) -> &mut Self {
+    pub(crate) fn i64(&mut self, v: i64) -> &mut Self {
         self.push(v as u64, Kind::I64)
     }
     pub(crate) fn f32(&mut self, v: f32) -> &mut Self {
@@ -417,6 +421,8 @@ pub(crate) struct Functions {
     pub(crate) rms_forward: usize,
     /// `newt_rms_bwd`.
     pub(crate) rms_backward: usize,
+    /// `newt_rope`.
+    pub(crate) rope: usize,
 }
 
 /// Modules by context (CubeCL keeps one context per device).
@@ -466,6 +472,7 @@ fn load() -> Result<Functions, String> {
             backward: get("newt_flash_bwd")?,
             rms_forward: get("newt_rms_fwd")?,
             rms_backward: get("newt_rms_bwd")?,
+            rope: get("newt_rope")?,
         })
     }
 }

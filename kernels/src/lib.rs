@@ -33,7 +33,7 @@ pub use lora::lora_linear;
 pub use loss::chunked_cross_entropy;
 pub use matmul::dense_matmul;
 pub use norm::{rms_norm, rms_norm_reference};
-pub use rope::{RopeScaling, RopeTables, apply_rope, rope_inv_freq};
+pub use rope::{RopeScaling, RopeTables, apply_rope, rope, rope_inv_freq};
 
 /// The value of a one-element tensor as `f64`, read in the tensor's own dtype.
 ///

@@ -4,8 +4,21 @@
 //! Frequencies are computed on the host in f32 exactly as transformers computes them, and the
 //! cos/sin tables are built in f32 from the position ids (bf16 cannot hold positions past 256),
 //! then cast to the activations' dtype when applied.
+//!
+//! [`rope`] is one operation forward and one backward ([`KernelBackend::rope`]; the backward pass
+//! is the rotation by the opposite angle). On CUDA, in bf16, it is `kernels/cuda/rope.cu`;
+//! elsewhere, and with `NEWT_ROPE=burn`, [`default_rope`] in Burn operations. [`apply_rope`] is the
+//! formula written out, which the tests compare against.
 
-use burn::tensor::{DType, FloatDType, Int, Tensor, TensorData, backend::Backend};
+use burn::backend::Autodiff;
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{DType, FloatDType, Int, Tensor, TensorData, TensorPrimitive, backend::Backend};
+
+use crate::KernelBackend;
 
 /// A `rope_scaling` / `rope_parameters` frequency adjustment.
 #[derive(Debug, Clone, PartialEq)]
@@ -119,6 +132,181 @@ pub fn apply_rope<B: Backend>(x: Tensor<B, 4>, tables: &RopeTables<B>) -> Tensor
     x.clone() * cos + rotate_half(x) * sin
 }
 
+/// Rotates queries or keys `x` laid out `[batch, seq, heads, head_dim]` (the projections' own
+/// layout, before heads are moved forward) by [`KernelBackend::rope`]: [`apply_rope`]'s result,
+/// in that layout. The tables must be in `x`'s dtype ([`RopeTables::cast`]).
+pub fn rope<B: KernelBackend>(x: Tensor<B, 4>, tables: &RopeTables<B>) -> Tensor<B, 4> {
+    let [b, t, _, d] = x.dims();
+    assert_eq!(tables.cos.dims(), [b, t, d], "rope: tables {:?} for x {:?}", tables.cos.dims(), x.dims());
+    assert_eq!(tables.cos.dtype(), x.dtype(), "rope: cast the tables to the activations' dtype first");
+    let prim = |t: Tensor<B, 3>| t.into_primitive().tensor();
+    let y = B::rope(x.into_primitive().tensor(), prim(tables.cos.clone()), prim(tables.sin.clone()), 1.0);
+    Tensor::from_primitive(TensorPrimitive::Float(y))
+}
+
+/// [`KernelBackend::rope`] in Burn operations: `x·cos + sign·rotate_half(x)·sin` for `x`
+/// `[b, t, h, d]` and tables `[b, t, d]`.
+pub fn default_rope<B: Backend>(
+    x: FloatTensor<B>,
+    cos: FloatTensor<B>,
+    sin: FloatTensor<B>,
+    sign: f32,
+) -> FloatTensor<B> {
+    let x = Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(x));
+    let dtype = x.dtype();
+    let table = |t| in_dtype(Tensor::<B, 3>::from_primitive(TensorPrimitive::Float(t)), dtype).unsqueeze_dim::<4>(2);
+    let (cos, mut sin) = (table(cos), table(sin));
+    if sign < 0.0 {
+        sin = sin.neg();
+    }
+    (x.clone() * cos + rotate_half(x) * sin).into_primitive().tensor()
+}
+
+/// [`KernelBackend::rope`] under autodiff: one node whose backward pass rotates the gradient by
+/// the opposite angle (`sign` negated). The tables never get a gradient.
+pub(crate) fn autodiff_rope<B: KernelBackend, C: CheckpointStrategy>(
+    x: FloatTensor<Autodiff<B, C>>,
+    cos: FloatTensor<Autodiff<B, C>>,
+    sin: FloatTensor<Autodiff<B, C>>,
+    sign: f32,
+) -> FloatTensor<Autodiff<B, C>> {
+    #[derive(Debug)]
+    struct RopeBackward;
+
+    impl<B: KernelBackend> Backward<B, 1> for RopeBackward {
+        /// cos, sin, sign.
+        type State = (FloatTensor<B>, FloatTensor<B>, f32);
+
+        fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let [node_x] = ops.parents;
+            let dy = grads.consume::<B>(&ops.node);
+            let (cos, sin, sign) = ops.state;
+            if let Some(node) = node_x {
+                grads.register::<B>(node.id, B::rope(dy, cos, sin, -sign));
+            }
+        }
+    }
+
+    let (cos, sin) = (cos.primitive, sin.primitive);
+    match RopeBackward.prepare::<C>([x.node.clone()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => {
+            let y = B::rope(x.primitive, cos.clone(), sin.clone(), sign);
+            prep.finish((cos, sin, sign), y)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(B::rope(x.primitive, cos, sin, sign)),
+    }
+}
+
+/// The CUDA pass (`newt_rope`): bf16 `x` with a contiguous last dimension, bf16 tables.
+pub(crate) mod cuda {
+    use std::sync::OnceLock;
+
+    use burn::tensor::ops::FloatTensor;
+    use burn::tensor::{DType, Shape};
+    use burn_cubecl::tensor::CubeTensor;
+    use burn_cubecl::{CubeBackend, FloatElement};
+    use burn_fusion::stream::{Operation, OperationStreams};
+    use burn_fusion::{Fusion, FusionBackend, FusionRuntime};
+    use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
+    use cubecl_cuda::CudaRuntime;
+
+    use crate::flash_cuda::{Args, functions, launch_block};
+
+    type Cube<F> = CubeBackend<CudaRuntime, F, i32, u8>;
+    type Fus<F> = Fusion<Cube<F>>;
+    type Handles<F> = HandleContainer<<<Cube<F> as FusionBackend>::FusionRuntime as FusionRuntime>::FusionHandle>;
+
+    const THREADS: u32 = 256;
+
+    /// Whether the kernel takes a call: bf16 throughout and an even head_dim, unless
+    /// `NEWT_ROPE=burn`.
+    pub(crate) fn takes(x: DType, cos: DType, sin: DType, head_dim: usize) -> bool {
+        static BURN_ONLY: OnceLock<bool> = OnceLock::new();
+        let burn_only = *BURN_ONLY.get_or_init(|| std::env::var("NEWT_ROPE").is_ok_and(|v| v == "burn"));
+        !burn_only && x == DType::BF16 && cos == DType::BF16 && sin == DType::BF16 && head_dim.is_multiple_of(2)
+    }
+
+    /// The arguments of `newt_rope`: x, cos, sin, y, batch, tokens, heads, d, x's strides of
+    /// batch, token and head, sign.
+    pub(crate) fn args(ptrs: [u64; 4], dims: [usize; 4], strides: [i64; 3], sign: f32) -> Args {
+        let mut args = Args::default();
+        for p in ptrs {
+            args.ptr(p);
+        }
+        for d in dims {
+            args.i32(d as i32);
+        }
+        for s in strides {
+            args.i64(s);
+        }
+        args.f32(sign);
+        args
+    }
+
+    fn cube_rope(
+        x: CubeTensor<CudaRuntime>,
+        cos: CubeTensor<CudaRuntime>,
+        sin: CubeTensor<CudaRuntime>,
+        sign: f32,
+    ) -> CubeTensor<CudaRuntime> {
+        let x = if x.meta.strides()[3] == 1 { x } else { burn_cubecl::kernel::into_contiguous(x) };
+        let (cos, sin) = (burn_cubecl::kernel::into_contiguous(cos), burn_cubecl::kernel::into_contiguous(sin));
+        let shape = x.meta.shape();
+        let dims = [shape[0], shape[1], shape[2], shape[3]];
+        let s = x.meta.strides();
+        let strides = [s[0] as i64, s[1] as i64, s[2] as i64];
+        let y = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(
+            x.client.clone(),
+            x.device.clone(),
+            Shape::new(dims),
+            DType::BF16,
+        );
+        let pairs = dims.iter().product::<usize>() / 2;
+        let grid = (pairs.div_ceil(THREADS as usize).clamp(1, 16384) as u32, 1, 1);
+        let buffers = [&x, &cos, &sin, &y].map(|t| t.handle.clone().binding()).to_vec();
+        cubecl_cuda::external::launch_external(
+            &x.client,
+            buffers,
+            Box::new(move |ptrs: &[u64], stream| {
+                let mut args = args(ptrs.try_into().expect("four rope buffers"), dims, strides, sign);
+                launch_block(functions().rope, grid, THREADS, &mut args, stream, "rope");
+            }),
+        );
+        y
+    }
+
+    /// [`crate::KernelBackend::rope`] for `Cuda<F>` (see [`takes`]).
+    pub(crate) fn fusion_rope<F: FloatElement>(
+        x: FloatTensor<Fus<F>>,
+        cos: FloatTensor<Fus<F>>,
+        sin: FloatTensor<Fus<F>>,
+        sign: f32,
+    ) -> FloatTensor<Fus<F>> {
+        #[derive(Clone, Debug)]
+        struct RopeOp<F> {
+            desc: CustomOpIr,
+            sign: f32,
+            _f: std::marker::PhantomData<F>,
+        }
+
+        impl<F: FloatElement> Operation<<Cube<F> as FusionBackend>::FusionRuntime> for RopeOp<F> {
+            fn execute(&self, handles: &mut Handles<F>) {
+                let ([x, cos, sin], [y]) = self.desc.as_fixed();
+                let get = |h: &mut Handles<F>, ir| h.get_float_tensor::<Cube<F>>(ir);
+                let (xv, cv, sv) = (get(handles, x), get(handles, cos), get(handles, sin));
+                handles.register_float_tensor::<Cube<F>>(&y.id, cube_rope(xv, cv, sv, self.sign));
+            }
+        }
+
+        let client = x.client.clone();
+        let streams = OperationStreams::with_inputs([&x, &cos, &sin]);
+        let y = TensorIr::uninit(client.create_empty_handle(), x.shape.clone(), DType::BF16);
+        let desc = CustomOpIr::new("newt_rope", &[x.into_ir(), cos.into_ir(), sin.into_ir()], &[y]);
+        let op = RopeOp::<F> { desc: desc.clone(), sign, _f: Default::default() };
+        client.register(streams, OperationIr::Custom(desc), op).into_iter().next().expect("y")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,5 +396,44 @@ mod tests {
             }
         }
         assert!(max_abs_diff(&out, &want) < 1e-5);
+    }
+
+    /// The one-node operation against the written-out formula (heads first), output and the
+    /// input's gradient, with packed position ids.
+    #[test]
+    fn rope_op_and_its_gradient_match_the_formula_differentiated_op_by_op() {
+        type A = TestAutodiff;
+        let dev = Default::default();
+        let (b, h, t, d) = (2, 3, 5, 8);
+        let positions: Vec<i64> = vec![0, 1, 2, 0, 1, 4, 5, 6, 7, 8];
+        let tables = RopeTables::new(
+            Tensor::<A, 2, Int>::from_data(TensorData::new(positions, [b, t]), &dev),
+            &rope_inv_freq(d, 100.0, None),
+        );
+        let (xv, pv) = (values(b * t * h * d, 31), values(b * t * h * d, 32));
+        let run = |op: bool| {
+            let x = Tensor::<A, 4>::from_data(TensorData::new(xv.clone(), [b, t, h, d]), &dev).require_grad();
+            let y = if op {
+                rope(x.clone(), &tables)
+            } else {
+                apply_rope(x.clone().swap_dims(1, 2), &tables).swap_dims(1, 2)
+            };
+            let probe = Tensor::<A, 4>::from_data(TensorData::new(pv.clone(), [b, t, h, d]), &dev);
+            let g = (y.clone() * probe).sum().backward();
+            let flat = |v: Tensor<TestBackend, 4>| v.into_data().to_vec::<f32>().unwrap();
+            (flat(y.inner()), flat(x.grad(&g).unwrap()))
+        };
+        let (op, reference) = (run(true), run(false));
+        assert!(max_abs_diff(&op.0, &reference.0) < 1e-6);
+        assert!(max_abs_diff(&op.1, &reference.1) < 1e-5, "{:?} vs {:?}", op.1, reference.1);
+        // Not the identity: the gradient differs from the probe.
+        assert!(max_abs_diff(&op.1, &pv) > 1e-2);
+    }
+
+    /// The CUDA launcher's argument list matches the kernel's signature in the source.
+    #[test]
+    fn cuda_rope_arguments_match_the_kernel_signature() {
+        let args = cuda::args([16, 32, 48, 64], [2, 3, 4, 64], [1, 2, 3], 1.0);
+        assert_eq!(args.1, crate::flash_cuda::tests::signature("newt_rope"));
     }
 }

@@ -57,6 +57,9 @@ impl WithAutodiffBackend for Check {
         for &[t, i, _] in &self.shapes {
             print_row(&check::rms_norm::<B::InnerBackend>(&device, t, i, self.reps));
         }
+        for &[b, hq, _, tokens] in &self.attention {
+            print_row(&check::rope::<B::InnerBackend>(&device, b, tokens, hq, 64, self.reps));
+        }
         println!(
             "{:<7} {:>17} {:>11} {:>10} {:>10} {:>10} {:>10}",
             "flash", "b×hq/hkv×t", "max rel err", "newt ms", "burn ms", "newt TF/s", "burn TF/s"

@@ -14,8 +14,8 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, Int, Tensor, TensorData, backend::Backend};
 use newt_kernels::loss::IGNORE_INDEX;
 use newt_kernels::{
-    AttentionMask, FlashOptions, KernelBackend, RopeTables, apply_rope, attention, chunked_cross_entropy,
-    flash_attention, rms_norm, rope_inv_freq, swiglu,
+    AttentionMask, FlashOptions, KernelBackend, RopeTables, attention, chunked_cross_entropy, flash_attention,
+    rms_norm, rope, rope_inv_freq, swiglu,
 };
 
 use crate::config::{ConfigError, ModelConfig};
@@ -254,8 +254,8 @@ impl<B: KernelBackend> SelfAttention<B> {
             q = rms_norm(q, qn.val(), c.rms_norm_eps);
             k = rms_norm(k, kn.val(), c.rms_norm_eps);
         }
-        let q = apply_rope(q.swap_dims(1, 2), ctx.rope);
-        let mut k = apply_rope(k.swap_dims(1, 2), ctx.rope);
+        let q = rope(q, ctx.rope).swap_dims(1, 2);
+        let mut k = rope(k, ctx.rope).swap_dims(1, 2);
         let mut v = v;
         if let Some(slot) = cache {
             let (at, capacity, span) = ctx.cache_at;
