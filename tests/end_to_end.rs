@@ -264,6 +264,8 @@ fn kernels_check_runs_on_the_cpu_and_reports_agreement() {
     assert!(norm.split_whitespace().nth(2).unwrap().parse::<f64>().unwrap() < 1e-5, "{norm}");
     let rope = text.lines().find(|l| l.starts_with("rope ")).expect("a rope row");
     assert!(rope.split_whitespace().nth(2).unwrap().parse::<f64>().unwrap() < 1e-5, "{rope}");
+    let flat = text.lines().find(|l| l.starts_with("flat ")).expect("a flat gather/scatter row");
+    assert_eq!(flat.split_whitespace().nth(2).unwrap().parse::<f64>().unwrap(), 0.0, "{flat}");
     let nf4 = text.lines().find(|l| l.starts_with("nf4:")).expect("an nf4 line");
     let errs: Vec<f64> = nf4.split([' ', ';']).filter_map(|w| w.parse().ok()).collect();
     assert_eq!(errs.len(), 2, "{nf4}");

@@ -200,8 +200,8 @@ pub fn flash<B: KernelBackend>(
 /// one custom operation per pass, the scale and sums folded into cuBLASLt calls) against
 /// [`crate::lora::default_lora_forward`] and [`crate::lora::default_lora_backward`] (separate
 /// [`dense_matmul`]s and elementwise operations), for `tokens` rows through a `[out, in]` layer
-/// with a rank-`r` adapter. The error is the largest of y, dx, dA and dB; times are forward +
-/// backward.
+/// with a rank-`r` adapter. The error is the fast path's against the same formulas in f32 (the
+/// largest of y, dx, dA and dB: bf16 rounding on a bf16 backend); times are forward + backward.
 pub fn lora<B: KernelBackend>(
     device: &B::Device,
     tokens: usize,
@@ -235,7 +235,16 @@ pub fn lora<B: KernelBackend>(
         [y, dx.expect("dx was asked for"), da, db].map(tensor)
     };
     let f32 = |t: Tensor<B, 2>| t.cast(burn::tensor::DType::F32);
-    let err = run(true).into_iter().zip(run(false)).map(|(f, r)| max_rel(f32(f), f32(r))).fold(0.0, f64::max);
+    // The truth: the same formulas in f32, Burn's own matmul.
+    let truth = {
+        let (x, w, a, b, dy) = (f32(x.clone()), f32(w.clone()), f32(a.clone()), f32(b.clone()), f32(dy.clone()));
+        let t = x.clone().matmul(a.clone().transpose());
+        let y = x.clone().matmul(w.clone().transpose()) + t.clone().matmul(b.clone().transpose()).mul_scalar(scale);
+        let dt = dy.clone().matmul(b).mul_scalar(scale);
+        let dx = dy.clone().matmul(w) + dt.clone().matmul(a);
+        [y, dx, dt.transpose().matmul(x), dy.transpose().matmul(t).mul_scalar(scale)]
+    };
+    let err = run(true).into_iter().zip(truth).map(|(f, r)| max_rel(f32(f), r)).fold(0.0, f64::max);
     let fast_ms = time::<B>(device, reps, || drop(run(true)));
     let reference_ms = time::<B>(device, reps, || drop(run(false)));
     // Forward: x·Wᵀ, x·Aᵀ, t·Bᵀ; backward: dy·B, dy·W, dt·A, dtᵀ·x, dyᵀ·t.
@@ -312,4 +321,37 @@ pub fn rope<B: KernelBackend>(
     let reference_ms = time::<B>(device, reps, || drop(run(false)));
     let bytes = 2.0 * 2.0 * 2.0 * (batch * tokens * heads * head_dim) as f64;
     CheckRow::new("rope", format!("{batch}×{tokens}×{heads}×{head_dim}"), err, fast_ms, reference_ms, bytes)
+}
+
+/// [`KernelBackend::flat_gather`] and [`KernelBackend::flat_scatter`] of this backend (on CUDA,
+/// `kernels/cuda/multi_tensor.cu`) against [`crate::multi::default_flat_gather`] and
+/// [`crate::multi::default_flat_scatter`] (Burn's `cat` and slices), for f32 tensors of `sizes`:
+/// the largest difference of the flat vector and of the pieces cut from it (both must be 0),
+/// and the times of a gather plus a scatter. "TF/s" counts bytes moved as TB/s.
+pub fn flat<B: KernelBackend>(device: &B::Device, sizes: &[usize], reps: usize) -> CheckRow {
+    use crate::multi::{default_flat_gather, default_flat_scatter};
+    use burn::tensor::{DType, TensorPrimitive};
+    let tensors: Vec<Tensor<B, 1>> = sizes
+        .iter()
+        .map(|n| Tensor::<B, 1>::random([*n], Distribution::Normal(0.0, 1.0), (device, DType::F32)))
+        .collect();
+    let prims = || tensors.iter().map(|t| t.clone().into_primitive().tensor()).collect::<Vec<_>>();
+    let tensor = |t| Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(t));
+    let run = |fast: bool| {
+        let flat = if fast { B::flat_gather(prims()) } else { default_flat_gather::<B>(prims()) };
+        let flat = tensor(flat);
+        let prim = flat.clone().into_primitive().tensor();
+        let pieces = if fast { B::flat_scatter(prim, sizes) } else { default_flat_scatter::<B>(prim, sizes) };
+        (flat, pieces.into_iter().map(tensor).collect::<Vec<_>>())
+    };
+    let ((flat_f, pieces_f), (flat_r, pieces_r)) = (run(true), run(false));
+    let n: usize = sizes.iter().sum();
+    let mut err = max_rel(flat_f.reshape([1, n]), flat_r.reshape([1, n]));
+    for ((f, r), size) in pieces_f.into_iter().zip(pieces_r).zip(sizes) {
+        err = err.max(max_rel(f.reshape([1, *size]), r.reshape([1, *size])));
+    }
+    let fast_ms = time::<B>(device, reps, || drop(run(true)));
+    let reference_ms = time::<B>(device, reps, || drop(run(false)));
+    let bytes = 4.0 * 4.0 * n as f64;
+    CheckRow::new("flat", format!("{}×{n}", sizes.len()), err, fast_ms, reference_ms, bytes)
 }

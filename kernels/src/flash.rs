@@ -116,6 +116,16 @@ pub trait KernelBackend: Backend {
         crate::rope::default_rope::<Self>(x, cos, sin, sign)
     }
 
+    /// f32 tensors as one flat vector, in order (see [`crate::multi`]).
+    fn flat_gather(tensors: Vec<FloatTensor<Self>>) -> FloatTensor<Self> {
+        crate::multi::default_flat_gather::<Self>(tensors)
+    }
+
+    /// An f32 vector cut into consecutive `[n]` pieces of `sizes` (see [`crate::multi`]).
+    fn flat_scatter(flat: FloatTensor<Self>, sizes: &[usize]) -> Vec<FloatTensor<Self>> {
+        crate::multi::default_flat_scatter::<Self>(flat, sizes)
+    }
+
     /// `x·Wᵀ + scale·(x·Aᵀ)·Bᵀ`, a LoRA linear layer as one operation (see [`crate::lora`]).
     fn lora_linear(
         x: FloatTensor<Self>,
@@ -239,6 +249,22 @@ macro_rules! cuda_kernel_backend {
                 scale: f64,
             ) -> (FloatTensor<Self>, FloatTensor<Self>) {
                 crate::lora::cuda::fusion_forward::<$f>(x, w, a, b, scale)
+            }
+
+            fn flat_gather(tensors: Vec<FloatTensor<Self>>) -> FloatTensor<Self> {
+                if crate::multi::cuda::takes(tensors.iter().map(|t| t.dtype)) {
+                    crate::multi::cuda::fusion_gather::<$f>(tensors)
+                } else {
+                    crate::multi::default_flat_gather::<Self>(tensors)
+                }
+            }
+
+            fn flat_scatter(flat: FloatTensor<Self>, sizes: &[usize]) -> Vec<FloatTensor<Self>> {
+                if crate::multi::cuda::takes([flat.dtype]) {
+                    crate::multi::cuda::fusion_scatter::<$f>(flat, sizes)
+                } else {
+                    crate::multi::default_flat_scatter::<Self>(flat, sizes)
+                }
             }
 
             fn rope(

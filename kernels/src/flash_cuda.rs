@@ -47,11 +47,13 @@ type Fus<F> = Fusion<Cube<F>>;
 type Grads3<F> = (FloatTensor<Fus<F>>, FloatTensor<Fus<F>>, FloatTensor<Fus<F>>);
 
 /// The kernels' source, compiled at run time as one module: the flash attention kernels, the
-/// RMSNorm ones ([`crate::norm`]) and RoPE ([`crate::rope`]).
+/// RMSNorm ones ([`crate::norm`]), RoPE ([`crate::rope`]) and the optimizer's flat vector
+/// ([`crate::multi`]).
 pub const SOURCE: &str = concat!(
     include_str!("../cuda/flash_attn.cu"),
     include_str!("../cuda/rms_norm.cu"),
-    include_str!("../cuda/rope.cu")
+    include_str!("../cuda/rope.cu"),
+    include_str!("../cuda/multi_tensor.cu")
 );
 /// The head dimension the kernels are compiled for.
 pub const HEAD_DIM: usize = 64;
@@ -423,6 +425,10 @@ pub(crate) struct Functions {
     pub(crate) rms_backward: usize,
     /// `newt_rope`.
     pub(crate) rope: usize,
+    /// `newt_flat_gather`.
+    pub(crate) flat_gather: usize,
+    /// `newt_flat_scatter`.
+    pub(crate) flat_scatter: usize,
 }
 
 /// Modules by context (CubeCL keeps one context per device).
@@ -473,6 +479,8 @@ fn load() -> Result<Functions, String> {
             rms_forward: get("newt_rms_fwd")?,
             rms_backward: get("newt_rms_bwd")?,
             rope: get("newt_rope")?,
+            flat_gather: get("newt_flat_gather")?,
+            flat_scatter: get("newt_flat_scatter")?,
         })
     }
 }

@@ -23,6 +23,7 @@ pub mod flash_cuda;
 pub mod lora;
 pub mod loss;
 pub mod matmul;
+pub mod multi;
 pub mod nf4;
 pub mod norm;
 pub mod rope;
@@ -32,6 +33,7 @@ pub use flash::{FlashOptions, KernelBackend, flash_attention};
 pub use lora::lora_linear;
 pub use loss::chunked_cross_entropy;
 pub use matmul::dense_matmul;
+pub use multi::{flat_gather, flat_scatter};
 pub use norm::{rms_norm, rms_norm_reference};
 pub use rope::{RopeScaling, RopeTables, apply_rope, rope, rope_inv_freq};
 

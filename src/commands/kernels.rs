@@ -60,6 +60,9 @@ impl WithAutodiffBackend for Check {
         for &[b, hq, _, tokens] in &self.attention {
             print_row(&check::rope::<B::InnerBackend>(&device, b, tokens, hq, 64, self.reps));
         }
+        // A LoRA's parameters, r = 32 on every linear of 30 layers of the first shape's width.
+        let sizes: Vec<usize> = (0..30 * 7).flat_map(|_| [32 * i, o * 32]).collect();
+        print_row(&check::flat::<B::InnerBackend>(&device, &sizes, self.reps));
         println!(
             "{:<7} {:>17} {:>11} {:>10} {:>10} {:>10} {:>10}",
             "flash", "b×hq/hkv×t", "max rel err", "newt ms", "burn ms", "newt TF/s", "burn TF/s"

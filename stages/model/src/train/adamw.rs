@@ -19,7 +19,8 @@ use std::collections::BTreeMap;
 
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{FloatDType, Tensor, TensorData};
+use burn::tensor::{Tensor, TensorData};
+use newt_kernels::KernelBackend;
 
 use super::config::AdamWParams;
 use super::grads::ParamGrads;
@@ -40,7 +41,7 @@ pub struct MomentsHost {
 pub type Layout = Vec<(String, usize)>;
 
 /// The moments of every parameter, flat, in `layout` order, and each parameter's step count;
-/// with what depends only on the layout, worked out once: where each path lies, and which
+/// with what depends only on the layout, worked out once: each parameter's size, and which
 /// elements weight decay applies to.
 #[derive(Debug, Clone)]
 struct FlatState<B: Backend> {
@@ -48,8 +49,8 @@ struct FlatState<B: Backend> {
     exp_avg: Tensor<B, 1>,
     exp_avg_sq: Tensor<B, 1>,
     steps: Vec<u64>,
-    /// Path → (offset, size) in the flat vectors.
-    offsets: BTreeMap<String, (usize, usize)>,
+    /// Elements of each parameter, in `layout` order.
+    sizes: Vec<usize>,
     decay: Decay<B>,
 }
 
@@ -64,12 +65,7 @@ enum Decay<B: Backend> {
 
 impl<B: Backend> FlatState<B> {
     fn new(layout: Layout, exp_avg: Tensor<B, 1>, exp_avg_sq: Tensor<B, 1>, steps: Vec<u64>) -> Self {
-        let mut offsets = BTreeMap::new();
-        let mut at = 0;
-        for (path, n) in &layout {
-            offsets.insert(path.clone(), (at, *n));
-            at += n;
-        }
+        let sizes = layout.iter().map(|(_, n)| *n).collect();
         let decaying: Vec<bool> = layout.iter().map(|(path, _)| decays(path)).collect();
         let decay = if decaying.iter().all(|d| *d) {
             Decay::All
@@ -84,7 +80,7 @@ impl<B: Backend> FlatState<B> {
             let n = mask.len();
             Decay::Mask(Tensor::from_data(TensorData::new(mask, [n]), (&exp_avg.device(), burn::tensor::DType::F32)))
         };
-        FlatState { layout, exp_avg, exp_avg_sq, steps, offsets, decay }
+        FlatState { layout, exp_avg, exp_avg_sq, steps, sizes, decay }
     }
 }
 
@@ -123,6 +119,7 @@ impl<B: Backend> AdamW<B> {
     /// gradient in `grads` (already scaled and clipped).
     pub fn step<AB, M>(&mut self, model: M, grads: ParamGrads<B>, lr: f64) -> M
     where
+        B: KernelBackend,
         AB: AutodiffBackend<InnerBackend = B>,
         M: AutodiffModule<AB>,
     {
@@ -135,6 +132,7 @@ impl<B: Backend> AdamW<B> {
     /// [`AdamW::step`] with the gradients already flat ([`ParamGrads::flatten`]).
     pub fn step_flat<AB, M>(&mut self, model: M, layout: Layout, grad: Tensor<B, 1>, lr: f64) -> M
     where
+        B: KernelBackend,
         AB: AutodiffBackend<InnerBackend = B>,
         M: AutodiffModule<AB>,
     {
@@ -151,7 +149,7 @@ impl<B: Backend> AdamW<B> {
             .iter()
             .map(|(path, _)| gather.found.remove(path).unwrap_or_else(|| panic!("no parameter at `{path}`")))
             .collect();
-        let mut p = Tensor::cat(params, 0);
+        let mut p = newt_kernels::flat_gather(params);
         if weight_decay != 0.0 {
             match &st.decay {
                 Decay::All => p = p.mul_scalar(1.0 - lr * weight_decay),
@@ -182,7 +180,9 @@ impl<B: Backend> AdamW<B> {
             p - st.exp_avg.clone() / denom * step_size
         };
 
-        model.map(&mut Scatter::<AB> { path: PathStack::default(), offsets: &st.offsets, flat: &p })
+        let pieces =
+            layout.iter().map(|(path, _)| path.clone()).zip(newt_kernels::flat_scatter(p, &st.sizes)).collect();
+        model.map(&mut Scatter::<AB> { path: PathStack::default(), pieces })
     }
 
     /// The state for `layout`: kept when it matches, else rebuilt per path (moments of paths
@@ -314,19 +314,18 @@ impl<AB: AutodiffBackend> ModuleVisitor<AB> for Gather<'_, AB> {
         if self.want.binary_search_by(|(p, _)| p.as_str().cmp(&path)).is_ok() {
             let t = param.val().inner();
             let n = t.shape().num_elements();
-            self.found.insert(path, t.cast(FloatDType::F32).reshape([n]));
+            self.found.insert(path, in_dtype(t, burn::tensor::DType::F32).reshape([n]));
         }
     }
 }
 
-/// Puts each updated parameter's slice of the flat vector back into the model.
-struct Scatter<'a, AB: AutodiffBackend> {
+/// Puts each updated parameter (its piece of the flat vector) back into the model.
+struct Scatter<AB: AutodiffBackend> {
     path: PathStack,
-    offsets: &'a BTreeMap<String, (usize, usize)>,
-    flat: &'a Tensor<AB::InnerBackend, 1>,
+    pieces: BTreeMap<String, Tensor<AB::InnerBackend, 1>>,
 }
 
-impl<AB: AutodiffBackend> ModuleMapper<AB> for Scatter<'_, AB> {
+impl<AB: AutodiffBackend> ModuleMapper<AB> for Scatter<AB> {
     fn enter_module(&mut self, name: &str, _container: &str) {
         self.path.enter(name);
     }
@@ -334,15 +333,18 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for Scatter<'_, AB> {
         self.path.exit();
     }
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<AB, D>>) -> Param<Tensor<AB, D>> {
-        let path = self.path.path();
-        let Some(&(at, n)) = self.offsets.get(&path) else {
+        let Some(piece) = self.pieces.remove(&self.path.path()) else {
             return param;
         };
         let (id, tensor, mapper) = param.consume();
-        let shape = tensor.shape();
-        let dtype = tensor.dtype();
-        let p: Tensor<AB::InnerBackend, D> = self.flat.clone().slice(at..at + n).reshape(shape).cast(dtype);
+        let (shape, dtype) = (tensor.shape(), tensor.dtype());
+        let p: Tensor<AB::InnerBackend, D> = in_dtype(piece.reshape(shape), dtype);
         let tensor = Tensor::from_inner(p).require_grad();
         Param::from_mapped_value(id, tensor, mapper)
     }
+}
+
+/// `t` in `dtype`, with no operation recorded when it already is.
+fn in_dtype<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: burn::tensor::DType) -> Tensor<B, D> {
+    if t.dtype() == dtype { t } else { t.cast(dtype) }
 }

@@ -108,12 +108,15 @@ impl<B: Backend> ParamGrads<B> {
     /// All gradients as one flat vector, in path order, with the layout (path, size) that says
     /// where each lies (`None` without gradients). One concatenation; a step's scaling,
     /// clipping and AdamW update then run on the flat vector ([`super::AdamW::step_flat`]).
-    pub fn flatten(self) -> Option<(super::adamw::Layout, Tensor<B, 1>)> {
+    pub fn flatten(self) -> Option<(super::adamw::Layout, Tensor<B, 1>)>
+    where
+        B: newt_kernels::KernelBackend,
+    {
         if self.by_path.is_empty() {
             return None;
         }
         let layout = self.by_path.iter().map(|(path, g)| (path.clone(), g.shape().num_elements())).collect();
-        Some((layout, Tensor::cat(self.by_path.into_values().collect(), 0)))
+        Some((layout, newt_kernels::flat_gather(self.by_path.into_values().collect())))
     }
 
     /// L2 norm over all gradients together (one host sync).

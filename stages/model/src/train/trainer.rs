@@ -92,6 +92,7 @@ pub fn train<B, M>(
 ) -> Result<(M, TrainSummary), TrainError>
 where
     B: AutodiffBackend,
+    B::InnerBackend: newt_kernels::KernelBackend,
     M: CausalLm<B>,
 {
     let warnings = cfg.validate()?;
@@ -341,6 +342,7 @@ fn optimizer_step<B, M>(
 ) -> Result<(M, StepOut), TrainError>
 where
     B: AutodiffBackend,
+    B::InnerBackend: newt_kernels::KernelBackend,
     M: CausalLm<B>,
 {
     let (grads, loss_sum, trained_tokens) = queue_step_gradients::<B, M>(&model, data, micro_batches, device, clock);

@@ -1,0 +1,313 @@
+//! Many f32 tensors as one flat vector and back: how the optimizer and the gradient norm see all
+//! trainable parameters at once (a LoRA of 30 layers has 420 of them).
+//!
+//! Burn's `cat` of n tensors is n slice-assign launches, and cutting the vector back is n slices
+//! and n reshapes, each a fusion operation: on the H200 the two took 10–25 ms of a SmolLM2 step
+//! whose forward pass takes 45 ms. [`KernelBackend::flat_gather`] and
+//! [`KernelBackend::flat_scatter`] default to exactly that; on CUDA each is one fusion custom
+//! operation launching `kernels/cuda/multi_tensor.cu` once per [`MAX_PER_LAUNCH`] tensors, their
+//! addresses passed by value in the kernel's parameter (as PyTorch's `multi_tensor_apply` does);
+//! `NEWT_FLAT=burn` keeps Burn's operations.
+
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{Tensor, TensorPrimitive, backend::Backend};
+
+use crate::KernelBackend;
+
+/// Tensors per launch (`MT_MAX` in the source).
+pub const MAX_PER_LAUNCH: usize = 48;
+
+/// The tensors' elements, in order, as one `[Σ n]` vector (all f32).
+pub fn flat_gather<B: KernelBackend>(tensors: Vec<Tensor<B, 1>>) -> Tensor<B, 1> {
+    assert!(!tensors.is_empty(), "flat_gather: no tensors");
+    let prims = tensors.into_iter().map(|t| t.into_primitive().tensor()).collect();
+    Tensor::from_primitive(TensorPrimitive::Float(B::flat_gather(prims)))
+}
+
+/// `flat` cut into consecutive pieces of `sizes` elements (all f32).
+pub fn flat_scatter<B: KernelBackend>(flat: Tensor<B, 1>, sizes: &[usize]) -> Vec<Tensor<B, 1>> {
+    assert_eq!(flat.dims()[0], sizes.iter().sum::<usize>(), "flat_scatter: pieces of {sizes:?}");
+    B::flat_scatter(flat.into_primitive().tensor(), sizes)
+        .into_iter()
+        .map(|t| Tensor::from_primitive(TensorPrimitive::Float(t)))
+        .collect()
+}
+
+/// [`KernelBackend::flat_gather`] in Burn operations: `cat`.
+pub fn default_flat_gather<B: Backend>(tensors: Vec<FloatTensor<B>>) -> FloatTensor<B> {
+    let flat: Vec<Tensor<B, 1>> = tensors
+        .into_iter()
+        .map(|t| {
+            let t = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(t));
+            let n = t.shape().num_elements();
+            t.reshape([n])
+        })
+        .collect();
+    Tensor::cat(flat, 0).into_primitive().tensor()
+}
+
+/// [`KernelBackend::flat_scatter`] in Burn operations: slices.
+pub fn default_flat_scatter<B: Backend>(flat: FloatTensor<B>, sizes: &[usize]) -> Vec<FloatTensor<B>> {
+    let flat = Tensor::<B, 1>::from_primitive(TensorPrimitive::Float(flat));
+    let mut at = 0;
+    sizes
+        .iter()
+        .map(|n| {
+            let piece = flat.clone().slice(at..at + n);
+            at += n;
+            piece.into_primitive().tensor()
+        })
+        .collect()
+}
+
+/// One launch's table, laid out as `MtTable` in the source.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Table {
+    pub(crate) ptr: [u64; MAX_PER_LAUNCH],
+    pub(crate) start: [i64; MAX_PER_LAUNCH + 1],
+    pub(crate) base: i64,
+    pub(crate) count: i32,
+}
+
+/// The launches for tensors of `sizes` elements at addresses `ptrs`: at most [`MAX_PER_LAUNCH`]
+/// tensors each, offsets within the launch's part, the part's base in the flat vector.
+pub(crate) fn tables(ptrs: &[u64], sizes: &[usize]) -> Vec<Table> {
+    assert_eq!(ptrs.len(), sizes.len());
+    let mut out = Vec::new();
+    let mut base = 0i64;
+    for (p, s) in ptrs.chunks(MAX_PER_LAUNCH).zip(sizes.chunks(MAX_PER_LAUNCH)) {
+        let mut t = Table { ptr: [0; MAX_PER_LAUNCH], start: [0; MAX_PER_LAUNCH + 1], base, count: p.len() as i32 };
+        let mut at = 0i64;
+        for (i, (ptr, n)) in p.iter().zip(s).enumerate() {
+            t.ptr[i] = *ptr;
+            t.start[i] = at;
+            at += *n as i64;
+        }
+        t.start[p.len()] = at;
+        base += at;
+        out.push(t);
+    }
+    out
+}
+
+/// The CUDA passes.
+pub(crate) mod cuda {
+    use std::ffi::c_void;
+
+    use burn::tensor::ops::FloatTensor;
+    use burn::tensor::{DType, Shape};
+    use burn_cubecl::tensor::CubeTensor;
+    use burn_cubecl::{CubeBackend, FloatElement};
+    use burn_fusion::stream::{Operation, OperationStreams};
+    use burn_fusion::{Fusion, FusionBackend, FusionRuntime};
+    use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
+    use cubecl_cuda::CudaRuntime;
+    use cudarc::driver::sys;
+
+    use super::{Table, tables};
+    use crate::flash_cuda::functions;
+
+    type Cube<F> = CubeBackend<CudaRuntime, F, i32, u8>;
+    type Fus<F> = Fusion<Cube<F>>;
+    type Handles<F> = HandleContainer<<<Cube<F> as FusionBackend>::FusionRuntime as FusionRuntime>::FusionHandle>;
+
+    const THREADS: u32 = 256;
+
+    /// Whether the kernels take these tensors: all f32, unless `NEWT_FLAT=burn`.
+    pub(crate) fn takes(dtypes: impl IntoIterator<Item = DType>) -> bool {
+        static BURN_ONLY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let burn_only = *BURN_ONLY.get_or_init(|| std::env::var("NEWT_FLAT").is_ok_and(|v| v == "burn"));
+        !burn_only && dtypes.into_iter().all(|d| d == DType::F32)
+    }
+
+    fn contiguous(t: CubeTensor<CudaRuntime>) -> CubeTensor<CudaRuntime> {
+        if t.is_contiguous() { t } else { burn_cubecl::kernel::into_contiguous(t) }
+    }
+
+    fn empty(like: &CubeTensor<CudaRuntime>, n: usize) -> CubeTensor<CudaRuntime> {
+        burn_cubecl::ops::numeric::empty_device_contiguous_dtype(
+            like.client.clone(),
+            like.device.clone(),
+            Shape::new([n]),
+            DType::F32,
+        )
+    }
+
+    /// On the device thread: one launch per table, `flat` the other buffer.
+    fn launch(f: usize, tables: Vec<Table>, flat: u64, stream: sys::CUstream, what: &str) {
+        for mut t in tables {
+            let total = t.start[t.count as usize] as usize;
+            if total == 0 {
+                continue;
+            }
+            let mut flat = flat;
+            let mut params = [&mut t as *mut Table as *mut c_void, &mut flat as *mut u64 as *mut c_void];
+            let grid = (total.div_ceil(THREADS as usize).min(4096) as u32, 1, 1);
+            // SAFETY: the parameters are `MtTable` (by value, `Table` has its layout) and a
+            // pointer, as the kernel declares; the table's addresses are live f32 buffers of the
+            // sizes it gives, resolved by CubeCL for this launch on this stream.
+            let result = unsafe {
+                cudarc::driver::result::launch_kernel(
+                    f as sys::CUfunction,
+                    grid,
+                    (THREADS, 1, 1),
+                    0,
+                    stream,
+                    &mut params,
+                )
+            };
+            if let Err(e) = result {
+                panic!("{what} kernel launch failed: {e:?}");
+            }
+        }
+    }
+
+    fn cube_gather(tensors: Vec<CubeTensor<CudaRuntime>>) -> CubeTensor<CudaRuntime> {
+        let tensors: Vec<_> = tensors.into_iter().map(contiguous).collect();
+        let sizes: Vec<usize> = tensors.iter().map(|t| t.meta.shape().num_elements()).collect();
+        let flat = empty(&tensors[0], sizes.iter().sum());
+        let mut buffers: Vec<_> = tensors.iter().map(|t| t.handle.clone().binding()).collect();
+        buffers.push(flat.handle.clone().binding());
+        cubecl_cuda::external::launch_external(
+            &flat.client,
+            buffers,
+            Box::new(move |ptrs: &[u64], stream| {
+                let (inputs, out) = ptrs.split_at(ptrs.len() - 1);
+                launch(functions().flat_gather, tables(inputs, &sizes), out[0], stream, "flat gather");
+            }),
+        );
+        flat
+    }
+
+    fn cube_scatter(flat: CubeTensor<CudaRuntime>, sizes: &[usize]) -> Vec<CubeTensor<CudaRuntime>> {
+        let flat = contiguous(flat);
+        let pieces: Vec<_> = sizes.iter().map(|n| empty(&flat, *n)).collect();
+        let mut buffers: Vec<_> = pieces.iter().map(|t| t.handle.clone().binding()).collect();
+        buffers.push(flat.handle.clone().binding());
+        let sizes = sizes.to_vec();
+        cubecl_cuda::external::launch_external(
+            &flat.client,
+            buffers,
+            Box::new(move |ptrs: &[u64], stream| {
+                let (outputs, input) = ptrs.split_at(ptrs.len() - 1);
+                launch(functions().flat_scatter, tables(outputs, &sizes), input[0], stream, "flat scatter");
+            }),
+        );
+        pieces
+    }
+
+    /// [`crate::KernelBackend::flat_gather`] for `Cuda<F>` (f32 tensors).
+    pub(crate) fn fusion_gather<F: FloatElement>(tensors: Vec<FloatTensor<Fus<F>>>) -> FloatTensor<Fus<F>> {
+        #[derive(Clone, Debug)]
+        struct GatherOp<F> {
+            desc: CustomOpIr,
+            _f: std::marker::PhantomData<F>,
+        }
+
+        impl<F: FloatElement> Operation<<Cube<F> as FusionBackend>::FusionRuntime> for GatherOp<F> {
+            fn execute(&self, handles: &mut Handles<F>) {
+                let inputs = self.desc.inputs.iter().map(|ir| handles.get_float_tensor::<Cube<F>>(ir)).collect();
+                handles.register_float_tensor::<Cube<F>>(&self.desc.outputs[0].id, cube_gather(inputs));
+            }
+        }
+
+        let client = tensors[0].client.clone();
+        let n: usize = tensors.iter().map(|t| t.shape.num_elements()).sum();
+        let streams = OperationStreams::with_inputs(tensors.iter());
+        let out = TensorIr::uninit(client.create_empty_handle(), Shape::new([n]), DType::F32);
+        let inputs: Vec<TensorIr> = tensors.into_iter().map(|t| t.into_ir()).collect();
+        let desc = CustomOpIr::new("newt_flat_gather", &inputs, &[out]);
+        let op = GatherOp::<F> { desc: desc.clone(), _f: Default::default() };
+        client.register(streams, OperationIr::Custom(desc), op).into_iter().next().expect("flat")
+    }
+
+    /// [`crate::KernelBackend::flat_scatter`] for `Cuda<F>` (an f32 vector).
+    pub(crate) fn fusion_scatter<F: FloatElement>(
+        flat: FloatTensor<Fus<F>>,
+        sizes: &[usize],
+    ) -> Vec<FloatTensor<Fus<F>>> {
+        #[derive(Clone, Debug)]
+        struct ScatterOp<F> {
+            desc: CustomOpIr,
+            sizes: Vec<usize>,
+            _f: std::marker::PhantomData<F>,
+        }
+
+        impl<F: FloatElement> Operation<<Cube<F> as FusionBackend>::FusionRuntime> for ScatterOp<F> {
+            fn execute(&self, handles: &mut Handles<F>) {
+                let flat = handles.get_float_tensor::<Cube<F>>(&self.desc.inputs[0]);
+                for (ir, piece) in self.desc.outputs.iter().zip(cube_scatter(flat, &self.sizes)) {
+                    handles.register_float_tensor::<Cube<F>>(&ir.id, piece);
+                }
+            }
+        }
+
+        let client = flat.client.clone();
+        let streams = OperationStreams::with_inputs([&flat]);
+        let outputs: Vec<TensorIr> = sizes
+            .iter()
+            .map(|n| TensorIr::uninit(client.create_empty_handle(), Shape::new([*n]), DType::F32))
+            .collect();
+        let desc = CustomOpIr::new("newt_flat_scatter", &[flat.into_ir()], &outputs);
+        let op = ScatterOp::<F> { desc: desc.clone(), sizes: sizes.to_vec(), _f: Default::default() };
+        client.register(streams, OperationIr::Custom(desc), op).into_iter().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::*;
+    use burn::tensor::TensorData;
+
+    #[test]
+    fn gather_then_scatter_gives_the_tensors_back_in_order() {
+        let dev = Default::default();
+        let sizes = [3usize, 1, 5, 2];
+        let parts: Vec<Vec<f32>> = sizes.iter().enumerate().map(|(i, n)| values(*n, i as u64 + 40)).collect();
+        let tensors: Vec<Tensor<TestBackend, 1>> =
+            parts.iter().map(|p| Tensor::from_data(TensorData::new(p.clone(), [p.len()]), &dev)).collect();
+        let flat = flat_gather(tensors);
+        assert_eq!(flat.clone().into_data().to_vec::<f32>().unwrap(), parts.concat());
+        let back = flat_scatter(flat, &sizes);
+        for (b, p) in back.into_iter().zip(&parts) {
+            assert_eq!(&b.into_data().to_vec::<f32>().unwrap(), p);
+        }
+    }
+
+    /// The launch tables the CUDA kernels search: at most MAX_PER_LAUNCH tensors each, offsets
+    /// relative to the launch, bases adding up to every element exactly once.
+    #[test]
+    fn tables_cover_every_element_once_in_order() {
+        let sizes: Vec<usize> = (0..100).map(|i| (i * 37) % 11 + 1).collect();
+        let ptrs: Vec<u64> = (0..100).map(|i| 0x1000 * (i + 1)).collect();
+        let t = tables(&ptrs, &sizes);
+        assert_eq!(t.len(), 100usize.div_ceil(MAX_PER_LAUNCH));
+        let mut flat_at = 0i64;
+        let mut tensor = 0usize;
+        for table in &t {
+            assert_eq!(table.base, flat_at);
+            for i in 0..table.count as usize {
+                assert_eq!(table.ptr[i], ptrs[tensor]);
+                assert_eq!(table.start[i + 1] - table.start[i], sizes[tensor] as i64);
+                tensor += 1;
+            }
+            assert_eq!(table.start[0], 0);
+            flat_at += table.start[table.count as usize];
+        }
+        assert_eq!((tensor, flat_at), (100, sizes.iter().sum::<usize>() as i64));
+        // The layout the kernel's `MtTable` has: 48 addresses, 49 offsets, base, count (+ padding).
+        assert_eq!(std::mem::size_of::<Table>(), 8 * 48 + 8 * 49 + 8 + 8);
+    }
+
+    /// The source declares the table the Rust side lays out.
+    #[test]
+    fn the_source_table_matches() {
+        let src = crate::flash_cuda::SOURCE;
+        assert!(src.contains(&format!("#define MT_MAX {MAX_PER_LAUNCH}")));
+        assert!(src.contains(
+            "unsigned long long ptr[MT_MAX];\n  long long start[MT_MAX + 1];\n  long long base;\n  int count;"
+        ));
+    }
+}
