@@ -235,14 +235,16 @@ pub fn lora<B: KernelBackend>(
         [y, dx.expect("dx was asked for"), da, db].map(tensor)
     };
     let f32 = |t: Tensor<B, 2>| t.cast(burn::tensor::DType::F32);
-    // The truth: the same formulas in f32, Burn's own matmul.
+    // The truth: the same formulas in f32 (through `dense_matmul`: on CUDA, cuBLASLt in f32, where
+    // Burn's matmul would first autotune new f32 kernels for minutes).
     let truth = {
+        let mm = |l: Tensor<B, 2>, r: Tensor<B, 2>| dense_matmul(l, r);
         let (x, w, a, b, dy) = (f32(x.clone()), f32(w.clone()), f32(a.clone()), f32(b.clone()), f32(dy.clone()));
-        let t = x.clone().matmul(a.clone().transpose());
-        let y = x.clone().matmul(w.clone().transpose()) + t.clone().matmul(b.clone().transpose()).mul_scalar(scale);
-        let dt = dy.clone().matmul(b).mul_scalar(scale);
-        let dx = dy.clone().matmul(w) + dt.clone().matmul(a);
-        [y, dx, dt.transpose().matmul(x), dy.transpose().matmul(t).mul_scalar(scale)]
+        let t = mm(x.clone(), a.clone().transpose());
+        let y = mm(x.clone(), w.clone().transpose()) + mm(t.clone(), b.clone().transpose()).mul_scalar(scale);
+        let dt = mm(dy.clone(), b).mul_scalar(scale);
+        let dx = mm(dy.clone(), w) + mm(dt.clone(), a);
+        [y, dx, mm(dt.transpose(), x), mm(dy.transpose(), t).mul_scalar(scale)]
     };
     let err = run(true).into_iter().zip(truth).map(|(f, r)| max_rel(f32(f), r)).fold(0.0, f64::max);
     let fast_ms = time::<B>(device, reps, || drop(run(true)));
