@@ -12,7 +12,7 @@
 //! and the key/value gradients of the group come out summed by that same matmul.
 //!
 //! It is written with Burn tensor operations, so it runs (and is tested against
-//! [`crate::attention`]) on every backend; it is registered as one autodiff operation with its
+//! [`mod@crate::attention`]) on every backend; it is registered as one autodiff operation with its
 //! own backward pass through [`KernelBackend`], a Burn backend extension.
 
 use burn::backend::Autodiff;
@@ -23,7 +23,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{DType, Int, Tensor, TensorPrimitive, backend::Backend};
 
-/// Added to the score of a masked key (as in [`crate::attention`]). Every query keeps its own
+/// Added to the score of a masked key (as in [`mod@crate::attention`]). Every query keeps its own
 /// diagonal, so no row is entirely masked.
 const MASKED: f32 = f32::MIN;
 
@@ -111,7 +111,7 @@ pub trait KernelBackend: Backend {
     }
 
     /// Rotary embedding of `x` `[b, t, h, d]` by tables `[b, t, d]` (their halves repeated):
-    /// `x·cos + sign·rotate_half(x)·sin` (see [`crate::rope`]).
+    /// `x·cos + sign·rotate_half(x)·sin` (see [`mod@crate::rope`]).
     fn rope(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>, sign: f32) -> FloatTensor<Self> {
         crate::rope::default_rope::<Self>(x, cos, sin, sign)
     }

@@ -47,7 +47,7 @@ type Fus<F> = Fusion<Cube<F>>;
 type Grads3<F> = (FloatTensor<Fus<F>>, FloatTensor<Fus<F>>, FloatTensor<Fus<F>>);
 
 /// The kernels' source, compiled at run time as one module: the flash attention kernels, the
-/// RMSNorm ones ([`crate::norm`]), RoPE ([`crate::rope`]) and the optimizer's flat vector
+/// RMSNorm ones ([`crate::norm`]), RoPE ([`mod@crate::rope`]) and the optimizer's flat vector
 /// ([`crate::multi`]).
 pub const SOURCE: &str = concat!(
     include_str!("../cuda/flash_attn.cu"),

@@ -1,20 +1,21 @@
-//! newt-kernels: the tensor operations of a Llama-family transformer, as plain Burn functions
-//! generic over any backend.
+//! newt-kernels: the tensor operations of a Llama-family transformer, as Burn functions generic
+//! over any backend.
 //!
-//! These are the *reference* implementations: written for clarity and numerical fidelity to
-//! Hugging Face transformers (f32 where transformers upcasts), and tested against naive formulas.
-//! Fast CubeCL versions of the same ops will live beside them and be tested against them.
+//! Each op has a *reference*, written for clarity and numerical fidelity to Hugging Face
+//! transformers (f32 where transformers upcasts) and tested against naive formulas
+//! ([`rms_norm_reference`], [`apply_rope`], [`attention()`], ...).
 //!
-//! Fast paths are Burn backend extensions ([`KernelBackend`]): [`flash`] (attention with its own
-//! backward pass; on CUDA the FlashAttention-2 kernels of [`flash_cuda`]) and [`matmul`]
-//! (cuBLASLt on CUDA) and [`lora`] (a LoRA linear as one operation, its products cuBLASLt calls
-//! on CUDA), each with a default written in Burn tensor operations; [`check`] compares
-//! them with their references on the machine at hand (`newt kernels`).
+//! Fast paths are Burn backend extensions ([`KernelBackend`]), each one autodiff node with its own
+//! backward pass and a default written in Burn tensor operations: [`flash`] (attention; on CUDA
+//! the FlashAttention-2 kernels of [`flash_cuda`]), [`matmul`] (cuBLASLt on CUDA), [`lora`] (a
+//! LoRA linear as one operation, its products cuBLASLt calls on CUDA), [`norm`] and [`mod@rope`]
+//! (one CUDA kernel per pass), and [`multi`] (the optimizer's flat vector, a few CUDA launches).
+//! [`check`] compares them with their references on the machine at hand (`newt kernels`).
 //!
 //! ```text
 //!  norm::rms_norm ─┐
-//!  rope::{inv_freq, RopeTables, apply_rope} ─┼─> attention::{AttentionMask, attention} ─> swiglu
-//!                                           └─> loss::chunked_cross_entropy (never all logits)
+//!  rope::{inv_freq, RopeTables, rope} ─┼─> flash::flash_attention ─> lora::lora_linear, swiglu
+//!                                     └─> loss::chunked_cross_entropy (never all logits)
 //! ```
 pub mod attention;
 pub mod check;

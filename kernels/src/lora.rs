@@ -168,6 +168,9 @@ pub(crate) mod cuda {
     use crate::matmul::cuda::cube_gemm;
 
     type Cube<F> = CubeBackend<CudaRuntime, F, i32, u8>;
+    type Fus<F> = Fusion<Cube<F>>;
+    /// `(dx, dA, dB)`.
+    type Grads<F> = (Option<FloatTensor<Fus<F>>>, FloatTensor<Fus<F>>, FloatTensor<Fus<F>>);
     type Handles<F> = HandleContainer<<<Cube<F> as FusionBackend>::FusionRuntime as FusionRuntime>::FusionHandle>;
 
     /// Forward: `t = x·Aᵀ`, `y = x·Wᵀ`, then `y += s·t·Bᵀ` in place.
@@ -209,12 +212,12 @@ pub(crate) mod cuda {
 
     /// [`crate::KernelBackend::lora_forward`] for `Cuda<F>`.
     pub(crate) fn fusion_forward<F: FloatElement>(
-        x: FloatTensor<Fusion<Cube<F>>>,
-        w: FloatTensor<Fusion<Cube<F>>>,
-        a: FloatTensor<Fusion<Cube<F>>>,
-        b: FloatTensor<Fusion<Cube<F>>>,
+        x: FloatTensor<Fus<F>>,
+        w: FloatTensor<Fus<F>>,
+        a: FloatTensor<Fus<F>>,
+        b: FloatTensor<Fus<F>>,
         scale: f64,
-    ) -> (FloatTensor<Fusion<Cube<F>>>, FloatTensor<Fusion<Cube<F>>>) {
+    ) -> (FloatTensor<Fus<F>>, FloatTensor<Fus<F>>) {
         #[derive(Clone, Debug)]
         struct ForwardOp<F> {
             desc: CustomOpIr,
@@ -248,15 +251,15 @@ pub(crate) mod cuda {
     /// [`crate::KernelBackend::lora_backward`] for `Cuda<F>`.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn fusion_backward<F: FloatElement>(
-        dy: FloatTensor<Fusion<Cube<F>>>,
-        x: FloatTensor<Fusion<Cube<F>>>,
-        w: FloatTensor<Fusion<Cube<F>>>,
-        a: FloatTensor<Fusion<Cube<F>>>,
-        b: FloatTensor<Fusion<Cube<F>>>,
-        t: FloatTensor<Fusion<Cube<F>>>,
+        dy: FloatTensor<Fus<F>>,
+        x: FloatTensor<Fus<F>>,
+        w: FloatTensor<Fus<F>>,
+        a: FloatTensor<Fus<F>>,
+        b: FloatTensor<Fus<F>>,
+        t: FloatTensor<Fus<F>>,
         scale: f64,
         need_dx: bool,
-    ) -> (Option<FloatTensor<Fusion<Cube<F>>>>, FloatTensor<Fusion<Cube<F>>>, FloatTensor<Fusion<Cube<F>>>) {
+    ) -> Grads<F> {
         #[derive(Clone, Debug)]
         struct BackwardOp<F> {
             desc: CustomOpIr,
