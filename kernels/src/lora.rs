@@ -158,20 +158,15 @@ pub(crate) fn autodiff_lora_linear<B: KernelBackend, C: CheckpointStrategy>(
 pub(crate) mod cuda {
     use burn::tensor::Shape;
     use burn::tensor::ops::{FloatTensor, FloatTensorOps};
+    use burn_cubecl::FloatElement;
     use burn_cubecl::tensor::CubeTensor;
-    use burn_cubecl::{CubeBackend, FloatElement};
-    use burn_fusion::stream::{Operation, OperationStreams};
-    use burn_fusion::{Fusion, FusionBackend, FusionRuntime};
-    use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
     use cubecl_cuda::CudaRuntime;
 
+    use crate::cuda_op::{Cube, Fus, custom_op};
     use crate::matmul::cuda::cube_gemm;
 
-    type Cube<F> = CubeBackend<CudaRuntime, F, i32, u8>;
-    type Fus<F> = Fusion<Cube<F>>;
     /// `(dx, dA, dB)`.
     type Grads<F> = (Option<FloatTensor<Fus<F>>>, FloatTensor<Fus<F>>, FloatTensor<Fus<F>>);
-    type Handles<F> = HandleContainer<<<Cube<F> as FusionBackend>::FusionRuntime as FusionRuntime>::FusionHandle>;
 
     /// Forward: `t = x·Aᵀ`, `y = x·Wᵀ`, then `y += s·t·Bᵀ` in place.
     pub(crate) fn cube_forward<F: FloatElement>(
@@ -218,34 +213,15 @@ pub(crate) mod cuda {
         b: FloatTensor<Fus<F>>,
         scale: f64,
     ) -> (FloatTensor<Fus<F>>, FloatTensor<Fus<F>>) {
-        #[derive(Clone, Debug)]
-        struct ForwardOp<F> {
-            desc: CustomOpIr,
-            scale: f64,
-            _f: std::marker::PhantomData<F>,
-        }
-
-        impl<F: FloatElement> Operation<<Cube<F> as FusionBackend>::FusionRuntime> for ForwardOp<F> {
-            fn execute(&self, handles: &mut Handles<F>) {
-                let ([x, w, a, b], [y, t]) = self.desc.as_fixed();
-                let get = |h: &mut Handles<F>, ir| h.get_float_tensor::<Cube<F>>(ir);
-                let (xv, wv, av, bv) = (get(handles, x), get(handles, w), get(handles, a), get(handles, b));
-                let (yv, tv) = cube_forward::<F>(xv, wv, av, bv, self.scale);
-                handles.register_float_tensor::<Cube<F>>(&y.id, yv);
-                handles.register_float_tensor::<Cube<F>>(&t.id, tv);
-            }
-        }
-
-        let client = x.client.clone();
-        let streams = OperationStreams::with_inputs([&x, &w, &a, &b]);
-        let (rows, out, r) = (x.shape[0], w.shape[0], a.shape[0]);
-        let y = TensorIr::uninit(client.create_empty_handle(), Shape::new([rows, out]), x.dtype);
-        let t = TensorIr::uninit(client.create_empty_handle(), Shape::new([rows, r]), x.dtype);
-        let desc = CustomOpIr::new("newt_lora_forward", &[x.into_ir(), w.into_ir(), a.into_ir(), b.into_ir()], &[y, t]);
-        let op = ForwardOp::<F> { desc: desc.clone(), scale, _f: Default::default() };
-        let mut outs = client.register(streams, OperationIr::Custom(desc), op).into_iter();
-        let (y, t) = (outs.next().expect("y"), outs.next().expect("t"));
-        (y, t)
+        let (rows, out, r, dtype) = (x.shape[0], w.shape[0], a.shape[0], x.dtype);
+        let outputs = vec![(Shape::new([rows, out]), dtype), (Shape::new([rows, r]), dtype)];
+        let mut outs = custom_op::<F>("newt_lora_forward", vec![x, w, a, b], outputs, move |ins| {
+            let [x, w, a, b] = <[_; 4]>::try_from(ins).unwrap_or_else(|_| unreachable!("four inputs"));
+            let (y, t) = cube_forward::<F>(x, w, a, b, scale);
+            vec![y, t]
+        })
+        .into_iter();
+        (outs.next().expect("y"), outs.next().expect("t"))
     }
 
     /// [`crate::KernelBackend::lora_backward`] for `Cuda<F>`.
@@ -260,46 +236,22 @@ pub(crate) mod cuda {
         scale: f64,
         need_dx: bool,
     ) -> Grads<F> {
-        #[derive(Clone, Debug)]
-        struct BackwardOp<F> {
-            desc: CustomOpIr,
-            scale: f64,
-            _f: std::marker::PhantomData<F>,
-        }
-
-        impl<F: FloatElement> Operation<<Cube<F> as FusionBackend>::FusionRuntime> for BackwardOp<F> {
-            fn execute(&self, handles: &mut Handles<F>) {
-                let inputs: Vec<_> =
-                    self.desc.inputs.iter().map(|ir| handles.get_float_tensor::<Cube<F>>(ir)).collect();
-                let [dy, x, w, a, b, t]: [CubeTensor<CudaRuntime>; 6] =
-                    inputs.try_into().unwrap_or_else(|_| unreachable!("six inputs"));
-                let need_dx = self.desc.outputs.len() == 3;
-                let (dx, da, db) = cube_backward::<F>(dy, x, w, a, b, t, self.scale, need_dx);
-                let mut outs = self.desc.outputs.iter();
-                if let Some(dx) = dx {
-                    handles.register_float_tensor::<Cube<F>>(&outs.next().expect("dx").id, dx);
-                }
-                handles.register_float_tensor::<Cube<F>>(&outs.next().expect("dA").id, da);
-                handles.register_float_tensor::<Cube<F>>(&outs.next().expect("dB").id, db);
-            }
-        }
-
-        let client = x.client.clone();
-        let streams = OperationStreams::with_inputs([&dy, &x, &w, &a, &b, &t]);
         let dtype = x.dtype;
         let mut outputs = Vec::with_capacity(3);
         if need_dx {
-            outputs.push(TensorIr::uninit(client.create_empty_handle(), x.shape.clone(), dtype));
+            outputs.push((x.shape.clone(), dtype));
         }
-        outputs.push(TensorIr::uninit(client.create_empty_handle(), a.shape.clone(), dtype));
-        outputs.push(TensorIr::uninit(client.create_empty_handle(), b.shape.clone(), dtype));
-        let inputs = [dy.into_ir(), x.into_ir(), w.into_ir(), a.into_ir(), b.into_ir(), t.into_ir()];
-        let desc = CustomOpIr::new("newt_lora_backward", &inputs, &outputs);
-        let op = BackwardOp::<F> { desc: desc.clone(), scale, _f: Default::default() };
-        let mut outs = client.register(streams, OperationIr::Custom(desc), op).into_iter();
+        outputs.push((a.shape.clone(), dtype));
+        outputs.push((b.shape.clone(), dtype));
+        let inputs = vec![dy, x, w, a, b, t];
+        let mut outs = custom_op::<F>("newt_lora_backward", inputs, outputs, move |ins| {
+            let [dy, x, w, a, b, t] = <[_; 6]>::try_from(ins).unwrap_or_else(|_| unreachable!("six inputs"));
+            let (dx, da, db) = cube_backward::<F>(dy, x, w, a, b, t, scale, need_dx);
+            dx.into_iter().chain([da, db]).collect()
+        })
+        .into_iter();
         let dx = need_dx.then(|| outs.next().expect("dx"));
-        let (da, db) = (outs.next().expect("dA"), outs.next().expect("dB"));
-        (dx, da, db)
+        (dx, outs.next().expect("dA"), outs.next().expect("dB"))
     }
 }
 

@@ -156,17 +156,13 @@ pub(crate) mod cuda {
 
     use burn::tensor::ops::FloatTensor;
     use burn::tensor::{DType, Shape};
+    use burn_cubecl::FloatElement;
     use burn_cubecl::tensor::CubeTensor;
-    use burn_cubecl::{CubeBackend, FloatElement};
-    use burn_fusion::stream::{Operation, OperationStreams};
-    use burn_fusion::{Fusion, FusionBackend, FusionRuntime};
-    use burn_ir::{CustomOpIr, HandleContainer, OperationIr, OperationOutput, TensorIr};
     use cubecl_cuda::CudaRuntime;
     use cudarc::cublaslt::{result as lt, sys};
 
     use super::{GemmPlan, View};
-
-    type Cube<F> = CubeBackend<CudaRuntime, F, i32, u8>;
+    use crate::cuda_op::{Cube, Fus, custom_op};
 
     /// Bytes of cuBLASLt workspace (one buffer on the device thread, reused by every call, all
     /// of them on one stream).
@@ -174,37 +170,17 @@ pub(crate) mod cuda {
 
     /// [`crate::KernelBackend::dense_matmul`] for `Cuda<F>` (Burn's CUDA backend with fusion).
     pub(crate) fn fusion_dense_matmul<F: FloatElement>(
-        lhs: FloatTensor<Fusion<Cube<F>>>,
-        rhs: FloatTensor<Fusion<Cube<F>>>,
-    ) -> FloatTensor<Fusion<Cube<F>>> {
-        #[derive(Clone, Debug)]
-        struct DenseMatmulOp<F> {
-            desc: CustomOpIr,
-            _f: std::marker::PhantomData<F>,
-        }
-
-        impl<F: FloatElement> Operation<<Cube<F> as FusionBackend>::FusionRuntime> for DenseMatmulOp<F> {
-            fn execute(
-                &self,
-                handles: &mut HandleContainer<
-                    <<Cube<F> as FusionBackend>::FusionRuntime as FusionRuntime>::FusionHandle,
-                >,
-            ) {
-                let ([lhs, rhs], [out]) = self.desc.as_fixed();
-                let lhs = handles.get_float_tensor::<Cube<F>>(lhs);
-                let rhs = handles.get_float_tensor::<Cube<F>>(rhs);
-                handles.register_float_tensor::<Cube<F>>(&out.id, cube_dense_matmul::<F>(lhs, rhs));
-            }
-        }
-
-        let client = lhs.client.clone();
-        let streams = OperationStreams::with_inputs([&lhs, &rhs]);
-        let shape = Shape::new([lhs.shape[0], rhs.shape[1]]);
-        let out = TensorIr::uninit(client.create_empty_handle(), shape, lhs.dtype);
-        let desc = CustomOpIr::new("newt_dense_matmul", &[lhs.into_ir(), rhs.into_ir()], &[out]);
-        client
-            .register(streams, OperationIr::Custom(desc.clone()), DenseMatmulOp::<F> { desc, _f: Default::default() })
-            .output()
+        lhs: FloatTensor<Fus<F>>,
+        rhs: FloatTensor<Fus<F>>,
+    ) -> FloatTensor<Fus<F>> {
+        let outputs = vec![(Shape::new([lhs.shape[0], rhs.shape[1]]), lhs.dtype)];
+        custom_op::<F>("newt_dense_matmul", vec![lhs, rhs], outputs, |ins| {
+            let [lhs, rhs] = <[_; 2]>::try_from(ins).unwrap_or_else(|_| unreachable!("two inputs"));
+            vec![cube_dense_matmul::<F>(lhs, rhs)]
+        })
+        .into_iter()
+        .next()
+        .expect("the product")
     }
 
     /// cuBLASLt on CubeCL tensors, or CubeCL's own matmul when cuBLASLt cannot take the call.

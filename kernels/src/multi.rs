@@ -97,20 +97,14 @@ pub(crate) mod cuda {
 
     use burn::tensor::ops::FloatTensor;
     use burn::tensor::{DType, Shape};
+    use burn_cubecl::FloatElement;
     use burn_cubecl::tensor::CubeTensor;
-    use burn_cubecl::{CubeBackend, FloatElement};
-    use burn_fusion::stream::{Operation, OperationStreams};
-    use burn_fusion::{Fusion, FusionBackend, FusionRuntime};
-    use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
     use cubecl_cuda::CudaRuntime;
     use cudarc::driver::sys;
 
     use super::{Table, tables};
+    use crate::cuda_op::{Fus, custom_op};
     use crate::flash_cuda::functions;
-
-    type Cube<F> = CubeBackend<CudaRuntime, F, i32, u8>;
-    type Fus<F> = Fusion<Cube<F>>;
-    type Handles<F> = HandleContainer<<<Cube<F> as FusionBackend>::FusionRuntime as FusionRuntime>::FusionHandle>;
 
     const THREADS: u32 = 256;
 
@@ -199,27 +193,12 @@ pub(crate) mod cuda {
 
     /// [`crate::KernelBackend::flat_gather`] for `Cuda<F>` (f32 tensors).
     pub(crate) fn fusion_gather<F: FloatElement>(tensors: Vec<FloatTensor<Fus<F>>>) -> FloatTensor<Fus<F>> {
-        #[derive(Clone, Debug)]
-        struct GatherOp<F> {
-            desc: CustomOpIr,
-            _f: std::marker::PhantomData<F>,
-        }
-
-        impl<F: FloatElement> Operation<<Cube<F> as FusionBackend>::FusionRuntime> for GatherOp<F> {
-            fn execute(&self, handles: &mut Handles<F>) {
-                let inputs = self.desc.inputs.iter().map(|ir| handles.get_float_tensor::<Cube<F>>(ir)).collect();
-                handles.register_float_tensor::<Cube<F>>(&self.desc.outputs[0].id, cube_gather(inputs));
-            }
-        }
-
-        let client = tensors[0].client.clone();
         let n: usize = tensors.iter().map(|t| t.shape.num_elements()).sum();
-        let streams = OperationStreams::with_inputs(tensors.iter());
-        let out = TensorIr::uninit(client.create_empty_handle(), Shape::new([n]), DType::F32);
-        let inputs: Vec<TensorIr> = tensors.into_iter().map(|t| t.into_ir()).collect();
-        let desc = CustomOpIr::new("newt_flat_gather", &inputs, &[out]);
-        let op = GatherOp::<F> { desc: desc.clone(), _f: Default::default() };
-        client.register(streams, OperationIr::Custom(desc), op).into_iter().next().expect("flat")
+        let outputs = vec![(Shape::new([n]), DType::F32)];
+        custom_op::<F>("newt_flat_gather", tensors, outputs, |ins| vec![cube_gather(ins)])
+            .into_iter()
+            .next()
+            .expect("flat")
     }
 
     /// [`crate::KernelBackend::flat_scatter`] for `Cuda<F>` (an f32 vector).
@@ -227,31 +206,12 @@ pub(crate) mod cuda {
         flat: FloatTensor<Fus<F>>,
         sizes: &[usize],
     ) -> Vec<FloatTensor<Fus<F>>> {
-        #[derive(Clone, Debug)]
-        struct ScatterOp<F> {
-            desc: CustomOpIr,
-            sizes: Vec<usize>,
-            _f: std::marker::PhantomData<F>,
-        }
-
-        impl<F: FloatElement> Operation<<Cube<F> as FusionBackend>::FusionRuntime> for ScatterOp<F> {
-            fn execute(&self, handles: &mut Handles<F>) {
-                let flat = handles.get_float_tensor::<Cube<F>>(&self.desc.inputs[0]);
-                for (ir, piece) in self.desc.outputs.iter().zip(cube_scatter(flat, &self.sizes)) {
-                    handles.register_float_tensor::<Cube<F>>(&ir.id, piece);
-                }
-            }
-        }
-
-        let client = flat.client.clone();
-        let streams = OperationStreams::with_inputs([&flat]);
-        let outputs: Vec<TensorIr> = sizes
-            .iter()
-            .map(|n| TensorIr::uninit(client.create_empty_handle(), Shape::new([*n]), DType::F32))
-            .collect();
-        let desc = CustomOpIr::new("newt_flat_scatter", &[flat.into_ir()], &outputs);
-        let op = ScatterOp::<F> { desc: desc.clone(), sizes: sizes.to_vec(), _f: Default::default() };
-        client.register(streams, OperationIr::Custom(desc), op).into_iter().collect()
+        let outputs = sizes.iter().map(|n| (Shape::new([*n]), DType::F32)).collect();
+        let sizes = sizes.to_vec();
+        custom_op::<F>("newt_flat_scatter", vec![flat], outputs, move |ins| {
+            let [flat] = <[_; 1]>::try_from(ins).unwrap_or_else(|_| unreachable!("one input"));
+            cube_scatter(flat, &sizes)
+        })
     }
 }
 

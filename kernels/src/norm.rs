@@ -130,18 +130,12 @@ pub(crate) mod cuda {
 
     use burn::tensor::ops::FloatTensor;
     use burn::tensor::{DType, Shape};
+    use burn_cubecl::FloatElement;
     use burn_cubecl::tensor::CubeTensor;
-    use burn_cubecl::{CubeBackend, FloatElement};
-    use burn_fusion::stream::{Operation, OperationStreams};
-    use burn_fusion::{Fusion, FusionBackend, FusionRuntime};
-    use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
     use cubecl_cuda::CudaRuntime;
 
+    use crate::cuda_op::{Fus, custom_op};
     use crate::flash_cuda::{Args, functions, launch_block};
-
-    type Cube<F> = CubeBackend<CudaRuntime, F, i32, u8>;
-    type Fus<F> = Fusion<Cube<F>>;
-    type Handles<F> = HandleContainer<<<Cube<F> as FusionBackend>::FusionRuntime as FusionRuntime>::FusionHandle>;
 
     /// Rows per block of 128 threads (one warp each; `RN_ROWS_PER_BLOCK` in the source).
     const ROWS_PER_BLOCK: usize = 4;
@@ -239,31 +233,14 @@ pub(crate) mod cuda {
         weight: FloatTensor<Fus<F>>,
         eps: f64,
     ) -> (FloatTensor<Fus<F>>, FloatTensor<Fus<F>>) {
-        #[derive(Clone, Debug)]
-        struct ForwardOp<F> {
-            desc: CustomOpIr,
-            eps: f64,
-            _f: std::marker::PhantomData<F>,
-        }
-
-        impl<F: FloatElement> Operation<<Cube<F> as FusionBackend>::FusionRuntime> for ForwardOp<F> {
-            fn execute(&self, handles: &mut Handles<F>) {
-                let ([x, w], [y, inv]) = self.desc.as_fixed();
-                let (xv, wv) = (handles.get_float_tensor::<Cube<F>>(x), handles.get_float_tensor::<Cube<F>>(w));
-                let (yv, iv) = cube_forward(xv, wv, self.eps);
-                handles.register_float_tensor::<Cube<F>>(&y.id, yv);
-                handles.register_float_tensor::<Cube<F>>(&inv.id, iv);
-            }
-        }
-
-        let client = x.client.clone();
-        let streams = OperationStreams::with_inputs([&x, &weight]);
         let (rows, n) = (x.shape[0], x.shape[1]);
-        let y = TensorIr::uninit(client.create_empty_handle(), Shape::new([rows, n]), DType::BF16);
-        let inv = TensorIr::uninit(client.create_empty_handle(), Shape::new([rows]), DType::F32);
-        let desc = CustomOpIr::new("newt_rms_norm_forward", &[x.into_ir(), weight.into_ir()], &[y, inv]);
-        let op = ForwardOp::<F> { desc: desc.clone(), eps, _f: Default::default() };
-        let mut outs = client.register(streams, OperationIr::Custom(desc), op).into_iter();
+        let outputs = vec![(Shape::new([rows, n]), DType::BF16), (Shape::new([rows]), DType::F32)];
+        let mut outs = custom_op::<F>("newt_rms_norm_forward", vec![x, weight], outputs, move |ins| {
+            let [x, w] = <[_; 2]>::try_from(ins).unwrap_or_else(|_| unreachable!("two inputs"));
+            let (y, inv) = cube_forward(x, w, eps);
+            vec![y, inv]
+        })
+        .into_iter();
         (outs.next().expect("y"), outs.next().expect("inv"))
     }
 
@@ -274,28 +251,15 @@ pub(crate) mod cuda {
         inv: FloatTensor<Fus<F>>,
         dy: FloatTensor<Fus<F>>,
     ) -> FloatTensor<Fus<F>> {
-        #[derive(Clone, Debug)]
-        struct BackwardOp<F> {
-            desc: CustomOpIr,
-            _f: std::marker::PhantomData<F>,
-        }
-
-        impl<F: FloatElement> Operation<<Cube<F> as FusionBackend>::FusionRuntime> for BackwardOp<F> {
-            fn execute(&self, handles: &mut Handles<F>) {
-                let ([x, w, inv, dy], [dx]) = self.desc.as_fixed();
-                let get = |h: &mut Handles<F>, ir| h.get_float_tensor::<Cube<F>>(ir);
-                let (xv, wv, iv, dyv) = (get(handles, x), get(handles, w), get(handles, inv), get(handles, dy));
-                handles.register_float_tensor::<Cube<F>>(&dx.id, cube_backward(xv, wv, iv, dyv));
-            }
-        }
-
-        let client = x.client.clone();
-        let streams = OperationStreams::with_inputs([&x, &weight, &inv, &dy]);
-        let dx = TensorIr::uninit(client.create_empty_handle(), x.shape.clone(), DType::BF16);
-        let inputs = [x.into_ir(), weight.into_ir(), inv.into_ir(), dy.into_ir()];
-        let desc = CustomOpIr::new("newt_rms_norm_backward", &inputs, &[dx]);
-        let op = BackwardOp::<F> { desc: desc.clone(), _f: Default::default() };
-        client.register(streams, OperationIr::Custom(desc), op).into_iter().next().expect("dx")
+        let outputs = vec![(x.shape.clone(), DType::BF16)];
+        let inputs = vec![x, weight, inv, dy];
+        custom_op::<F>("newt_rms_norm_backward", inputs, outputs, |ins| {
+            let [x, w, inv, dy] = <[_; 4]>::try_from(ins).unwrap_or_else(|_| unreachable!("four inputs"));
+            vec![cube_backward(x, w, inv, dy)]
+        })
+        .into_iter()
+        .next()
+        .expect("dx")
     }
 }
 

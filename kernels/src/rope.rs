@@ -203,18 +203,12 @@ pub(crate) mod cuda {
 
     use burn::tensor::ops::FloatTensor;
     use burn::tensor::{DType, Shape};
+    use burn_cubecl::FloatElement;
     use burn_cubecl::tensor::CubeTensor;
-    use burn_cubecl::{CubeBackend, FloatElement};
-    use burn_fusion::stream::{Operation, OperationStreams};
-    use burn_fusion::{Fusion, FusionBackend, FusionRuntime};
-    use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
     use cubecl_cuda::CudaRuntime;
 
+    use crate::cuda_op::{Fus, custom_op};
     use crate::flash_cuda::{Args, functions, launch_block};
-
-    type Cube<F> = CubeBackend<CudaRuntime, F, i32, u8>;
-    type Fus<F> = Fusion<Cube<F>>;
-    type Handles<F> = HandleContainer<<<Cube<F> as FusionBackend>::FusionRuntime as FusionRuntime>::FusionHandle>;
 
     const THREADS: u32 = 256;
 
@@ -282,28 +276,14 @@ pub(crate) mod cuda {
         sin: FloatTensor<Fus<F>>,
         sign: f32,
     ) -> FloatTensor<Fus<F>> {
-        #[derive(Clone, Debug)]
-        struct RopeOp<F> {
-            desc: CustomOpIr,
-            sign: f32,
-            _f: std::marker::PhantomData<F>,
-        }
-
-        impl<F: FloatElement> Operation<<Cube<F> as FusionBackend>::FusionRuntime> for RopeOp<F> {
-            fn execute(&self, handles: &mut Handles<F>) {
-                let ([x, cos, sin], [y]) = self.desc.as_fixed();
-                let get = |h: &mut Handles<F>, ir| h.get_float_tensor::<Cube<F>>(ir);
-                let (xv, cv, sv) = (get(handles, x), get(handles, cos), get(handles, sin));
-                handles.register_float_tensor::<Cube<F>>(&y.id, cube_rope(xv, cv, sv, self.sign));
-            }
-        }
-
-        let client = x.client.clone();
-        let streams = OperationStreams::with_inputs([&x, &cos, &sin]);
-        let y = TensorIr::uninit(client.create_empty_handle(), x.shape.clone(), DType::BF16);
-        let desc = CustomOpIr::new("newt_rope", &[x.into_ir(), cos.into_ir(), sin.into_ir()], &[y]);
-        let op = RopeOp::<F> { desc: desc.clone(), sign, _f: Default::default() };
-        client.register(streams, OperationIr::Custom(desc), op).into_iter().next().expect("y")
+        let outputs = vec![(x.shape.clone(), DType::BF16)];
+        custom_op::<F>("newt_rope", vec![x, cos, sin], outputs, move |ins| {
+            let [x, cos, sin] = <[_; 3]>::try_from(ins).unwrap_or_else(|_| unreachable!("three inputs"));
+            vec![cube_rope(x, cos, sin, sign)]
+        })
+        .into_iter()
+        .next()
+        .expect("y")
     }
 }
 
