@@ -65,3 +65,13 @@ pub(crate) fn custom_op<F: FloatElement>(
     let op = Op::<F, _> { desc: desc.clone(), work, _f: std::marker::PhantomData };
     client.register(streams, OperationIr::Custom(desc), op)
 }
+
+/// A new contiguous tensor of `dims` and `dtype` on `like`'s device (its values unset).
+pub(crate) fn empty(like: &CubeTensor<CudaRuntime>, dims: &[usize], dtype: DType) -> CubeTensor<CudaRuntime> {
+    burn_cubecl::ops::numeric::empty_device_contiguous_dtype(
+        like.client.clone(),
+        like.device.clone(),
+        Shape::from(dims.to_vec()),
+        dtype,
+    )
+}

@@ -40,6 +40,7 @@ use cubecl_cuda::CudaRuntime;
 use cudarc::driver::sys;
 
 use crate::FlashOptions;
+use crate::cuda_op::empty;
 
 type Cube<F> = CubeBackend<CudaRuntime, F, i32, u8>;
 type Fus<F> = Fusion<Cube<F>>;
@@ -195,15 +196,6 @@ fn readable(t: CubeTensor<CudaRuntime>) -> CubeTensor<CudaRuntime> {
 fn strides3(t: &CubeTensor<CudaRuntime>) -> [i64; 3] {
     let s = t.meta.strides();
     [s[0] as i64, s[1] as i64, s[2] as i64]
-}
-
-fn empty(like: &CubeTensor<CudaRuntime>, dims: &[usize], dtype: DType) -> CubeTensor<CudaRuntime> {
-    burn_cubecl::ops::numeric::empty_device_contiguous_dtype(
-        like.client.clone(),
-        like.device.clone(),
-        Shape::from(dims.to_vec()),
-        dtype,
-    )
 }
 
 /// The scalar arguments both passes share.

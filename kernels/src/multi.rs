@@ -103,7 +103,7 @@ pub(crate) mod cuda {
     use cudarc::driver::sys;
 
     use super::{Table, tables};
-    use crate::cuda_op::{Fus, custom_op};
+    use crate::cuda_op::{Fus, custom_op, empty};
     use crate::flash_cuda::functions;
 
     const THREADS: u32 = 256;
@@ -117,15 +117,6 @@ pub(crate) mod cuda {
 
     fn contiguous(t: CubeTensor<CudaRuntime>) -> CubeTensor<CudaRuntime> {
         if t.is_contiguous() { t } else { burn_cubecl::kernel::into_contiguous(t) }
-    }
-
-    fn empty(like: &CubeTensor<CudaRuntime>, n: usize) -> CubeTensor<CudaRuntime> {
-        burn_cubecl::ops::numeric::empty_device_contiguous_dtype(
-            like.client.clone(),
-            like.device.clone(),
-            Shape::new([n]),
-            DType::F32,
-        )
     }
 
     /// On the device thread: one launch per table, `flat` the other buffer.
@@ -160,7 +151,7 @@ pub(crate) mod cuda {
     fn cube_gather(tensors: Vec<CubeTensor<CudaRuntime>>) -> CubeTensor<CudaRuntime> {
         let tensors: Vec<_> = tensors.into_iter().map(contiguous).collect();
         let sizes: Vec<usize> = tensors.iter().map(|t| t.meta.shape().num_elements()).collect();
-        let flat = empty(&tensors[0], sizes.iter().sum());
+        let flat = empty(&tensors[0], &[sizes.iter().sum()], DType::F32);
         let mut buffers: Vec<_> = tensors.iter().map(|t| t.handle.clone().binding()).collect();
         buffers.push(flat.handle.clone().binding());
         cubecl_cuda::external::launch_external(
@@ -176,7 +167,7 @@ pub(crate) mod cuda {
 
     fn cube_scatter(flat: CubeTensor<CudaRuntime>, sizes: &[usize]) -> Vec<CubeTensor<CudaRuntime>> {
         let flat = contiguous(flat);
-        let pieces: Vec<_> = sizes.iter().map(|n| empty(&flat, *n)).collect();
+        let pieces: Vec<_> = sizes.iter().map(|n| empty(&flat, &[*n], DType::F32)).collect();
         let mut buffers: Vec<_> = pieces.iter().map(|t| t.handle.clone().binding()).collect();
         buffers.push(flat.handle.clone().binding());
         let sizes = sizes.to_vec();

@@ -134,7 +134,7 @@ pub(crate) mod cuda {
     use burn_cubecl::tensor::CubeTensor;
     use cubecl_cuda::CudaRuntime;
 
-    use crate::cuda_op::{Fus, custom_op};
+    use crate::cuda_op::{Fus, custom_op, empty};
     use crate::flash_cuda::{Args, functions, launch_block};
 
     /// Rows per block of 128 threads (one warp each; `RN_ROWS_PER_BLOCK` in the source).
@@ -150,15 +150,6 @@ pub(crate) mod cuda {
     fn contiguous(t: CubeTensor<CudaRuntime>) -> CubeTensor<CudaRuntime> {
         let aligned = t.handle.offset_start.unwrap_or(0).is_multiple_of(16);
         if t.is_contiguous() && aligned { t } else { burn_cubecl::kernel::into_contiguous(t) }
-    }
-
-    fn empty(like: &CubeTensor<CudaRuntime>, dims: &[usize], dtype: DType) -> CubeTensor<CudaRuntime> {
-        burn_cubecl::ops::numeric::empty_device_contiguous_dtype(
-            like.client.clone(),
-            like.device.clone(),
-            Shape::from(dims.to_vec()),
-            dtype,
-        )
     }
 
     /// The arguments of `newt_rms_fwd`: x, w, y, inv, rows, n, eps.

@@ -201,13 +201,13 @@ pub(crate) fn autodiff_rope<B: KernelBackend, C: CheckpointStrategy>(
 pub(crate) mod cuda {
     use std::sync::OnceLock;
 
+    use burn::tensor::DType;
     use burn::tensor::ops::FloatTensor;
-    use burn::tensor::{DType, Shape};
     use burn_cubecl::FloatElement;
     use burn_cubecl::tensor::CubeTensor;
     use cubecl_cuda::CudaRuntime;
 
-    use crate::cuda_op::{Fus, custom_op};
+    use crate::cuda_op::{Fus, custom_op, empty};
     use crate::flash_cuda::{Args, functions, launch_block};
 
     const THREADS: u32 = 256;
@@ -249,12 +249,7 @@ pub(crate) mod cuda {
         let dims = [shape[0], shape[1], shape[2], shape[3]];
         let s = x.meta.strides();
         let strides = [s[0] as i64, s[1] as i64, s[2] as i64];
-        let y = burn_cubecl::ops::numeric::empty_device_contiguous_dtype(
-            x.client.clone(),
-            x.device.clone(),
-            Shape::new(dims),
-            DType::BF16,
-        );
+        let y = empty(&x, &dims, DType::BF16);
         let pairs = dims.iter().product::<usize>() / 2;
         let grid = (pairs.div_ceil(THREADS as usize).clamp(1, 16384) as u32, 1, 1);
         let buffers = [&x, &cos, &sin, &y].map(|t| t.handle.clone().binding()).to_vec();
