@@ -65,7 +65,7 @@ const THREADS: u32 = 128;
 /// Whether the CUDA kernels take a call with these inputs.
 pub(crate) fn takes(q: DType, k: DType, v: DType, segments: DType, head_dim: usize) -> bool {
     static BURN_ONLY: OnceLock<bool> = OnceLock::new();
-    let burn_only = *BURN_ONLY.get_or_init(|| std::env::var("NEWT_FLASH").is_ok_and(|v| v == "burn"));
+    let burn_only = crate::env_switch(&BURN_ONLY, "NEWT_FLASH", "burn");
     !burn_only && q == DType::BF16 && k == q && v == q && segments == DType::I32 && head_dim == HEAD_DIM
 }
 

@@ -49,6 +49,21 @@ pub fn read_f64<B: Backend, const D: usize>(t: Tensor<B, D>) -> f64 {
     t.into_data().iter::<f64>().next().expect("one element")
 }
 
+/// `x` in `dtype`, with no operation recorded when it already is (Burn records a cast, and an
+/// autodiff node, even from a dtype to itself).
+pub fn in_dtype<B: burn::tensor::backend::Backend, const D: usize>(
+    x: Tensor<B, D>,
+    dtype: burn::tensor::DType,
+) -> Tensor<B, D> {
+    if x.dtype() == dtype { x } else { x.cast(dtype) }
+}
+
+/// Whether the environment variable `var` is `value`, read once into `cell`: the switches that
+/// set a fast path aside (`NEWT_FLASH=burn`, `NEWT_ROPE=burn`, `NEWT_LORA_F32=1`, ...).
+pub fn env_switch(cell: &'static std::sync::OnceLock<bool>, var: &str, value: &str) -> bool {
+    *cell.get_or_init(|| std::env::var(var).is_ok_and(|v| v == value))
+}
+
 /// Kernel compilations and module loads of the CUDA backend so far in this process (zeros when
 /// CUDA is not used); see `kernels/vendor/README.md`.
 pub use cubecl_cuda::jit_stats::{JitStats, jit_stats};

@@ -248,7 +248,7 @@ pub(crate) mod cuda {
     ) -> Option<CubeTensor<CudaRuntime>> {
         static CUBECL_ONLY: OnceLock<bool> = OnceLock::new();
         // `NEWT_DENSE_MATMUL=cubecl` measures CubeCL's matmul in the same binary.
-        if *CUBECL_ONLY.get_or_init(|| std::env::var("NEWT_DENSE_MATMUL").is_ok_and(|v| v == "cubecl")) {
+        if crate::env_switch(&CUBECL_ONLY, "NEWT_DENSE_MATMUL", "cubecl") {
             return None;
         }
         if lhs.dtype != rhs.dtype || lhs.qparams.is_some() || rhs.qparams.is_some() {

@@ -104,14 +104,14 @@ pub(crate) mod cuda {
 
     use super::{Table, tables};
     use crate::cuda_op::{Fus, custom_op, empty};
-    use crate::flash_cuda::functions;
+    use crate::flash_cuda::{Functions, functions};
 
     const THREADS: u32 = 256;
 
     /// Whether the kernels take these tensors: all f32, unless `NEWT_FLAT=burn`.
     pub(crate) fn takes(dtypes: impl IntoIterator<Item = DType>) -> bool {
         static BURN_ONLY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let burn_only = *BURN_ONLY.get_or_init(|| std::env::var("NEWT_FLAT").is_ok_and(|v| v == "burn"));
+        let burn_only = crate::env_switch(&BURN_ONLY, "NEWT_FLAT", "burn");
         !burn_only && dtypes.into_iter().all(|d| d == DType::F32)
     }
 
@@ -148,37 +148,38 @@ pub(crate) mod cuda {
         }
     }
 
-    fn cube_gather(tensors: Vec<CubeTensor<CudaRuntime>>) -> CubeTensor<CudaRuntime> {
-        let tensors: Vec<_> = tensors.into_iter().map(contiguous).collect();
+    /// Queues `kernel` (gather or scatter) over the table of `tensors` and the vector `flat`.
+    fn queue(
+        kernel: fn(&Functions) -> usize,
+        tensors: &[CubeTensor<CudaRuntime>],
+        flat: &CubeTensor<CudaRuntime>,
+        what: &'static str,
+    ) {
         let sizes: Vec<usize> = tensors.iter().map(|t| t.meta.shape().num_elements()).collect();
-        let flat = empty(&tensors[0], &[sizes.iter().sum()], DType::F32);
         let mut buffers: Vec<_> = tensors.iter().map(|t| t.handle.clone().binding()).collect();
         buffers.push(flat.handle.clone().binding());
         cubecl_cuda::external::launch_external(
             &flat.client,
             buffers,
             Box::new(move |ptrs: &[u64], stream| {
-                let (inputs, out) = ptrs.split_at(ptrs.len() - 1);
-                launch(functions().flat_gather, tables(inputs, &sizes), out[0], stream, "flat gather");
+                let (table, flat) = ptrs.split_at(ptrs.len() - 1);
+                launch(kernel(&functions()), tables(table, &sizes), flat[0], stream, what);
             }),
         );
+    }
+
+    fn cube_gather(tensors: Vec<CubeTensor<CudaRuntime>>) -> CubeTensor<CudaRuntime> {
+        let tensors: Vec<_> = tensors.into_iter().map(contiguous).collect();
+        let n = tensors.iter().map(|t| t.meta.shape().num_elements()).sum();
+        let flat = empty(&tensors[0], &[n], DType::F32);
+        queue(|f| f.flat_gather, &tensors, &flat, "flat gather");
         flat
     }
 
     fn cube_scatter(flat: CubeTensor<CudaRuntime>, sizes: &[usize]) -> Vec<CubeTensor<CudaRuntime>> {
         let flat = contiguous(flat);
         let pieces: Vec<_> = sizes.iter().map(|n| empty(&flat, &[*n], DType::F32)).collect();
-        let mut buffers: Vec<_> = pieces.iter().map(|t| t.handle.clone().binding()).collect();
-        buffers.push(flat.handle.clone().binding());
-        let sizes = sizes.to_vec();
-        cubecl_cuda::external::launch_external(
-            &flat.client,
-            buffers,
-            Box::new(move |ptrs: &[u64], stream| {
-                let (outputs, input) = ptrs.split_at(ptrs.len() - 1);
-                launch(functions().flat_scatter, tables(outputs, &sizes), input[0], stream, "flat scatter");
-            }),
-        );
+        queue(|f| f.flat_scatter, &pieces, &flat, "flat scatter");
         pieces
     }
 

@@ -143,7 +143,7 @@ pub(crate) mod cuda {
     /// Whether the kernels take a call: bf16 rows and weight, unless `NEWT_RMSNORM=burn`.
     pub(crate) fn takes(x: DType, weight: DType) -> bool {
         static BURN_ONLY: OnceLock<bool> = OnceLock::new();
-        let burn_only = *BURN_ONLY.get_or_init(|| std::env::var("NEWT_RMSNORM").is_ok_and(|v| v == "burn"));
+        let burn_only = crate::env_switch(&BURN_ONLY, "NEWT_RMSNORM", "burn");
         !burn_only && x == DType::BF16 && weight == DType::BF16
     }
 

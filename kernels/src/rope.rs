@@ -18,7 +18,7 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{DType, FloatDType, Int, Tensor, TensorData, TensorPrimitive, backend::Backend};
 
-use crate::KernelBackend;
+use crate::{KernelBackend, in_dtype};
 
 /// A `rope_scaling` / `rope_parameters` frequency adjustment.
 #[derive(Debug, Clone, PartialEq)]
@@ -109,11 +109,6 @@ impl<B: Backend> RopeTables<B> {
         }
         RopeTables { cos: self.cos.cast(dtype), sin: self.sin.cast(dtype) }
     }
-}
-
-/// `x` in `dtype`, with no operation recorded when it already is.
-fn in_dtype<B: Backend, const D: usize>(x: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
-    if x.dtype() == dtype { x } else { x.cast(dtype) }
 }
 
 /// `[-x2, x1]` for `x = [x1, x2]` split in halves along the last dimension.
@@ -216,7 +211,7 @@ pub(crate) mod cuda {
     /// `NEWT_ROPE=burn`.
     pub(crate) fn takes(x: DType, cos: DType, sin: DType, head_dim: usize) -> bool {
         static BURN_ONLY: OnceLock<bool> = OnceLock::new();
-        let burn_only = *BURN_ONLY.get_or_init(|| std::env::var("NEWT_ROPE").is_ok_and(|v| v == "burn"));
+        let burn_only = crate::env_switch(&BURN_ONLY, "NEWT_ROPE", "burn");
         !burn_only && x == DType::BF16 && cos == DType::BF16 && sin == DType::BF16 && head_dim.is_multiple_of(2)
     }
 

@@ -11,6 +11,8 @@ use burn::module::{Module, Param};
 use burn::tensor::{DType, Distribution, Int, Tensor, TensorData, backend::Backend};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
+use newt_kernels::in_dtype;
+
 use crate::llama::Llama;
 
 /// The linear layers LoRA may target, in the order they appear in a decoder layer.
@@ -186,12 +188,7 @@ impl<B: Backend> LoraAdapter<B> {
 /// `peft_baseline.py` computes.
 pub fn lora_compute_dtype(activations: DType) -> DType {
     static F32: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if *F32.get_or_init(|| std::env::var("NEWT_LORA_F32").is_ok_and(|v| v == "1")) { DType::F32 } else { activations }
-}
-
-/// `x` in `dtype`, with no operation recorded when it already is.
-fn in_dtype<B: Backend, const D: usize>(x: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
-    if x.dtype() == dtype { x } else { x.cast(dtype) }
+    if newt_kernels::env_switch(&F32, "NEWT_LORA_F32", "1") { DType::F32 } else { activations }
 }
 
 /// A trainable f32 parameter, whatever the backend's default float type.

@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData};
-use newt_kernels::KernelBackend;
+use newt_kernels::{KernelBackend, in_dtype};
 
 use super::config::AdamWParams;
 use super::grads::ParamGrads;
@@ -342,9 +342,4 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for Scatter<AB> {
         let tensor = Tensor::from_inner(p).require_grad();
         Param::from_mapped_value(id, tensor, mapper)
     }
-}
-
-/// `t` in `dtype`, with no operation recorded when it already is.
-fn in_dtype<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: burn::tensor::DType) -> Tensor<B, D> {
-    if t.dtype() == dtype { t } else { t.cast(dtype) }
 }
