@@ -14,7 +14,8 @@ Timing (--time): forward and forward+backward (causal, no packing), the median o
 calls, beside PyTorch's SDPA with the flash backend forced (FlashAttention-2) on the same inputs,
 and SDPA with the backend PyTorch picks (cuDNN on the H200). --baseline OLD.cu also times an older
 head_dim-64-only source (compiled with -DHD=64, static shared memory) at the head_dim-64 shapes;
-each --variant compiles the source with other defines, checks it on the same cases and times it.
+each --variant compiles the source with other defines (--other NAME=PATH: another version of the
+source with the same launch shapes), checks it on the same cases and times it.
 --profile only runs one forward and backward per head dim (for ncu).
 """
 import math
@@ -386,6 +387,10 @@ def main():
         if arg == "--variant":
             name, defines = sys.argv[i + 1].split("=", 1)
             mod = compile_module(SRC, *defines.split(","))
+            variants.append((name, {hd: Kernels(mod, hd) for hd in (64, 128)}))
+        if arg == "--other":  # NAME=PATH: another version of the source (same launch shapes)
+            name, path = sys.argv[i + 1].split("=", 1)
+            mod = compile_module(pathlib.Path(path).read_text())
             variants.append((name, {hd: Kernels(mod, hd) for hd in (64, 128)}))
     for name, kerns in variants:
         for hd in (64, 128):

@@ -141,6 +141,30 @@ __device__ __forceinline__ bool masked(int qi, int kj, int qseg, int kseg, int w
 
 #define LOG2E 1.4426950408889634f
 
+// A step's votes, a step ahead of it: warps [0, NWV) hold one segment id a thread (of the step's
+// 32·NWV keys or queries) and compare it with the other side's segment range [lo, hi]. Bit 0: some
+// id is in range (the step has work); bit 1: every id is the one segment of the other side (no
+// segment masking). Read with read_votes after a barrier.
+template <int NWV>
+__device__ __forceinline__ void vote_step(int* votes, int id, int lo, int hi) {
+    const int warp = threadIdx.x / 32;
+    if (warp < NWV) {
+        const bool any = __any_sync(0xffffffff, id >= lo && id <= hi);
+        const bool all = __all_sync(0xffffffff, id == lo && lo == hi);
+        if (threadIdx.x % 32 == 0) votes[warp] = (any ? 1 : 0) | (all ? 2 : 0);
+    }
+}
+template <int NWV>
+__device__ __forceinline__ int read_votes(const int* votes) {
+    int any = 0, all = 2;
+#pragma unroll
+    for (int w = 0; w < NWV; w++) {
+        any |= votes[w] & 1;
+        all &= votes[w] & 2;
+    }
+    return any | all;
+}
+
 // 2^x: one MUFU.EX2, denormal results flushed to zero (exp2f adds range handling around it;
 // -DFA_PRECISE_EXP2 takes exp2f).
 __device__ __forceinline__ float fa_exp2(float x) {
@@ -228,38 +252,57 @@ __device__ __forceinline__ void flash_fwd(const bf16_t* __restrict__ q, const bf
     int k_begin = 0;
     if (window > 0) k_begin = max(0, q0 - window + 1);
     k_begin = (k_begin / BN) * BN;
-    // Software pipeline: the next step's key segment ids are loaded into a register during this
-    // step, and its K tile (into ks) once this step's scores are computed; V is loaded while the
-    // scores are computed. k_pending: the step whose K tile is in flight (or in ks).
+    // Software pipeline, three barriers a step: the K tile of a step is loaded while the step
+    // before it computes softmax and P·V, its V tile while its own scores are computed; the key
+    // segment ids of a step are loaded into registers two steps ahead, voted on (work? masking?)
+    // during the step before, and put in kseg_s once that step is done with its own.
+    // k_pending: the step whose K tile is in flight (or in ks).
+    __shared__ int votes_s[2][BN / 32];
     int kseg_next = -2;
     if (threadIdx.x < BN && k_begin + (int)threadIdx.x < tokens) kseg_next = sp[(k_begin + threadIdx.x) * sst];
+    if (threadIdx.x < BN) kseg_s[threadIdx.x] = kseg_next;
+    vote_step<BN / 32>(votes_s[0], kseg_next, qmin, qmax);
     int k_pending = -1;
-    for (int k0 = k_begin; k0 < k_end; k0 += BN) {
-        __syncthreads();  // the previous step (or the q fragments' reads) is done with vs, kseg_s
-        int kseg_t = -1;
-        if (threadIdx.x < BN) {
-            kseg_t = kseg_next;
-            kseg_s[threadIdx.x] = kseg_t;
-            const int j = k0 + BN + threadIdx.x;
-            kseg_next = k0 + BN < k_end && j < tokens ? sp[j * sst] : -2;
-        }
-        bool in_range = threadIdx.x < BN && kseg_t >= qmin && kseg_t <= qmax;
-        if (!__syncthreads_or(in_range)) {  // no query of the block sees these keys
-            if (k_pending == k0) cp_async_wait<0>();  // a prefetched tile nobody reads
+    if (k_begin < k_end) {
+        load_tile<HD, BN>(ks, kp, kst, k_begin, tokens);
+        cp_async_commit();
+        k_pending = k_begin;
+    }
+    if (threadIdx.x < BN) {
+        const int j = k_begin + BN + threadIdx.x;
+        kseg_next = k_begin + BN < k_end && j < tokens ? sp[j * sst] : -2;
+    }
+    __syncthreads();  // the first step's votes and key segment ids; every warp has its q fragments
+    int step_votes = read_votes<BN / 32>(votes_s[0]);
+    for (int k0 = k_begin, si = 0; k0 < k_end; k0 += BN, si++) {
+        // The next step's segment ids into kseg_s and registers (two steps ahead): this step's
+        // readers of kseg_s are past a barrier.
+        auto advance_segments = [&]() {
+            if (threadIdx.x < BN) {
+                kseg_s[threadIdx.x] = kseg_next;
+                const int j = k0 + 2 * BN + threadIdx.x;
+                kseg_next = k0 + 2 * BN < k_end && j < tokens ? sp[j * sst] : -2;
+            }
+        };
+        if (!(step_votes & 1)) {  // no query of the block sees these keys (packed rows)
+            if (k_pending == k0) cp_async_wait<0>();  // a tile nobody reads
             k_pending = -1;
+            vote_step<BN / 32>(votes_s[(si + 1) & 1], kseg_next, qmin, qmax);
+            advance_segments();
+            __syncthreads();
+            step_votes = read_votes<BN / 32>(votes_s[(si + 1) & 1]);
             continue;
         }
-        bool uniform = threadIdx.x >= BN || (kseg_t == qmin && qmin == qmax);
-        const bool full = __syncthreads_and(uniform) && k0 + BN - 1 <= q0 && window == 0 && k0 + BN <= tokens;
+        const bool full = (step_votes & 2) && k0 + BN - 1 <= q0 && window == 0 && k0 + BN <= tokens;
 
         if (k_pending != k0) {
             load_tile<HD, BN>(ks, kp, kst, k0, tokens);
             cp_async_commit();
         }
+        cp_async_wait<0>();
+        __syncthreads();  // K is in; the previous step is done with vs
         load_tile<HD, BN>(vs, vp, vst, k0, tokens);
         cp_async_commit();
-        cp_async_wait<1>();
-        __syncthreads();
 
         // s = q·kᵀ for this warp's 16 rows and the 64 keys (8 tiles of 8).
         float s[BN / 8][4];
@@ -275,8 +318,10 @@ __device__ __forceinline__ void flash_fwd(const bf16_t* __restrict__ q, const bf
                 mma16816(s[n + 1], qf[kk], bfr + 2);
             }
         }
-        __syncthreads();  // every warp is done with ks: the next step's K tile can come in
-        const bool prefetch = k0 + BN < k_end;
+        vote_step<BN / 32>(votes_s[(si + 1) & 1], kseg_next, qmin, qmax);
+        __syncthreads();  // every warp is done with ks; the next step's votes are in
+        step_votes = read_votes<BN / 32>(votes_s[(si + 1) & 1]);
+        const bool prefetch = k0 + BN < k_end && (step_votes & 1);
         if (prefetch) {
             load_tile<HD, BN>(ks, kp, kst, k0 + BN, tokens);
             cp_async_commit();
@@ -332,7 +377,8 @@ __device__ __forceinline__ void flash_fwd(const bf16_t* __restrict__ q, const bf
             cp_async_wait<1>();
         else
             cp_async_wait<0>();
-        __syncthreads();
+        __syncthreads();  // V is in; every warp is done with kseg_s
+        advance_segments();
         // o += p·v: p's C fragments are the A fragments of the k steps.
 #pragma unroll
         for (int kk = 0; kk < BN / 16; kk++) {
@@ -523,19 +569,33 @@ __device__ __forceinline__ void flash_bwd(const bf16_t* __restrict__ q, const bf
     if (window > 0) q_end = min(tokens, k0 + BN - 1 + window);
     const int n_qblocks = (q_end - k0 + BM - 1) / BM;
 
-    // Software pipeline: the next step's row values (segment ids, lse, delta) are loaded into
-    // registers during this step, and its q and dO tiles once this step is done with them (while
-    // it computes dq). pending: the step whose tiles are in flight (or in qs / dos).
+    // Software pipeline, two barriers a step: a step's q and dO tiles are loaded while the step
+    // before it computes dq; its row values (segment ids, lse, delta) are loaded into registers
+    // two steps ahead, voted on (work? masking?) during the step before, and put in shared
+    // memory once that step is done with its own. pending: the step whose tiles are in flight (or
+    // in qs / dos).
+    static_assert(BM % 32 == 0, "whole warps vote on the queries of a step");
+    __shared__ int votes_s[2][BM / 32];
     const int steps = rep * n_qblocks;
     int seg_next = -3;
     float lse_next = NEWT_INF, delta_next = 0.f;
     auto fetch_rows = [&](int it) {
-        if (threadIdx.x < BM && it < steps) {
-            const int h = hk * rep + it / n_qblocks, i = k0 + (it % n_qblocks) * BM + threadIdx.x;
-            const long long row = (long long)(b * q_heads + h) * tokens + i;
-            seg_next = i < tokens ? sp[i * sst] : -3;
-            lse_next = i < tokens ? lse[row] : NEWT_INF;
-            delta_next = i < tokens ? delta[row] : 0.f;
+        if (threadIdx.x < BM) {
+            seg_next = -3;
+            if (it < steps) {
+                const int h = hk * rep + it / n_qblocks, i = k0 + (it % n_qblocks) * BM + threadIdx.x;
+                const long long row = (long long)(b * q_heads + h) * tokens + i;
+                seg_next = i < tokens ? sp[i * sst] : -3;
+                lse_next = i < tokens ? lse[row] : NEWT_INF;
+                delta_next = i < tokens ? delta[row] : 0.f;
+            }
+        }
+    };
+    auto put_rows = [&]() {
+        if (threadIdx.x < BM) {
+            qseg_s[threadIdx.x] = seg_next;
+            lse_s[threadIdx.x] = lse_next;
+            delta_s[threadIdx.x] = delta_next;
         }
     };
     auto load_step = [&](int it) {
@@ -545,33 +605,33 @@ __device__ __forceinline__ void flash_bwd(const bf16_t* __restrict__ q, const bf
         cp_async_commit();
     };
     fetch_rows(0);
+    put_rows();
+    vote_step<BM / 32>(votes_s[0], seg_next, kmin, kmax);
+    fetch_rows(1);
+    __syncthreads();  // the first step's votes and row values; every warp has its K/V fragments
+    int step_votes = read_votes<BM / 32>(votes_s[0]);
     int pending = -1;
 
     for (int it = 0; it < steps; it++) {
         const int h = hk * rep + it / n_qblocks;
         const int q0 = k0 + (it % n_qblocks) * BM;
-        __syncthreads();  // the previous step is done with dss and the row values
-        int qseg_t = -1;
-        if (threadIdx.x < BM) {
-            qseg_t = seg_next;
-            qseg_s[threadIdx.x] = seg_next;
-            lse_s[threadIdx.x] = lse_next;
-            delta_s[threadIdx.x] = delta_next;
-        }
-        fetch_rows(it + 1);
-        bool in_range = threadIdx.x < BM && qseg_t >= kmin && qseg_t <= kmax;
-        if (!__syncthreads_or(in_range)) {
+        if (!(step_votes & 1)) {  // no key of the block is visible to these queries (packed rows)
             if (pending == it) cp_async_wait<0>();  // prefetched tiles nobody reads
             pending = -1;
+            // The next step's row values and votes: nobody reads this step's.
+            vote_step<BM / 32>(votes_s[(it + 1) & 1], seg_next, kmin, kmax);
+            put_rows();
+            fetch_rows(it + 2);
+            __syncthreads();
+            step_votes = read_votes<BM / 32>(votes_s[(it + 1) & 1]);
             continue;
         }
-        bool uniform = threadIdx.x >= BM || (qseg_t == kmin && kmin == kmax);
-        const bool full = __syncthreads_and(uniform) && k0 + BN - 1 <= q0 && window == 0 && q0 + BM <= tokens &&
+        const bool full = (step_votes & 2) && k0 + BN - 1 <= q0 && window == 0 && q0 + BM <= tokens &&
                           k0 + BN <= tokens;
 
         if (pending != it) load_step(it);
         cp_async_wait<0>();
-        __syncthreads();
+        __syncthreads();  // q and dO are in; the previous step is done with dss
 
         // sᵀ = k·qᵀ and dpᵀ = v·dOᵀ: this warp's 16 keys × the BM queries.
         float s[BM / 8][4], dpt[BM / 8][4];
@@ -643,11 +703,15 @@ __device__ __forceinline__ void flash_bwd(const bf16_t* __restrict__ q, const bf
                 mma16816(dkacc[n + 1], df, bq + 2);
             }
         }
-        __syncthreads();  // dss complete; qs and dos are free for the next step's tiles
-        if (it + 1 < steps) {
+        vote_step<BM / 32>(votes_s[(it + 1) & 1], seg_next, kmin, kmax);
+        __syncthreads();  // dss complete; qs, dos and the row values are free; the next votes are in
+        step_votes = read_votes<BM / 32>(votes_s[(it + 1) & 1]);
+        if (it + 1 < steps && (step_votes & 1)) {
             load_step(it + 1);
             pending = it + 1;
         }
+        put_rows();
+        fetch_rows(it + 2);
         // dq (16 queries of group qg, columns [cw, cw + HC)) = ds·k over the block's 64 keys;
         // added to dq_acc.
         const int qg0 = (warp % (QG / GPW)) * GPW, cw = (warp / (QG / GPW)) * HC;
