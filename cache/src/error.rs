@@ -93,8 +93,8 @@ pub enum CacheError {
         /// Key given in the manifest metadata.
         meta: Digest,
     },
-    /// gc needs the cache to itself and another process is using it.
-    #[error("cache {} is in use by a running newt process; run gc again once it has finished", path.display())]
+    /// gc (or a repair) needs the cache to itself and another process is using it.
+    #[error("cache {} is in use by a running newt process; try again once it has finished", path.display())]
     Busy {
         /// The cache root.
         path: PathBuf,
@@ -115,6 +115,19 @@ pub enum CacheError {
         /// The rejected name.
         name: String,
         /// The cache root.
+        path: PathBuf,
+    },
+    /// A stored file does not hold the bytes its digest names (found while copying it out of
+    /// the store).
+    #[error("{damage}; `newt cache verify --repair` removes the damaged result, and the next run makes it again")]
+    Damaged {
+        /// What is wrong.
+        damage: crate::Damage,
+    },
+    /// A result is exported as a directory where a regular file already is.
+    #[error("{} exists and is not a directory; move it away so that newt can write its outputs there", path.display())]
+    NotADirectory {
+        /// The file in the way.
         path: PathBuf,
     },
     /// An external input kept changing while it was hashed, so no digest can describe it.

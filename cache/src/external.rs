@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
 use serde::{Deserialize, Serialize};
@@ -66,7 +66,8 @@ struct StatEntry {
     digest: Digest,
 }
 
-/// The persisted record of one external input.
+/// The persisted record of one external input (or of one object of the store, which
+/// [`Cache::lookup`] checks the same way).
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub(crate) struct StatRecord {
     format: u32,
@@ -76,7 +77,15 @@ pub(crate) struct StatRecord {
     entries: BTreeMap<String, StatEntry>,
 }
 
-/// Counters of external-input hashing since this [`Cache`] was opened.
+impl StatRecord {
+    /// An empty record for the same path, to fill with what is trusted now.
+    pub(crate) fn fresh(&self) -> StatRecord {
+        StatRecord { format: STAT_FORMAT, path: self.path.clone(), entries: BTreeMap::new() }
+    }
+}
+
+/// Counters of hashing through the stat cache since this [`Cache`] was opened: external inputs
+/// ([`Cache::hash_external`]) and the objects a [`Cache::lookup`] checks.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CacheStats {
     /// Files whose contents were read and hashed.
@@ -94,16 +103,8 @@ impl Cache {
     pub fn hash_external(&self, path: &Path) -> Result<Digest, CacheError> {
         let canonical = fs::canonicalize(path).map_err(io_err("resolve", path))?;
         let meta = fs::metadata(&canonical).map_err(io_err("read metadata of", &canonical))?;
-        let record_path = self
-            .stat_dir()
-            .join(format!("{}.json", hash_bytes(STAT_PATH_CONTEXT, &[canonical.as_os_str().as_encoded_bytes()])));
-        let path_str = canonical.to_string_lossy().into_owned();
-        let old = fs::read(&record_path)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<StatRecord>(&b).ok())
-            .filter(|r| r.format == STAT_FORMAT && r.path == path_str)
-            .unwrap_or_default();
-        let mut new = StatRecord { format: STAT_FORMAT, path: path_str, entries: BTreeMap::new() };
+        let (record_path, old) = self.read_stat_record(&canonical);
+        let mut new = old.fresh();
 
         let digest = if meta.is_file() {
             self.file_digest(&canonical, "", &old, &mut new)?.0
@@ -128,23 +129,50 @@ impl Cache {
             return Err(CacheError::UnsupportedFileType { path: canonical });
         };
 
+        self.write_stat_record(&record_path, &old, &new)?;
+        Ok(digest)
+    }
+
+    /// The stat record of `canonical` (a canonical path) and where it lives; an empty record
+    /// when there is none or it is unreadable.
+    pub(crate) fn read_stat_record(&self, canonical: &Path) -> (PathBuf, StatRecord) {
+        let record_path = self
+            .stat_dir()
+            .join(format!("{}.json", hash_bytes(STAT_PATH_CONTEXT, &[canonical.as_os_str().as_encoded_bytes()])));
+        let path_str = canonical.to_string_lossy().into_owned();
+        let old = fs::read(&record_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<StatRecord>(&b).ok())
+            .filter(|r| r.format == STAT_FORMAT && r.path == path_str)
+            .unwrap_or_else(|| StatRecord { format: STAT_FORMAT, path: path_str, entries: BTreeMap::new() });
+        (record_path, old)
+    }
+
+    /// Writes `new` at `record_path` unless it says the same as `old`.
+    pub(crate) fn write_stat_record(
+        &self,
+        record_path: &Path,
+        old: &StatRecord,
+        new: &StatRecord,
+    ) -> Result<(), CacheError> {
         let changed = new.entries.len() != old.entries.len()
             || new
                 .entries
                 .iter()
                 .any(|(k, v)| old.entries.get(k).is_none_or(|o| o.stat != v.stat || o.digest != v.digest));
         if changed {
-            let json = serde_json::to_vec(&new).map_err(|source| CacheError::Json {
+            let json = serde_json::to_vec(new).map_err(|source| CacheError::Json {
                 action: "write",
-                path: record_path.clone(),
+                path: record_path.to_path_buf(),
                 source,
             })?;
-            write_atomic(&record_path, &json)?;
+            write_atomic(record_path, &json)?;
         }
-        Ok(digest)
+        Ok(())
     }
 
-    /// Counters of hashing work done by [`Cache::hash_external`] on this handle.
+    /// Counters of hashing work done through the stat cache on this handle
+    /// ([`Cache::hash_external`], the object checks of [`Cache::lookup`] and [`Cache::verify`]).
     pub fn stats(&self) -> CacheStats {
         CacheStats {
             files_hashed: self.counters.files_hashed.load(Ordering::Relaxed),
@@ -155,7 +183,7 @@ impl Cache {
 
     /// Digest and size of one file, from `old` when its stat is unchanged; records trusted
     /// results in `new` under `rel`.
-    fn file_digest(
+    pub(crate) fn file_digest(
         &self,
         path: &Path,
         rel: &str,

@@ -71,7 +71,7 @@ impl Cache {
             if keep_keys.contains(&key) {
                 report.kept_manifests += 1;
                 // A kept manifest keeps its object, even if the run recorded another output.
-                if let Some(m) = self.lookup(&key)?.manifest {
+                if let Some(m) = self.lookup_shallow(&key)?.manifest {
                     keep_objects.insert(m.output);
                 }
             } else {

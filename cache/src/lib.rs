@@ -10,16 +10,22 @@
 //! <root>/v1/tmp/<key>.<rand>/    staging directories (same filesystem: publish is a rename)
 //! <root>/v1/work/<key>/          per-key scratch that survives a killed run (checkpoints)
 //! <root>/v1/locks/<key>.lock     per-key OS locks; in-use.lock guards against gc during runs
-//! <root>/v1/stat/                stat cache of external inputs
+//! <root>/v1/stat/                stat cache of external inputs and of objects (see `verify`)
 //! <root>/v1/runs/, pins/         gc roots: latest run of each pipeline, named pins
 //! ```
 //!
 //! A run: `in_use()` once; per stage `lookup(key)` → on a miss `lock_key(key)`, `lookup` again
 //! (another process may have finished it), `staging(key)`, write into `out_dir()`,
 //! `publish(..)`; at the end `record_run`.
+//!
+//! Objects are read-only (files 0444, directories 0555) and every hit compares them with their
+//! digests (through the stat cache, see [`Damage`] and [`Cache::verify`]); copies handed to the
+//! user go through [`export_file`], which checks the bytes again and never follows a link at
+//! the destination.
 
 mod digest;
 mod error;
+mod export;
 mod external;
 mod filehash;
 mod fsutil;
@@ -27,6 +33,7 @@ mod gc;
 mod lock;
 mod runs;
 mod store;
+mod verify;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -34,12 +41,14 @@ use std::sync::atomic::AtomicU64;
 
 pub use digest::{Digest, ParseDigestError, hash_bytes};
 pub use error::CacheError;
+pub use export::{export_bytes, export_dir, export_file};
 pub use external::{CacheStats, RACY_WINDOW_NS};
 pub use filehash::{FileEntry, PARALLEL_THRESHOLD, hash_file, hash_tree};
 pub use gc::{GcReport, WORK_DIR_GRACE};
 pub use lock::{InUse, KeyLock};
 pub use runs::{Pin, RunRecord, RunStage};
 pub use store::{Lookup, MANIFEST_FORMAT, Manifest, ManifestMeta, Staging};
+pub use verify::{BrokenManifest, Damage, DamagedObject, VerifyReport};
 
 use error::io_err;
 

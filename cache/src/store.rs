@@ -12,9 +12,10 @@ use std::path::{Component, Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::io_err;
-use crate::filehash::{FileEntry, hash_tree};
-use crate::fsutil::{fsync_dir, now_unix, remove_all, write_atomic};
+use crate::filehash::{FileEntry, hash_tree, tree_digest};
+use crate::fsutil::{fsync_dir, now_unix, remove_all, seal_dirs, seal_files, unseal_top, write_atomic};
 use crate::lock::InUse;
+use crate::verify::Reread;
 use crate::{Cache, CacheError, Digest};
 
 /// Version of the manifest layout; a manifest of another version is a miss.
@@ -113,15 +114,33 @@ impl Drop for Staging {
 
 impl Cache {
     /// The manifest stored under `key`, validated: a missing one is `None`; one that is corrupt,
-    /// of another format, or whose object is missing or incomplete is `None` plus a warning.
+    /// of another format, or whose object is missing, incomplete or holds other bytes than its
+    /// digests say is `None` plus a warning (the stage runs again).
+    ///
+    /// The object's bytes are checked through its stat record: files unchanged (device, inode,
+    /// size, mtime, ctime) since they were last found intact are not read again, any other file
+    /// is hashed and compared with the manifest. So a no-op rerun stays a few `stat` calls
+    /// however big the outputs, and a file edited in place (even with its size and mtime put
+    /// back: ctime cannot be) is a miss with a warning. Bit rot that changes no stat is for
+    /// [`Cache::verify`], and for the check [`crate::export_file`] makes while copying.
     pub fn lookup(&self, key: &Digest) -> Result<Lookup, CacheError> {
+        self.read_manifest(key, Some(Reread::Changed))
+    }
+
+    /// [`Cache::lookup`] that checks files and sizes but reads no bytes: for listings and gc,
+    /// which must not read a whole store.
+    pub(crate) fn lookup_shallow(&self, key: &Digest) -> Result<Lookup, CacheError> {
+        self.read_manifest(key, None)
+    }
+
+    fn read_manifest(&self, key: &Digest, reread: Option<Reread>) -> Result<Lookup, CacheError> {
         let path = self.manifest_path(key);
         let bytes = match fs::read(&path) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Lookup::default()),
             Err(e) => return Err(CacheError::Io { action: "read", path, source: e }),
         };
-        Ok(match self.validate_manifest(key, &bytes) {
+        Ok(match self.validate_manifest(key, &bytes, reread) {
             Ok(manifest) => Lookup { manifest: Some(manifest), warnings: Vec::new() },
             Err(problem) => Lookup {
                 manifest: None,
@@ -133,28 +152,34 @@ impl Cache {
         })
     }
 
-    fn validate_manifest(&self, key: &Digest, bytes: &[u8]) -> Result<Manifest, String> {
-        let value: serde_json::Value =
-            serde_json::from_slice(bytes).map_err(|e| format!("manifest is not valid JSON ({e})"))?;
-        match value.get("format").and_then(serde_json::Value::as_u64) {
-            Some(f) if f == u64::from(MANIFEST_FORMAT) => {}
-            Some(f) => return Err(format!("manifest format {f} is not the format {MANIFEST_FORMAT} this newt reads")),
-            None => return Err("manifest has no format version".to_string()),
-        }
-        let manifest: Manifest = serde_json::from_value(value).map_err(|e| format!("manifest is incomplete ({e})"))?;
-        if manifest.key != *key {
-            return Err(format!("manifest names key {} instead of {key}", manifest.key.short()));
-        }
+    fn validate_manifest(&self, key: &Digest, bytes: &[u8], reread: Option<Reread>) -> Result<Manifest, String> {
+        let manifest = parse_manifest(key, bytes)?;
         let object = self.object_path(&manifest.output);
         if !object.is_dir() {
             return Err(format!("its output {} is missing", object.display()));
         }
-        for file in &manifest.files {
-            let file_path = object.join(&file.path);
-            match fs::metadata(&file_path) {
-                Ok(m) if m.is_file() && m.len() == file.size => {}
-                Ok(_) => return Err(format!("output file {} has changed", file_path.display())),
-                Err(_) => return Err(format!("output file {} is missing", file_path.display())),
+        match reread {
+            Some(reread) => {
+                let damage = self
+                    .check_object(&object, &manifest.files, reread)
+                    .map_err(|e| format!("its output could not be checked ({e})"))?;
+                if let Some(first) = damage.first() {
+                    let more = match damage.len() {
+                        1 => String::new(),
+                        n => format!(" (and {} more problems)", n - 1),
+                    };
+                    return Err(format!("{first}{more}"));
+                }
+            }
+            None => {
+                for file in &manifest.files {
+                    let file_path = object.join(&file.path);
+                    match fs::metadata(&file_path) {
+                        Ok(m) if m.is_file() && m.len() == file.size => {}
+                        Ok(_) => return Err(format!("output file {} has changed", file_path.display())),
+                        Err(_) => return Err(format!("output file {} is missing", file_path.display())),
+                    }
+                }
             }
         }
         Ok(manifest)
@@ -175,9 +200,10 @@ impl Cache {
 
     /// Verifies and stores a stage's outputs, then writes its manifest (last, atomically).
     ///
-    /// The output directory must exist and contain each path of `required`; every file is
-    /// hashed (symlinks are rejected), fsynced, and the tree moves to `objects/<digest>/`
-    /// (when an identical object exists the staging copy is dropped instead).
+    /// The output directory must exist and contain each path of `required`; every file is made
+    /// read-only (0444; a file hard-linked from elsewhere is copied first), hashed (symlinks
+    /// are rejected) and fsynced, and the tree moves to `objects/<digest>/`, whose directories
+    /// become 0555 (when an intact identical object exists the staging copy is dropped instead).
     pub fn publish(&self, mut staging: Staging, meta: ManifestMeta, required: &[&str]) -> Result<Manifest, CacheError> {
         let out = staging.dir.clone();
         if meta.key != staging.key {
@@ -195,6 +221,7 @@ impl Cache {
                 return Err(CacheError::MissingRequiredOutput { path: out, required: req.to_string() });
             }
         }
+        seal_files(&out)?;
         let (output, files) = hash_tree(&out)?;
         sync_tree(&out)?;
         self.place_object(&out, &output, &files)?;
@@ -224,22 +251,27 @@ impl Cache {
     }
 
     /// Moves the verified staging tree `out` to `objects/<output>`, or drops it when an intact
-    /// identical object is already there. A damaged object of that name is replaced.
+    /// identical object is already there (checked like a hit: a damaged one left by a corrupt
+    /// hit must not survive its stage's re-run). A damaged object of that name is replaced.
     fn place_object(&self, out: &Path, output: &Digest, files: &[FileEntry]) -> Result<(), CacheError> {
         let object = self.object_path(output);
+        let intact = |object: &Path| {
+            object.is_dir() && self.check_object(object, files, Reread::Changed).is_ok_and(|d| d.is_empty())
+        };
         if object.exists() {
-            if object_matches(&object, files) {
+            if intact(&object) {
                 return remove_all(out);
             }
             self.discard(&object)?;
         }
         if let Err(e) = fs::rename(out, &object) {
             // Another process published the same bytes between our check and the rename.
-            if object.is_dir() && object_matches(&object, files) {
+            if intact(&object) {
                 return remove_all(out);
             }
             return Err(CacheError::Io { action: "move a staging directory to", path: object, source: e });
         }
+        seal_dirs(&object)?;
         fsync_dir(&self.objects_dir())?;
         fsync_dir(&self.tmp_dir())
     }
@@ -248,6 +280,7 @@ impl Cache {
     /// tree is never visible under its own name), then deleting it.
     pub(crate) fn discard(&self, path: &Path) -> Result<(), CacheError> {
         let trash = self.tmp_dir().join(format!("trash.{}", crate::fsutil::now_ns()));
+        unseal_top(path);
         match fs::rename(path, &trash) {
             Ok(()) => remove_all(&trash),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
@@ -256,11 +289,13 @@ impl Cache {
     }
 
     /// Every valid manifest in the cache, oldest first (for `newt cache ls`). Broken ones are
-    /// skipped; [`Cache::lookup`] explains them.
+    /// skipped; [`Cache::lookup`] explains them. Objects are checked for their files and sizes
+    /// only (a listing must not read the whole store): [`Cache::lookup`] and [`Cache::verify`]
+    /// compare bytes.
     pub fn manifests(&self) -> Result<Vec<Manifest>, CacheError> {
         let mut out = Vec::new();
         for key in self.manifest_keys()? {
-            if let Some(m) = self.lookup(&key)?.manifest {
+            if let Some(m) = self.lookup_shallow(&key)?.manifest {
                 out.push(m);
             }
         }
@@ -311,19 +346,26 @@ pub(crate) fn digest_names(dir: &Path, suffix: &str) -> Result<BTreeMap<Digest, 
     Ok(out)
 }
 
-/// Whether `object` holds exactly `files` (paths and sizes; contents are trusted).
-fn object_matches(object: &Path, files: &[FileEntry]) -> bool {
-    let mut found = BTreeMap::new();
-    for entry in walkdir::WalkDir::new(object).min_depth(1) {
-        let Ok(entry) = entry else { return false };
-        if entry.file_type().is_dir() {
-            continue;
-        }
-        let Ok(rel) = crate::filehash::relative_path(object, entry.path()) else { return false };
-        let Ok(meta) = entry.metadata() else { return false };
-        found.insert(rel, meta.len());
+/// A manifest's bytes, checked for everything that needs no object: JSON, format, key, and a
+/// file list that hashes to the output digest (so the list a hit is checked against is the one
+/// the object is named by).
+pub(crate) fn parse_manifest(key: &Digest, bytes: &[u8]) -> Result<Manifest, String> {
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| format!("manifest is not valid JSON ({e})"))?;
+    match value.get("format").and_then(serde_json::Value::as_u64) {
+        Some(f) if f == u64::from(MANIFEST_FORMAT) => {}
+        Some(f) => return Err(format!("manifest format {f} is not the format {MANIFEST_FORMAT} this newt reads")),
+        None => return Err("manifest has no format version".to_string()),
     }
-    found.len() == files.len() && files.iter().all(|f| found.get(&f.path) == Some(&f.size))
+    let manifest: Manifest = serde_json::from_value(value).map_err(|e| format!("manifest is incomplete ({e})"))?;
+    if manifest.key != *key {
+        return Err(format!("manifest names key {} instead of {key}", manifest.key.short()));
+    }
+    let sorted = manifest.files.windows(2).all(|w| w[0].path < w[1].path);
+    if !sorted || tree_digest(&manifest.files) != manifest.output {
+        return Err(format!("manifest's file list does not hash to its output {}", manifest.output.short()));
+    }
+    Ok(manifest)
 }
 
 /// fsyncs every file and directory of a tree, so that once the manifest is durable, so is
