@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use newt_cache::{Cache, Digest, ManifestMeta, RunRecord, RunStage};
+use newt_cache::{Cache, CacheError, Damage, Digest, FileEntry, ManifestMeta, RunRecord, RunStage};
 use serde::Serialize;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -52,6 +52,10 @@ pub struct StageReport {
     pub path: Option<PathBuf>,
     /// The summary stored with the result.
     pub summary: serde_json::Value,
+    /// The result's files with their digests (from its manifest): what [`materialize`] checks
+    /// its copies against. Empty for a stage that failed or was skipped.
+    #[serde(skip)]
+    pub files: Vec<FileEntry>,
 }
 
 /// What a run did.
@@ -258,6 +262,7 @@ impl Executor for LocalExecutor {
                     output: None,
                     path: None,
                     summary: serde_json::Value::Null,
+                    files: Vec::new(),
                 })
             })
             .collect();
@@ -311,6 +316,7 @@ impl StageTask {
                 output: None,
                 path: None,
                 summary: serde_json::Value::Null,
+                files: Vec::new(),
             },
             warnings,
         };
@@ -339,6 +345,7 @@ impl StageTask {
                 output: Some(m.output),
                 path: Some(cache.object_path(&m.output)),
                 summary: m.summary.clone(),
+                files: m.files.clone(),
             },
             warnings: Vec::new(),
         };
@@ -424,6 +431,7 @@ impl StageTask {
                     output: Some(m.output),
                     path: Some(self.cache.object_path(&m.output)),
                     summary: m.summary,
+                    files: m.files,
                 },
                 warnings,
             },
@@ -442,6 +450,13 @@ impl StageTask {
 ///
 /// `output_dir/.newt-outputs.json` records which artifact digest each destination was copied
 /// from, so a rerun whose results did not change copies nothing (a merged 8B model is 16 GB).
+///
+/// Every file goes through [`newt_cache::export_file`]: its bytes are checked against the
+/// digest in its manifest while they are copied (a damaged cached result is an error, never a
+/// file in `output_dir`), and it is written to a fresh temp file renamed over the destination,
+/// so a link planted in `output_dir` (at a file, a directory such as `merged`, or the record) is
+/// replaced, never followed. New files and directories get ordinary modes (0666 / 0777 less the
+/// umask), not the store's read-only ones. `output_dir` itself may be a link: the user names it.
 pub fn materialize(
     pipeline: &Pipeline,
     registry: &Registry,
@@ -455,46 +470,57 @@ pub fn materialize(
     for s in &report.stages {
         let (Some(path), Some(output), Some(node)) = (&s.path, s.output, pipeline.node(&s.id)) else { continue };
         let Some(stage) = registry.get(&node.kind) else { continue };
+        let files: BTreeMap<&str, &FileEntry> = s.files.iter().map(|f| (f.path.as_str(), f)).collect();
         for (src, dst) in stage.materialize(node) {
             let from = path.join(&src);
-            if !from.exists() {
+            if std::fs::symlink_metadata(&from).is_err() {
                 continue;
             }
             let to = output_dir.join(&dst);
             let stamp = format!("{output}/{src}");
-            if to.exists() && record.get(&dst) == Some(&stamp) {
+            // A link at the destination is never what newt wrote there.
+            let ours = std::fs::symlink_metadata(&to).is_ok_and(|m| !m.file_type().is_symlink());
+            if ours && record.get(&dst) == Some(&stamp) {
                 continue;
             }
-            copy_tree(&from, &to)?;
+            std::fs::create_dir_all(output_dir)?;
+            let mut parent = output_dir.to_path_buf();
+            for part in Path::new(&dst).parent().into_iter().flat_map(Path::components) {
+                parent.push(part);
+                newt_cache::export_dir(&parent)?;
+            }
+            copy_tree(&from, &to, path, &files)?;
             record.insert(dst, stamp);
             written.push(to);
         }
     }
     if !written.is_empty() {
-        std::fs::write(&record_path, serde_json::to_string_pretty(&record)? + "\n")?;
+        newt_cache::export_bytes(&record_path, (serde_json::to_string_pretty(&record)? + "\n").as_bytes())?;
     }
     Ok(written)
 }
 
-fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<()> {
-    if from.is_dir() {
-        std::fs::create_dir_all(to)?;
-        for e in std::fs::read_dir(from)? {
-            let e = e?;
-            copy_tree(&e.path(), &to.join(e.file_name()))?;
+/// Copies `from` (a file or folder inside the object `root`) to `to`, each file checked against
+/// its entry in `files`.
+fn copy_tree(from: &Path, to: &Path, root: &Path, files: &BTreeMap<&str, &FileEntry>) -> anyhow::Result<()> {
+    if std::fs::symlink_metadata(from)?.is_dir() {
+        newt_cache::export_dir(to)?;
+        let mut entries = std::fs::read_dir(from)?.collect::<Result<Vec<_>, _>>()?;
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            copy_tree(&e.path(), &to.join(e.file_name()), root, files)?;
         }
-    } else {
-        if let Some(p) = to.parent() {
-            std::fs::create_dir_all(p)?;
-        }
-        // Replace, never write through: the cached object may be hard-linked elsewhere.
-        let tmp = to.with_extension("newt-tmp");
-        std::fs::copy(from, &tmp)?;
-        let mut perm = std::fs::metadata(&tmp)?.permissions();
-        #[allow(clippy::permissions_set_readonly_false)]
-        perm.set_readonly(false);
-        std::fs::set_permissions(&tmp, perm)?;
-        std::fs::rename(&tmp, to)?;
+        return Ok(());
     }
+    let rel = from.strip_prefix(root).unwrap_or(from).components().filter_map(|c| match c {
+        std::path::Component::Normal(name) => Some(name.to_string_lossy()),
+        _ => None,
+    });
+    let rel = rel.collect::<Vec<_>>().join("/");
+    let Some(expected) = files.get(rel.as_str()) else {
+        // Not in the manifest: planted in the store after publishing.
+        return Err(CacheError::Damaged { damage: Damage::Unexpected { path: from.to_path_buf() } }.into());
+    };
+    newt_cache::export_file(from, expected, to)?;
     Ok(())
 }

@@ -1,12 +1,12 @@
 //! The executor's contract: caching, early cutoff, failures, concurrency.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use newt_cache::Cache;
 use newt_graph::compile::{StageNode, build};
-use newt_graph::executor::{Executor, LocalExecutor, Outcome, SilentReporter};
+use newt_graph::executor::{Executor, LocalExecutor, Outcome, RunReport, SilentReporter, materialize};
 use newt_graph::stage::{CancelToken, Registry, Stage, StageContext};
 
 /// Writes `params.value` (or, with `from_input`, its input's bytes re-written) and counts runs.
@@ -24,6 +24,10 @@ impl Stage for Echo {
     }
     fn required_outputs(&self, _: &StageNode) -> Vec<String> {
         vec!["out.txt".into()]
+    }
+    /// `params.offer`: `[[src, dst], ...]` to copy into output_dir.
+    fn materialize(&self, node: &StageNode) -> Vec<(String, String)> {
+        serde_json::from_value(node.params["offer"].clone()).unwrap_or_default()
     }
     fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<serde_json::Value> {
         *self.runs.lock().unwrap().entry(ctx.node.id.clone()).or_default() += 1;
@@ -74,10 +78,19 @@ impl Harness {
         }
     }
     fn run(&self, nodes: Vec<StageNode>, fail_on: Option<&str>) -> Vec<(String, Outcome)> {
+        self.run_report(nodes, fail_on).1.stages.into_iter().map(|s| (s.id, s.outcome)).collect()
+    }
+    fn run_report(&self, nodes: Vec<StageNode>, fail_on: Option<&str>) -> (newt_graph::compile::Pipeline, RunReport) {
         let p = build(nodes).unwrap();
         let rt = tokio::runtime::Runtime::new().unwrap();
         let r = rt.block_on(self.executor(fail_on).run(&p, None)).unwrap();
-        r.stages.into_iter().map(|s| (s.id, s.outcome)).collect()
+        (p, r)
+    }
+    /// Runs `nodes`, then copies what they offer into `out` as `newt run` does.
+    fn run_and_materialize(&self, nodes: Vec<StageNode>, out: &Path) -> anyhow::Result<(RunReport, Vec<PathBuf>)> {
+        let (p, r) = self.run_report(nodes, None);
+        let written = materialize(&p, &self.executor(None).registry, &r, out)?;
+        Ok((r, written))
     }
     fn runs(&self, id: &str) -> usize {
         self.runs.lock().unwrap().get(id).copied().unwrap_or(0)
@@ -180,4 +193,110 @@ fn plan_and_why_explain_a_param_change() {
     let d = plan.iter().find(|e| e.id == "d").unwrap();
     assert!(d.key.is_none() && d.reasons[0].contains("`b`"), "{:?}", d.reasons);
     assert!(plan.iter().find(|e| e.id == "c").unwrap().hit);
+}
+
+/// A stage `a` writing `contents` and offering `out.txt` as `a.txt` and its folder as `a_dir`.
+fn offering(contents: &str) -> Vec<StageNode> {
+    let mut a = node("a", contents, &[]);
+    a.params["offer"] = serde_json::json!([["out.txt", "a.txt"], [".", "a_dir"]]);
+    vec![a]
+}
+
+/// Overwrites one byte of a stored file (same size), read-only modes notwithstanding.
+fn flip_byte(path: &Path) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[0] ^= 0x20;
+    std::fs::write(path, bytes).unwrap();
+}
+
+fn object_file(report: &RunReport, id: &str, rel: &str) -> PathBuf {
+    report.stages.iter().find(|s| s.id == id).unwrap().path.clone().unwrap().join(rel)
+}
+
+#[cfg(unix)]
+#[test]
+fn planted_symlink_in_output_dir_is_replaced_not_followed() {
+    let h = Harness::new();
+    let out = h.dir.path().join("output");
+    std::fs::create_dir(&out).unwrap();
+    let victim = h.dir.path().join("victim.txt");
+    std::fs::write(&victim, "precious").unwrap();
+    std::os::unix::fs::symlink(&victim, out.join("a.txt")).unwrap();
+    // The fixed temp name the copy used to write through.
+    std::os::unix::fs::symlink(&victim, out.join("a.newt-tmp")).unwrap();
+    std::os::unix::fs::symlink(&victim, out.join(".newt-outputs.json")).unwrap();
+
+    h.run_and_materialize(offering("A"), &out).unwrap();
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious", "nothing written through a link");
+    assert!(std::fs::symlink_metadata(out.join("a.txt")).unwrap().is_file());
+    assert_eq!(std::fs::read_to_string(out.join("a.txt")).unwrap(), "A");
+    assert!(std::fs::symlink_metadata(out.join(".newt-outputs.json")).unwrap().is_file());
+}
+
+#[cfg(unix)]
+#[test]
+fn planted_directory_symlink_in_output_dir_is_replaced_not_followed() {
+    let h = Harness::new();
+    let out = h.dir.path().join("output");
+    std::fs::create_dir(&out).unwrap();
+    let elsewhere = h.dir.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, out.join("a_dir")).unwrap();
+
+    h.run_and_materialize(offering("A"), &out).unwrap();
+    assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0, "no file written into the link's target");
+    let meta = std::fs::symlink_metadata(out.join("a_dir")).unwrap();
+    assert!(meta.is_dir() && !meta.file_type().is_symlink());
+    assert_eq!(std::fs::read_to_string(out.join("a_dir/out.txt")).unwrap(), "A");
+}
+
+#[cfg(unix)]
+#[test]
+fn materialized_files_get_normal_creation_modes() {
+    use std::os::unix::fs::PermissionsExt;
+    let h = Harness::new();
+    let out = h.dir.path().join("output");
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    let (r, _) = h.run_and_materialize(offering("A"), &out).unwrap();
+    assert_eq!(mode(&object_file(&r, "a", "out.txt")), 0o444, "the store keeps its copy read-only");
+    // What this process gives any new file and folder (0666 / 0777 less the umask).
+    std::fs::write(h.dir.path().join("probe"), "").unwrap();
+    std::fs::create_dir(h.dir.path().join("probe_dir")).unwrap();
+    assert_eq!(mode(&out.join("a.txt")), mode(&h.dir.path().join("probe")));
+    assert_eq!(mode(&out.join("a_dir/out.txt")), mode(&h.dir.path().join("probe")));
+    assert_eq!(mode(&out.join("a_dir")), mode(&h.dir.path().join("probe_dir")));
+}
+
+#[test]
+fn flipped_byte_in_cached_object_is_a_miss_not_a_hit() {
+    let h = Harness::new();
+    let out = h.dir.path().join("output");
+    let (first, _) = h.run_and_materialize(offering("adapter weights"), &out).unwrap();
+    let stored = object_file(&first, "a", "out.txt");
+    flip_byte(&stored);
+    assert_eq!(std::fs::metadata(&stored).unwrap().len(), "adapter weights".len() as u64);
+
+    let (second, _) = h.run_and_materialize(offering("adapter weights"), &out).unwrap();
+    assert_eq!(second.stages[0].outcome, Outcome::Ran, "a damaged result is run again");
+    assert!(second.warnings.iter().any(|w| w.contains("corrupt") && w.contains("out.txt")), "{:?}", second.warnings);
+    assert_eq!(h.runs("a"), 2);
+    assert_eq!(std::fs::read_to_string(&stored).unwrap(), "adapter weights", "the store holds good bytes again");
+    assert_eq!(std::fs::read_to_string(out.join("a.txt")).unwrap(), "adapter weights");
+}
+
+#[test]
+fn materialize_refuses_an_object_damaged_after_the_lookup() {
+    let h = Harness::new();
+    let out = h.dir.path().join("output");
+    std::fs::create_dir(&out).unwrap();
+    let (p, r) = h.run_report(offering("adapter weights"), None);
+    flip_byte(&object_file(&r, "a", "out.txt"));
+    let err = materialize(&p, &h.executor(None).registry, &r, &out).unwrap_err().to_string();
+    assert!(err.contains("corrupt") && err.contains("newt cache verify --repair"), "{err}");
+    assert!(!out.join("a.txt").exists(), "damaged bytes never reach output_dir");
 }
