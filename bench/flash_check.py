@@ -30,13 +30,17 @@ SRC = (pathlib.Path(__file__).resolve().parent.parent / "kernels" / "cuda" / "fl
 PAD = 8
 # The backward kernel's instantiations in the source, per head dim (kernels/src/flash_cuda.rs
 # `VARIANTS` has the same table): queries per step, whether the K/V fragments live in registers,
-# and warps (16 keys each: a block takes 16 × warps keys). The forward kernel takes 64 queries a
-# block, 128 threads and static shared memory at both head dims.
-BWD_CFG = {64: (64, True, 4), 128: (32, False, 4)}
+# warps (16 keys each: a block takes 16 × warps keys), and whether it is flash_bwd_tiles (64 keys
+# and 64 queries a step, 4 warps of 2-D tiles) rather than flash_bwd. The forward kernel takes 64
+# queries a block, 128 threads and static shared memory at both head dims.
+BWD_CFG = {64: (64, True, 4, False), 128: (64, False, 4, True)}
+BWD128_ROWS = (32, False, 4, False)  # flash_bwd<128, 32, false, 4>: -DFA_BWD128_TILES=0, and f97b4bd / 0727a94
 
 
-def bwd_smem(hd, bm, kv_regs, nw):
-    """flash_bwd_smem<HD, BM, KV_REGS, NW>() of the source."""
+def bwd_smem(hd, bm, kv_regs, nw, tiles):
+    """flash_bwd_smem<HD, BM, KV_REGS, NW>() or flash_bwd_tiles_smem<HD>() of the source."""
+    if tiles:
+        return 2 * (4 * 64 * (hd + PAD) + 2 * 64 * (64 + PAD)) + 12 * 64
     bn = 16 * nw
     return 2 * ((1 if kv_regs else 2) * bn * (hd + PAD) + 2 * bm * (hd + PAD) + bn * (bm + PAD)) + 12 * bm
 
@@ -387,11 +391,14 @@ def main():
         if arg == "--variant":
             name, defines = sys.argv[i + 1].split("=", 1)
             mod = compile_module(SRC, *defines.split(","))
-            variants.append((name, {hd: Kernels(mod, hd) for hd in (64, 128)}))
+            rows = "-DFA_BWD128_TILES=0" in defines.split(",")
+            tiles64 = (64, False, 4, True) if "-DFA_BWD64_TILES=1" in defines.split(",") else None
+            kerns = {64: Kernels(mod, 64, bwd=tiles64), 128: Kernels(mod, 128, bwd=BWD128_ROWS if rows else None)}
+            variants.append((name, kerns))
         if arg == "--other":  # NAME=PATH: another version of the source (same launch shapes)
             name, path = sys.argv[i + 1].split("=", 1)
-            mod = compile_module(pathlib.Path(path).read_text())
-            variants.append((name, {hd: Kernels(mod, hd) for hd in (64, 128)}))
+            mod = compile_module(pathlib.Path(path).read_text())  # (sources without flash_bwd_tiles)
+            variants.append((name, {64: Kernels(mod, 64), 128: Kernels(mod, 128, bwd=BWD128_ROWS)}))
     for name, kerns in variants:
         for hd in (64, 128):
             print(f"variant {name}, head_dim {hd}: {kerns[hd].describe()}")

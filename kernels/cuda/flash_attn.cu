@@ -25,16 +25,22 @@
 //   forward:  64 queries a block, 64 keys a step, 4 warps of 16 query rows; Q goes through the V
 //             buffer into registers once, so shared memory is two 64-row tiles (static). The next
 //             K tile loads while softmax and P·V run; V loads while the scores are computed.
-//   backward: 16·NW keys a block (NW warps of 16 keys; NW = 4), BM queries a step; dynamic shared
-//             memory of flash_bwd_smem<HD, BM, KV_REGS, NW>() bytes (the kernel traps when
-//             launched with less). HD 64: 64 queries a step, K and V fragments held in registers.
-//             HD 128: 32 queries a step, K and V fragments read from shared memory (registers
-//             hold the 64 f32 dK and 64 dV accumulators a thread owns), 57.7 KB: above the 48 KB
-//             default, so the launcher raises the function's dynamic shared memory limit. The
-//             next step's q and dO tiles load while dQ is computed; dQ is accumulated in f32 with
-//             vector reductions (red.global.add.v4.f32 on sm_90).
-//   FA_BWD128_BM, FA_BWD128_NW, FA_DQ_GROUPS and FA_PRECISE_EXP2 exist for bench/flash_check.py's
-//   --variant runs; newt compiles the defaults (a test in flash_cuda.rs checks them).
+//   backward, HD 64 (flash_bwd<64, 64, true, 4>): 64 keys a block, 4 warps of 16 keys that hold
+//             their K and V fragments and all 64 dims of their dK/dV in registers; 64 queries a
+//             step; dynamic shared memory of flash_bwd_smem<...>() bytes (37.6 KB).
+//   backward, HD 128 (flash_bwd_tiles<128>): 64 keys a block, 64 queries a step, 4 warps of 2-D
+//             tiles (32 keys × 32 queries of the scores, 32 keys × 64 dims of dK/dV, 32 queries ×
+//             64 dims of dQ), P and dS passed through shared memory; 88.8 KB of dynamic shared
+//             memory, above the 48 KB default, so the launcher raises the function's limit.
+//             (flash_bwd<128, 32, false, 4>, 16 keys a warp, K/V fragments read from shared memory
+//             at every step, is the slower alternative: -DFA_BWD128_TILES=0.)
+//   Both backward kernels trap when launched with less dynamic shared memory than they use. The
+//   next step's q and dO tiles load while dQ is computed; dQ is accumulated in f32 with vector
+//   reductions (red.global.add.v4.f32 on sm_90). Segment ids (and lse, delta) are loaded two
+//   steps ahead and voted on (does a step have work, does it need segment masking) a step ahead.
+//   FA_BWD64_TILES, FA_BWD128_TILES, FA_BWD128_BM, FA_BWD128_NW, FA_DQ_GROUPS and FA_PRECISE_EXP2 exist for
+//   bench/flash_check.py's --variant runs; newt compiles the defaults (a test in flash_cuda.rs
+//   checks them against its launch table).
 
 #define FA_THREADS 128  // four warps
 #define FA_PAD 8        // bf16 elements of padding per shared-memory row (no bank conflicts)
@@ -778,11 +784,317 @@ __device__ __forceinline__ void flash_bwd(const bf16_t* __restrict__ q, const bf
     }
 }
 
+// Dynamic shared memory of flash_bwd_tiles, in bytes: K, V, q and dO tiles of 64 rows, Pᵀ and dSᵀ
+// of 64 × (64 + pad), lse / delta / segment ids of 64 queries. (kernels/src/flash_cuda.rs
+// `backward_smem` computes the same.)
+template <int HD>
+__host__ __device__ constexpr int flash_bwd_tiles_smem() {
+    return 2 * (4 * 64 * (HD + FA_PAD) + 2 * 64 * (64 + FA_PAD)) + 12 * 64;
+}
+
+// The backward pass with 2-D warp tiles (for HD 128, where a warp cannot hold the K/V fragments
+// and all dims of its keys' dK/dV): grid (key blocks of 64, kv_heads, batch), 128 threads, 64
+// queries a step. Warp w computes sᵀ and dpᵀ for keys 32·(w & 1) .. + 32 and queries 32·(w >> 1)
+// .. + 32 and puts Pᵀ and dSᵀ in shared memory; then it accumulates dV and dK for the same 32
+// keys and the dims HD/2·(w >> 1) .. + HD/2, and dQ for queries 32·(w & 1) .. + 32 and the same
+// dims. Each fragment read from shared memory feeds two to four products (one or two in
+// flash_bwd at HD 128). Same semantics, arguments and pipeline as flash_bwd.
+template <int HD>
+__device__ __forceinline__ void flash_bwd_tiles(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
+                                                const bf16_t* __restrict__ v, const int* __restrict__ seg,
+                                                const bf16_t* __restrict__ dout, const float* __restrict__ lse,
+                                                const float* __restrict__ delta, float* __restrict__ dq_acc,
+                                                bf16_t* __restrict__ dk, bf16_t* __restrict__ dv, int tokens,
+                                                int q_heads, int kv_heads, long long qsb, long long qsh, long long qst,
+                                                long long ksb, long long ksh, long long kst, long long vsb,
+                                                long long vsh, long long vst, long long dsb, long long dsh,
+                                                long long dst, long long ssb, long long sst, float scale, int window) {
+    constexpr int BM = 64, BN = 64, LDS = HD + FA_PAD, LDP = BM + FA_PAD, DW = HD / 2;
+    extern __shared__ __align__(16) unsigned char fa_smem[];
+    bf16_t* const ks = (bf16_t*)fa_smem;  // [BN][LDS]
+    bf16_t* const vs = ks + BN * LDS;     // [BN][LDS]
+    bf16_t* const qs = vs + BN * LDS;     // [BM][LDS]
+    bf16_t* const dos = qs + BM * LDS;    // [BM][LDS]
+    bf16_t* const pts = dos + BM * LDS;   // Pᵀ: [BN keys][LDP]
+    bf16_t* const dss = pts + BN * LDP;   // dSᵀ: [BN keys][LDP]
+    float* const lse_s = (float*)(dss + BN * LDP);
+    float* const delta_s = lse_s + BM;
+    int* const qseg_s = (int*)(delta_s + BM);
+    if (dynamic_smem_size() < (u32)flash_bwd_tiles_smem<HD>()) asm volatile("trap;");
+
+    int kb, hk, b;
+    heavy_first(kb, hk, b);  // the first key blocks see the most queries
+    const int rep = q_heads / kv_heads;
+    const int k0 = kb * BN;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int g = lane / 4, c = lane % 4;
+    const int mat = lane / 8, r = lane % 8;
+    const float sl2 = scale * LOG2E;
+    const int* sp = seg + b * ssb;
+    const int kw = (warp & 1) * 32;   // this warp's keys (sᵀ/dpᵀ rows, dK/dV rows)
+    const int qw = (warp >> 1) * 32;  // this warp's queries in sᵀ/dpᵀ
+    const int dw = (warp >> 1) * DW;  // this warp's dims of dK/dV and dQ
+    const int qd = (warp & 1) * 32;   // this warp's queries in dQ
+
+    load_tile<HD, BN>(ks, k + b * ksb + hk * ksh, kst, k0, tokens);
+    load_tile<HD, BN>(vs, v + b * vsb + hk * vsh, vst, k0, tokens);
+    cp_async_commit();
+
+    int kj[2][2], kseg[2][2];  // this thread's keys: kw + 16t + g + 8hh
+#pragma unroll
+    for (int t = 0; t < 2; t++)
+#pragma unroll
+        for (int hh = 0; hh < 2; hh++) {
+            kj[t][hh] = k0 + kw + 16 * t + g + 8 * hh;
+            kseg[t][hh] = kj[t][hh] < tokens ? sp[kj[t][hh] * sst] : -2;
+        }
+    // Segment range of the block's keys.
+    int kmin = 0x7fffffff, kmax = -0x7fffffff;
+    for (int j = k0; j < min(k0 + BN, tokens); j++) {
+        int s = sp[j * sst];
+        kmin = min(kmin, s);
+        kmax = max(kmax, s);
+    }
+
+    float dkacc[2][DW / 8][4], dvacc[2][DW / 8][4];
+#pragma unroll
+    for (int t = 0; t < 2; t++)
+#pragma unroll
+        for (int n = 0; n < DW / 8; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) dkacc[t][n][e] = dvacc[t][n][e] = 0.f;
+
+    int q_end = tokens;  // queries that can see a key of the block: [k0, q_end)
+    if (window > 0) q_end = min(tokens, k0 + BN - 1 + window);
+    const int n_qblocks = (q_end - k0 + BM - 1) / BM;
+
+    // The pipeline of flash_bwd, with three barriers a step (the dV/dK product reads q and dO
+    // after P and dS are in shared memory).
+    __shared__ int votes_s[2][BM / 32];
+    const int steps = rep * n_qblocks;
+    int seg_next = -3;
+    float lse_next = NEWT_INF, delta_next = 0.f;
+    auto fetch_rows = [&](int it) {
+        if (threadIdx.x < BM) {
+            seg_next = -3;
+            if (it < steps) {
+                const int h = hk * rep + it / n_qblocks, i = k0 + (it % n_qblocks) * BM + threadIdx.x;
+                const long long row = (long long)(b * q_heads + h) * tokens + i;
+                seg_next = i < tokens ? sp[i * sst] : -3;
+                lse_next = i < tokens ? lse[row] : NEWT_INF;
+                delta_next = i < tokens ? delta[row] : 0.f;
+            }
+        }
+    };
+    auto put_rows = [&]() {
+        if (threadIdx.x < BM) {
+            qseg_s[threadIdx.x] = seg_next;
+            lse_s[threadIdx.x] = lse_next;
+            delta_s[threadIdx.x] = delta_next;
+        }
+    };
+    auto load_step = [&](int it) {
+        const int h = hk * rep + it / n_qblocks, q0 = k0 + (it % n_qblocks) * BM;
+        load_tile<HD, BM>(qs, q + b * qsb + h * qsh, qst, q0, tokens);
+        load_tile<HD, BM>(dos, dout + b * dsb + h * dsh, dst, q0, tokens);
+        cp_async_commit();
+    };
+    fetch_rows(0);
+    put_rows();
+    vote_step<BM / 32>(votes_s[0], seg_next, kmin, kmax);
+    fetch_rows(1);
+    cp_async_wait<0>();
+    __syncthreads();  // K and V; the first step's votes and row values
+    int step_votes = read_votes<BM / 32>(votes_s[0]);
+    int pending = -1;
+
+    for (int it = 0; it < steps; it++) {
+        const int h = hk * rep + it / n_qblocks;
+        const int q0 = k0 + (it % n_qblocks) * BM;
+        if (!(step_votes & 1)) {  // no key of the block is visible to these queries (packed rows)
+            if (pending == it) cp_async_wait<0>();  // prefetched tiles nobody reads
+            pending = -1;
+            vote_step<BM / 32>(votes_s[(it + 1) & 1], seg_next, kmin, kmax);
+            put_rows();
+            fetch_rows(it + 2);
+            __syncthreads();
+            step_votes = read_votes<BM / 32>(votes_s[(it + 1) & 1]);
+            continue;
+        }
+        const bool full = (step_votes & 2) && k0 + BN - 1 <= q0 && window == 0 && q0 + BM <= tokens &&
+                          k0 + BN <= tokens;
+
+        if (pending != it) load_step(it);
+        cp_async_wait<0>();
+        __syncthreads();  // q and dO are in; the previous step is done with pts and dss
+
+        // sᵀ = k·qᵀ and dpᵀ = v·dOᵀ: this warp's 32 keys × 32 queries.
+        float s[2][4][4], dpt[2][4][4];
+#pragma unroll
+        for (int t = 0; t < 2; t++)
+#pragma unroll
+            for (int n = 0; n < 4; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) s[t][n][e] = dpt[t][n][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {
+            u32 ka[2][4], va[2][4];
+#pragma unroll
+            for (int t = 0; t < 2; t++) {
+                ldmatrix_x4(ka[t], &ks[(kw + 16 * t + (mat & 1) * 8 + r) * LDS + kk * 16 + (mat >> 1) * 8]);
+                ldmatrix_x4(va[t], &vs[(kw + 16 * t + (mat & 1) * 8 + r) * LDS + kk * 16 + (mat >> 1) * 8]);
+            }
+#pragma unroll
+            for (int n = 0; n < 4; n += 2) {
+                u32 bq[4], bd[4];  // B fragments of query tiles n and n + 1
+                ldmatrix_x4(bq, &qs[(qw + (n + (mat >> 1)) * 8 + r) * LDS + kk * 16 + (mat & 1) * 8]);
+                ldmatrix_x4(bd, &dos[(qw + (n + (mat >> 1)) * 8 + r) * LDS + kk * 16 + (mat & 1) * 8]);
+#pragma unroll
+                for (int t = 0; t < 2; t++) {
+                    mma16816(s[t][n], ka[t], bq);
+                    mma16816(s[t][n + 1], ka[t], bq + 2);
+                    mma16816(dpt[t][n], va[t], bd);
+                    mma16816(dpt[t][n + 1], va[t], bd + 2);
+                }
+            }
+        }
+        // pᵀ = exp2(sᵀ·scale·log2e − lse2[query]); dsᵀ = pᵀ ∘ (dpᵀ − delta[query]) · scale; both to
+        // shared memory as bf16, rows = keys, cols = queries.
+#pragma unroll
+        for (int t = 0; t < 2; t++) {
+#pragma unroll
+            for (int n = 0; n < 4; n++) {
+                float pv[4], dv4[4];
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int col = qw + n * 8 + 2 * c + (e & 1);
+                    const int hh = e >= 2;
+                    float p = fa_exp2(s[t][n][e] * sl2 - lse_s[col]);
+                    if (!full && masked(q0 + col, kj[t][hh], qseg_s[col], kseg[t][hh], window, tokens)) p = 0.f;
+                    pv[e] = p;
+                    dv4[e] = p * (dpt[t][n][e] - delta_s[col]) * scale;
+                }
+                const int row = kw + 16 * t + g, col = qw + n * 8 + 2 * c;
+                *(u32*)&pts[row * LDP + col] = pack_bf16(pv[0], pv[1]);
+                *(u32*)&pts[(row + 8) * LDP + col] = pack_bf16(pv[2], pv[3]);
+                *(u32*)&dss[row * LDP + col] = pack_bf16(dv4[0], dv4[1]);
+                *(u32*)&dss[(row + 8) * LDP + col] = pack_bf16(dv4[2], dv4[3]);
+            }
+        }
+        __syncthreads();  // Pᵀ and dSᵀ complete
+
+        // dv += pᵀ·dO and dk += dsᵀ·q over the step's queries: this warp's 32 keys × DW dims.
+#pragma unroll
+        for (int kk = 0; kk < BM / 16; kk++) {
+            u32 pa[2][4], da[2][4];
+#pragma unroll
+            for (int t = 0; t < 2; t++) {
+                ldmatrix_x4(pa[t], &pts[(kw + 16 * t + (mat & 1) * 8 + r) * LDP + kk * 16 + (mat >> 1) * 8]);
+                ldmatrix_x4(da[t], &dss[(kw + 16 * t + (mat & 1) * 8 + r) * LDP + kk * 16 + (mat >> 1) * 8]);
+            }
+#pragma unroll
+            for (int n = 0; n < DW / 8; n += 2) {
+                u32 bo[4], bq[4];
+                ldmatrix_x4_trans(bo, &dos[(kk * 16 + (mat & 1) * 8 + r) * LDS + dw + n * 8 + (mat >> 1) * 8]);
+                ldmatrix_x4_trans(bq, &qs[(kk * 16 + (mat & 1) * 8 + r) * LDS + dw + n * 8 + (mat >> 1) * 8]);
+#pragma unroll
+                for (int t = 0; t < 2; t++) {
+                    mma16816(dvacc[t][n], pa[t], bo);
+                    mma16816(dvacc[t][n + 1], pa[t], bo + 2);
+                    mma16816(dkacc[t][n], da[t], bq);
+                    mma16816(dkacc[t][n + 1], da[t], bq + 2);
+                }
+            }
+        }
+        vote_step<BM / 32>(votes_s[(it + 1) & 1], seg_next, kmin, kmax);
+        __syncthreads();  // qs, dos and the row values are free; the next votes are in
+        step_votes = read_votes<BM / 32>(votes_s[(it + 1) & 1]);
+        if (it + 1 < steps && (step_votes & 1)) {
+            load_step(it + 1);
+            pending = it + 1;
+        }
+        put_rows();
+        fetch_rows(it + 2);
+
+        // dq (this warp's 32 queries × DW dims, in two halves) = ds·k over the block's 64 keys;
+        // added to dq_acc with vector reductions (lanes c, c ^ 1 trade halves: even c adds row g,
+        // columns 2c .. 2c + 3; odd c row g + 8, columns 2c - 2 .. 2c + 1).
+        float* dqp = dq_acc + ((long long)(b * q_heads + h) * tokens) * HD;
+        const bool odd = c & 1;
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            const int cw = dw + half * (DW / 2);
+            float dqa[2][DW / 16][4];
+#pragma unroll
+            for (int t = 0; t < 2; t++)
+#pragma unroll
+                for (int n = 0; n < DW / 16; n++) dqa[t][n][0] = dqa[t][n][1] = dqa[t][n][2] = dqa[t][n][3] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; kk++) {
+                u32 af[2][4];
+#pragma unroll
+                for (int t = 0; t < 2; t++)
+                    ldmatrix_x4_trans(af[t], &dss[(kk * 16 + (mat >> 1) * 8 + r) * LDP + qd + 16 * t + (mat & 1) * 8]);
+#pragma unroll
+                for (int n = 0; n < DW / 16; n += 2) {
+                    u32 bk[4];
+                    ldmatrix_x4_trans(bk, &ks[(kk * 16 + (mat & 1) * 8 + r) * LDS + cw + n * 8 + (mat >> 1) * 8]);
+#pragma unroll
+                    for (int t = 0; t < 2; t++) {
+                        mma16816(dqa[t][n], af[t], bk);
+                        mma16816(dqa[t][n + 1], af[t], bk + 2);
+                    }
+                }
+            }
+#pragma unroll
+            for (int t = 0; t < 2; t++) {
+                const int qi = q0 + qd + 16 * t + g + (odd ? 8 : 0);
+#pragma unroll
+                for (int n = 0; n < DW / 16; n++) {
+                    const float y0 = __shfl_xor_sync(0xffffffff, odd ? dqa[t][n][0] : dqa[t][n][2], 1);
+                    const float y1 = __shfl_xor_sync(0xffffffff, odd ? dqa[t][n][1] : dqa[t][n][3], 1);
+                    const int col = cw + n * 8 + 2 * (c & ~1);
+                    if (qi < tokens) {
+                        float* p = &dqp[(long long)qi * HD + col];
+                        if (odd)
+                            red_add4(p, y0, y1, dqa[t][n][2], dqa[t][n][3]);
+                        else
+                            red_add4(p, dqa[t][n][0], dqa[t][n][1], y0, y1);
+                    }
+                }
+            }
+        }
+    }
+
+    bf16_t* dkp = dk + ((long long)(b * kv_heads + hk) * tokens) * HD;
+    bf16_t* dvp = dv + ((long long)(b * kv_heads + hk) * tokens) * HD;
+#pragma unroll
+    for (int t = 0; t < 2; t++)
+#pragma unroll
+        for (int n = 0; n < DW / 8; n++) {
+            const int col = dw + n * 8 + 2 * c;
+#pragma unroll
+            for (int hh = 0; hh < 2; hh++) {
+                const int j = kj[t][hh];
+                if (j < tokens) {
+                    *(u32*)&dkp[(long long)j * HD + col] = pack_bf16(dkacc[t][n][2 * hh], dkacc[t][n][2 * hh + 1]);
+                    *(u32*)&dvp[(long long)j * HD + col] = pack_bf16(dvacc[t][n][2 * hh], dvacc[t][n][2 * hh + 1]);
+                }
+            }
+        }
+}
+
 #ifndef FA_BWD128_BM
 #define FA_BWD128_BM 32
 #endif
 #ifndef FA_BWD128_NW
 #define FA_BWD128_NW 4
+#endif
+#ifndef FA_BWD64_TILES
+#define FA_BWD64_TILES 0  // HD 64 takes flash_bwd<64, 64, true, 4> (1: flash_bwd_tiles<64>)
+#endif
+#ifndef FA_BWD128_TILES
+#define FA_BWD128_TILES 1  // HD 128 takes flash_bwd_tiles (0: flash_bwd<128, FA_BWD128_BM, false, FA_BWD128_NW>)
 #endif
 
 extern "C" __global__ void __launch_bounds__(FA_THREADS) newt_flash_bwd(
@@ -792,18 +1104,28 @@ extern "C" __global__ void __launch_bounds__(FA_THREADS) newt_flash_bwd(
     int tokens, int q_heads, int kv_heads, long long qsb, long long qsh, long long qst, long long ksb, long long ksh,
     long long kst, long long vsb, long long vsh, long long vst, long long dsb, long long dsh, long long dst,
     long long ssb, long long sst, float scale, int window) {
+#if FA_BWD64_TILES
+    flash_bwd_tiles<64>(q, k, v, seg, dout, lse, delta, dq_acc, dk, dv, tokens, q_heads, kv_heads, qsb, qsh, qst, ksb,
+                        ksh, kst, vsb, vsh, vst, dsb, dsh, dst, ssb, sst, scale, window);
+#else
     flash_bwd<64, 64, true, 4>(q, k, v, seg, dout, lse, delta, dq_acc, dk, dv, tokens, q_heads, kv_heads, qsb, qsh,
                                qst, ksb, ksh, kst, vsb, vsh, vst, dsb, dsh, dst, ssb, sst, scale, window);
+#endif
 }
 
-extern "C" __global__ void __launch_bounds__(32 * FA_BWD128_NW) newt_flash_bwd_hd128(
+extern "C" __global__ void __launch_bounds__(FA_BWD128_TILES ? FA_THREADS : 32 * FA_BWD128_NW) newt_flash_bwd_hd128(
     const bf16_t* __restrict__ q, const bf16_t* __restrict__ k, const bf16_t* __restrict__ v,
     const int* __restrict__ seg, const bf16_t* __restrict__ dout, const float* __restrict__ lse,
     const float* __restrict__ delta, float* __restrict__ dq_acc, bf16_t* __restrict__ dk, bf16_t* __restrict__ dv,
     int tokens, int q_heads, int kv_heads, long long qsb, long long qsh, long long qst, long long ksb, long long ksh,
     long long kst, long long vsb, long long vsh, long long vst, long long dsb, long long dsh, long long dst,
     long long ssb, long long sst, float scale, int window) {
+#if FA_BWD128_TILES
+    flash_bwd_tiles<128>(q, k, v, seg, dout, lse, delta, dq_acc, dk, dv, tokens, q_heads, kv_heads, qsb, qsh, qst, ksb,
+                         ksh, kst, vsb, vsh, vst, dsb, dsh, dst, ssb, sst, scale, window);
+#else
     flash_bwd<128, FA_BWD128_BM, false, FA_BWD128_NW>(q, k, v, seg, dout, lse, delta, dq_acc, dk, dv, tokens, q_heads,
                                                       kv_heads, qsb, qsh, qst, ksb, ksh, kst, vsb, vsh, vst, dsb, dsh,
                                                       dst, ssb, sst, scale, window);
+#endif
 }

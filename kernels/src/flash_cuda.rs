@@ -67,32 +67,60 @@ struct Variant {
     head_dim: usize,
     /// Appended to `newt_flash_fwd`, `newt_flash_bwd_delta` and `newt_flash_bwd`.
     suffix: &'static str,
-    /// The backward kernel's queries per step (`BM` of `flash_bwd<HD, BM, KV_REGS, NW>`).
-    backward_queries: usize,
-    /// Whether the backward kernel holds its K/V fragments in registers (`KV_REGS`).
-    kv_in_registers: bool,
-    /// The backward kernel's warps (`NW`): a block takes 16 keys a warp, 32 threads a warp.
-    backward_warps: usize,
+    backward: Backward,
+}
+
+/// Which backward kernel a head dim instantiates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backward {
+    /// `flash_bwd<HD, BM, KV_REGS, NW>`: NW warps of 16 keys (a block takes 16·NW keys), BM queries
+    /// a step, K/V fragments in registers or not.
+    Rows { queries: usize, kv_in_registers: bool, warps: usize },
+    /// `flash_bwd_tiles<HD>`: 64 keys a block, 4 warps of 2-D tiles, 64 queries a step.
+    Tiles,
+}
+
+impl Backward {
+    /// Keys a block (the grid's x dimension divides the tokens by it).
+    const fn keys(self) -> usize {
+        match self {
+            Backward::Rows { warps, .. } => 16 * warps,
+            Backward::Tiles => 64,
+        }
+    }
+    const fn threads(self) -> u32 {
+        match self {
+            Backward::Rows { warps, .. } => 32 * warps as u32,
+            Backward::Tiles => 128,
+        }
+    }
 }
 
 /// The head dims the kernels are compiled for, and how (a test checks these against the source).
 const VARIANTS: [Variant; 2] = [
-    Variant { head_dim: 64, suffix: "", backward_queries: 64, kv_in_registers: true, backward_warps: 4 },
-    Variant { head_dim: 128, suffix: "_hd128", backward_queries: 32, kv_in_registers: false, backward_warps: 4 },
+    Variant { head_dim: 64, suffix: "", backward: Backward::Rows { queries: 64, kv_in_registers: true, warps: 4 } },
+    Variant { head_dim: 128, suffix: "_hd128", backward: Backward::Tiles },
 ];
 
 fn variant(head_dim: usize) -> Option<usize> {
     VARIANTS.iter().position(|v| v.head_dim == head_dim)
 }
 
-/// Dynamic shared memory of the backward kernel, in bytes: `flash_bwd_smem<HD, BM, KV_REGS, NW>()`
-/// of the source (the K tile of 16·NW keys, the V tile unless its fragments live in registers, q
-/// and dO tiles of BM rows, each row padded by 8; dSᵀ of 16·NW × (BM + 8); lse, delta and segment
-/// ids of BM rows).
+/// Dynamic shared memory of the backward kernel, in bytes (rows padded by 8 bf16):
+/// `flash_bwd_smem<HD, BM, KV_REGS, NW>()` of the source (the K tile of 16·NW keys, the V tile
+/// unless its fragments live in registers, q and dO tiles of BM rows; dSᵀ of 16·NW × BM; lse, delta
+/// and segment ids of BM rows) or `flash_bwd_tiles_smem<HD>()` (K, V, q, dO tiles of 64 rows; Pᵀ
+/// and dSᵀ of 64 × 64; the row values of 64 queries).
 const fn backward_smem(v: Variant) -> u32 {
-    let (hd, bm, bn) = (v.head_dim + 8, v.backward_queries, 16 * v.backward_warps);
-    let tiles = if v.kv_in_registers { 1 } else { 2 };
-    (2 * (tiles * bn * hd + 2 * bm * hd + bn * (bm + 8)) + 12 * bm) as u32
+    let hd = v.head_dim + 8;
+    let bytes = match v.backward {
+        Backward::Rows { queries: bm, kv_in_registers, warps } => {
+            let (bn, tiles) = (16 * warps, if kv_in_registers { 1 } else { 2 });
+            2 * (tiles * bn * hd + 2 * bm * hd + bn * (bm + 8)) + 12 * bm
+        }
+        Backward::Tiles => 2 * (4 * 64 * hd + 2 * 64 * (64 + 8)) + 12 * 64,
+    };
+    bytes as u32
 }
 
 /// Whether the CUDA kernels take a call with these inputs.
@@ -340,8 +368,8 @@ fn cube_backward(
             launch(f.delta, (rows.div_ceil(4) as u32, 1, 1), &mut args, stream, "backward (delta)");
             let mut args = backward_args([q, k, v, seg, grad, lse, delta, dq, dk, dv], &d, gs);
             let var = VARIANTS[d.variant];
-            let grid = (d.tokens.div_ceil(16 * var.backward_warps) as u32, d.kv_heads as u32, d.batch as u32);
-            let (threads, smem) = (32 * var.backward_warps as u32, backward_smem(var));
+            let grid = (d.tokens.div_ceil(var.backward.keys()) as u32, d.kv_heads as u32, d.batch as u32);
+            let (threads, smem) = (var.backward.threads(), backward_smem(var));
             launch_shared(f.backward, grid, threads, smem, &mut args, stream, "flash attention backward");
         }),
     );
@@ -674,8 +702,8 @@ pub(crate) mod tests {
         }
     }
 
-    /// Each variant's backward block shape is the one the source instantiates (the grid, threads
-    /// and shared memory the launcher gives it follow from it).
+    /// Each variant's backward kernel and block shape are the ones the source instantiates (the
+    /// grid, threads and shared memory the launcher gives it follow from them).
     #[test]
     fn backward_variants_match_the_source_instantiations() {
         // `#define NAME VALUE` of the source, for template arguments given as macros.
@@ -685,22 +713,36 @@ pub(crate) mod tests {
             line.split_whitespace().nth(2).unwrap().to_string()
         };
         for v in VARIANTS {
+            let hd = v.head_dim;
             let wrapper = format!("newt_flash_bwd{}(", v.suffix);
             let body = &SOURCE[SOURCE.find(&wrapper).expect("the wrapper")..];
-            let call = &body[body.find("flash_bwd<").expect("the wrapper's call") + "flash_bwd<".len()..];
-            let args: Vec<String> = call[..call.find('>').unwrap()]
-                .split(',')
-                .map(|a| a.trim())
-                .map(|a| if a.starts_with("FA_") { define(a) } else { a.to_string() })
-                .collect();
-            let want = [v.head_dim.to_string(), v.backward_queries.to_string(), v.kv_in_registers.to_string()];
-            assert_eq!(args[..3], want, "{wrapper} instantiates flash_bwd<{}>", args.join(", "));
-            assert_eq!(args[3], v.backward_warps.to_string(), "{wrapper}: warps");
+            let body = &body[..body.find("\n}").expect("the wrapper's end")];
+            // A wrapper with `#if FA_BWD<hd>_TILES` calls flash_bwd_tiles when that is 1.
+            let tiles_switch = format!("#if FA_BWD{hd}_TILES");
+            let tiles = body.contains(&tiles_switch) && define(&format!("FA_BWD{hd}_TILES")) == "1";
+            match v.backward {
+                Backward::Tiles => {
+                    assert!(tiles || !body.contains(&tiles_switch), "{wrapper}: FA_BWD{hd}_TILES is not 1");
+                    assert!(body.contains(&format!("flash_bwd_tiles<{hd}>(")), "{wrapper}: no flash_bwd_tiles<{hd}>");
+                }
+                Backward::Rows { queries, kv_in_registers, warps } => {
+                    assert!(!tiles, "{wrapper} takes flash_bwd_tiles");
+                    let call = &body[body.find("flash_bwd<").expect("the wrapper's call") + "flash_bwd<".len()..];
+                    let args: Vec<String> = call[..call.find('>').unwrap()]
+                        .split(',')
+                        .map(|a| a.trim())
+                        .map(|a| if a.starts_with("FA_") { define(a) } else { a.to_string() })
+                        .collect();
+                    let want = [hd.to_string(), queries.to_string(), kv_in_registers.to_string(), warps.to_string()];
+                    assert_eq!(args, want, "{wrapper} instantiates flash_bwd<{}>", args.join(", "));
+                }
+            }
         }
         // head_dim 64: the size the kernel declared statically before it took dynamic memory.
         assert_eq!(backward_smem(VARIANTS[0]), 37_632);
-        assert_eq!(backward_smem(VARIANTS[1]), 57_728);
+        assert_eq!(backward_smem(VARIANTS[1]), 88_832);
         assert!(SOURCE.contains("if (dynamic_smem_size() < (u32)flash_bwd_smem<HD, BM, KV_REGS, NW>()) asm volatile"));
+        assert!(SOURCE.contains("if (dynamic_smem_size() < (u32)flash_bwd_tiles_smem<HD>()) asm volatile"));
     }
 
     #[test]
