@@ -4,7 +4,8 @@
 use std::path::{Path, PathBuf};
 
 use arrow::util::pretty::pretty_format_batches;
-use datafusion::prelude::{ParquetReadOptions, SessionContext};
+use datafusion::error::DataFusionError;
+use datafusion::prelude::{DataFrame, ParquetReadOptions, SQLOptions, SessionContext};
 use futures::StreamExt;
 
 use crate::DataError;
@@ -44,12 +45,36 @@ async fn context(tables: &[(String, PathBuf)]) -> Result<SessionContext, DataErr
     Ok(ctx)
 }
 
+/// Plans `sql` as a read-only statement: DDL (`CREATE TABLE`, `CREATE EXTERNAL TABLE`, `DROP`),
+/// DML (`INSERT`, `COPY ... TO`) and session statements (`SET`, transactions) are refused before
+/// anything runs. Both users of this module take SQL from a person (`newt query`, a pipeline's
+/// `sql:` stage) and only ever need a result set; a `COPY ... TO` would otherwise write anywhere
+/// the user can, the queried cache object included. `who` names the caller in the error.
+///
+/// This is `SessionContext::sql_with_options` spelled out, so that a refusal can say why in
+/// newt's words rather than as a bare planning error.
+async fn read_only_sql(ctx: &SessionContext, sql: &str, who: &str) -> Result<DataFrame, DataError> {
+    let plan = ctx.state().create_logical_plan(sql).await?;
+    let options = SQLOptions::new().with_allow_ddl(false).with_allow_dml(false).with_allow_statements(false);
+    if let Err(e) = options.verify_plan(&plan) {
+        let why = match e {
+            DataFusionError::Plan(message) => message,
+            other => other.to_string(),
+        };
+        return Err(DataError::Config(format!(
+            "{who} runs read-only SQL: {}; only queries (SELECT, WITH, VALUES, EXPLAIN) are allowed",
+            why.trim()
+        )));
+    }
+    Ok(ctx.execute_logical_plan(plan).await?)
+}
+
 /// Runs `sql` over `tables` (name → Parquet file or folder) and writes the result to
 /// `out_dir/data.parquet`, streaming.
 pub fn run_sql(tables: &[(String, PathBuf)], sql: &str, out_dir: &Path) -> Result<SqlSummary, DataError> {
     block_on(cores(), async {
         let ctx = context(tables).await?;
-        let df = ctx.sql(sql).await?;
+        let df = read_only_sql(&ctx, sql, "the sql stage").await?;
         let schema = std::sync::Arc::new(df.schema().as_arrow().clone());
         let columns = schema.fields().iter().map(|f| f.name().clone()).collect();
         let mut out = ParquetOut::create(&out_dir.join(SQL_FILE), schema)?;
@@ -62,12 +87,12 @@ pub fn run_sql(tables: &[(String, PathBuf)], sql: &str, out_dir: &Path) -> Resul
     })
 }
 
-/// Runs `sql` over `tables` and renders the result as a text table (at most
+/// Runs `sql` (read-only: see [`read_only_sql`]) over `tables` and renders the result as a text table (at most
 /// [`QUERY_ROW_LIMIT`] rows, with a line saying how many more there were).
 pub fn query(tables: &[(String, PathBuf)], sql: &str) -> Result<String, DataError> {
     block_on(cores(), async {
         let ctx = context(tables).await?;
-        let mut stream = ctx.sql(sql).await?.execute_stream().await?;
+        let mut stream = read_only_sql(&ctx, sql, "newt query").await?.execute_stream().await?;
         let (mut shown, mut total) = (Vec::new(), 0usize);
         while let Some(batch) = stream.next().await {
             let batch = batch?;

@@ -93,3 +93,72 @@ fn inspect_marks_trained_tokens_and_reports_statistics() {
     assert!(packed.contains("· sample 1"), "{packed}");
     assert!(packed.lines().last().unwrap().contains(&format!("samples {}", t.samples)));
 }
+
+/// A three-row table `d` (one `text` column) in `tmp/d.parquet`, as `(tables, parquet file)`.
+fn small_table(tmp: &std::path::Path) -> (Vec<(String, std::path::PathBuf)>, std::path::PathBuf) {
+    use arrow::array::StringArray;
+    use arrow::datatypes::{DataType, Field, Schema};
+    use arrow::record_batch::RecordBatch;
+    let schema = std::sync::Arc::new(Schema::new(vec![Field::new("text", DataType::Utf8, false)]));
+    let column = std::sync::Arc::new(StringArray::from(vec!["row 0", "row 1", "row 2"]));
+    let batch = RecordBatch::try_new(schema.clone(), vec![column]).unwrap();
+    let file = tmp.join("d.parquet");
+    let mut writer = parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&file).unwrap(), schema, None).unwrap();
+    writer.write(&batch).unwrap();
+    writer.close().unwrap();
+    (vec![("d".to_string(), file.clone())], file)
+}
+
+#[test]
+fn query_refuses_copy_to_and_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (tables, _) = small_table(tmp.path());
+    let target = tmp.path().join("written.csv");
+    let sql = format!("COPY (SELECT 'x' AS a) TO '{}' STORED AS CSV", target.display());
+    let err = query(&tables, &sql).unwrap_err().to_string();
+    assert!(err.contains("newt query runs read-only SQL") && err.contains("COPY"), "{err}");
+    assert!(!target.exists(), "COPY wrote {}", target.display());
+}
+
+#[test]
+fn query_refuses_copy_onto_the_queried_parquet() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (tables, file) = small_table(tmp.path());
+    let before = std::fs::read(&file).unwrap();
+    let sql = format!("COPY (SELECT 'x' AS text) TO '{}' STORED AS PARQUET", file.display());
+    assert!(query(&tables, &sql).is_err());
+    assert_eq!(std::fs::read(&file).unwrap(), before, "the artifact was overwritten");
+    assert!(query(&tables, "SELECT count(*) AS n FROM d").unwrap().contains("| 3 |"));
+}
+
+#[test]
+fn query_refuses_create_table_insert_and_set() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (tables, _) = small_table(tmp.path());
+    let external = tmp.path().join("ext");
+    for sql in [
+        "CREATE TABLE t (x INT)".to_string(),
+        "CREATE TABLE t AS SELECT * FROM d".to_string(),
+        format!("CREATE EXTERNAL TABLE e (x INT) STORED AS CSV LOCATION '{}'", external.display()),
+        "INSERT INTO d VALUES ('y')".to_string(),
+        "DROP TABLE d".to_string(),
+        "SET datafusion.execution.batch_size = 1".to_string(),
+    ] {
+        let err = query(&tables, &sql).unwrap_err().to_string();
+        assert!(err.contains("read-only SQL"), "{sql}: {err}");
+    }
+    assert!(!external.exists());
+    let text = query(&tables, "WITH x AS (SELECT text FROM d) SELECT count(*) AS n FROM x").unwrap();
+    assert!(text.contains("| 3 |"), "{text}");
+}
+
+#[test]
+fn sql_stage_refuses_copy_to() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (tables, _) = small_table(tmp.path());
+    let target = tmp.path().join("stage-wrote.csv");
+    let sql = format!("COPY (SELECT * FROM d) TO '{}' STORED AS CSV", target.display());
+    let err = run_sql(&tables, &sql, &tmp.path().join("out")).unwrap_err().to_string();
+    assert!(err.contains("the sql stage runs read-only SQL"), "{err}");
+    assert!(!target.exists());
+}
