@@ -745,6 +745,90 @@ pub(crate) mod tests {
         assert!(SOURCE.contains("if (dynamic_smem_size() < (u32)flash_bwd_tiles_smem<HD>()) asm volatile"));
     }
 
+    /// On a machine with a CUDA GPU (`cargo test -p newt-kernels -- --ignored cuda_ --nocapture`):
+    /// the kernels through Burn and this launcher against the Burn-op path, at both head dims,
+    /// packed rows (300-token samples, the last 100 tokens padding) or one causal row, GQA 4:1,
+    /// q/k/v/dO strided as a reshaped projection gives them or contiguous, with and without a
+    /// sliding window. Every error is printed (dk and dv also without the padding keys) before
+    /// the test fails on any above 3e-2.
+    ///
+    /// Its first run (bench/results/flash_hd128.md, a shorter version of this test) failed at
+    /// head_dim 64, packed, strided: dk max rel err 0.73 (out 4.9e-3, dq 7.1e-3), where
+    /// bench/flash_check.py finds these kernels within 5.5e-3 of an f32 PyTorch reference; the
+    /// cause is not known yet.
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn cuda_kernels_match_the_burn_op_path_at_both_head_dims() {
+        use crate::flash::{default_flash_backward, default_flash_forward};
+        use burn::tensor::{Distribution, Int, TensorData};
+        type B = burn::backend::Cuda<burn::tensor::bf16, i32>;
+        let device = Default::default();
+        let (batch, hq, hkv, t, pad) = (2, 8, 2, 1000, 100);
+        let mut failures = Vec::new();
+        for (d, window) in [(64, None), (128, None), (128, Some(250))] {
+            for (packed, strided) in [(true, true), (true, false), (false, true)] {
+                let make = |h: usize| {
+                    if strided {
+                        // [b, t, h, d] memory seen as [b, h, t, d].
+                        Tensor::<B, 4>::random([batch, t, h, d], Distribution::Normal(0.0, 1.0), &device)
+                            .swap_dims(1, 2)
+                    } else {
+                        Tensor::<B, 4>::random([batch, h, t, d], Distribution::Normal(0.0, 1.0), &device)
+                    }
+                };
+                let (q, k, v, grad) = (make(hq), make(hkv), make(hkv), make(hq));
+                let ids: Vec<i64> = (0..batch * t)
+                    .map(|i| match (packed, i % t) {
+                        (false, _) => 1,
+                        (true, j) if j + pad >= t => 0,
+                        (true, j) => 1 + (j / 300) as i64,
+                    })
+                    .collect();
+                let segments = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [batch, t]), &device);
+                assert!(takes(q.dtype(), k.dtype(), v.dtype(), DType::I32, d), "head_dim {d} takes the kernels");
+                let options = FlashOptions { window, ..FlashOptions::new(1.0 / (d as f64).sqrt()) };
+                let prim = |t: &Tensor<B, 4>| t.clone().into_primitive().tensor();
+                let tensor = |t| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(t)).cast(DType::F32);
+                let run = |fast: bool| {
+                    let seg = segments.clone().into_primitive();
+                    let (out, lse) = if fast {
+                        fusion_forward::<burn::tensor::bf16>(prim(&q), prim(&k), prim(&v), seg.clone(), options)
+                    } else {
+                        default_flash_forward::<B>(prim(&q), prim(&k), prim(&v), seg.clone(), options)
+                    };
+                    let (q, k, v, g) = (prim(&q), prim(&k), prim(&v), prim(&grad));
+                    let (dq, dk, dv) = if fast {
+                        fusion_backward::<burn::tensor::bf16>(q, k, v, seg, out.clone(), lse, g, options)
+                    } else {
+                        default_flash_backward::<B>(q, k, v, seg, out.clone(), lse, g, options)
+                    };
+                    [out, dq, dk, dv].map(tensor)
+                };
+                let rel = |got: Tensor<B, 4>, want: Tensor<B, 4>| {
+                    let scale = crate::read_f64(want.clone().abs().max()).max(1e-30);
+                    crate::read_f64((got - want).abs().max()) / scale
+                };
+                let (fast, reference) = (run(true), run(false));
+                let case = format!("head_dim {d}, window {window:?}, packed {packed}, strided {strided}");
+                let mut line = Vec::new();
+                for (i, name) in ["out", "dq", "dk", "dv"].into_iter().enumerate() {
+                    let err = rel(fast[i].clone(), reference[i].clone());
+                    line.push(format!("{name} {err:.2e}"));
+                    if err >= 3e-2 || err.is_nan() {
+                        failures.push(format!("{case}: {name} {err:.2e}"));
+                    }
+                    if i >= 2 {
+                        let keys = [0..batch, 0..hkv, 0..t - pad, 0..d];
+                        let err = rel(fast[i].clone().slice(keys.clone()), reference[i].clone().slice(keys));
+                        line.push(format!("{name} without the padding keys {err:.2e}"));
+                    }
+                }
+                println!("{case}: {}", line.join(", "));
+            }
+        }
+        assert!(failures.is_empty(), "{failures:#?}");
+    }
+
     #[test]
     #[should_panic(expected = "not 16-byte aligned")]
     fn misaligned_buffers_are_refused() {
