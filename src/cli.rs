@@ -158,4 +158,10 @@ pub enum CacheCommand {
         /// The pin's name.
         name: String,
     },
+    /// Re-read every cached result and compare it with its digest.
+    Verify {
+        /// Remove damaged results (their stages run again next time).
+        #[arg(long)]
+        repair: bool,
+    },
 }

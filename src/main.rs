@@ -31,7 +31,7 @@ fn main() {
     let code = match commands::dispatch(cli) {
         Ok(code) => code,
         Err(e) => {
-            let usage = e.downcast_ref::<newt_graph::config::ConfigError>().is_some()
+            let usage = e.downcast_ref::<newt_config::ConfigError>().is_some()
                 || e.downcast_ref::<newt_graph::compile::CompileError>().is_some();
             eprintln!("{} {e:#}", console::style("error:").red().bold());
             if usage { exit::USAGE } else { exit::FAILURE }

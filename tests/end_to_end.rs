@@ -305,7 +305,7 @@ fn gradient_checkpointing_trains_to_the_same_losses() {
 fn qlora_trains_on_a_quantized_base() {
     let losses = |adapter: &str| {
         let p = Project::new();
-        p.edit("p.yml", "adapter: lora", &format!("adapter: {adapter}"));
+        p.edit("p.yml", "adapter: lora", adapter);
         p.run_pipeline();
         let text = std::fs::read_to_string(p.path("outputs/quickstart/metrics.jsonl")).unwrap();
         let out: Vec<f64> = text
@@ -317,9 +317,61 @@ fn qlora_trains_on_a_quantized_base() {
         assert!(p.path("outputs/quickstart/adapter_model.safetensors").is_file());
         out
     };
-    let (lora, qlora) = (losses("lora"), losses("qlora"));
+    let (lora, qlora) = (losses("adapter: lora"), losses("adapter: qlora"));
     assert!(qlora.last().unwrap() < qlora.first().unwrap(), "QLoRA loss must fall: {qlora:?}");
     assert_ne!(lora, qlora, "QLoRA must train on the quantized base, not the full-precision one");
     let rel = (qlora.last().unwrap() - lora.last().unwrap()).abs() / lora.last().unwrap();
     assert!(rel < 0.2, "NF4 should cost little accuracy: LoRA {lora:?}, QLoRA {qlora:?}");
+    // `load_in_8bit`: an int8 base, closer to the full-precision one than NF4 is.
+    let int8 = losses("adapter: lora\nload_in_8bit: true");
+    assert_ne!(lora, int8, "load_in_8bit must train on the int8 base");
+    let rel8 = (int8.last().unwrap() - lora.last().unwrap()).abs() / lora.last().unwrap();
+    assert!(rel8 < 0.05, "int8 should cost less than NF4: LoRA {lora:?}, int8 {int8:?}");
+}
+
+/// PEFT, vLLM and the Hub read `base_model_name_or_path`; it was empty.
+#[test]
+fn adapter_config_names_its_base_model() {
+    let p = Project::new();
+    p.run_pipeline();
+    let text = std::fs::read_to_string(p.path("outputs/quickstart/adapter_config.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["base_model_name_or_path"], "newt:tiny", "{text}");
+}
+
+/// A bad enumerated value fails at load, exit 2, before any stage runs.
+#[test]
+fn bad_scheduler_exits_2_before_any_stage_and_caches_nothing() {
+    let p = Project::new();
+    p.edit("p.yml", "lr_scheduler: cosine", "lr_scheduler: bogus");
+    let out = p.run(&["run", "p.yml"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("p.yml:") && err.contains("lr_scheduler") && err.contains("bogus"), "{err}");
+    assert!(
+        !p.path("cache/v1/objects").exists() || std::fs::read_dir(p.path("cache/v1/objects")).unwrap().count() == 0
+    );
+}
+
+/// `newt inference --base` on a fresh cache fetches the model it needs.
+#[test]
+fn inference_of_the_base_model_on_a_fresh_cache_runs_its_fetch() {
+    let p = Project::new();
+    let out = p.run(&["inference", "p.yml", "--base", "--prompt", "hello", "--max-new-tokens", "4"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = p.run(&["inference", "p.yml", "--prompt", "hello"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("trained adapter is not in the cache"));
+}
+
+/// `newt plan` lists the Axolotl keys it accepts and ignores, once, grouped by reason.
+#[test]
+fn plan_lists_ignored_axolotl_keys_grouped() {
+    let p = Project::new();
+    p.edit("p.yml", "adapter: lora", "adapter: lora\nwandb_project: x\nwandb_entity: y\nflash_attention: true");
+    let out = p.run(&["plan", "p.yml"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("accepted and ignored (3 keys)"), "{text}");
+    assert!(text.contains("wandb_project, wandb_entity: experiment tracking"), "{text}");
 }

@@ -27,7 +27,7 @@ fn smollm2_gguf() -> Option<PathBuf> {
 }
 
 fn eval_prompts() -> Vec<String> {
-    newt_graph::config::load(&root().join(PIPELINE)).unwrap().config.eval_prompts
+    newt_config::load(&root().join(PIPELINE)).unwrap().config.eval_prompts
 }
 
 /// Whether `answer` has the trained format: it opens with `Final answer:` and ends with `[newt]`.

@@ -93,8 +93,8 @@ impl StageContext<'_> {
 
 /// A kind of stage: how its key is formed and how it runs.
 ///
-/// The executor computes the key from the node's params (already reduced to the config keys
-/// routed to this kind, see [`crate::key::ROUTES`]), `version()`, the upstream output digests,
+/// The executor computes the key from the node's params (the kind's typed params, serialized
+/// by whoever built the node), `version()`, the upstream output digests,
 /// the contents of `external_inputs` and `environment`. A stage must not read anything else that
 /// changes its output.
 pub trait Stage: Send + Sync {

@@ -125,7 +125,7 @@ pub fn nf4<B: KernelBackend>(device: &B::Device, tokens: usize, input: usize, ou
         TensorData::new(q.absmax.clone(), [q.absmax.len()]),
         (device, burn::tensor::DType::F32),
     );
-    let shape = Nf4Shape { out_features: out, in_features: input };
+    let shape = Nf4Shape { out_features: out, in_features: input, code: q.code };
     let host = Tensor::<B, 2>::from_data(
         TensorData::new(dequantize_host(&q), [out, input]),
         (device, burn::tensor::DType::F32),

@@ -1,6 +1,10 @@
-//! NF4 (4-bit NormalFloat) base weights for QLoRA: quantization on the host, dequantization in
-//! tensor operations, and a linear layer whose backward pass dequantizes again instead of keeping
-//! a full-precision copy of the weight.
+//! NF4 (4-bit NormalFloat) base weights for QLoRA, and blockwise int8 for `load_in_8bit`:
+//! quantization on the host, dequantization in tensor operations, and a linear layer whose
+//! backward pass dequantizes again instead of keeping a full-precision copy of the weight.
+//!
+//! Int8 ([`QuantCode::Int8`]) is the same layout with 8-bit codes, four to an `i32`, standing for
+//! `(code − 128) / 127` of the block's absmax: symmetric absmax quantization in blocks of 64
+//! (bitsandbytes' blockwise 8-bit; LLM.int8's outlier decomposition is not done).
 //!
 //! The format is QLoRA's (Dettmers et al. 2023; bitsandbytes' `quant_type="nf4"`): weights in
 //! blocks of [`NF4_BLOCK`], each block scaled by its largest magnitude (`absmax`, kept in f32 here:
@@ -36,10 +40,56 @@ pub const NF4_CODE: [f32; 16] = [
 /// Weights per scale (bitsandbytes' default for 4-bit).
 pub const NF4_BLOCK: usize = 64;
 
+/// The code book a quantized weight uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuantCode {
+    /// 4-bit NormalFloat, [`NF4_CODE`].
+    Nf4,
+    /// 8-bit symmetric: code `c` stands for `(c − 128) / 127`.
+    Int8,
+}
+
+impl QuantCode {
+    /// Bits a code.
+    pub fn bits(self) -> usize {
+        match self {
+            QuantCode::Nf4 => 4,
+            QuantCode::Int8 => 8,
+        }
+    }
+    /// Codes per packed `i32`.
+    pub fn per_word(self) -> usize {
+        32 / self.bits()
+    }
+    /// The value of every code, in [-1, 1].
+    pub fn book(self) -> Vec<f32> {
+        match self {
+            QuantCode::Nf4 => NF4_CODE.to_vec(),
+            QuantCode::Int8 => (0..256).map(|c| ((c as f32 - 128.0) / 127.0).max(-1.0)).collect(),
+        }
+    }
+    /// The code of 0.0.
+    fn zero(self) -> u32 {
+        match self {
+            QuantCode::Nf4 => 7,
+            QuantCode::Int8 => 128,
+        }
+    }
+    /// The code nearest to `v` (in [-1, 1]).
+    fn nearest(self, v: f32) -> u32 {
+        match self {
+            QuantCode::Nf4 => nearest(v),
+            QuantCode::Int8 => ((v * 127.0).round().clamp(-127.0, 127.0) + 128.0) as u32,
+        }
+    }
+}
+
 /// A quantized matrix on the host.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Nf4Host {
-    /// Codes, eight per value.
+    /// The code book.
+    pub code: QuantCode,
+    /// Codes, [`QuantCode::per_word`] per value.
     pub packed: Vec<i32>,
     /// One scale per block.
     pub absmax: Vec<f32>,
@@ -59,32 +109,42 @@ fn nearest(v: f32) -> u32 {
     best as u32
 }
 
-/// Quantizes `values` (row-major) in blocks of [`NF4_BLOCK`].
+/// Quantizes `values` (row-major) to NF4 in blocks of [`NF4_BLOCK`].
 pub fn quantize(values: &[f32]) -> Nf4Host {
+    quantize_with(values, QuantCode::Nf4)
+}
+
+/// Quantizes `values` (row-major) with `code` in blocks of [`NF4_BLOCK`].
+pub fn quantize_with(values: &[f32], code: QuantCode) -> Nf4Host {
     let padded = values.len().next_multiple_of(NF4_BLOCK);
-    let mut codes = vec![7u32; padded]; // code 7 is 0.0
+    let mut codes = vec![code.zero(); padded];
     let mut absmax = Vec::with_capacity(padded / NF4_BLOCK);
     for (b, block) in values.chunks(NF4_BLOCK).enumerate() {
         let m = block.iter().fold(0f32, |m, v| m.max(v.abs()));
         absmax.push(m);
         if m > 0.0 {
             for (i, v) in block.iter().enumerate() {
-                codes[b * NF4_BLOCK + i] = nearest(v / m);
+                codes[b * NF4_BLOCK + i] = code.nearest(v / m);
             }
         }
     }
     absmax.resize(padded / NF4_BLOCK, 0.0);
-    let packed =
-        codes.chunks(8).map(|g| g.iter().enumerate().fold(0u32, |acc, (j, c)| acc | (c << (4 * j))) as i32).collect();
-    Nf4Host { packed, absmax, len: values.len() }
+    let bits = code.bits();
+    let packed = codes
+        .chunks(code.per_word())
+        .map(|g| g.iter().enumerate().fold(0u32, |acc, (j, c)| acc | (c << (bits * j))) as i32)
+        .collect();
+    Nf4Host { code, packed, absmax, len: values.len() }
 }
 
 /// The values a quantized matrix stands for, on the host.
 pub fn dequantize_host(q: &Nf4Host) -> Vec<f32> {
+    let (book, bits, per) = (q.code.book(), q.code.bits(), q.code.per_word());
+    let mask = (1u32 << bits) - 1;
     (0..q.len)
         .map(|i| {
-            let code = (q.packed[i / 8] as u32 >> (4 * (i % 8))) & 15;
-            NF4_CODE[code as usize] * q.absmax[i / NF4_BLOCK]
+            let c = (q.packed[i / per] as u32 >> (bits * (i % per))) & mask;
+            book[c as usize] * q.absmax[i / NF4_BLOCK]
         })
         .collect()
 }
@@ -96,6 +156,8 @@ pub struct Nf4Shape {
     pub out_features: usize,
     /// Input features (columns).
     pub in_features: usize,
+    /// The code book.
+    pub code: QuantCode,
 }
 
 /// The weight `[out, in]` in `dtype`, from its codes and scales, in tensor operations.
@@ -107,17 +169,20 @@ pub fn dequantize<B: Backend>(
 ) -> Tensor<B, 2> {
     let device = packed.device();
     let groups = packed.dims()[0];
-    let codes: Vec<Tensor<B, 2, Int>> = (0..8i32)
+    let (bits, per) = (shape.code.bits() as i32, shape.code.per_word());
+    let mask = (1i32 << bits) - 1;
+    let codes: Vec<Tensor<B, 2, Int>> = (0..per as i32)
         .map(|j| {
             packed
                 .clone()
-                .bitwise_right_shift_scalar((4 * j).elem())
-                .bitwise_and_scalar(15i32.elem())
+                .bitwise_right_shift_scalar((bits * j).elem())
+                .bitwise_and_scalar(mask.elem())
                 .reshape([groups, 1])
         })
         .collect();
-    let codes = Tensor::cat(codes, 1).reshape([groups * 8]);
-    let book = Tensor::<B, 1>::from_data(TensorData::new(NF4_CODE.to_vec(), [16]), (&device, DType::F32));
+    let codes = Tensor::cat(codes, 1).reshape([groups * per]);
+    let values = shape.code.book();
+    let book = Tensor::<B, 1>::from_data(TensorData::new(values.clone(), [values.len()]), (&device, DType::F32));
     let blocks = absmax.dims()[0];
     let values = book.select(0, codes).reshape([blocks, NF4_BLOCK]) * absmax.cast(DType::F32).reshape([blocks, 1]);
     let n = shape.out_features * shape.in_features;
@@ -259,9 +324,28 @@ mod tests {
         let w: Vec<f32> = values(out * input, 12);
         let q = quantize(&w);
         let (packed, absmax) = tensors::<TestBackend>(&q, &dev);
-        let shape = Nf4Shape { out_features: out, in_features: input };
+        let shape = Nf4Shape { out_features: out, in_features: input, code: QuantCode::Nf4 };
         let got = dequantize(packed, absmax, shape, DType::F32).into_data().to_vec::<f32>().unwrap();
         assert_eq!(got, dequantize_host(&q));
+    }
+
+    #[test]
+    fn int8_round_trips_within_half_a_step_and_dequantizes_in_tensors_as_on_the_host() {
+        let dev = Default::default();
+        let (out, input) = (6, 40);
+        let w: Vec<f32> = values(out * input, 21);
+        let q = quantize_with(&w, QuantCode::Int8);
+        assert_eq!(q.packed.len(), (out * input).next_multiple_of(NF4_BLOCK) / 4);
+        let d = dequantize_host(&q);
+        for (b, (blk, dq)) in w.chunks(NF4_BLOCK).zip(d.chunks(NF4_BLOCK)).enumerate() {
+            let m = blk.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let err = blk.iter().zip(dq).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(err <= m / 127.0 / 2.0 * 1.0001 + 1e-7, "block {b}: error {err}, absmax {m}");
+        }
+        let (packed, absmax) = tensors::<TestBackend>(&q, &dev);
+        let shape = Nf4Shape { out_features: out, in_features: input, code: QuantCode::Int8 };
+        let got = dequantize(packed, absmax, shape, DType::F32).into_data().to_vec::<f32>().unwrap();
+        assert_eq!(got, d);
     }
 
     #[test]
@@ -270,7 +354,7 @@ mod tests {
         let dev = Default::default();
         let (rows, out, input) = (5, 6, 64);
         let q = quantize(&values(out * input, 13));
-        let shape = Nf4Shape { out_features: out, in_features: input };
+        let shape = Nf4Shape { out_features: out, in_features: input, code: QuantCode::Nf4 };
         let w = Tensor::<A, 2>::from_data(TensorData::new(dequantize_host(&q), [out, input]), &dev);
         let x =
             || Tensor::<A, 2>::from_data(TensorData::new(values(rows * input, 14), [rows, input]), &dev).require_grad();

@@ -65,6 +65,7 @@ pub fn cache(cli: &Cli, cmd: &CacheCommand) -> anyhow::Result<i32> {
             }
             println!("unpinned {name}");
         }
+        CacheCommand::Verify { repair } => return verify(cli, &cache, *repair),
     }
     Ok(0)
 }
@@ -72,8 +73,6 @@ pub fn cache(cli: &Cli, cmd: &CacheCommand) -> anyhow::Result<i32> {
 /// `newt cache verify [--repair]`: reads every object of the store and compares it with its
 /// digest. Exit code 1 when something is damaged and `--repair` was not given; with it, the
 /// damaged results are removed (their stages run again next time) and the exit code is 0.
-// Reached once `CacheCommand::Verify { repair }` exists in src/cli.rs (owned by another change).
-#[allow(dead_code)]
 pub fn verify(cli: &Cli, cache: &Cache, repair: bool) -> anyhow::Result<i32> {
     let r = cache.verify(repair)?;
     if cli.json {

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use newt_cache::Cache;
-use newt_graph::LoadedConfig;
+use newt_config::LoadedConfig;
 
 use crate::cli::{Cli, Command};
 
@@ -35,7 +35,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         ),
         Command::Kernels { backend, shapes, reps } => kernels::kernels(&cli, backend, shapes, *reps),
         Command::ConfigSchema => {
-            let schema = schemars::schema_for!(newt_graph::config::Config);
+            let schema = schemars::schema_for!(newt_config::Config);
             println!("{}", serde_json::to_string_pretty(&schema)?);
             Ok(0)
         }
@@ -54,9 +54,17 @@ pub struct Session {
 
 /// Loads a pipeline, prints its warnings, opens its cache.
 pub fn session(cli: &Cli, pipeline: &Path) -> anyhow::Result<Session> {
-    let loaded = newt_graph::config::load(pipeline)?;
+    let loaded = newt_config::load(pipeline)?;
     for w in &loaded.warnings {
         eprintln!("{} {w}", console::style("warning:").yellow().bold());
+    }
+    if !loaded.ignored.is_empty() {
+        let keys: Vec<&str> = loaded.ignored.iter().map(|i| i.key.as_str()).collect();
+        eprintln!(
+            "{} accepted and ignored: {} (`newt plan` says why)",
+            console::style("note:").cyan().bold(),
+            keys.join(", ")
+        );
     }
     let root = cli
         .cache_dir

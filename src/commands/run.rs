@@ -12,7 +12,7 @@ use crate::exit;
 use crate::reporter::BarReporter;
 
 fn compiled(s: &Session) -> anyhow::Result<Pipeline> {
-    Ok(newt_graph::compile(&s.loaded.config)?)
+    Ok(newt_stages::topology::compile(&s.loaded.config)?)
 }
 
 /// Runs the pipeline (or the stages `only` needs) and prints the end-of-run table.
@@ -122,6 +122,7 @@ pub fn plan(cli: &Cli, pipeline: &Path) -> anyhow::Result<i32> {
         println!("{}", serde_json::to_string_pretty(&entries)?);
         return Ok(0);
     }
+    print_ignored(&s.loaded.ignored);
     println!("{:<16} {:<12} {:<14} why", "stage", "key", "cache");
     for e in &entries {
         let key = e.key.map(|k| k.short()).unwrap_or_else(|| "?".into());
@@ -137,6 +138,25 @@ pub fn plan(cli: &Cli, pipeline: &Path) -> anyhow::Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// The Axolotl keys the pipeline sets that newt accepts and ignores, grouped by reason.
+fn print_ignored(ignored: &[newt_config::axolotl::Ignored]) {
+    if ignored.is_empty() {
+        return;
+    }
+    let mut groups: Vec<(&str, Vec<&str>)> = Vec::new();
+    for i in ignored {
+        match groups.iter_mut().find(|(r, _)| *r == i.reason) {
+            Some((_, keys)) => keys.push(&i.key),
+            None => groups.push((i.reason, vec![&i.key])),
+        }
+    }
+    println!("accepted and ignored ({} keys):", ignored.len());
+    for (reason, keys) in groups {
+        println!("  {}: {reason}", keys.join(", "));
+    }
+    println!();
 }
 
 /// `newt why STAGE`.
@@ -176,7 +196,8 @@ pub fn merge_lora(cli: &Cli, pipeline: &Path, lora_model_dir: Option<&Path>) -> 
             return Ok(report_code(&report));
         };
         let out = PathBuf::from(&s.loaded.config.output_dir).join("merged");
-        newt_stages::merge::merge_external(&model, dir, &out, &s.loaded.config)?;
+        let params = newt_config::params::MergeParams::from_config(&s.loaded.config);
+        newt_stages::merge::merge_external(&model, dir, &out, &params)?;
         println!("merged {} into {}", shown(dir), shown(&out));
         return Ok(0);
     }
@@ -211,16 +232,17 @@ pub fn inference(
     if own_adapter {
         targets.push("train".into());
     }
-    // Only uses what is cached: a missing adapter is said, not trained behind the user's back.
-    let registry = newt_stages::registry();
-    let plan = newt_graph::why::plan(&p, &registry, &s.cache, &s.loaded.base_dir, &s.pipeline_id)?;
-    let cached = |id: &str| plan.iter().find(|e| e.id == id).is_some_and(|e| e.hit);
-    if !cached("fetch.model") || (own_adapter && !cached("train")) {
-        anyhow::bail!(
-            "the {} is not in the cache yet: run `newt run {}` first (or pass --base)",
-            if own_adapter { "trained adapter" } else { "base model" },
-            shown(pipeline)
-        );
+    // The base model is fetched when it is not cached; a missing adapter is said, not trained
+    // behind the user's back.
+    if own_adapter {
+        let registry = newt_stages::registry();
+        let plan = newt_graph::why::plan(&p, &registry, &s.cache, &s.loaded.base_dir, &s.pipeline_id)?;
+        if !plan.iter().any(|e| e.id == "train" && e.hit) {
+            anyhow::bail!(
+                "the trained adapter is not in the cache yet: run `newt run {}` first (or pass --base)",
+                shown(pipeline)
+            );
+        }
     }
     let report = execute(cli, &s, &p, &targets, 1)?;
     let dir = |id: &str| report.stages.iter().find(|r| r.id == id).and_then(|r| r.path.clone());
@@ -230,6 +252,8 @@ pub fn inference(
         None if base => None,
         None => dir("train"),
     };
-    newt_stages::evaluate::chat(&model, adapter.as_deref(), &s.loaded.config, prompt, max_new_tokens, temperature)?;
+    let c = &s.loaded.config;
+    let params = newt_config::params::EvaluateParams::from_config(c);
+    newt_stages::evaluate::chat(&model, adapter.as_deref(), &params, c.backend, prompt, max_new_tokens, temperature)?;
     Ok(0)
 }

@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
+use newt_config::params::{FetchDatasetParams, PackParams, TokenizeParams};
 use newt_graph::compile::StageNode;
 use newt_graph::{Stage, StageContext};
 
@@ -16,7 +17,7 @@ impl Stage for FetchDataset {
         1
     }
     fn external_inputs(&self, node: &StageNode, base_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
-        let ds = node.dataset()?;
+        let ds = node.params_as::<FetchDatasetParams>()?.dataset;
         if ds.path.starts_with("stage:") {
             return Ok(Vec::new());
         }
@@ -26,8 +27,7 @@ impl Stage for FetchDataset {
         vec!["data.parquet".into()]
     }
     fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<serde_json::Value> {
-        let mut ds = ctx.node.dataset()?;
-        let cfg = ctx.node.config()?;
+        let FetchDatasetParams { dataset: mut ds, skip_invalid_rows } = ctx.node.params_as()?;
         let files = match ds.path.strip_prefix("stage:") {
             Some(stage) => {
                 // A custom stage's output folder is the dataset.
@@ -37,7 +37,7 @@ impl Stage for FetchDataset {
             }
             None => ctx.external.clone(),
         };
-        let opts = newt_data::FetchOptions { skip_invalid_rows: cfg.skip_invalid_rows };
+        let opts = newt_data::FetchOptions { skip_invalid_rows };
         let s = newt_data::fetch_dataset(&ds, &files, &ctx.out_dir, &opts)?;
         Ok(serde_json::to_value(&s)?)
     }
@@ -57,8 +57,7 @@ impl Stage for Tokenize {
         vec!["tokens.parquet".into()]
     }
     fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<serde_json::Value> {
-        let ds = ctx.node.dataset()?;
-        let cfg = ctx.node.config()?;
+        let params: TokenizeParams = ctx.node.params_as()?;
         let fetch = ctx
             .node
             .inputs
@@ -67,7 +66,7 @@ impl Stage for Tokenize {
             .expect("compile gives tokenize a fetch input");
         let data = ctx.input(fetch)?.join("data.parquet");
         let model = ctx.input("fetch.model")?;
-        let s = newt_data::tokenize(&data, &ds, &cfg, model, &ctx.out_dir)?;
+        let s = newt_data::tokenize(&data, &params, model, &ctx.out_dir)?;
         // The artifact carries its tokenizer so `newt inspect` can decode it on its own.
         std::fs::copy(model.join("tokenizer.json"), ctx.out_dir.join("tokenizer.json"))?;
         for w in &s.warnings {
@@ -91,13 +90,12 @@ impl Stage for Pack {
         vec!["train.parquet".into(), "val.parquet".into()]
     }
     fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<serde_json::Value> {
-        let cfg = ctx.node.config()?;
-        let list = |key: &str| -> anyhow::Result<Vec<PathBuf>> {
-            let ids: Vec<String> = serde_json::from_value(ctx.node.params[key].clone())?;
+        let params: PackParams = ctx.node.params_as()?;
+        let list = |ids: &[String]| -> anyhow::Result<Vec<PathBuf>> {
             ids.iter().map(|id| Ok(ctx.input(id)?.join("tokens.parquet"))).collect()
         };
-        let train = list("train_inputs")?;
-        let s = newt_data::pack(&train, &list("test_inputs")?, &cfg, &ctx.out_dir)?;
+        let train = list(&params.train_inputs)?;
+        let s = newt_data::pack(&train, &list(&params.test_inputs)?, &params, &ctx.out_dir)?;
         if let Some(tok) = train.first().and_then(|t| t.parent()).map(|d| d.join("tokenizer.json")) {
             std::fs::copy(tok, ctx.out_dir.join("tokenizer.json"))?;
         }

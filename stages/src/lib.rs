@@ -13,6 +13,7 @@
 pub mod command;
 pub mod data;
 pub mod model;
+pub mod topology;
 pub mod views;
 
 use std::sync::Arc;

@@ -3,12 +3,18 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 
 use burn::module::AutodiffModule;
 use burn::tensor::backend::{AutodiffBackend, Backend};
+use newt_config::params::{
+    BaseQuantization, DeviceSettings, EvaluateParams, FetchModelParams, LoraParams, MergeParams, TrainParams,
+    TrainSettings,
+};
+use newt_config::{Backend as BackendChoiceKey, SpecialTokens, TargetModules};
 use newt_graph::compile::StageNode;
-use newt_graph::config::Config;
 use newt_graph::{Stage, StageContext};
+use newt_kernels::nf4::QuantCode;
 use newt_model::backend::{self, BackendChoice, KernelBackend, ResolvedBackend, WithAutodiffBackend, WithBackend};
 use newt_model::generate::{ChatMessage, ChatTemplate, SamplingConfig};
 use newt_model::llama::Llama;
@@ -68,13 +74,14 @@ impl Stage for FetchModel {
         1
     }
     fn external_inputs(&self, node: &StageNode, base_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
-        let cfg = node.config()?;
-        if cfg.base_model.starts_with("newt:") {
+        let p: FetchModelParams = node.params_as()?;
+        if p.tiny.is_some() {
             return Ok(Vec::new());
         }
-        let mut v = vec![model_source(&cfg.base_model, base_dir)?];
-        if let Some(t) = &cfg.tokenizer_config {
-            v.push(model_source(t, base_dir)?);
+        // In this order: the model, then the tokenizer and config overrides that are set.
+        let mut v = vec![model_source(&p.base_model, base_dir)?];
+        for over in [&p.tokenizer_config, &p.base_model_config].into_iter().flatten() {
+            v.push(model_source(over, base_dir)?);
         }
         Ok(v)
     }
@@ -82,19 +89,16 @@ impl Stage for FetchModel {
         vec!["config.json".into(), "tokenizer.json".into()]
     }
     fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<serde_json::Value> {
-        let cfg = ctx.node.config()?;
+        let p: FetchModelParams = ctx.node.params_as()?;
         let out = &ctx.out_dir;
-        if let Some(name) = cfg.base_model.strip_prefix("newt:") {
-            if name != "tiny" {
-                anyhow::bail!("unknown built-in model `newt:{name}` (built-in: newt:tiny)");
-            }
+        if let Some(tiny) = &p.tiny {
             let mut texts = Vec::new();
             for dir in ctx.inputs.values() {
                 texts.extend(dataset_texts(&dir.join("data.parquet"))?);
             }
-            let t = &cfg.tiny_model;
+            let t = &tiny.shape;
             let spec = newt_model::tiny::TinySpec {
-                seed: cfg.seed,
+                seed: tiny.seed,
                 vocab_size: t.vocab_size,
                 hidden_size: t.hidden_size,
                 intermediate_size: t.intermediate_size,
@@ -117,12 +121,22 @@ impl Stage for FetchModel {
         } else {
             anyhow::bail!("base_model {}: expected a Hugging Face model folder or a .gguf file", src.display());
         };
-        if let Some(tok) = ctx.external.get(1) {
+        let mut overrides = ctx.external.iter().skip(1);
+        if p.tokenizer_config.is_some()
+            && let Some(tok) = overrides.next()
+        {
             for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"] {
                 if tok.join(f).exists() {
                     std::fs::copy(tok.join(f), out.join(f))?;
                 }
             }
+        }
+        if p.base_model_config.is_some()
+            && let Some(dir) = overrides.next()
+        {
+            let file = if dir.is_dir() { dir.join("config.json") } else { dir.clone() };
+            std::fs::copy(&file, out.join("config.json"))
+                .map_err(|e| anyhow::anyhow!("base_model_config {}: {e}", file.display()))?;
         }
         // Validate now, so a broken model fails here and is never cached.
         newt_model::config::ModelConfig::from_dir(out)?;
@@ -130,64 +144,67 @@ impl Stage for FetchModel {
     }
 }
 
-fn backend_of(cfg: &Config) -> anyhow::Result<ResolvedBackend> {
-    Ok(backend::resolve(BackendChoice::from_str(&cfg.backend)?)?)
+fn backend_of(backend: BackendChoiceKey) -> anyhow::Result<ResolvedBackend> {
+    Ok(backend::resolve(BackendChoice::from_str(backend.as_str())?)?)
 }
 
-fn lora_config(cfg: &Config) -> LoraConfig {
+fn lora_config(l: &LoraParams, seed: u64) -> LoraConfig {
+    let (target_modules, target_regex) = match &l.target_modules {
+        TargetModules::Names(names) => (names.clone(), None),
+        TargetModules::Regex(r) => (Vec::new(), Some(r.clone())),
+    };
     LoraConfig {
-        r: cfg.lora_r,
-        alpha: cfg.lora_alpha,
-        dropout: cfg.lora_dropout,
-        target_modules: cfg.lora_target_modules.clone(),
-        target_linear: cfg.lora_target_linear || cfg.lora_target_modules.is_empty(),
-        use_rslora: cfg.peft_use_rslora,
-        modules_to_save: cfg.lora_modules_to_save.clone(),
-        seed: cfg.seed,
+        r: l.r,
+        alpha: l.alpha,
+        dropout: l.dropout,
+        target_modules,
+        target_linear: l.target_linear,
+        target_regex,
+        use_rslora: l.use_rslora,
+        modules_to_save: l.modules_to_save.clone(),
+        seed,
     }
 }
 
-fn train_config(cfg: &Config) -> TrainConfig {
-    let accumulation = match cfg.batch_size {
-        Some(b) => (b / cfg.micro_batch_size).max(1),
-        None => cfg.gradient_accumulation_steps,
-    };
+fn train_config(cfg: &TrainParams, s: &TrainSettings) -> TrainConfig {
     TrainConfig {
         micro_batch_size: cfg.micro_batch_size,
-        gradient_accumulation_steps: accumulation,
+        gradient_accumulation_steps: cfg.gradient_accumulation_steps,
         num_epochs: cfg.num_epochs,
         max_steps: cfg.max_steps,
         learning_rate: cfg.learning_rate,
-        optimizer: cfg.optimizer.clone(),
+        optimizer: cfg.optimizer.as_str(),
         adam_beta1: cfg.adam_beta1,
         adam_beta2: cfg.adam_beta2,
         adam_epsilon: cfg.adam_epsilon,
         weight_decay: cfg.weight_decay,
         max_grad_norm: cfg.max_grad_norm,
-        lr_scheduler: cfg.lr_scheduler.clone(),
+        lr_scheduler: cfg.lr_scheduler.as_str().to_string(),
         cosine_min_lr_ratio: cfg.cosine_min_lr_ratio,
         warmup_steps: cfg.warmup_steps,
         warmup_ratio: cfg.warmup_ratio,
         seed: cfg.seed,
-        save_steps: cfg.save_steps,
-        saves_per_epoch: cfg.saves_per_epoch,
-        save_total_limit: cfg.save_total_limit,
+        save_steps: s.save_steps,
+        saves_per_epoch: s.saves_per_epoch,
+        save_total_limit: s.save_total_limit,
         eval_steps: cfg.eval_steps,
         evals_per_epoch: cfg.evals_per_epoch,
-        logging_steps: cfg.logging_steps,
+        logging_steps: s.logging_steps,
         shuffle: true,
     }
 }
 
-/// Axolotl's `pad_to_sequence_len`, on by default with `sample_packing`: every micro-batch is
-/// `micro_batch_size × sequence_len`, one shape for the whole run.
-fn pads_batches(cfg: &Config) -> bool {
-    cfg.pad_to_sequence_len.unwrap_or(cfg.sample_packing)
-}
-
-fn read_data(path: &Path) -> anyhow::Result<Option<TrainData>> {
+/// The rows of a packed split, each micro-batch padded to `pad_to × rows` when set (Axolotl's
+/// `pad_to_sequence_len`: one shape for the whole run).
+fn read_data(path: &Path, pad_to: Option<usize>, rows: usize) -> anyhow::Result<Option<TrainData>> {
     let d = TrainData::from_parquet(path)?;
-    Ok(if d.is_empty() { None } else { Some(d) })
+    if d.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(match pad_to {
+        Some(width) => d.pad_batches_to(width, rows),
+        None => d,
+    }))
 }
 
 /// LoRA training on the packed data.
@@ -227,7 +244,8 @@ where
 
 struct TrainWork<'a> {
     ctx: &'a StageContext<'a>,
-    cfg: Config,
+    cfg: TrainParams,
+    settings: TrainSettings,
 }
 
 impl WithAutodiffBackend for TrainWork<'_> {
@@ -240,20 +258,19 @@ impl WithAutodiffBackend for TrainWork<'_> {
         let cfg = &self.cfg;
         let pack = ctx.input("pack")?;
         let model_dir = ctx.input("fetch.model")?;
-        let eval_batch = cfg.eval_batch_size.unwrap_or(cfg.micro_batch_size);
-        let pad = pads_batches(cfg);
-        let data = read_data(&pack.join("train.parquet"))?
+        let eval_batch = cfg.eval_batch_size;
+        let data = read_data(&pack.join("train.parquet"), cfg.pad_to, cfg.micro_batch_size)?
             .ok_or_else(|| anyhow::anyhow!("the pack stage produced no training rows"))?;
-        let data = if pad { data.pad_batches_to(cfg.sequence_len, cfg.micro_batch_size) } else { data };
-        let val = read_data(&pack.join("val.parquet"))?
-            .map(|v| if pad { v.pad_batches_to(cfg.sequence_len, eval_batch) } else { v });
-        let lora = lora_config(cfg);
-        ctx.progress.set_message("loading model".into());
-        if qlora(cfg) {
-            ctx.progress.set_message("loading model, quantizing it to NF4".into());
-        }
-        let mut model = load_model::<B>(model_dir, None, qlora(cfg), &device)?.with_lora(&lora)?;
-        model.gradient_checkpointing = cfg.gradient_checkpointing.enabled();
+        let val = read_data(&pack.join("val.parquet"), cfg.pad_to, eval_batch)?;
+        let lora = lora_config(&cfg.lora, cfg.seed);
+        let quantize = quant_code(cfg.quantization);
+        ctx.progress.set_message(match quantize {
+            Some(code) => format!("loading model, quantizing it ({code:?})"),
+            None => "loading model".into(),
+        });
+        newt_model::lora::set_lora_f32(cfg.lora_f32);
+        let mut model = load_model::<B>(model_dir, None, quantize, &device)?.with_lora(&lora)?;
+        model.gradient_checkpointing = self.settings.gradient_checkpointing;
         if let Some(dir) = &cfg.lora_model_dir {
             let dir = ctx.external.first().cloned().unwrap_or_else(|| PathBuf::from(dir));
             model = newt_model::peft::load_adapter(model, &dir)?.0;
@@ -274,7 +291,7 @@ impl WithAutodiffBackend for TrainWork<'_> {
                 peak_flops: if B::name(&device).to_lowercase().contains("cuda") { 989e12 } else { 1e11 },
             }),
         };
-        let tcfg = train_config(cfg);
+        let tcfg = train_config(cfg, &self.settings);
         let mut hooks = Hooks { ctx, val: val.as_ref(), eval_batch };
         let (model, summary) = newt_model::train::train(model, &data, &tcfg, &run, &mut hooks, &device)?;
         for w in &summary.warnings {
@@ -301,7 +318,8 @@ impl Stage for Train {
         "train"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: adapter_config.json names its base model (it was empty).
+        2
     }
     fn environment(&self, node: &StageNode) -> BTreeMap<String, String> {
         env_of(node)
@@ -319,9 +337,10 @@ impl Stage for Train {
             .collect()
     }
     fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<serde_json::Value> {
-        let cfg = ctx.node.config()?;
-        let b = backend_of(&cfg)?;
-        if cfg.gradient_checkpointing.enabled() && cfg.lora_dropout > 0.0 {
+        let cfg: TrainParams = ctx.node.params_as()?;
+        let settings: TrainSettings = ctx.node.settings_as()?;
+        let b = backend_of(settings.device.backend)?;
+        if settings.gradient_checkpointing && cfg.lora.dropout > 0.0 {
             // The layer-by-layer recomputation would draw other dropout masks than the forward.
             ctx.progress.println(
                 "warning: gradient_checkpointing is not applied with lora_dropout > 0 (the recomputed layers \
@@ -332,7 +351,7 @@ impl Stage for Train {
         if b != ResolvedBackend::Cpu {
             backend::configure_kernel_cache(&ctx.cache_root)?;
         }
-        let out = backend::dispatch_autodiff(b, TrainWork { ctx, cfg });
+        let out = backend::dispatch_autodiff(b, TrainWork { ctx, cfg, settings });
         if b != ResolvedBackend::Cpu {
             let (lt, fallback) = newt_kernels::matmul::cuda_dense_matmul_calls();
             ctx.progress.println(format!("dense matmuls: {lt} through cuBLASLt, {fallback} through CubeCL"));
@@ -350,14 +369,23 @@ impl Stage for Train {
     }
 }
 
+/// The backend a model stage's settings ask for (train's carry it inside [`TrainSettings`]).
+fn node_backend(node: &StageNode) -> anyhow::Result<ResolvedBackend> {
+    let device = match node.settings_as::<TrainSettings>() {
+        Ok(s) => s.device,
+        Err(_) => node.settings_as::<DeviceSettings>()?,
+    };
+    backend_of(device.backend)
+}
+
 /// Whether the node's backend resolves to a GPU (GPU stages hold the device semaphore).
 fn on_device(node: &StageNode) -> bool {
-    node.config().ok().and_then(|c| backend_of(&c).ok()).is_some_and(|b| b != ResolvedBackend::Cpu)
+    node_backend(node).is_ok_and(|b| b != ResolvedBackend::Cpu)
 }
 
 fn env_of(node: &StageNode) -> BTreeMap<String, String> {
     let mut env = BTreeMap::new();
-    match node.config().ok().map(|c| backend_of(&c)) {
+    match Some(node_backend(node)) {
         Some(Ok(b)) => {
             env.insert("backend".into(), b.name().into());
             env.insert("dtype".into(), b.dtype_name().into());
@@ -369,22 +397,26 @@ fn env_of(node: &StageNode) -> BTreeMap<String, String> {
     env
 }
 
-/// QLoRA (`adapter: qlora` or `load_in_4bit`): the base model's linears in NF4, in training and
-/// wherever the trained adapter is used, as bitsandbytes loads it for Axolotl.
-fn qlora(cfg: &Config) -> bool {
-    cfg.adapter.as_deref() == Some("qlora") || cfg.load_in_4bit
+/// The code book a frozen base is stored in, if any.
+fn quant_code(q: BaseQuantization) -> Option<QuantCode> {
+    match q {
+        BaseQuantization::None => None,
+        BaseQuantization::Nf4 => Some(QuantCode::Nf4),
+        BaseQuantization::Int8 => Some(QuantCode::Int8),
+    }
 }
 
-/// Loads the base model (in NF4 for QLoRA) with the adapter of a train artifact (when given).
+/// Loads the base model (quantized for QLoRA and 8-bit loading) with the adapter of a train
+/// artifact (when given).
 fn load_model<B: Backend>(
     model_dir: &Path,
     adapter: Option<&Path>,
-    quantize: bool,
+    quantize: Option<QuantCode>,
     device: &B::Device,
 ) -> anyhow::Result<Llama<B>> {
     let mut model = Llama::<B>::from_hf_dir(model_dir, device)?;
-    if quantize {
-        model = model.quantize_nf4();
+    if let Some(code) = quantize {
+        model = model.quantize_base(code);
     }
     Ok(match adapter {
         Some(dir) => newt_model::peft::load_adapter(model, dir)?.0,
@@ -392,42 +424,75 @@ fn load_model<B: Backend>(
     })
 }
 
-/// The model's EOS ids (config.json + generation_config.json), plus the end-of-turn tokens of the
-/// common chat templates, which some tokenizer configs do not list as EOS.
-fn stop_ids(model_dir: &Path, tok: &tokenizers::Tokenizer) -> anyhow::Result<Vec<u32>> {
-    let config = newt_model::config::ModelConfig::from_dir(model_dir)?;
-    let mut ids = newt_model::generate::stop_token_ids(model_dir, &config);
-    for t in ["<|im_end|>", "<|eot_id|>", "<|endoftext|>", "</s>", "<|end_of_text|>"] {
-        ids.extend(tok.token_to_id(t));
-    }
-    ids.sort_unstable();
-    ids.dedup();
-    Ok(ids)
+/// How prompts are written and where generation stops: the chat template and special tokens
+/// the pipeline trained with (not the model folder's default when the pipeline set its own).
+pub struct Prompting {
+    tokenizer: Arc<tokenizers::Tokenizer>,
+    template: ChatTemplate,
+    stop_token_ids: Vec<u32>,
 }
 
-/// Answers `prompts` with the model (chat template applied), greedy.
+impl Prompting {
+    /// The pipeline's prompt format over the model in `model_dir`.
+    pub fn new(
+        model_dir: &Path,
+        chat_template: Option<&str>,
+        chat_template_jinja: Option<&str>,
+        special_tokens: &SpecialTokens,
+        eot_tokens: &[String],
+    ) -> anyhow::Result<Self> {
+        let tok = newt_data::HfTokenizer::load_for(model_dir, special_tokens, &[])?;
+        let source = newt_data::strategy::chat::template_source(chat_template, chat_template_jinja, &tok)?;
+        let text =
+            |t: &Option<newt_data::tokenizer::SpecialToken>| t.as_ref().map(|t| t.text.clone()).unwrap_or_default();
+        let template = ChatTemplate { source, bos_token: text(&tok.bos), eos_token: text(&tok.eos) };
+        // The model's EOS ids (config.json + generation_config.json), the tokenizer's EOS, the
+        // pipeline's end-of-turn tokens, and those of the common chat templates, which some
+        // tokenizer configs do not list as EOS.
+        let config = newt_model::config::ModelConfig::from_dir(model_dir)?;
+        let mut ids = newt_model::generate::stop_token_ids(model_dir, &config);
+        ids.extend(tok.eos.as_ref().map(|t| t.id));
+        let common = ["<|im_end|>", "<|eot_id|>", "<|endoftext|>", "</s>", "<|end_of_text|>"];
+        for t in eot_tokens.iter().map(String::as_str).chain(common) {
+            ids.extend(tok.tokenizer.token_to_id(t));
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        Ok(Prompting { tokenizer: tok.tokenizer.clone(), template, stop_token_ids: ids })
+    }
+
+    fn of(model_dir: &Path, p: &EvaluateParams) -> anyhow::Result<Self> {
+        Self::new(
+            model_dir,
+            p.chat_template.as_deref(),
+            p.chat_template_jinja.as_deref(),
+            &p.special_tokens,
+            &p.eot_tokens,
+        )
+    }
+}
+
+/// Answers `prompts` with the model (chat template applied), greedy when `temperature` is 0.
 fn answer<B: KernelBackend>(
     model: &Llama<B>,
-    model_dir: &Path,
+    prompting: &Prompting,
     prompts: &[String],
     max_new_tokens: usize,
     temperature: f32,
     stream: bool,
 ) -> anyhow::Result<Vec<String>> {
-    let tok = tokenizers::Tokenizer::from_file(model_dir.join("tokenizer.json"))
-        .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
-    let template = ChatTemplate::from_model_dir(model_dir)?;
+    let tok = prompting.tokenizer.as_ref();
     let sampling = SamplingConfig {
         max_new_tokens,
         temperature,
-        stop_token_ids: stop_ids(model_dir, &tok)?,
+        stop_token_ids: prompting.stop_token_ids.clone(),
         ..Default::default()
     };
     let mut out = Vec::new();
     for p in prompts {
-        let text = template.apply_chat_template(&[ChatMessage::new("user", p)], true)?;
+        let text = prompting.template.apply_chat_template(&[ChatMessage::new("user", p)], true)?;
         let ids = tok.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?.get_ids().to_vec();
-        let mut streamer = newt_model::generate::TextStream::new(&tok);
+        let mut streamer = newt_model::generate::TextStream::new(tok);
         let g = newt_model::generate::generate(model, &ids, &sampling, |t| {
             if stream && let Some(piece) = streamer.push(t) {
                 use std::io::Write;
@@ -449,7 +514,7 @@ pub struct Evaluate;
 
 struct EvalWork<'a> {
     ctx: &'a StageContext<'a>,
-    cfg: Config,
+    cfg: EvaluateParams,
 }
 
 impl WithBackend for EvalWork<'_> {
@@ -459,21 +524,23 @@ impl WithBackend for EvalWork<'_> {
         let cfg = &self.cfg;
         let model_dir = ctx.input("fetch.model")?;
         let adapter = ctx.input("train")?;
-        let batch = cfg.eval_batch_size.unwrap_or(1).max(1);
-        let val = read_data(&ctx.input("pack")?.join("val.parquet"))?
-            .map(|v| if pads_batches(cfg) { v.pad_batches_to(cfg.sequence_len, batch) } else { v });
+        let batch = cfg.eval_batch_size.max(1);
+        let val = read_data(&ctx.input("pack")?.join("val.parquet"), cfg.pad_to, batch)?;
+        let prompting = Prompting::of(model_dir, cfg)?;
+        let quantize = quant_code(cfg.quantization);
+        newt_model::lora::set_lora_f32(cfg.lora_f32);
         let mut metrics = serde_json::Map::new();
         for (name, with_adapter) in [("base", false), ("tuned", true)] {
             ctx.check_cancelled()?;
             ctx.progress.set_message(format!("evaluating {name}"));
-            let model = load_model::<B>(model_dir, with_adapter.then_some(adapter), qlora(cfg), &device)?;
+            let model = load_model::<B>(model_dir, with_adapter.then_some(adapter), quantize, &device)?;
             let mut m = serde_json::Map::new();
             if let Some(val) = &val {
                 let loss = newt_model::train::eval_loss(&model, val, batch, &device);
                 m.insert("eval_loss".into(), loss.into());
                 m.insert("perplexity".into(), loss.exp().into());
             }
-            let answers = answer(&model, model_dir, &cfg.eval_prompts, cfg.eval_max_new_tokens, 0.0, false)?;
+            let answers = answer(&model, &prompting, &cfg.eval_prompts, cfg.eval_max_new_tokens, 0.0, false)?;
             let pairs: Vec<serde_json::Value> = cfg
                 .eval_prompts
                 .iter()
@@ -497,7 +564,7 @@ impl Stage for Evaluate {
         "evaluate"
     }
     fn version(&self) -> u32 {
-        1
+        2
     }
     fn environment(&self, node: &StageNode) -> BTreeMap<String, String> {
         env_of(node)
@@ -512,8 +579,9 @@ impl Stage for Evaluate {
         vec![("metrics.json".into(), "eval_metrics.json".into())]
     }
     fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<serde_json::Value> {
-        let cfg = ctx.node.config()?;
-        backend::dispatch(backend_of(&cfg)?, EvalWork { ctx, cfg })
+        let cfg: EvaluateParams = ctx.node.params_as()?;
+        let device: DeviceSettings = ctx.node.settings_as()?;
+        backend::dispatch(backend_of(device.backend)?, EvalWork { ctx, cfg })
     }
 }
 
@@ -534,16 +602,16 @@ impl Stage for Merge {
         vec![(".".into(), "merged".into())]
     }
     fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<serde_json::Value> {
-        let cfg = ctx.node.config()?;
-        merge_into(ctx.input("fetch.model")?, ctx.input("train")?, &ctx.out_dir, &cfg)
+        let p: MergeParams = ctx.node.params_as()?;
+        merge_into(ctx.input("fetch.model")?, ctx.input("train")?, &ctx.out_dir, &p)
     }
 }
 
-fn merge_into(model: &Path, adapter: &Path, out: &Path, cfg: &Config) -> anyhow::Result<serde_json::Value> {
-    let opts = newt_model::merge::MergeOptions { max_shard_bytes: cfg.merge.max_shard_size, ..Default::default() };
+fn merge_into(model: &Path, adapter: &Path, out: &Path, p: &MergeParams) -> anyhow::Result<serde_json::Value> {
+    let opts = newt_model::merge::MergeOptions { max_shard_bytes: p.max_shard_size, ..Default::default() };
     let s = newt_model::merge::merge_lora(model, adapter, out, opts)?;
     let mut exports = Vec::new();
-    for ty in &cfg.merge.gguf {
+    for ty in &p.gguf {
         let t = newt_model::gguf::GgufType::parse(ty)
             .ok_or_else(|| anyhow::anyhow!("merge.gguf: unknown type `{ty}` (f32, f16, q8_0)"))?;
         let file = out.join(format!("model-{ty}.gguf"));
@@ -554,28 +622,31 @@ fn merge_into(model: &Path, adapter: &Path, out: &Path, cfg: &Config) -> anyhow:
 }
 
 /// `newt merge-lora --lora-model-dir`: merges an adapter made elsewhere.
-pub fn merge_external(model: &Path, adapter: &Path, out: &Path, cfg: &Config) -> anyhow::Result<()> {
+pub fn merge_external(model: &Path, adapter: &Path, out: &Path, p: &MergeParams) -> anyhow::Result<()> {
     if out.exists() {
         anyhow::bail!("{} exists; remove it or choose another output_dir", out.display());
     }
-    merge_into(model, adapter, out, cfg).map(|_| ())
+    merge_into(model, adapter, out, p).map(|_| ())
 }
 
 struct ChatWork<'a> {
     model: &'a Path,
     adapter: Option<&'a Path>,
+    params: &'a EvaluateParams,
     prompt: Option<&'a str>,
     max_new_tokens: usize,
     temperature: f32,
-    quantize: bool,
 }
 
 impl WithBackend for ChatWork<'_> {
     type Output = anyhow::Result<()>;
     fn run<B: KernelBackend>(self, device: B::Device) -> Self::Output {
-        let model = load_model::<B>(self.model, self.adapter, self.quantize, &device)?;
+        let quantize = quant_code(self.params.quantization);
+        newt_model::lora::set_lora_f32(self.params.lora_f32);
+        let model = load_model::<B>(self.model, self.adapter, quantize, &device)?;
+        let prompting = Prompting::of(self.model, self.params)?;
         if let Some(p) = self.prompt {
-            answer(&model, self.model, &[p.to_string()], self.max_new_tokens, self.temperature, true)?;
+            answer(&model, &prompting, &[p.to_string()], self.max_new_tokens, self.temperature, true)?;
             return Ok(());
         }
         let stdin = std::io::stdin();
@@ -589,20 +660,21 @@ impl WithBackend for ChatWork<'_> {
             if line.is_empty() {
                 continue;
             }
-            answer(&model, self.model, &[line.to_string()], self.max_new_tokens, self.temperature, true)?;
+            answer(&model, &prompting, &[line.to_string()], self.max_new_tokens, self.temperature, true)?;
         }
     }
 }
 
-/// `newt inference`: streams answers from base (+ adapter) to the terminal.
+/// `newt inference`: streams answers from base (+ adapter) to the terminal, prompts formatted as
+/// the pipeline's evaluate stage formats them.
 pub fn chat(
     model: &Path,
     adapter: Option<&Path>,
-    cfg: &Config,
+    params: &EvaluateParams,
+    backend: BackendChoiceKey,
     prompt: Option<&str>,
     max_new_tokens: usize,
     temperature: f32,
 ) -> anyhow::Result<()> {
-    let quantize = qlora(cfg);
-    backend::dispatch(backend_of(cfg)?, ChatWork { model, adapter, prompt, max_new_tokens, temperature, quantize })
+    backend::dispatch(backend_of(backend)?, ChatWork { model, adapter, params, prompt, max_new_tokens, temperature })
 }

@@ -17,8 +17,9 @@ use std::time::Instant;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+use newt_config::params::{PackParams, TokenizeParams};
+use newt_config::{Config, DatasetConfig, DatasetType};
 use newt_data::{FetchOptions, fetch_dataset, pack, tokenize};
-use newt_graph::config::{Config, DatasetConfig};
 
 const WORDS: &[&str] = &[
     "the", "model", "learns", "a", "quick", "answer", "about", "rust", "data", "token", "while", "training", "on",
@@ -134,8 +135,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if generate_only {
         return Ok(());
     }
-    let ds =
-        DatasetConfig { path: data.display().to_string(), type_: Some("chat_template".into()), ..Default::default() };
+    let ds = DatasetConfig {
+        path: data.display().to_string(),
+        type_: Some(DatasetType::ChatTemplate),
+        ..Default::default()
+    };
     let cfg = Config { sequence_len, sample_packing: true, val_set_size: 0.01, ..Default::default() };
     let _ = std::fs::remove_dir_all(dir.join("out"));
 
@@ -147,12 +151,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let tok_base = reset_peak();
     let t = Instant::now();
     let cpu0 = cpu_seconds();
-    let tk = tokenize(&dir.join("out/fetch/data.parquet"), &ds, &cfg, &model, &dir.join("out/tokenize"))?;
+    let tk = tokenize(
+        &dir.join("out/fetch/data.parquet"),
+        &TokenizeParams::from_config(&cfg, &ds),
+        &model,
+        &dir.join("out/tokenize"),
+    )?;
     let tok_s = t.elapsed().as_secs_f64();
     let tok_rss = peak_rss_mib();
     let pack_base = reset_peak();
     let t = Instant::now();
-    let p = pack(&[dir.join("out/tokenize/tokens.parquet")], &[], &cfg, &dir.join("out/pack"))?;
+    let p = pack(
+        &[dir.join("out/tokenize/tokens.parquet")],
+        &[],
+        &PackParams::from_config(&cfg, vec![], vec![]),
+        &dir.join("out/pack"),
+    )?;
     let pack_s = t.elapsed().as_secs_f64();
     let cpu = cpu_seconds() - cpu0;
     let pack_rss = peak_rss_mib();

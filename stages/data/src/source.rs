@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use newt_graph::config::DatasetConfig;
+use newt_config::DatasetConfig;
 
 use crate::DataError;
 

@@ -21,10 +21,17 @@ use minijinja::{Environment, Error, ErrorKind, Value};
 
 use crate::DataError;
 
-/// Built-in templates by name (`chat_template: chatml`, `llama3`): they render the same text as
-/// Axolotl's built-ins of the same name.
-pub const BUILTIN: &[(&str, &str)] =
-    &[("chatml", include_str!("templates/chatml.jinja")), ("llama3", include_str!("templates/llama3.jinja"))];
+/// Built-in templates by name (`chat_template: chatml`, `llama3`, `qwen_25`, `qwen3`): they render
+/// the same text as Axolotl's built-ins of the same name (`qwen2_5` is a spelling some of its
+/// examples use). `qwen_25` inserts Qwen's default system message; `qwen3` drops the `<think>`
+/// part of assistant turns before the last user turn. Tools are not rendered.
+pub const BUILTIN: &[(&str, &str)] = &[
+    ("chatml", include_str!("templates/chatml.jinja")),
+    ("llama3", include_str!("templates/llama3.jinja")),
+    ("qwen_25", include_str!("templates/qwen_25.jinja")),
+    ("qwen2_5", include_str!("templates/qwen_25.jinja")),
+    ("qwen3", include_str!("templates/qwen3.jinja")),
+];
 
 const SENTINEL_OPEN: char = '\u{E000}';
 const SENTINEL_CLOSE: char = '\u{E001}';
@@ -327,6 +334,36 @@ fn strftime_now(format: String) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn builtin_names_are_the_ones_the_config_accepts() {
+        let names: Vec<&str> = BUILTIN.iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, newt_config::load::CHAT_TEMPLATES);
+    }
+
+    #[test]
+    fn qwen_templates_render_qwens_format() {
+        let msgs = |v: &[(&'static str, &'static str)]| -> Vec<Message<'static>> {
+            v.iter().map(|(role, content)| Message { role, content }).collect()
+        };
+        let q25 = ChatTemplate::new(BUILTIN[2].1, vec![]).unwrap();
+        let text = q25.render(&msgs(&[("user", "Hi"), ("assistant", "Hello")])).unwrap();
+        assert_eq!(
+            text,
+            "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n\
+             <|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello<|im_end|>\n"
+        );
+        let q3 = ChatTemplate::new(BUILTIN[4].1, vec![]).unwrap();
+        let m = msgs(&[
+            ("user", "a"),
+            ("assistant", "<think>x</think>\nb"),
+            ("user", "c"),
+            ("assistant", "<think>y</think>\nd"),
+        ]);
+        let text = q3.render(&m).unwrap();
+        assert!(text.contains("<|im_start|>assistant\nb<|im_end|>"), "{text}");
+        assert!(text.contains("<|im_start|>assistant\n<think>y</think>\nd<|im_end|>"), "{text}");
+    }
+
     use super::*;
 
     fn chatml() -> ChatTemplate {

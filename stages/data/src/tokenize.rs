@@ -28,7 +28,7 @@ use datafusion::physical_plan::repartition::RepartitionExec;
 use datafusion::physical_plan::{ExecutionPlan, Partitioning};
 use datafusion::prelude::{ParquetReadOptions, col};
 use futures::StreamExt;
-use newt_graph::config::{Config, DatasetConfig};
+use newt_config::params::TokenizeParams;
 
 use crate::DataError;
 use crate::io::{ParquetOut, block_on, cores, session};
@@ -80,12 +80,11 @@ pub fn tokens_schema() -> SchemaRef {
 /// in `model_dir` and writes `out_dir/tokens.parquet` (`input_ids`, `labels`, `length`).
 pub fn tokenize(
     dataset_parquet: &Path,
-    ds: &DatasetConfig,
-    cfg: &Config,
+    cfg: &TokenizeParams,
     model_dir: &Path,
     out_dir: &Path,
 ) -> Result<TokenizeSummary, DataError> {
-    tokenize_with_partitions(cores(), dataset_parquet, ds, cfg, model_dir, out_dir)
+    tokenize_with_partitions(cores(), dataset_parquet, cfg, model_dir, out_dir)
 }
 
 /// [`tokenize`] with an explicit number of DataFusion partitions (tests show the output does
@@ -94,16 +93,16 @@ pub fn tokenize(
 pub fn tokenize_with_partitions(
     partitions: usize,
     dataset_parquet: &Path,
-    ds: &DatasetConfig,
-    cfg: &Config,
+    cfg: &TokenizeParams,
     model_dir: &Path,
     out_dir: &Path,
 ) -> Result<TokenizeSummary, DataError> {
-    let tok = HfTokenizer::load_for(model_dir, cfg)?;
+    let ds = &cfg.dataset;
+    let tok = HfTokenizer::load_for(model_dir, &cfg.special_tokens, &cfg.tokens)?;
     let (strategy, mut warnings) = Strategy::new(ds, cfg, &tok)?;
     let stats = Arc::new(Stats::default());
     let udf = TokenizeUdf {
-        name: format!("tokenize_{}", ds.type_.as_deref().unwrap_or("rows")),
+        name: format!("tokenize_{}", ds.type_.map_or("rows", |t| t.as_str())),
         strategy: Arc::new(strategy),
         limits: Limits::of(cfg),
         skip_invalid: cfg.skip_invalid_rows,
@@ -295,6 +294,7 @@ impl ScalarUDFImpl for TokenizeUdf {
 mod tests {
     use super::*;
     use crate::fetch::{FetchOptions, fetch_dataset};
+    use newt_config::{DatasetConfig, DatasetType};
 
     /// Memory must not grow with the dataset: every operator of the plan streams (the row
     /// numbering is the bounded window operator, not the one that buffers its input), and the
@@ -304,11 +304,11 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let data = tmp.path().join("t.jsonl");
         std::fs::write(&data, "{\"text\": \"hello\"}\n").unwrap();
-        let ds = DatasetConfig { path: "t".into(), type_: Some("completion".into()), ..Default::default() };
+        let ds = DatasetConfig { path: "t".into(), type_: Some(DatasetType::Completion), ..Default::default() };
         fetch_dataset(&ds, &[data], tmp.path(), &FetchOptions::default()).unwrap();
         let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2");
         let tok = HfTokenizer::load(&model).unwrap();
-        let cfg = Config::default();
+        let cfg = TokenizeParams::from_config(&newt_config::Config::default(), &ds);
         let udf = TokenizeUdf {
             name: "tokenize_completion".into(),
             strategy: Arc::new(Strategy::new(&ds, &cfg, &tok).unwrap().0),

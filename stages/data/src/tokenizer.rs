@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use newt_graph::config::Config;
+use newt_config::SpecialTokens;
 use serde_json::Value;
 use tokenizers::{AddedToken, Tokenizer};
 
@@ -115,9 +115,9 @@ impl HfTokenizer {
     }
 
     /// Loads the tokenizer and applies the pipeline's `tokens:` and `special_tokens:`.
-    pub fn load_for(dir: &Path, cfg: &Config) -> Result<Self, DataError> {
+    pub fn load_for(dir: &Path, special_tokens: &SpecialTokens, tokens: &[String]) -> Result<Self, DataError> {
         let mut t = Self::load(dir)?;
-        t.apply_overrides(cfg);
+        t.apply_overrides(special_tokens, tokens);
         Ok(t)
     }
 
@@ -127,15 +127,14 @@ impl HfTokenizer {
 
     /// Axolotl's load_tokenizer: `tokens:` are added as plain (non-normalized) tokens, then each
     /// `special_tokens:` entry becomes that special token, added to the vocabulary if missing.
-    pub fn apply_overrides(&mut self, cfg: &Config) {
-        let st = &cfg.special_tokens;
+    pub fn apply_overrides(&mut self, st: &SpecialTokens, tokens: &[String]) {
         let wanted = [&st.bos_token, &st.eos_token, &st.pad_token, &st.unk_token];
-        if cfg.tokens.is_empty() && wanted.iter().all(|t| t.is_none()) {
+        if tokens.is_empty() && wanted.iter().all(|t| t.is_none()) {
             return;
         }
         let mut tok = (*self.tokenizer).clone();
         let plain: Vec<AddedToken> =
-            cfg.tokens.iter().map(|t| AddedToken::from(t.clone(), false).normalized(false)).collect();
+            tokens.iter().map(|t| AddedToken::from(t.clone(), false).normalized(false)).collect();
         if !plain.is_empty() {
             tok.add_tokens(&plain);
         }

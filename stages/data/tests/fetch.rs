@@ -6,12 +6,13 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
+use newt_config::{DatasetConfig, DatasetType, StringOrList};
 use newt_data::{DataError, FetchOptions, fetch_dataset, source_files};
-use newt_graph::config::{DatasetConfig, StringOrList};
 use serde_json::json;
 
 fn ds(type_: &str) -> DatasetConfig {
-    DatasetConfig { path: "data".into(), type_: Some(type_.into()), ..Default::default() }
+    let type_ = serde_json::from_value(serde_json::json!(type_)).expect("a dataset type");
+    DatasetConfig { path: "data".into(), type_: Some(type_), ..Default::default() }
 }
 
 fn fetch(ds: &DatasetConfig, files: &[PathBuf], out: &Path, skip: bool) -> Result<newt_data::FetchSummary, DataError> {
@@ -203,7 +204,7 @@ fn folders_expand_to_the_requested_split_and_data_files_select() {
     {
         std::fs::write(root.join(f), "{\"text\": \"x\"}\n").unwrap();
     }
-    let mut d = DatasetConfig { path: "corpus".into(), type_: Some("completion".into()), ..Default::default() };
+    let mut d = DatasetConfig { path: "corpus".into(), type_: Some(DatasetType::Completion), ..Default::default() };
     let names = |files: Vec<PathBuf>| {
         files.iter().map(|f| f.strip_prefix(&root).unwrap().display().to_string()).collect::<Vec<_>>()
     };
@@ -219,7 +220,7 @@ fn unknown_dataset_says_what_was_tried() {
     let tmp = tempfile::tempdir().unwrap();
     let d = DatasetConfig {
         path: "no-such-org/no-such-dataset".into(),
-        type_: Some("alpaca".into()),
+        type_: Some(DatasetType::Alpaca),
         ..Default::default()
     };
     let msg = source_files(&d, tmp.path()).unwrap_err().to_string();

@@ -5,8 +5,8 @@ mod common;
 
 use std::path::Path;
 
+use newt_config::{Config, DatasetConfig};
 use newt_data::{FetchOptions, fetch_dataset, tokenize};
-use newt_graph::config::{Config, DatasetConfig};
 use serde_json::Value;
 
 /// Decodes a sample with trained spans in ⟦ ⟧, to show where a mismatch is.
@@ -36,8 +36,13 @@ fn run_golden_file(name: &str) {
         let cfg: Config = serde_json::from_value(case["config"].clone()).unwrap();
         fetch_dataset(&ds, &[data], &tmp.path().join("fetch"), &FetchOptions::default())
             .unwrap_or_else(|e| panic!("{case_name}: fetch: {e}"));
-        let summary = tokenize(&tmp.path().join("fetch/data.parquet"), &ds, &cfg, &model, &tmp.path().join("tok"))
-            .unwrap_or_else(|e| panic!("{case_name}: tokenize: {e}"));
+        let summary = tokenize(
+            &tmp.path().join("fetch/data.parquet"),
+            &newt_config::params::TokenizeParams::from_config(&cfg, &ds),
+            &model,
+            &tmp.path().join("tok"),
+        )
+        .unwrap_or_else(|e| panic!("{case_name}: tokenize: {e}"));
         let got = common::samples(&tmp.path().join("tok/tokens.parquet"));
         let expected: Vec<(Vec<i32>, Vec<i32>)> = case["expected"]
             .as_array()
@@ -51,7 +56,8 @@ fn run_golden_file(name: &str) {
             .collect();
         assert_eq!(summary.samples, got.len(), "{case_name}: summary counts the samples written");
         if got != expected {
-            let tok = newt_data::HfTokenizer::load_for(&model, &cfg).unwrap().tokenizer;
+            let tok =
+                newt_data::HfTokenizer::load_for(&model, &cfg.special_tokens, &cfg.tokens.to_vec()).unwrap().tokenizer;
             let mut msg = format!("{case_name}: {} samples, expected {}\n", got.len(), expected.len());
             for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
                 if g != e {

@@ -1,8 +1,8 @@
 //! A Hub dataset id resolves to the local Hugging Face cache (the Hub is not reachable).
 //! Alone in its test binary because it sets HF_HUB_CACHE for the process.
 
+use newt_config::{DatasetConfig, DatasetType};
 use newt_data::source_files;
-use newt_graph::config::DatasetConfig;
 
 #[test]
 fn hub_id_resolves_to_the_cached_snapshot_of_main() {
@@ -20,7 +20,8 @@ fn hub_id_resolves_to_the_cached_snapshot_of_main() {
     // SAFETY: this test binary has one test; nothing else reads the environment concurrently.
     unsafe { std::env::set_var("HF_HUB_CACHE", tmp.path()) };
 
-    let mut ds = DatasetConfig { path: "acme/chats".into(), type_: Some("chat_template".into()), ..Default::default() };
+    let mut ds =
+        DatasetConfig { path: "acme/chats".into(), type_: Some(DatasetType::ChatTemplate), ..Default::default() };
     let files = source_files(&ds, &tmp.path().join("elsewhere")).unwrap();
     assert_eq!(files, vec![new.join("data/train-00000-of-00001.parquet")]);
 

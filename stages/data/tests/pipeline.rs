@@ -5,13 +5,14 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
+use newt_config::params::{PackParams, TokenizeParams};
+use newt_config::{Config, DatasetConfig, DatasetType, SpecialTokens};
 use newt_data::pack::pack_with_buckets;
 use newt_data::tokenize::tokenize_with_partitions;
 use newt_data::{FetchOptions, fetch_dataset, pack, tokenize};
-use newt_graph::config::{Config, DatasetConfig, SpecialTokens};
 
 fn chat_ds() -> DatasetConfig {
-    DatasetConfig { path: "chats.jsonl".into(), type_: Some("chat_template".into()), ..Default::default() }
+    DatasetConfig { path: "chats.jsonl".into(), type_: Some(DatasetType::ChatTemplate), ..Default::default() }
 }
 
 fn config(sequence_len: usize, packing: bool) -> Config {
@@ -24,8 +25,13 @@ fn tokenized(dir: &Path, n: usize, cfg: &Config) -> PathBuf {
     let data = dir.join("chats.jsonl");
     common::write_jsonl(&data, &(0..n).map(common::conversation).collect::<Vec<_>>());
     fetch_dataset(&chat_ds(), &[data], &dir.join("fetch"), &FetchOptions::default()).unwrap();
-    let summary =
-        tokenize(&dir.join("fetch/data.parquet"), &chat_ds(), cfg, &common::smollm2_dir(), &dir.join("tok")).unwrap();
+    let summary = tokenize(
+        &dir.join("fetch/data.parquet"),
+        &TokenizeParams::from_config(cfg, &chat_ds()),
+        &common::smollm2_dir(),
+        &dir.join("tok"),
+    )
+    .unwrap();
     assert_eq!(summary.rows, n);
     assert!(summary.samples > 0);
     dir.join("tok/tokens.parquet")
@@ -55,8 +61,20 @@ fn packed_and_unpacked_hold_same_tokens_and_labels() {
     let cfg = config(512, true);
     let tokens = tokenized(tmp.path(), 300, &cfg);
     let mut original = common::samples(&tokens);
-    pack(std::slice::from_ref(&tokens), &[], &cfg, &tmp.path().join("packed")).unwrap();
-    pack(std::slice::from_ref(&tokens), &[], &config(512, false), &tmp.path().join("unpacked")).unwrap();
+    pack(
+        std::slice::from_ref(&tokens),
+        &[],
+        &PackParams::from_config(&cfg, vec![], vec![]),
+        &tmp.path().join("packed"),
+    )
+    .unwrap();
+    pack(
+        std::slice::from_ref(&tokens),
+        &[],
+        &PackParams::from_config(&config(512, false), vec![], vec![]),
+        &tmp.path().join("unpacked"),
+    )
+    .unwrap();
     let mut packed = unpack(&tmp.path().join("packed/train.parquet"));
     let mut unpacked = common::samples(&tmp.path().join("unpacked/train.parquet"));
     assert!(
@@ -75,7 +93,13 @@ fn no_bin_exceeds_sequence_len_and_positions_restart_per_sample() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = config(256, true);
     let tokens = tokenized(tmp.path(), 200, &cfg);
-    let summary = pack(std::slice::from_ref(&tokens), &[], &cfg, &tmp.path().join("packed")).unwrap();
+    let summary = pack(
+        std::slice::from_ref(&tokens),
+        &[],
+        &PackParams::from_config(&cfg, vec![], vec![]),
+        &tmp.path().join("packed"),
+    )
+    .unwrap();
     let path = tmp.path().join("packed/train.parquet");
     let ids = common::int_lists(&path, "input_ids");
     let positions = common::int_lists(&path, "position_ids");
@@ -102,8 +126,21 @@ fn packed_bytes_do_not_depend_on_spill_buckets() {
     let mut cfg = config(512, true);
     cfg.val_set_size = 0.05;
     let tokens = tokenized(tmp.path(), 300, &cfg);
-    let one = pack(std::slice::from_ref(&tokens), &[], &cfg, &tmp.path().join("one")).unwrap();
-    let many = pack_with_buckets(2000, std::slice::from_ref(&tokens), &[], &cfg, &tmp.path().join("many")).unwrap();
+    let one = pack(
+        std::slice::from_ref(&tokens),
+        &[],
+        &PackParams::from_config(&cfg, vec![], vec![]),
+        &tmp.path().join("one"),
+    )
+    .unwrap();
+    let many = pack_with_buckets(
+        2000,
+        std::slice::from_ref(&tokens),
+        &[],
+        &PackParams::from_config(&cfg, vec![], vec![]),
+        &tmp.path().join("many"),
+    )
+    .unwrap();
     assert!(one.tokens + one.val_tokens > 10 * 2000, "the small buckets are many");
     assert_eq!(one, many);
     for file in ["train.parquet", "val.parquet"] {
@@ -126,7 +163,9 @@ fn val_set_size_splits_off_a_disjoint_eval_set() {
     let tokens = tokenized(tmp.path(), 120, &cfg);
     let all = common::samples(&tokens);
     cfg.val_set_size = 0.1;
-    let summary = pack(std::slice::from_ref(&tokens), &[], &cfg, &tmp.path().join("p")).unwrap();
+    let summary =
+        pack(std::slice::from_ref(&tokens), &[], &PackParams::from_config(&cfg, vec![], vec![]), &tmp.path().join("p"))
+            .unwrap();
     assert_eq!(summary.val_samples, (0.1f64 * all.len() as f64).ceil() as usize);
     assert_eq!(summary.samples + summary.val_samples, all.len());
     let mut both = common::samples(&tmp.path().join("p/train.parquet"));
@@ -137,7 +176,9 @@ fn val_set_size_splits_off_a_disjoint_eval_set() {
     assert_eq!(both, all_sorted, "train and val partition the samples");
     // A count instead of a fraction.
     cfg.val_set_size = 7.0;
-    let summary = pack(std::slice::from_ref(&tokens), &[], &cfg, &tmp.path().join("q")).unwrap();
+    let summary =
+        pack(std::slice::from_ref(&tokens), &[], &PackParams::from_config(&cfg, vec![], vec![]), &tmp.path().join("q"))
+            .unwrap();
     assert_eq!(summary.val_samples, 7);
 }
 
@@ -147,7 +188,13 @@ fn test_datasets_become_the_eval_split_and_val_is_always_written() {
     let cfg = config(512, true);
     let train = tokenized(&tmp.path().join("a"), 40, &cfg);
     let test = tokenized(&tmp.path().join("b"), 10, &cfg);
-    let summary = pack(std::slice::from_ref(&train), std::slice::from_ref(&test), &cfg, &tmp.path().join("p")).unwrap();
+    let summary = pack(
+        std::slice::from_ref(&train),
+        std::slice::from_ref(&test),
+        &PackParams::from_config(&cfg, vec![], vec![]),
+        &tmp.path().join("p"),
+    )
+    .unwrap();
     assert_eq!(summary.samples, common::samples(&train).len());
     assert_eq!(summary.val_samples, common::samples(&test).len());
     let mut val = unpack(&tmp.path().join("p/val.parquet"));
@@ -155,7 +202,9 @@ fn test_datasets_become_the_eval_split_and_val_is_always_written() {
     val.sort();
     expected.sort();
     assert_eq!(val, expected);
-    let summary = pack(std::slice::from_ref(&train), &[], &cfg, &tmp.path().join("q")).unwrap();
+    let summary =
+        pack(std::slice::from_ref(&train), &[], &PackParams::from_config(&cfg, vec![], vec![]), &tmp.path().join("q"))
+            .unwrap();
     assert_eq!(summary.val_rows, 0);
     assert!(tmp.path().join("q/val.parquet").is_file(), "an empty val.parquet is written");
 }
@@ -172,17 +221,32 @@ fn artifacts_do_not_depend_on_partitions_and_pack_is_seeded() {
     let mut digests = Vec::new();
     for partitions in [1, 4, 7] {
         let out = tmp.path().join(format!("tok{partitions}"));
-        tokenize_with_partitions(partitions, &input, &chat_ds(), &cfg, &common::smollm2_dir(), &out).unwrap();
+        tokenize_with_partitions(
+            partitions,
+            &input,
+            &TokenizeParams::from_config(&cfg, &chat_ds()),
+            &common::smollm2_dir(),
+            &out,
+        )
+        .unwrap();
         digests.push(blake3::hash(&std::fs::read(out.join("tokens.parquet")).unwrap()));
     }
     assert!(digests.windows(2).all(|w| w[0] == w[1]), "tokens.parquet bytes differ across partition counts");
     let tokens = tmp.path().join("tok1/tokens.parquet");
     let digest = |dir: &str| blake3::hash(&std::fs::read(tmp.path().join(dir).join("train.parquet")).unwrap());
-    pack(std::slice::from_ref(&tokens), &[], &cfg, &tmp.path().join("p1")).unwrap();
-    pack(std::slice::from_ref(&tokens), &[], &cfg, &tmp.path().join("p2")).unwrap();
+    pack(std::slice::from_ref(&tokens), &[], &PackParams::from_config(&cfg, vec![], vec![]), &tmp.path().join("p1"))
+        .unwrap();
+    pack(std::slice::from_ref(&tokens), &[], &PackParams::from_config(&cfg, vec![], vec![]), &tmp.path().join("p2"))
+        .unwrap();
     assert_eq!(digest("p1"), digest("p2"));
     let reseeded = Config { seed: 7, ..cfg.clone() };
-    pack(std::slice::from_ref(&tokens), &[], &reseeded, &tmp.path().join("p3")).unwrap();
+    pack(
+        std::slice::from_ref(&tokens),
+        &[],
+        &PackParams::from_config(&reseeded, vec![], vec![]),
+        &tmp.path().join("p3"),
+    )
+    .unwrap();
     assert_ne!(digest("p1"), digest("p3"), "the seed changes the shuffle");
 }
 
@@ -195,7 +259,8 @@ fn eos_differs_from_eot_warns() {
     fetch_dataset(&chat_ds(), &[data], &tmp.path().join("fetch"), &FetchOptions::default()).unwrap();
     let input = tmp.path().join("fetch/data.parquet");
     let mut cfg = Config { chat_template: Some("llama3".into()), ..Default::default() };
-    let summary = tokenize(&input, &chat_ds(), &cfg, &model, &tmp.path().join("a")).unwrap();
+    let summary =
+        tokenize(&input, &TokenizeParams::from_config(&cfg, &chat_ds()), &model, &tmp.path().join("a")).unwrap();
     let warning = summary
         .warnings
         .iter()
@@ -208,11 +273,14 @@ fn eos_differs_from_eot_warns() {
         "{warning}"
     );
     cfg.special_tokens = SpecialTokens { eos_token: Some("<|eot_id|>".into()), ..Default::default() };
-    let summary = tokenize(&input, &chat_ds(), &cfg, &model, &tmp.path().join("b")).unwrap();
+    let summary =
+        tokenize(&input, &TokenizeParams::from_config(&cfg, &chat_ds()), &model, &tmp.path().join("b")).unwrap();
     assert!(summary.warnings.iter().all(|w| !w.contains("EOS")), "{:?}", summary.warnings);
     // SmolLM2's own template ends turns with its EOS token: nothing to warn about.
     let cfg = Config { chat_template: Some("tokenizer_default".into()), ..Default::default() };
-    let summary = tokenize(&input, &chat_ds(), &cfg, &common::smollm2_dir(), &tmp.path().join("c")).unwrap();
+    let summary =
+        tokenize(&input, &TokenizeParams::from_config(&cfg, &chat_ds()), &common::smollm2_dir(), &tmp.path().join("c"))
+            .unwrap();
     assert!(summary.warnings.is_empty(), "{:?}", summary.warnings);
 }
 
@@ -232,10 +300,14 @@ fn template_errors_name_the_row_or_are_skipped() {
     };
     let input = tmp.path().join("fetch/data.parquet");
     let err =
-        tokenize(&input, &chat_ds(), &cfg, &common::smollm2_dir(), &tmp.path().join("a")).unwrap_err().to_string();
+        tokenize(&input, &TokenizeParams::from_config(&cfg, &chat_ds()), &common::smollm2_dir(), &tmp.path().join("a"))
+            .unwrap_err()
+            .to_string();
     assert!(err.contains("row 3") && err.contains("conversations start with the user"), "{err}");
     assert!(!tmp.path().join("a/tokens.parquet").exists());
     cfg.skip_invalid_rows = true;
-    let summary = tokenize(&input, &chat_ds(), &cfg, &common::smollm2_dir(), &tmp.path().join("b")).unwrap();
+    let summary =
+        tokenize(&input, &TokenizeParams::from_config(&cfg, &chat_ds()), &common::smollm2_dir(), &tmp.path().join("b"))
+            .unwrap();
     assert_eq!((summary.rows, summary.skipped_rows, summary.samples), (4, 1, 3));
 }

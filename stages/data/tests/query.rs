@@ -2,14 +2,14 @@
 
 mod common;
 
+use newt_config::{Config, DatasetConfig, DatasetType};
 use newt_data::{FetchOptions, fetch_dataset, inspect_tokens, pack, query, run_sql, tokenize};
-use newt_graph::config::{Config, DatasetConfig};
 use serde_json::json;
 
 #[test]
 fn sql_stage_output_is_a_dataset_that_fetch_and_tokenize_accept() {
     let tmp = tempfile::tempdir().unwrap();
-    let ds = DatasetConfig { path: "a.jsonl".into(), type_: Some("alpaca".into()), ..Default::default() };
+    let ds = DatasetConfig { path: "a.jsonl".into(), type_: Some(DatasetType::Alpaca), ..Default::default() };
     let rows = [
         json!({"instruction": "keep", "input": "", "output": "one"}),
         json!({"instruction": "drop", "input": "", "output": "two"}),
@@ -34,8 +34,7 @@ fn sql_stage_output_is_a_dataset_that_fetch_and_tokenize_accept() {
     assert_eq!(fetched.rows, 1);
     let t = tokenize(
         &tmp.path().join("refetch/data.parquet"),
-        &ds,
-        &Config::default(),
+        &newt_config::params::TokenizeParams::from_config(&Config::default(), &ds),
         &common::smollm2_dir(),
         &tmp.path().join("tok"),
     )
@@ -46,7 +45,7 @@ fn sql_stage_output_is_a_dataset_that_fetch_and_tokenize_accept() {
 #[test]
 fn query_renders_a_table_and_says_how_many_rows() {
     let tmp = tempfile::tempdir().unwrap();
-    let ds = DatasetConfig { path: "a.jsonl".into(), type_: Some("completion".into()), ..Default::default() };
+    let ds = DatasetConfig { path: "a.jsonl".into(), type_: Some(DatasetType::Completion), ..Default::default() };
     common::write_jsonl(
         &tmp.path().join("a.jsonl"),
         &(0..1500).map(|i| json!({"text": format!("row {i}")})).collect::<Vec<_>>(),
@@ -68,12 +67,17 @@ fn query_renders_a_table_and_says_how_many_rows() {
 #[test]
 fn inspect_marks_trained_tokens_and_reports_statistics() {
     let tmp = tempfile::tempdir().unwrap();
-    let ds = DatasetConfig { path: "c.jsonl".into(), type_: Some("chat_template".into()), ..Default::default() };
+    let ds = DatasetConfig { path: "c.jsonl".into(), type_: Some(DatasetType::ChatTemplate), ..Default::default() };
     common::write_jsonl(&tmp.path().join("c.jsonl"), &(0..20).map(common::conversation).collect::<Vec<_>>());
     fetch_dataset(&ds, &[tmp.path().join("c.jsonl")], &tmp.path().join("f"), &FetchOptions::default()).unwrap();
     let cfg = Config { sequence_len: 1024, sample_packing: true, ..Default::default() };
-    let t =
-        tokenize(&tmp.path().join("f/data.parquet"), &ds, &cfg, &common::smollm2_dir(), &tmp.path().join("t")).unwrap();
+    let t = tokenize(
+        &tmp.path().join("f/data.parquet"),
+        &newt_config::params::TokenizeParams::from_config(&cfg, &ds),
+        &common::smollm2_dir(),
+        &tmp.path().join("t"),
+    )
+    .unwrap();
     let plain = inspect_tokens(&tmp.path().join("t/tokens.parquet"), &common::smollm2_dir(), 2, false).unwrap();
     assert!(plain.contains("<|im_start|>assistant\n⟦About"), "{plain}");
     assert!(plain.contains("⟧\n<|im_start|>user") || plain.contains("<|im_end|>⟧"), "{plain}");
@@ -88,7 +92,8 @@ fn inspect_marks_trained_tokens_and_reports_statistics() {
     let colored = inspect_tokens(&tmp.path().join("t/tokens.parquet"), &common::smollm2_dir(), 1, true).unwrap();
     assert!(colored.contains("\x1b[32mAbout") && colored.contains("\x1b[2m"), "{colored}");
     // A pack artifact shows its samples one by one.
-    pack(&[tmp.path().join("t/tokens.parquet")], &[], &cfg, &tmp.path().join("p")).unwrap();
+    let params = newt_config::params::PackParams::from_config(&cfg, vec![], vec![]);
+    pack(&[tmp.path().join("t/tokens.parquet")], &[], &params, &tmp.path().join("p")).unwrap();
     let packed = inspect_tokens(&tmp.path().join("p/train.parquet"), &common::smollm2_dir(), 1, false).unwrap();
     assert!(packed.contains("· sample 1"), "{packed}");
     assert!(packed.lines().last().unwrap().contains(&format!("samples {}", t.samples)));

@@ -9,6 +9,7 @@
 
 use burn::module::{Module, Param};
 use burn::tensor::{DType, Distribution, Int, Tensor, TensorData, backend::Backend};
+use newt_kernels::nf4::QuantCode;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use newt_kernels::in_dtype;
@@ -57,6 +58,9 @@ pub struct LoraConfig {
     pub target_modules: Vec<String>,
     /// `lora_target_linear`: adapt every linear of the decoder layers (not `lm_head`).
     pub target_linear: bool,
+    /// `lora_target_modules` written as one string: a regex full-matched against each linear's
+    /// module path (`model.layers.0.self_attn.q_proj`), as PEFT does.
+    pub target_regex: Option<String>,
     /// `peft_use_rslora`: scale by `alpha/√r` instead of `alpha/r`.
     pub use_rslora: bool,
     /// `lora_modules_to_save`: `embed_tokens` and/or `lm_head`, trained in full.
@@ -73,6 +77,7 @@ impl Default for LoraConfig {
             dropout: 0.0,
             target_modules: Vec::new(),
             target_linear: true,
+            target_regex: None,
             use_rslora: false,
             modules_to_save: Vec::new(),
             seed: 42,
@@ -86,7 +91,27 @@ impl LoraConfig {
         if self.use_rslora { self.alpha / (self.r as f64).sqrt() } else { self.alpha / self.r as f64 }
     }
 
-    /// The short names of the adapted linears, validated, in [`LINEAR_TARGETS`] order.
+    /// The compiled `target_regex`, anchored at both ends (PEFT's `re.fullmatch`).
+    pub fn regex(&self) -> Result<Option<regex::Regex>, LoraError> {
+        self.target_regex
+            .as_ref()
+            .map(|r| {
+                regex::Regex::new(&format!("^(?:{r})$"))
+                    .map_err(|e| LoraError::BadValue(format!("lora_target_modules: bad regex: {e}")))
+            })
+            .transpose()
+    }
+
+    /// Whether the linear at `path` (`model.layers.3.mlp.up_proj`) gets an adapter.
+    pub fn adapts(&self, path: &str, regex: Option<&regex::Regex>) -> bool {
+        let short = path.rsplit('.').next().unwrap_or(path);
+        self.target_linear
+            || self.target_modules.iter().any(|m| m == short)
+            || regex.is_some_and(|re| re.is_match(path))
+    }
+
+    /// The short names of the adapted linears, validated, in [`LINEAR_TARGETS`] order (with a
+    /// regex: the names it matches in some layer).
     pub fn resolved_targets(&self) -> Result<Vec<&'static str>, LoraError> {
         if self.r == 0 {
             return Err(LoraError::BadValue("lora_r must be at least 1".into()));
@@ -104,10 +129,17 @@ impl LoraConfig {
                 return Err(LoraError::UnknownModuleToSave(m.clone()));
             }
         }
+        let regex = self.regex()?;
         let targets: Vec<&'static str> = LINEAR_TARGETS
             .iter()
             .copied()
-            .filter(|t| self.target_linear || self.target_modules.iter().any(|m| m == t))
+            .filter(|t| {
+                self.target_linear
+                    || self.target_modules.iter().any(|m| m == t)
+                    || regex.as_ref().is_some_and(|re| {
+                        ["self_attn", "mlp"].iter().any(|b| re.is_match(&format!("model.layers.0.{b}.{t}")))
+                    })
+            })
             .collect();
         if targets.is_empty() {
             return Err(LoraError::NoTargets);
@@ -183,12 +215,19 @@ impl<B: Backend> LoraAdapter<B> {
 /// The activations' own type: with a bf16 model that is what Axolotl's `bf16: true` does (the
 /// Hugging Face Trainer runs the forward pass under `torch.autocast(bfloat16)`, which runs every
 /// linear, the adapters' included, in bf16), while `A` and `B`, their gradients and the optimizer
-/// state stay f32. `NEWT_LORA_F32=1` runs the adapters in f32 instead, as PEFT does without
-/// autocast (it casts the input to the adapter's f32): the reference path, and what
-/// `peft_baseline.py` computes.
+/// state stay f32. [`set_lora_f32`]`(true)` (the pipeline's `kernels: {lora_f32: true}`, part of
+/// the train key) runs the adapters in f32 instead, as PEFT does without autocast (it casts the
+/// input to the adapter's f32): the reference path, and what `peft_baseline.py` computes.
 pub fn lora_compute_dtype(activations: DType) -> DType {
-    static F32: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if newt_kernels::env_switch(&F32, "NEWT_LORA_F32", "1") { DType::F32 } else { activations }
+    if LORA_F32.load(std::sync::atomic::Ordering::Relaxed) { DType::F32 } else { activations }
+}
+
+static LORA_F32: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Chooses the adapters' compute type for this process: f32, or the activations' type (the
+/// default). The train and evaluate stages set it from their params before they build a model.
+pub fn set_lora_f32(on: bool) {
+    LORA_F32.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// A trainable f32 parameter, whatever the backend's default float type.
@@ -226,15 +265,22 @@ pub struct Nf4Weight<B: Backend> {
     pub out_features: usize,
     /// Columns of the weight.
     pub in_features: usize,
+    /// Bits a code: 4 (NF4) or 8 (int8, `load_in_8bit`).
+    pub bits: usize,
 }
 
 impl<B: Backend> Nf4Weight<B> {
-    /// Quantizes `weight` `[out, in]` (read back to the host once).
+    /// Quantizes `weight` `[out, in]` to NF4 (read back to the host once).
     pub fn quantize(weight: &Tensor<B, 2>) -> Self {
+        Self::quantize_with(weight, QuantCode::Nf4)
+    }
+
+    /// Quantizes `weight` `[out, in]` with `code` (read back to the host once).
+    pub fn quantize_with(weight: &Tensor<B, 2>, code: QuantCode) -> Self {
         let [out, input] = weight.dims();
         let device = weight.device();
         let values = weight.clone().into_data().convert::<f32>().into_vec::<f32>().expect("weights convert to f32");
-        let q = newt_kernels::nf4::quantize(&values);
+        let q = newt_kernels::nf4::quantize_with(&values, code);
         let (packed_len, absmax_len) = (q.packed.len(), q.absmax.len());
         Nf4Weight {
             packed: Param::initialized(
@@ -244,11 +290,13 @@ impl<B: Backend> Nf4Weight<B> {
             absmax: frozen_param(Tensor::from_data(TensorData::new(q.absmax, [absmax_len]), (&device, DType::F32))),
             out_features: out,
             in_features: input,
+            bits: code.bits(),
         }
     }
 
     fn shape(&self) -> newt_kernels::nf4::Nf4Shape {
-        newt_kernels::nf4::Nf4Shape { out_features: self.out_features, in_features: self.in_features }
+        let code = if self.bits == 8 { QuantCode::Int8 } else { QuantCode::Nf4 };
+        newt_kernels::nf4::Nf4Shape { out_features: self.out_features, in_features: self.in_features, code }
     }
 
     /// The weight it stands for, `[out, in]`, in `dtype`.
@@ -272,9 +320,15 @@ impl<B: Backend> LoraLinear<B> {
     }
 
     /// The same layer with its base weight in NF4 (QLoRA): the full-precision weight is dropped.
-    pub fn quantized(mut self) -> Self {
+    pub fn quantized(self) -> Self {
+        self.quantized_with(QuantCode::Nf4)
+    }
+
+    /// The same layer with its base weight quantized with `code`; the full-precision weight is
+    /// dropped.
+    pub fn quantized_with(mut self, code: QuantCode) -> Self {
         if self.nf4.is_none() {
-            let q = Nf4Weight::quantize(&self.weight.val());
+            let q = Nf4Weight::quantize_with(&self.weight.val(), code);
             let device = self.weight.device();
             let dtype = self.weight.val().dtype();
             self.weight = frozen_param(Tensor::zeros([1, 1], (&device, dtype)));
@@ -344,10 +398,10 @@ impl<B: Backend> Llama<B> {
     /// A tied LM head named in `modules_to_save` gets its own trainable copy of the embedding
     /// (what PEFT's `ModulesToSaveWrapper` does), so the embedding itself stays as it was.
     pub fn with_lora(self, config: &LoraConfig) -> Result<Self, LoraError> {
-        let targets = config.resolved_targets()?;
+        config.resolved_targets()?;
+        let regex = config.regex()?;
         let mut model = self.map_linears(|path, mut linear| {
-            let short = path.rsplit('.').next().unwrap_or(path);
-            if targets.contains(&short) {
+            if config.adapts(path, regex.as_ref()) {
                 let [out, input] = linear.dims();
                 let device = linear.weight.device();
                 linear.lora = Some(LoraAdapter::init(input, out, config, module_seed(config.seed, path), &device));
@@ -363,7 +417,13 @@ impl<B: Backend> Llama<B> {
     /// QLoRA's base model: every decoder linear's weight in NF4 ([`LoraLinear::quantized`]);
     /// the embedding, norms and LM head stay as they are (as bitsandbytes leaves them).
     pub fn quantize_nf4(self) -> Self {
-        self.map_linears(|_, linear| Ok::<_, std::convert::Infallible>(linear.quantized()))
+        self.quantize_base(QuantCode::Nf4)
+    }
+
+    /// The base model with every decoder linear's weight quantized with `code` (NF4 for QLoRA,
+    /// int8 for `load_in_8bit`).
+    pub fn quantize_base(self, code: QuantCode) -> Self {
+        self.map_linears(|_, linear| Ok::<_, std::convert::Infallible>(linear.quantized_with(code)))
             .unwrap_or_else(|e| match e {})
     }
 

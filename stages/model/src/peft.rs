@@ -90,7 +90,10 @@ pub fn adapter_config_json(lora: &LoraConfig, base_model_name_or_path: &str) -> 
         "r": lora.r,
         "rank_pattern": {},
         "revision": null,
-        "target_modules": targets,
+        "target_modules": match &lora.target_regex {
+            Some(re) => json!(re),
+            None => json!(targets),
+        },
         "task_type": "CAUSAL_LM",
         "use_dora": false,
         "use_rslora": lora.use_rslora,
@@ -165,8 +168,13 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig, PeftError> {
         .get("lora_alpha")
         .and_then(Value::as_f64)
         .ok_or_else(|| bad("`lora_alpha` is missing or not a number".into()))?;
+    let mut target_regex = None;
     let (target_modules, target_linear) = match v.get("target_modules") {
         Some(Value::String(s)) if s == "all-linear" => (Vec::new(), true),
+        Some(Value::String(s)) => {
+            target_regex = Some(s.clone());
+            (Vec::new(), false)
+        }
         Some(Value::Array(items)) => {
             let names: Option<Vec<String>> = items.iter().map(|x| x.as_str().map(str::to_string)).collect();
             (names.ok_or_else(|| bad("`target_modules` holds a non-string".into()))?, false)
@@ -188,6 +196,7 @@ pub fn read_adapter_config(dir: &Path) -> Result<LoraConfig, PeftError> {
         dropout: v.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0),
         target_modules,
         target_linear,
+        target_regex,
         use_rslora: v.get("use_rslora").and_then(Value::as_bool).unwrap_or(false),
         modules_to_save,
         ..LoraConfig::default()

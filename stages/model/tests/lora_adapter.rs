@@ -44,6 +44,7 @@ fn only_targeted_linears_get_adapters() {
     let cfg = LoraConfig {
         target_modules: vec!["q_proj".into(), "v_proj".into()],
         target_linear: false,
+        target_regex: None,
         ..LoraConfig::default()
     };
     let m = load::<B>(dir.path()).with_lora(&cfg).unwrap();
@@ -88,6 +89,7 @@ fn peft_adapter_save_then_load_gives_the_same_logits() {
         dropout: 0.05,
         target_modules: vec!["q_proj".into(), "k_proj".into(), "v_proj".into(), "o_proj".into(), "down_proj".into()],
         target_linear: false,
+        target_regex: None,
         use_rslora: true,
         modules_to_save: vec!["lm_head".into()],
         seed: 11,
@@ -158,6 +160,7 @@ fn export_adapter_for_the_peft_check() {
         dropout: 0.1,
         target_modules: vec!["q_proj".into(), "v_proj".into(), "o_proj".into(), "up_proj".into(), "down_proj".into()],
         target_linear: false,
+        target_regex: None,
         use_rslora: true,
         modules_to_save: vec!["lm_head".into()],
         seed: 5,

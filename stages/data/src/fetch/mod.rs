@@ -8,7 +8,7 @@ pub mod read;
 
 use std::path::{Path, PathBuf};
 
-use newt_graph::config::DatasetConfig;
+use newt_config::DatasetConfig;
 use serde_json::Value;
 
 use crate::DataError;

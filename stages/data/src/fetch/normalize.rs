@@ -19,7 +19,7 @@ use std::sync::Arc;
 use arrow::array::{ArrayBuilder, ArrayRef, BooleanBuilder, ListArray, RecordBatch, StringBuilder, StructArray};
 use arrow::buffer::{OffsetBuffer, ScalarBuffer};
 use arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef};
-use newt_graph::config::DatasetConfig;
+use newt_config::DatasetConfig;
 use serde_json::Value;
 
 use crate::DataError;

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use arrow::array::{ArrayRef, Int32Array, ListArray, RecordBatch};
 use arrow::buffer::{OffsetBuffer, ScalarBuffer};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use newt_graph::config::Config;
+use newt_config::params::PackParams;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -80,7 +80,7 @@ struct SampleRef {
 /// Packs `train` tokenized artifacts (`tokens.parquet` files) into `out_dir/train.parquet` and
 /// `out_dir/val.parquet`. The evaluation split is `test` (tokenized `test_datasets`) when given,
 /// otherwise `val_set_size` of the shuffled training samples.
-pub fn pack(train: &[PathBuf], test: &[PathBuf], cfg: &Config, out_dir: &Path) -> Result<PackSummary, DataError> {
+pub fn pack(train: &[PathBuf], test: &[PathBuf], cfg: &PackParams, out_dir: &Path) -> Result<PackSummary, DataError> {
     pack_with_buckets(spill::BUCKET_TOKENS, train, test, cfg, out_dir)
 }
 
@@ -91,7 +91,7 @@ pub fn pack_with_buckets(
     bucket_tokens: usize,
     train: &[PathBuf],
     test: &[PathBuf],
-    cfg: &Config,
+    cfg: &PackParams,
     out_dir: &Path,
 ) -> Result<PackSummary, DataError> {
     let files: Vec<PathBuf> = train.iter().chain(test).cloned().collect();
@@ -139,7 +139,7 @@ pub fn pack_with_buckets(
     if cfg.shuffle_merged_datasets {
         train_rows.shuffle(&mut rng);
     }
-    let val_rows = rows_of(&val_refs, cfg.eval_sample_packing.unwrap_or(cfg.sample_packing), seq);
+    let val_rows = rows_of(&val_refs, cfg.eval_sample_packing, seq);
     drop((train_refs, val_refs));
     let plan = spill::Plan::new(bucket_tokens, &lengths, [(false, &train_rows), (true, &val_rows)]);
     drop((train_rows, val_rows, lengths));

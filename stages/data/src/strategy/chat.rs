@@ -14,38 +14,14 @@
 use std::sync::Arc;
 
 use arrow::array::{Array, ArrayRef, AsArray};
-use newt_graph::config::{Config, DatasetConfig};
+use newt_config::params::TokenizeParams;
+use newt_config::{DatasetConfig, TrainOnEos};
 use tokenizers::Tokenizer;
 
 use super::{IGNORE, Sample, list_at, role_map, str_at};
 use crate::DataError;
 use crate::template::{BUILTIN, ChatTemplate, Message};
 use crate::tokenizer::HfTokenizer;
-
-/// Which end-of-turn tokens are trained (`train_on_eos`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TrainOnEos {
-    /// After each trained turn (Axolotl's default).
-    Turn,
-    /// Only after the last turn.
-    Last,
-    /// After every turn.
-    All,
-    /// Never.
-    None,
-}
-
-impl TrainOnEos {
-    fn parse(s: Option<&str>) -> Result<Self, DataError> {
-        match s.unwrap_or("turn") {
-            "turn" => Ok(TrainOnEos::Turn),
-            "last" => Ok(TrainOnEos::Last),
-            "all" => Ok(TrainOnEos::All),
-            "none" | "false" => Ok(TrainOnEos::None),
-            other => Err(DataError::Config(format!("`train_on_eos: {other}` must be turn, last, all or none"))),
-        }
-    }
-}
 
 /// A chat dataset's tokenizing rules.
 pub struct ChatStrategy {
@@ -60,12 +36,21 @@ pub struct ChatStrategy {
 
 /// The template source a dataset uses: the dataset's `chat_template` wins over the pipeline's
 /// (Axolotl `utils/chat_templates/base.py` extract_chat_template_args).
-pub fn template_source(ds: &DatasetConfig, cfg: &Config, tok: &HfTokenizer) -> Result<String, DataError> {
-    let (choice, jinja) = if ds.chat_template.is_some() || ds.chat_template_jinja.is_some() {
-        (ds.chat_template.as_deref(), ds.chat_template_jinja.as_deref())
+pub fn dataset_template_source(
+    ds: &DatasetConfig,
+    cfg: &TokenizeParams,
+    tok: &HfTokenizer,
+) -> Result<String, DataError> {
+    if ds.chat_template.is_some() || ds.chat_template_jinja.is_some() {
+        template_source(ds.chat_template.as_deref(), ds.chat_template_jinja.as_deref(), tok)
     } else {
-        (cfg.chat_template.as_deref(), cfg.chat_template_jinja.as_deref())
-    };
+        template_source(cfg.chat_template.as_deref(), cfg.chat_template_jinja.as_deref(), tok)
+    }
+}
+
+/// The template source of a `chat_template` choice (`tokenizer_default` when unset, `jinja`
+/// when only a Jinja template is given): what tokenize and the model stages format with.
+pub fn template_source(choice: Option<&str>, jinja: Option<&str>, tok: &HfTokenizer) -> Result<String, DataError> {
     let choice = choice.unwrap_or(if jinja.is_some() { "jinja" } else { "tokenizer_default" });
     match choice {
         "jinja" => {
@@ -102,13 +87,13 @@ fn builtin(name: &str) -> Result<String, DataError> {
 
 impl ChatStrategy {
     /// Builds the strategy and checks the tokenizer's EOS against the template's end of turn.
-    pub fn new(ds: &DatasetConfig, cfg: &Config, tok: &HfTokenizer) -> Result<(Self, Vec<String>), DataError> {
-        let source = template_source(ds, cfg, tok)?;
+    pub fn new(ds: &DatasetConfig, cfg: &TokenizeParams, tok: &HfTokenizer) -> Result<(Self, Vec<String>), DataError> {
+        let source = dataset_template_source(ds, cfg, tok)?;
         let template = ChatTemplate::new(&source, tok.template_vars())?;
         let roles = role_map(ds);
         let roles_to_train = ds.roles_to_train.clone().unwrap_or_else(|| vec!["assistant".into()]);
         let roles_to_train = roles_to_train.into_iter().map(|r| roles.get(&r).cloned().unwrap_or(r)).collect();
-        let train_on_eos = TrainOnEos::parse(ds.train_on_eos.as_deref())?;
+        let train_on_eos = ds.train_on_eos.unwrap_or(TrainOnEos::Turn);
         let mut warnings = Vec::new();
         if train_on_eos != TrainOnEos::None
             && let Some(w) = eos_warning(&template, tok)

@@ -20,7 +20,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use arrow::array::{Array, ArrayRef, AsArray, Int32Array, ListArray, StructArray};
 use arrow::buffer::{OffsetBuffer, ScalarBuffer};
 use arrow::datatypes::{DataType, Field, Fields};
-use newt_graph::config::{Config, DatasetConfig};
+use newt_config::DatasetConfig;
+use newt_config::params::TokenizeParams;
 use std::sync::Arc;
 
 use crate::DataError;
@@ -119,13 +120,9 @@ pub fn role_map(ds: &DatasetConfig) -> HashMap<String, String> {
 }
 
 /// The declared `type:` of a dataset, checked.
-pub fn dataset_type(ds: &DatasetConfig) -> Result<&str, DataError> {
-    match ds.type_.as_deref() {
-        Some(t @ ("chat_template" | "alpaca" | "completion" | "input_output")) => Ok(t),
-        Some(other) => Err(DataError::Config(format!(
-            "dataset `{}`: `type: {other}` is not supported; newt supports chat_template, alpaca, completion and input_output",
-            ds.path
-        ))),
+pub fn dataset_type(ds: &DatasetConfig) -> Result<&'static str, DataError> {
+    match ds.type_ {
+        Some(t) => Ok(t.as_str()),
         None => Err(DataError::Config(format!(
             "dataset `{}` has no `type:`; set one of chat_template, alpaca, completion, input_output",
             ds.path
@@ -136,7 +133,7 @@ pub fn dataset_type(ds: &DatasetConfig) -> Result<&str, DataError> {
 impl Strategy {
     /// Builds the strategy a dataset entry asks for; warnings are things the user should know
     /// before training (an EOS token the template never emits, ...).
-    pub fn new(ds: &DatasetConfig, cfg: &Config, tok: &HfTokenizer) -> Result<(Self, Vec<String>), DataError> {
+    pub fn new(ds: &DatasetConfig, cfg: &TokenizeParams, tok: &HfTokenizer) -> Result<(Self, Vec<String>), DataError> {
         Ok(match dataset_type(ds)? {
             "chat_template" => {
                 let (s, warnings) = chat::ChatStrategy::new(ds, cfg, tok)?;
@@ -180,8 +177,11 @@ pub struct Limits {
 
 impl Limits {
     /// The limits a pipeline sets.
-    pub fn of(cfg: &Config) -> Self {
-        Limits { sequence_len: cfg.sequence_len, truncate: cfg.excess_length_strategy.as_deref() == Some("truncate") }
+    pub fn of(cfg: &TokenizeParams) -> Self {
+        Limits {
+            sequence_len: cfg.sequence_len,
+            truncate: cfg.excess_length_strategy == newt_config::ExcessLength::Truncate,
+        }
     }
 
     /// Axolotl's filters after tokenizing: too short dropped, too long dropped or truncated,

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use arrow::array::{ArrayRef, AsArray};
-use newt_graph::config::Config;
+use newt_config::params::TokenizeParams;
 use tokenizers::Tokenizer;
 
 use super::{IGNORE, Sample, list_at, str_at};
@@ -71,7 +71,7 @@ pub struct Alpaca {
 
 impl Alpaca {
     /// The strategy for a pipeline and tokenizer.
-    pub fn new(cfg: &Config, tok: &HfTokenizer) -> Result<Self, DataError> {
+    pub fn new(cfg: &TokenizeParams, tok: &HfTokenizer) -> Result<Self, DataError> {
         Ok(Alpaca {
             tok: tok.truncating(cfg.sequence_len)?,
             max_length: cfg.sequence_len,
@@ -116,7 +116,7 @@ pub struct Completion {
 
 impl Completion {
     /// The strategy for a pipeline and tokenizer.
-    pub fn new(cfg: &Config, tok: &HfTokenizer) -> Result<Self, DataError> {
+    pub fn new(cfg: &TokenizeParams, tok: &HfTokenizer) -> Result<Self, DataError> {
         let max_length = cfg.sequence_len * 64;
         Ok(Completion {
             tok: tok.truncating(max_length)?,
@@ -148,7 +148,7 @@ pub struct InputOutput {
 
 impl InputOutput {
     /// The strategy for a pipeline and tokenizer.
-    pub fn new(cfg: &Config, tok: &HfTokenizer) -> Self {
+    pub fn new(cfg: &TokenizeParams, tok: &HfTokenizer) -> Self {
         InputOutput { tok: tok.tokenizer.clone(), train_on_inputs: cfg.train_on_inputs }
     }
 

@@ -1,12 +1,9 @@
-//! The pipeline file: an Axolotl config, plus newt's own keys.
+//! The pipeline file's typed form: Axolotl's keys with Axolotl's defaults, plus newt's own.
 //!
-//! Parsing is two passes over the same text. First the YAML is read as an untyped tree and every
-//! key is checked against the keys newt knows (`KNOWN_*`), the Axolotl keys newt does not
-//! support yet (a warning naming them) and near misses (an error with line, column and "did you
-//! mean"). Then serde builds the typed [`Config`]; a wrong type names its key and position.
+//! Every enumerated value is an enum, so a bad value is a load-time error with its place in the
+//! file ([`crate::load`]). Defaults live here and only here ([`Default for Config`](Config)).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -43,6 +40,8 @@ pub struct Config {
     pub val_set_size: f64,
     /// Chat template: `tokenizer_default`, `chatml`, `llama3`, ... or `jinja` with `chat_template_jinja`.
     pub chat_template: Option<String>,
+    /// Extra arguments for the chat template (Axolotl's `chat_template_kwargs`), passed to Jinja.
+    pub chat_template_kwargs: Option<BTreeMap<String, serde_json::Value>>,
     /// A Jinja chat template (used when `chat_template: jinja`, or alone).
     pub chat_template_jinja: Option<String>,
     /// System message inserted when a conversation has none (chat_template datasets).
@@ -59,19 +58,24 @@ pub struct Config {
     /// Train on prompt tokens too, not only on responses.
     pub train_on_inputs: bool,
     /// What to do with a sample longer than `sequence_len`: `drop` (default) or `truncate`.
-    pub excess_length_strategy: Option<String>,
+    pub excess_length_strategy: Option<ExcessLength>,
     /// Special-token overrides (bos/eos/pad/unk).
     pub special_tokens: SpecialTokens,
-    /// Tokens added to the vocabulary.
-    pub tokens: Vec<String>,
+    /// Tokens added to the vocabulary: a list, or Axolotl's mapping form (`{token: ...}`).
+    pub tokens: TokenList,
+    /// End-of-turn tokens of the chat template (trained and used to stop generation).
+    pub eot_tokens: Vec<String>,
+    /// Continued pretraining data (Axolotl's streamed `pretraining_dataset`): read as
+    /// `type: completion` datasets.
+    pub pretraining_dataset: Option<PretrainingDatasets>,
     /// Shrink the embeddings back to the tokenizer's size when merging.
     pub shrink_embeddings: bool,
     /// Skip malformed rows (counting them) instead of failing: newt's key.
     pub skip_invalid_rows: bool,
 
     // ---- adapter ----
-    /// `lora` or `qlora`; unset = full fine-tune of the selected modules.
-    pub adapter: Option<String>,
+    /// `lora` or `qlora`; unset (or `full`) = a full fine-tune, which newt does not do yet.
+    pub adapter: Option<Adapter>,
     /// Continue training from this adapter folder.
     pub lora_model_dir: Option<String>,
     /// LoRA rank.
@@ -80,8 +84,9 @@ pub struct Config {
     pub lora_alpha: f64,
     /// Dropout on the LoRA path.
     pub lora_dropout: f64,
-    /// Module names to adapt (q_proj, v_proj, ...).
-    pub lora_target_modules: Vec<String>,
+    /// Module names to adapt (`[q_proj, v_proj]`), or one regex full-matched against each
+    /// linear's module path, as PEFT does with a string.
+    pub lora_target_modules: TargetModules,
     /// Adapt every linear layer (except lm_head).
     pub lora_target_linear: bool,
     /// Modules trained in full beside the adapter (embed_tokens, lm_head).
@@ -90,7 +95,8 @@ pub struct Config {
     pub peft_use_rslora: bool,
     /// PEFT's fan_in_fan_out (only `false` is supported for Llama-family models).
     pub lora_fan_in_fan_out: bool,
-    /// bitsandbytes 8-bit loading (QLoRA-style; see `adapter: qlora`).
+    /// 8-bit loading: the frozen base stored in int8 (64 weights a scale, like bitsandbytes'
+    /// blockwise 8-bit; no outlier decomposition) and dequantized per use.
     pub load_in_8bit: bool,
     /// bitsandbytes 4-bit loading (QLoRA).
     pub load_in_4bit: bool,
@@ -111,9 +117,9 @@ pub struct Config {
     /// Peak learning rate.
     pub learning_rate: f64,
     /// Optimizer name (Axolotl/HF names; the AdamW family is supported).
-    pub optimizer: String,
+    pub optimizer: Optimizer,
     /// `cosine`, `linear`, `constant`, `constant_with_warmup`.
-    pub lr_scheduler: String,
+    pub lr_scheduler: LrScheduler,
     /// Warmup steps.
     pub warmup_steps: Option<usize>,
     /// Warmup as a fraction of total steps.
@@ -131,7 +137,7 @@ pub struct Config {
     /// AdamW epsilon.
     pub adam_epsilon: f64,
     /// bf16 training: `true`, `false` or `auto`.
-    pub bf16: BoolOrString,
+    pub bf16: BoolOrAuto,
     /// fp16 training (newt uses bf16 on GPUs that have it).
     pub fp16: Option<bool>,
     /// TF32 matmuls.
@@ -142,6 +148,8 @@ pub struct Config {
     pub sdp_attention: bool,
     /// xformers attention (same meaning as flash_attention for newt).
     pub xformers_attention: bool,
+    /// transformers' attention implementation (current Axolotl's form of the three above).
+    pub attn_implementation: Option<AttnImplementation>,
     /// Recompute activations in the backward pass to save memory.
     pub gradient_checkpointing: BoolOrString,
     /// Evaluations per epoch.
@@ -165,7 +173,7 @@ pub struct Config {
 
     // ---- newt ----
     /// `auto` (CUDA when a GPU is present), `cuda` or `cpu`.
-    pub backend: String,
+    pub backend: Backend,
     /// Cache directory (overrides NEWT_CACHE_DIR and the user cache dir).
     pub cache_dir: Option<String>,
     /// Prompts answered by the evaluate stage, before and after training.
@@ -176,6 +184,8 @@ pub struct Config {
     pub merge: MergeConfig,
     /// Custom stages joining the graph.
     pub stages: Vec<CustomStage>,
+    /// Kernel choices that change numbers (and so enter the train key).
+    pub kernels: KernelOptions,
 }
 
 impl Default for Config {
@@ -194,6 +204,7 @@ impl Default for Config {
             shuffle_merged_datasets: true,
             val_set_size: 0.0,
             chat_template: None,
+            chat_template_kwargs: None,
             chat_template_jinja: None,
             default_system_message: None,
             sequence_len: 2048,
@@ -203,7 +214,9 @@ impl Default for Config {
             train_on_inputs: false,
             excess_length_strategy: None,
             special_tokens: SpecialTokens::default(),
-            tokens: Vec::new(),
+            tokens: TokenList::default(),
+            eot_tokens: Vec::new(),
+            pretraining_dataset: None,
             shrink_embeddings: false,
             skip_invalid_rows: false,
             adapter: None,
@@ -211,7 +224,7 @@ impl Default for Config {
             lora_r: 8,
             lora_alpha: 16.0,
             lora_dropout: 0.0,
-            lora_target_modules: Vec::new(),
+            lora_target_modules: TargetModules::default(),
             lora_target_linear: false,
             lora_modules_to_save: Vec::new(),
             peft_use_rslora: false,
@@ -225,8 +238,8 @@ impl Default for Config {
             num_epochs: 1.0,
             max_steps: None,
             learning_rate: 2e-4,
-            optimizer: "adamw_torch".into(),
-            lr_scheduler: "cosine".into(),
+            optimizer: Optimizer::AdamwTorch,
+            lr_scheduler: LrScheduler::Cosine,
             warmup_steps: None,
             warmup_ratio: None,
             cosine_min_lr_ratio: None,
@@ -235,12 +248,13 @@ impl Default for Config {
             adam_beta1: 0.9,
             adam_beta2: 0.999,
             adam_epsilon: 1e-8,
-            bf16: BoolOrString::Str("auto".into()),
+            bf16: BoolOrAuto::Auto,
             fp16: None,
             tf32: None,
             flash_attention: false,
             sdp_attention: false,
             xformers_attention: false,
+            attn_implementation: None,
             gradient_checkpointing: BoolOrString::Bool(false),
             evals_per_epoch: None,
             eval_steps: None,
@@ -251,12 +265,13 @@ impl Default for Config {
             seed: 42,
             resume_from_checkpoint: None,
             output_dir: "./outputs".into(),
-            backend: "auto".into(),
+            backend: Backend::Auto,
             cache_dir: None,
             eval_prompts: Vec::new(),
             eval_max_new_tokens: 64,
             merge: MergeConfig::default(),
             stages: Vec::new(),
+            kernels: KernelOptions::default(),
         }
     }
 }
@@ -267,9 +282,10 @@ impl Default for Config {
 pub struct DatasetConfig {
     /// Local file or folder, hub dataset id, or `stage:NAME` (a custom stage's output).
     pub path: String,
-    /// Prompt strategy: `alpaca`, `chat_template`, `completion`, `input_output`.
+    /// Prompt strategy: `alpaca`, `chat_template` (also `chat_template.default`), `completion`,
+    /// `input_output`.
     #[serde(rename = "type")]
-    pub type_: Option<String>,
+    pub type_: Option<DatasetType>,
     /// File format when the extension does not say: json, parquet, csv, text.
     pub ds_type: Option<String>,
     /// Files inside `path` to read.
@@ -295,7 +311,7 @@ pub struct DatasetConfig {
     /// Roles whose turns are trained (default `[assistant]`).
     pub roles_to_train: Option<Vec<String>>,
     /// Train the end-of-turn token: `turn`, `last`, `all`, `none`.
-    pub train_on_eos: Option<String>,
+    pub train_on_eos: Option<TrainOnEos>,
     /// Per-dataset chat template.
     pub chat_template: Option<String>,
     /// Per-dataset Jinja chat template.
@@ -308,6 +324,8 @@ pub struct DatasetConfig {
     pub shards: Option<usize>,
     /// Per-dataset override of train_on_inputs.
     pub train_on_split: Option<String>,
+    /// Column of a `completion`/`pretrain` dataset's text (Axolotl's pretraining form of `field`).
+    pub text_column: Option<String>,
 }
 
 /// A string or a list of strings (Axolotl accepts both for `data_files`).
@@ -434,346 +452,324 @@ pub struct CustomStage {
     pub outputs: Vec<String>,
 }
 
-/// A config error with its place in the file.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    /// YAML syntax or a wrong type.
-    #[error("{path}:{line}:{column}: {message}")]
-    Invalid { path: PathBuf, line: usize, column: usize, message: String },
-    /// A key newt does not know.
-    #[error("{path}:{line}:{column}: unknown key `{key}`{hint}")]
-    UnknownKey { path: PathBuf, line: usize, column: usize, key: String, hint: String },
-    /// A value newt does not accept.
-    #[error("{path}: {message}")]
-    Value { path: PathBuf, message: String },
+/// `adapter:`. Unset means a full fine-tune in Axolotl.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Adapter {
+    /// LoRA on a frozen base in the model's dtype.
+    Lora,
+    /// LoRA on a frozen base stored in NF4.
+    Qlora,
+    /// Every weight trains (newt's name for Axolotl's unset `adapter`).
+    Full,
 }
 
-/// A parsed pipeline: the typed config, where it came from, and warnings to show the user.
-#[derive(Debug, Clone)]
-pub struct LoadedConfig {
-    /// The typed config.
-    pub config: Config,
-    /// The file it was read from.
-    pub path: PathBuf,
-    /// The folder relative paths are resolved against.
-    pub base_dir: PathBuf,
-    /// Non-fatal findings (unsupported Axolotl keys, ignored settings).
-    pub warnings: Vec<String>,
+/// `lora_target_modules:` as PEFT takes it: module names, or one regex over module paths.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
+#[serde(untagged)]
+pub enum TargetModules {
+    /// Short names (`q_proj`) matched against each linear's last path segment.
+    Names(Vec<String>),
+    /// A regex full-matched against the module path (`model.layers.0.self_attn.q_proj`).
+    Regex(String),
 }
 
-/// Axolotl keys newt accepts but does not act on yet: a warning, not an error.
-pub const AXOLOTL_UNSUPPORTED: &[&str] = &[
-    "wandb_project",
-    "wandb_entity",
-    "wandb_watch",
-    "wandb_name",
-    "wandb_log_model",
-    "wandb_mode",
-    "wandb_run_id",
-    "mlflow_tracking_uri",
-    "mlflow_experiment_name",
-    "comet_api_key",
-    "hub_model_id",
-    "hub_strategy",
-    "push_dataset_to_hub",
-    "hf_use_auth_token",
-    "early_stopping_patience",
-    "deepspeed",
-    "fsdp",
-    "fsdp_config",
-    "fsdp_version",
-    "ddp_timeout",
-    "ddp_bucket_cap_mb",
-    "ddp_broadcast_buffers",
-    "local_rank",
-    "torch_compile",
-    "torch_compile_backend",
-    "unsloth_lora_mlp",
-    "unsloth_lora_qkv",
-    "unsloth_lora_o",
-    "unsloth_cross_entropy_loss",
-    "liger_rope",
-    "liger_rms_norm",
-    "liger_glu_activation",
-    "liger_fused_linear_cross_entropy",
-    "plugins",
-    "group_by_length",
-    "auto_resume_from_checkpoints",
-    "debug",
-    "is_llama_derived_model",
-    "is_mistral_derived_model",
-    "is_qwen_derived_model",
-    "is_falcon_derived_model",
-    "flash_attn_cross_entropy",
-    "flash_attn_rms_norm",
-    "flash_attn_fuse_qkv",
-    "flash_attn_fuse_mlp",
-    "s2_attention",
-    "sample_packing_eff_est",
-    "total_num_tokens",
-    "pretraining_dataset",
-    "rl",
-    "dpo_beta",
-    "reward_model",
-    "process_reward_model",
-    "lora_on_cpu",
-    "gptq",
-    "bnb_config_kwargs",
-    "max_memory",
-    "gpu_memory_limit",
-    "device_map",
-    "low_cpu_mem_usage",
-    "chat_template_kwargs",
-    "eval_table_size",
-    "eval_max_new_tokens",
-    "do_causal_lm_eval",
-    "eval_causal_lm_metrics",
-    "profiler_steps",
-    "loss_watchdog_threshold",
-    "loss_watchdog_patience",
-    "neftune_noise_alpha",
-    "relora_steps",
-    "relora_warmup_steps",
-    "lr_quadratic_warmup",
-    "dataset_processes",
-    "dataset_keep_in_memory",
-    "dataloader_pin_memory",
-    "dataloader_num_workers",
-    "dataloader_prefetch_factor",
-    "dataloader_drop_last",
-    "remove_unused_columns",
-    "sequence_parallel_degree",
-    "curriculum_sampling",
-    "multipack_real_batches",
-    "eval_sample_packing_eff_est",
-    "save_safetensors",
-    "save_strategy",
-    "eval_strategy",
-    "evaluation_strategy",
-    "save_only_model",
-    "include_tokens_per_second",
-    "strict",
-    "gradient_checkpointing_kwargs",
-    "lr_div_factor",
-    "optim_args",
-    "optim_target_modules",
-    "embeddings_skip_upcast",
-    "lora_mlp_kernel",
-    "lora_qkv_kernel",
-    "lora_o_kernel",
-    "special_tokens_map",
-    "unfrozen_parameters",
-    "peft_layers_to_transform",
-    "peft_init_lora_weights",
-    "adam_beta3",
-    "hub_revision",
-];
-
-/// Keys of the typed config, for suggestions and the unknown-key check.
-fn known_keys(value: &serde_json::Value) -> Vec<String> {
-    value.as_object().map(|o| o.keys().cloned().collect()).unwrap_or_default()
-}
-
-/// Reads and checks a pipeline file.
-pub fn load(path: &Path) -> Result<LoadedConfig, ConfigError> {
-    let text =
-        std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
-    parse(&text, path)
-}
-
-/// Parses pipeline text (`path` is used in messages and for relative paths).
-pub fn parse(text: &str, path: &Path) -> Result<LoadedConfig, ConfigError> {
-    let invalid = |e: serde_yaml::Error| {
-        let (line, column) = e.location().map(|l| (l.line(), l.column())).unwrap_or((0, 0));
-        ConfigError::Invalid {
-            path: path.to_path_buf(),
-            line,
-            column,
-            message: e.to_string().split(" at line ").next().unwrap_or_default().to_string(),
-        }
-    };
-    let tree: serde_yaml::Value = serde_yaml::from_str(text).map_err(invalid)?;
-    let mut warnings = Vec::new();
-    let tree = match tree {
-        serde_yaml::Value::Null => serde_yaml::Value::Mapping(Default::default()),
-        serde_yaml::Value::Mapping(m) => serde_yaml::Value::Mapping(m),
-        _ => {
-            return Err(ConfigError::Invalid {
-                path: path.to_path_buf(),
-                line: 1,
-                column: 1,
-                message: "a pipeline file is a mapping of keys to values".into(),
-            });
-        }
-    };
-    let cleaned = check_keys(&tree, text, path, &mut warnings)?;
-    let config: Config = serde_path_to_error::deserialize(cleaned).map_err(|e| type_error(e, text, path))?;
-    validate(&config, path, &mut warnings)?;
-    let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    let base_dir = if base_dir.as_os_str().is_empty() { PathBuf::from(".") } else { base_dir };
-    Ok(LoadedConfig { config, path: path.to_path_buf(), base_dir, warnings })
-}
-
-/// Checks every key against the typed structs; returns the tree without the tolerated keys.
-fn check_keys(
-    tree: &serde_yaml::Value,
-    text: &str,
-    path: &Path,
-    warnings: &mut Vec<String>,
-) -> Result<serde_yaml::Value, ConfigError> {
-    let top = known_keys(&serde_json::to_value(Config::default()).expect("config serializes"));
-    let ds = known_keys(&serde_json::to_value(DatasetConfig::default()).expect("dataset serializes"));
-    let nested: &[(&str, Vec<String>)] = &[
-        ("special_tokens", known_keys(&serde_json::to_value(SpecialTokens::default()).unwrap())),
-        ("tiny_model", known_keys(&serde_json::to_value(TinyModel::default()).unwrap())),
-        ("merge", known_keys(&serde_json::to_value(MergeConfig::default()).unwrap())),
-    ];
-    let stage_keys = known_keys(&serde_json::to_value(CustomStage::default()).unwrap());
-    let mut out = serde_yaml::Mapping::new();
-    let map = tree.as_mapping().expect("checked mapping");
-    for (k, v) in map {
-        let key = k.as_str().unwrap_or_default().to_string();
-        if !top.contains(&key) {
-            if AXOLOTL_UNSUPPORTED.contains(&key.as_str()) {
-                warnings.push(format!("Axolotl key `{key}` is not supported by newt yet; it is ignored"));
-                continue;
-            }
-            return Err(unknown(&key, &top, text, path, 0));
-        }
-        let v = match key.as_str() {
-            "datasets" | "test_datasets" => check_list(v, &ds, text, path)?,
-            "stages" => check_list(v, &stage_keys, text, path)?,
-            _ => {
-                if let Some((_, keys)) = nested.iter().find(|(n, _)| *n == key)
-                    && let Some(m) = v.as_mapping()
-                {
-                    for nk in m.keys() {
-                        let nk = nk.as_str().unwrap_or_default();
-                        if !keys.iter().any(|x| x == nk) {
-                            return Err(unknown(nk, keys, text, path, 1));
-                        }
-                    }
-                }
-                v.clone()
-            }
-        };
-        out.insert(k.clone(), v);
+impl Default for TargetModules {
+    fn default() -> Self {
+        TargetModules::Names(Vec::new())
     }
-    Ok(serde_yaml::Value::Mapping(out))
 }
 
-fn check_list(
-    v: &serde_yaml::Value,
-    keys: &[String],
-    text: &str,
-    path: &Path,
-) -> Result<serde_yaml::Value, ConfigError> {
-    if let Some(seq) = v.as_sequence() {
-        for item in seq {
-            if let Some(m) = item.as_mapping() {
-                for k in m.keys() {
-                    let k = k.as_str().unwrap_or_default();
-                    if !keys.iter().any(|x| x == k) {
-                        return Err(unknown(k, keys, text, path, 1));
-                    }
-                }
-            }
+impl TargetModules {
+    /// Whether nothing was named.
+    pub fn is_empty(&self) -> bool {
+        match self {
+            TargetModules::Names(v) => v.is_empty(),
+            TargetModules::Regex(r) => r.is_empty(),
         }
     }
-    Ok(v.clone())
 }
 
-fn unknown(key: &str, known: &[String], text: &str, path: &Path, min_indent: usize) -> ConfigError {
-    let (line, column) = locate_key(text, key, min_indent).unwrap_or((0, 0));
-    let best = known
-        .iter()
-        .map(|k| (strsim::jaro_winkler(key, k), k))
-        .filter(|(s, _)| *s > 0.85)
-        .max_by(|a, b| a.0.total_cmp(&b.0))
-        .map(|(_, k)| k.clone());
-    let hint = match best {
-        Some(k) => format!("; did you mean `{k}`?"),
-        None => String::new(),
-    };
-    ConfigError::UnknownKey { path: path.to_path_buf(), line, column, key: key.to_string(), hint }
+/// `tokens:`: a list of new tokens, or a mapping whose keys are the tokens (Axolotl accepts both).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
+#[serde(untagged)]
+pub enum TokenList {
+    /// `[tok_a, tok_b]`.
+    List(Vec<String>),
+    /// `{tok_a: ..., tok_b: ...}`: the keys are the tokens.
+    Map(BTreeMap<String, serde_json::Value>),
 }
 
-/// Finds `key:` in the text (1-based line and column), at an indent of at least `min_indent`.
-pub fn locate_key(text: &str, key: &str, min_indent: usize) -> Option<(usize, usize)> {
-    for (i, line) in text.lines().enumerate() {
-        let trimmed = line.trim_start();
-        let indent = line.len() - trimmed.len();
-        let body = trimmed.strip_prefix("- ").unwrap_or(trimmed);
-        let col = line.len() - body.len();
-        if indent < min_indent && min_indent > 0 && !trimmed.starts_with("- ") {
-            continue;
-        }
-        if let Some(rest) = body.strip_prefix(key)
-            && rest.trim_start().starts_with(':')
-        {
-            return Some((i + 1, col + 1));
+impl Default for TokenList {
+    fn default() -> Self {
+        TokenList::List(Vec::new())
+    }
+}
+
+impl TokenList {
+    /// The tokens, in file order for a list and sorted for a mapping.
+    pub fn to_vec(&self) -> Vec<String> {
+        match self {
+            TokenList::List(v) => v.clone(),
+            TokenList::Map(m) => m.keys().cloned().collect(),
         }
     }
-    None
 }
 
-fn type_error(e: serde_path_to_error::Error<serde_yaml::Error>, text: &str, path: &Path) -> ConfigError {
-    let field = e.path().to_string();
-    let inner = e.inner().to_string();
-    let inner = inner.split(" at line ").next().unwrap_or(&inner).to_string();
-    // The last named segment of `datasets[0].type` is the key to point at.
-    let leaf = field.rsplit('.').next().unwrap_or(&field).split('[').next().unwrap_or("").to_string();
-    let (line, column) = locate_key(text, &leaf, 0).unwrap_or((0, 0));
-    ConfigError::Invalid { path: path.to_path_buf(), line, column, message: format!("`{field}`: {inner}") }
+/// `pretraining_dataset:`: one path, one entry or a list of entries.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
+#[serde(untagged)]
+pub enum PretrainingDatasets {
+    /// A dataset path.
+    Path(String),
+    /// Dataset entries (`path`, `type: pretrain`, `text_column`, ...).
+    Entries(Vec<DatasetConfig>),
 }
 
-fn validate(c: &Config, path: &Path, warnings: &mut Vec<String>) -> Result<(), ConfigError> {
-    let err = |message: String| ConfigError::Value { path: path.to_path_buf(), message };
-    if c.base_model.is_empty() {
-        return Err(err("`base_model` is required (a hub id, a local folder, a .gguf file or `newt:tiny`)".into()));
+/// `excess_length_strategy:`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ExcessLength {
+    /// Samples longer than `sequence_len` are left out (Axolotl's default).
+    Drop,
+    /// Samples longer than `sequence_len` are cut to it.
+    Truncate,
+}
+
+/// `optimizer:`: the AdamW family under the names Axolotl and transformers use. newt runs one
+/// AdamW (f32 moments) for all of them; the 8-bit and paged variants differ only in how their
+/// state is stored.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Optimizer {
+    /// `adamw_torch`.
+    AdamwTorch,
+    /// `adamw_torch_fused`.
+    AdamwTorchFused,
+    /// `adamw_hf`.
+    AdamwHf,
+    /// `adamw_apex_fused`.
+    AdamwApexFused,
+    /// `adamw_anyprecision`.
+    AdamwAnyprecision,
+    /// `adamw_bnb_8bit`.
+    #[serde(rename = "adamw_bnb_8bit")]
+    AdamwBnb8bit,
+    /// `adamw_8bit`.
+    #[serde(rename = "adamw_8bit")]
+    Adamw8bit,
+    /// `paged_adamw_8bit`.
+    #[serde(rename = "paged_adamw_8bit")]
+    PagedAdamw8bit,
+    /// `paged_adamw_32bit`.
+    #[serde(rename = "paged_adamw_32bit")]
+    PagedAdamw32bit,
+    /// `adamw_torch_4bit`.
+    #[serde(rename = "adamw_torch_4bit")]
+    AdamwTorch4bit,
+    /// `adamw_torch_8bit`.
+    #[serde(rename = "adamw_torch_8bit")]
+    AdamwTorch8bit,
+    /// `adamw`.
+    Adamw,
+}
+
+impl Optimizer {
+    /// Whether the name asks for quantized or paged optimizer state, which newt keeps in f32.
+    pub fn differs_from_newt(self) -> bool {
+        matches!(
+            self,
+            Optimizer::AdamwBnb8bit
+                | Optimizer::Adamw8bit
+                | Optimizer::PagedAdamw8bit
+                | Optimizer::PagedAdamw32bit
+                | Optimizer::AdamwTorch4bit
+                | Optimizer::AdamwTorch8bit
+        )
     }
-    if c.datasets.is_empty() {
-        return Err(err("`datasets` is empty: add at least one dataset".into()));
+    /// The name as written in a config.
+    pub fn as_str(self) -> String {
+        serde_json::to_value(self).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
     }
-    for (i, d) in c.datasets.iter().chain(&c.test_datasets).enumerate() {
-        if d.path.is_empty() {
-            return Err(err(format!("datasets[{i}]: `path` is required")));
+}
+
+/// `lr_scheduler:`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LrScheduler {
+    /// Cosine decay after warmup (to `cosine_min_lr_ratio` of the peak).
+    Cosine,
+    /// Linear decay to zero after warmup.
+    Linear,
+    /// The peak rate throughout (warmup ignored, as in transformers).
+    Constant,
+    /// Linear warmup, then constant.
+    ConstantWithWarmup,
+}
+
+impl LrScheduler {
+    /// The name as written in a config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LrScheduler::Cosine => "cosine",
+            LrScheduler::Linear => "linear",
+            LrScheduler::Constant => "constant",
+            LrScheduler::ConstantWithWarmup => "constant_with_warmup",
         }
     }
-    if let Some(a) = &c.adapter
-        && a != "lora"
-        && a != "qlora"
-    {
-        return Err(err(format!("`adapter: {a}` is not supported; use `lora` or `qlora`")));
+}
+
+/// `bf16:` — `true`, `false` or `auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, schemars::JsonSchema)]
+pub enum BoolOrAuto {
+    /// `auto`: bf16 where the GPU has it.
+    Auto,
+    /// `true` / `false`.
+    Bool(bool),
+}
+
+impl Serialize for BoolOrAuto {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            BoolOrAuto::Auto => s.serialize_str("auto"),
+            BoolOrAuto::Bool(b) => s.serialize_bool(*b),
+        }
     }
-    if !["auto", "cuda", "cpu"].contains(&c.backend.as_str()) {
-        return Err(err(format!("`backend: {}` must be one of auto, cuda, cpu", c.backend)));
+}
+
+impl<'de> Deserialize<'de> for BoolOrAuto {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match BoolOrString::deserialize(d)? {
+            BoolOrString::Bool(b) => Ok(BoolOrAuto::Bool(b)),
+            BoolOrString::Str(s) if s == "auto" => Ok(BoolOrAuto::Auto),
+            BoolOrString::Str(s) if s == "true" || s == "false" => Ok(BoolOrAuto::Bool(s == "true")),
+            BoolOrString::Str(s) => Err(serde::de::Error::custom(format!("`{s}`: expected true, false or auto"))),
+        }
     }
-    if c.sequence_len == 0 || c.micro_batch_size == 0 || c.gradient_accumulation_steps == 0 {
-        return Err(err("sequence_len, micro_batch_size and gradient_accumulation_steps must be at least 1".into()));
+}
+
+/// `attn_implementation:` (transformers' names). newt picks its own attention kernel for every
+/// one of them; the choice does not change results beyond dtype noise.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AttnImplementation {
+    /// `flash_attention_2`.
+    FlashAttention2,
+    /// `flash_attention_3`.
+    FlashAttention3,
+    /// `sdpa`.
+    Sdpa,
+    /// `eager`.
+    Eager,
+    /// `flex_attention`.
+    FlexAttention,
+    /// `xformers`.
+    Xformers,
+    /// `flash_attention` (older spelling).
+    FlashAttention,
+    /// `kernels-community/…` hub kernels are written as strings; newt ignores them like the rest.
+    #[serde(other)]
+    Other,
+}
+
+/// `backend:` — where newt trains.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// CUDA when a GPU is present, else the CPU.
+    Auto,
+    /// CUDA (bf16).
+    Cuda,
+    /// The CPU (f32).
+    Cpu,
+}
+
+impl Backend {
+    /// The name as written in a config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Auto => "auto",
+            Backend::Cuda => "cuda",
+            Backend::Cpu => "cpu",
+        }
     }
-    if c.val_set_size < 0.0 {
-        return Err(err("`val_set_size` must be >= 0".into()));
+}
+
+/// A dataset's `type:` — the prompt strategies newt has, under Axolotl's names and aliases.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
+pub enum DatasetType {
+    /// Conversations rendered with a chat template (`chat_template`, `chat_template.default`).
+    #[serde(rename = "chat_template", alias = "chat_template.default")]
+    ChatTemplate,
+    /// Instruction / input / output.
+    #[serde(rename = "alpaca")]
+    Alpaca,
+    /// Plain text (`completion`; `pretrain` is Axolotl's pretraining form of it).
+    #[serde(rename = "completion", alias = "pretrain")]
+    Completion,
+    /// Labelled text segments (template-free).
+    #[serde(rename = "input_output")]
+    InputOutput,
+}
+
+impl DatasetType {
+    /// The canonical name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DatasetType::ChatTemplate => "chat_template",
+            DatasetType::Alpaca => "alpaca",
+            DatasetType::Completion => "completion",
+            DatasetType::InputOutput => "input_output",
+        }
     }
-    if let Some(s) = &c.excess_length_strategy
-        && s != "drop"
-        && s != "truncate"
-    {
-        return Err(err(format!("`excess_length_strategy: {s}` must be drop or truncate")));
+}
+
+/// Which end-of-turn tokens are trained (`train_on_eos`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, schemars::JsonSchema)]
+pub enum TrainOnEos {
+    /// After each trained turn (Axolotl's default).
+    Turn,
+    /// Only after the last turn.
+    Last,
+    /// After every turn.
+    All,
+    /// Never.
+    None,
+}
+
+impl Serialize for TrainOnEos {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(match self {
+            TrainOnEos::Turn => "turn",
+            TrainOnEos::Last => "last",
+            TrainOnEos::All => "all",
+            TrainOnEos::None => "none",
+        })
     }
-    if c.lora_fan_in_fan_out {
-        return Err(err(
-            "`lora_fan_in_fan_out: true` is for Conv1D models (GPT-2); Llama-family models use false".into()
-        ));
+}
+
+impl<'de> Deserialize<'de> for TrainOnEos {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match BoolOrString::deserialize(d)? {
+            BoolOrString::Bool(false) => Ok(TrainOnEos::None),
+            BoolOrString::Bool(true) => Ok(TrainOnEos::All),
+            BoolOrString::Str(s) => match s.as_str() {
+                "turn" => Ok(TrainOnEos::Turn),
+                "last" => Ok(TrainOnEos::Last),
+                "all" => Ok(TrainOnEos::All),
+                "none" | "false" => Ok(TrainOnEos::None),
+                other => Err(serde::de::Error::custom(format!("`{other}`: expected turn, last, all or none"))),
+            },
+        }
     }
-    if matches!(&c.bf16, BoolOrString::Str(s) if s != "auto") {
-        return Err(err("`bf16` must be true, false or auto".into()));
-    }
-    if c.fp16 == Some(true) {
-        warnings.push("`fp16: true`: newt trains in bf16 on GPUs (f32 on CPU); fp16 is not used".into());
-    }
-    Ok(())
+}
+
+/// `kernels:` — newt's kernel choices that change numbers, so they are part of the train key
+/// (choices that change only speed are picked by newt and never keyed).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct KernelOptions {
+    /// LoRA adapter products in f32 (PEFT without autocast) instead of the activations' dtype
+    /// (Axolotl's `bf16: true` autocast). Replaces the `NEWT_LORA_F32` environment variable.
+    pub lora_f32: bool,
 }
