@@ -549,9 +549,11 @@ fn check_targets(c: &Config, file: &File<'_>) -> Result<(), ConfigError> {
             let re = regex::Regex::new(&format!("^(?:{r})$"))
                 .map_err(|e| file.at("lora_target_modules", format!("lora_target_modules: bad regex: {e}")))?;
             // Does it name any linear of a decoder layer at all?
-            let hits = LINEAR_TARGETS
-                .iter()
-                .any(|t| ["self_attn", "mlp"].iter().any(|block| re.is_match(&format!("model.layers.0.{block}.{t}"))));
+            let hits = (0..256).any(|layer| {
+                LINEAR_TARGETS
+                    .iter()
+                    .any(|t| ["self_attn", "mlp"].iter().any(|b| re.is_match(&format!("model.layers.{layer}.{b}.{t}"))))
+            });
             if !hits && !c.lora_target_linear {
                 return Err(file.at(
                     "lora_target_modules",

@@ -110,8 +110,8 @@ impl LoraConfig {
             || regex.is_some_and(|re| re.is_match(path))
     }
 
-    /// The short names of the adapted linears, validated, in [`LINEAR_TARGETS`] order (with a
-    /// regex: the names it matches in some layer).
+    /// The short names of the linears adapted in every layer, validated, in [`LINEAR_TARGETS`]
+    /// order (empty with only a regex, which may pick layers).
     pub fn resolved_targets(&self) -> Result<Vec<&'static str>, LoraError> {
         if self.r == 0 {
             return Err(LoraError::BadValue("lora_r must be at least 1".into()));
@@ -133,15 +133,10 @@ impl LoraConfig {
         let targets: Vec<&'static str> = LINEAR_TARGETS
             .iter()
             .copied()
-            .filter(|t| {
-                self.target_linear
-                    || self.target_modules.iter().any(|m| m == t)
-                    || regex.as_ref().is_some_and(|re| {
-                        ["self_attn", "mlp"].iter().any(|b| re.is_match(&format!("model.layers.0.{b}.{t}")))
-                    })
-            })
+            .filter(|t| self.target_linear || self.target_modules.iter().any(|m| m == t))
             .collect();
-        if targets.is_empty() {
+        // A regex may pick layers; whether it matches anything is known once the model is.
+        if targets.is_empty() && regex.is_none() {
             return Err(LoraError::NoTargets);
         }
         Ok(targets)
@@ -400,14 +395,19 @@ impl<B: Backend> Llama<B> {
     pub fn with_lora(self, config: &LoraConfig) -> Result<Self, LoraError> {
         config.resolved_targets()?;
         let regex = config.regex()?;
+        let mut adapted = 0;
         let mut model = self.map_linears(|path, mut linear| {
             if config.adapts(path, regex.as_ref()) {
+                adapted += 1;
                 let [out, input] = linear.dims();
                 let device = linear.weight.device();
                 linear.lora = Some(LoraAdapter::init(input, out, config, module_seed(config.seed, path), &device));
             }
             Ok::<_, LoraError>(linear)
         })?;
+        if adapted == 0 {
+            return Err(LoraError::NoTargets);
+        }
         for m in &config.modules_to_save {
             model = model.train_in_full(m);
         }

@@ -16,6 +16,31 @@ fn all_linear(r: usize, seed: u64) -> LoraConfig {
     LoraConfig { r, alpha: 2.0 * r as f64, target_linear: true, seed, ..LoraConfig::default() }
 }
 
+/// `lora_target_modules` as one string: PEFT full-matches it against each module path, so a
+/// regex can pick layers; the adapter config keeps the regex.
+#[test]
+fn regex_targets_match_module_paths_in_full_and_round_trip_through_peft() {
+    let dir = tiny_model_dir(5);
+    let cfg = LoraConfig {
+        target_modules: Vec::new(),
+        target_linear: false,
+        target_regex: Some(r"model\.layers\.1\.(self_attn\.q|mlp\.up)_proj".into()),
+        ..LoraConfig::default()
+    };
+    let m = load::<B>(dir.path()).with_lora(&cfg).unwrap();
+    let adapted: Vec<String> = m.linears().into_iter().filter(|(_, l)| l.lora.is_some()).map(|(p, _)| p).collect();
+    assert_eq!(adapted, ["model.layers.1.self_attn.q_proj", "model.layers.1.mlp.up_proj"]);
+    let out = tempfile::tempdir().unwrap();
+    save_adapter(&m, &cfg, "newt:tiny", out.path()).unwrap();
+    let text = std::fs::read_to_string(out.path().join(ADAPTER_CONFIG)).unwrap();
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["target_modules"], cfg.target_regex.clone().unwrap(), "{text}");
+    let (again, read) = load_adapter(load::<B>(dir.path()), out.path()).unwrap();
+    assert_eq!(read.target_regex, cfg.target_regex);
+    let again: Vec<String> = again.linears().into_iter().filter(|(_, l)| l.lora.is_some()).map(|(p, _)| p).collect();
+    assert_eq!(again, adapted);
+}
+
 #[test]
 fn lora_b_zero_means_base_logits() {
     let dir = tiny_model_dir(5);
