@@ -385,12 +385,12 @@ fn on_device(node: &StageNode) -> bool {
 
 fn env_of(node: &StageNode) -> BTreeMap<String, String> {
     let mut env = BTreeMap::new();
-    match Some(node_backend(node)) {
-        Some(Ok(b)) => {
+    match node_backend(node) {
+        Ok(b) => {
             env.insert("backend".into(), b.name().into());
             env.insert("dtype".into(), b.dtype_name().into());
         }
-        _ => {
+        Err(_) => {
             env.insert("backend".into(), "unavailable".into());
         }
     }
