@@ -48,6 +48,12 @@ pub enum Command {
         /// The stage id (`train`, `tokenize.0`, ...).
         stage: String,
     },
+    /// Run only the fetch stages: download Hub models and datasets into the Hugging Face cache
+    /// (on a login node with internet, before a job on an offline GPU node).
+    Fetch {
+        /// The pipeline file.
+        pipeline: PathBuf,
+    },
     /// Run up to `pack` (Axolotl's `preprocess`).
     Preprocess {
         /// The pipeline file.
@@ -91,7 +97,8 @@ pub enum Command {
     Inspect {
         /// Stage id or digest prefix.
         target: String,
-        /// Resolve stage ids against this pipeline's latest run.
+        /// Resolve stage ids within this pipeline only: its current result, else its last
+        /// run's; an error when the stage never ran for it.
         #[arg(long, short)]
         pipeline: Option<PathBuf>,
         /// Samples to show (tokenize/pack artifacts).
@@ -104,7 +111,8 @@ pub enum Command {
         target: String,
         /// The SQL.
         sql: String,
-        /// Resolve stage ids against this pipeline's latest run.
+        /// Resolve stage ids within this pipeline only: its current result, else its last
+        /// run's; an error when the stage never ran for it.
         #[arg(long, short)]
         pipeline: Option<PathBuf>,
     },

@@ -18,8 +18,10 @@ pub mod exit {
     pub const FAILURE: i32 = 1;
     /// The pipeline file or the command line is wrong.
     pub const USAGE: i32 = 2;
-    /// Interrupted (Ctrl-C).
+    /// Interrupted (Ctrl-C, SIGINT).
     pub const INTERRUPTED: i32 = 130;
+    /// Stopped by SIGTERM (a scheduler's preemption or `kill`).
+    pub const TERMINATED: i32 = 143;
 }
 
 fn main() {
@@ -33,7 +35,7 @@ fn main() {
         Err(e) => {
             let usage = e.downcast_ref::<newt_config::ConfigError>().is_some()
                 || e.downcast_ref::<newt_graph::compile::CompileError>().is_some();
-            eprintln!("{} {e:#}", console::style("error:").red().bold());
+            eprintln!("{} {}", console::style("error:").red().bold(), newt_graph::error_chain(&e));
             if usage { exit::USAGE } else { exit::FAILURE }
         }
     };

@@ -47,6 +47,11 @@ impl Progress for Bar {
     fn set_message(&self, msg: String) {
         self.bar.set_message(msg);
     }
+    fn log(&self, line: String) {
+        if self.plain {
+            eprintln!("{:>14} {line}", self.id);
+        }
+    }
     fn println(&self, line: String) {
         if self.plain {
             eprintln!("{:>14} {line}", self.id);

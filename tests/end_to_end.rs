@@ -375,3 +375,117 @@ fn plan_lists_ignored_axolotl_keys_grouped() {
     assert!(text.contains("accepted and ignored (3 keys)"), "{text}");
     assert!(text.contains("wandb_project, wandb_entity: experiment tracking"), "{text}");
 }
+
+/// `newt run --only train --json --quiet` in `p`; the train stage's report.
+fn train_report(p: &Project) -> serde_json::Value {
+    let out = p.run(&["run", "p.yml", "--only", "train", "--json", "--quiet"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["stages"].as_array().unwrap().iter().find(|s| s["id"] == "train").cloned().unwrap()
+}
+
+fn long_train(p: &Project) {
+    // Enough steps that the signal lands mid-train; a log line every step; no periodic
+    // checkpoint, so the one a rerun resumes from is the one the signal made.
+    p.edit("p.yml", "num_epochs: 1", "num_epochs: 6\nlogging_steps: 1\nsave_steps: 100000");
+}
+
+/// Spawns `newt run` on `p` with stderr piped (not a terminal, as in a batch job's log), waits
+/// for train's plain log line of `step`, sends `signal`, and returns (exit code, stderr).
+fn signal_mid_train(p: &Project, step: usize, signal: &str) -> (Option<i32>, String) {
+    use std::io::BufRead;
+    let mut child = p
+        .newt(&["run", "p.yml", "--only", "train"])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut log = String::new();
+    let mut lines = stderr.lines();
+    let marker = format!("step {step}/");
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        log.push_str(&line);
+        log.push('\n');
+        if line.contains("train") && line.contains(&marker) {
+            let ok = Command::new("kill").args([signal, &child.id().to_string()]).status().unwrap();
+            assert!(ok.success());
+            break;
+        }
+    }
+    for line in lines {
+        log.push_str(&line.unwrap());
+        log.push('\n');
+    }
+    (child.wait().unwrap().code(), log)
+}
+
+#[test]
+fn sigterm_mid_train_checkpoints_exits_143_and_a_rerun_resumes_to_the_uninterrupted_adapter() {
+    let p = Project::new();
+    long_train(&p);
+    let (code, log) = signal_mid_train(&p, 3, "-TERM");
+    assert_eq!(code, Some(143), "{log}");
+    // The plain per-step log lines of a non-terminal stderr.
+    for part in ["step 1/", "loss ", "lr ", "grad_norm ", "tok/s", "eta "] {
+        assert!(log.contains(part), "no `{part}` in the log:\n{log}");
+    }
+    assert!(log.contains("SIGTERM") && log.contains("resumes"), "{log}");
+    assert!(log.contains("checkpoint at step"), "{log}");
+    let tmp = p.path("cache/v1/tmp");
+    assert_eq!(std::fs::read_dir(&tmp).map(|d| d.count()).unwrap_or(0), 0, "staging left behind in {tmp:?}");
+
+    let resumed = train_report(&p);
+    assert_eq!(resumed["outcome"], "ran");
+    let from = resumed["summary"]["resumed_from"].as_u64().expect("the rerun resumes");
+    assert!(from >= 3, "resumed from step {from}");
+
+    let whole = Project::new();
+    long_train(&whole);
+    let uninterrupted = train_report(&whole);
+    assert!(uninterrupted["summary"]["resumed_from"].is_null());
+    let adapter = |r: &serde_json::Value| {
+        std::fs::read(Path::new(r["path"].as_str().unwrap()).join("adapter_model.safetensors")).unwrap()
+    };
+    assert!(adapter(&resumed) == adapter(&uninterrupted), "the resumed adapter differs from an uninterrupted run's");
+}
+
+#[test]
+fn one_ctrl_c_stops_train_with_exit_130() {
+    let p = Project::new();
+    long_train(&p);
+    let (code, log) = signal_mid_train(&p, 2, "-INT");
+    assert_eq!(code, Some(130), "{log}");
+    assert!(log.contains("interrupted") && log.contains("Ctrl-C"), "{log}");
+    assert!(!log.contains("Some("), "{log}");
+}
+
+#[test]
+fn inspect_with_a_pipeline_never_shows_another_pipelines_result() {
+    let p = Project::new();
+    p.run_pipeline();
+    // q.yml: the same data and tokenizing, another learning rate; never run.
+    let yaml = std::fs::read_to_string(p.path("p.yml")).unwrap();
+    std::fs::write(p.path("q.yml"), yaml.replace("learning_rate: 0.003", "learning_rate: 0.002")).unwrap();
+
+    let out = p.run(&["inspect", "train", "-p", "q.yml"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "p.yml's adapter was shown for q.yml: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(err.contains("`train` of q.yml has not run yet"), "{err}");
+    let out = p.run(&["query", "pack", "select count(*) as n from train", "-p", "q.yml"]);
+    assert!(
+        out.status.success(),
+        "q.yml's pack is the same result as p.yml's: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let out = p.run(&["inspect", "nosuch", "-p", "q.yml"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("has no stage `nosuch`") && err.contains("train"), "{err}");
+
+    // Without -p, the newest result of any pipeline, and it says so.
+    let out = p.run(&["inspect", "train"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.contains("of any pipeline"), "{err}");
+}

@@ -67,6 +67,8 @@ pub struct RunReport {
     pub warnings: Vec<String>,
     /// Files copied into output_dir.
     pub materialized: Vec<PathBuf>,
+    /// The signal that stopped the run (2 for Ctrl-C, 15 for SIGTERM), if one did.
+    pub signal: Option<i32>,
 }
 
 impl RunReport {
@@ -147,12 +149,16 @@ pub fn key_inputs(
     code.insert("kind".to_string(), node.kind.clone());
     code.insert("stage_version".to_string(), stage.version().to_string());
     code.insert("newt".to_string(), env!("CARGO_PKG_VERSION").to_string());
+    let remote = stage
+        .remote_inputs(node, base_dir)
+        .map_err(|e| anyhow::anyhow!("stage `{}`: {}", node.id, crate::error_chain(&e)))?;
     let inputs = KeyInputs {
         code,
         params: node.params.clone(),
         upstream: upstream.iter().map(|(k, v)| (k.clone(), v.to_string())).collect(),
         external: ext,
         env: stage.environment(node),
+        remote,
     };
     Ok((inputs, external))
 }
@@ -281,7 +287,7 @@ impl Executor for LocalExecutor {
         record.finished_unix =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         self.cache.record_run(&self.pipeline_id, &record)?;
-        Ok(RunReport { stages, warnings, materialized: Vec::new() })
+        Ok(RunReport { stages, warnings, materialized: Vec::new(), signal: self.cancel.signal() })
     }
 }
 
@@ -329,7 +335,7 @@ impl StageTask {
                 .await;
         let (inputs_k, external) = match keyed {
             Ok(Ok(x)) => x,
-            Ok(Err(e)) => return fail(format!("{e:#}"), None, Vec::new()),
+            Ok(Err(e)) => return fail(crate::error_chain(&e), None, Vec::new()),
             Err(e) => return fail(format!("panicked while hashing inputs: {e}"), None, Vec::new()),
         };
         let key = inputs_k.key();
@@ -389,6 +395,7 @@ impl StageTask {
         let base_dir = self.base_dir.clone();
         let cancel = self.cancel.clone();
         let ki = inputs_k.clone();
+        let remote = inputs_k.remote.clone();
         let result = tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&work)?;
             let ctx = StageContext {
@@ -398,6 +405,7 @@ impl StageTask {
                 work_dir: work,
                 base_dir,
                 external,
+                remote,
                 cache_root: cache.root().to_path_buf(),
                 progress,
                 cancel,
@@ -435,7 +443,7 @@ impl StageTask {
                 },
                 warnings,
             },
-            Ok(Err(e)) => fail(format!("{e:#}"), Some(key), warnings),
+            Ok(Err(e)) => fail(crate::error_chain(&e), Some(key), warnings),
             Err(e) => {
                 let msg = e.try_into_panic().ok().and_then(|p| {
                     p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
@@ -483,7 +491,8 @@ pub fn materialize(
             if ours && record.get(&dst) == Some(&stamp) {
                 continue;
             }
-            std::fs::create_dir_all(output_dir)?;
+            std::fs::create_dir_all(output_dir)
+                .map_err(|e| anyhow::anyhow!("output_dir {}: cannot create it: {e}", output_dir.display()))?;
             let mut parent = output_dir.to_path_buf();
             for part in Path::new(&dst).parent().into_iter().flat_map(Path::components) {
                 parent.push(part);

@@ -26,6 +26,9 @@ pub struct KeyInputs {
     pub external: BTreeMap<String, String>,
     /// Environment that changes the output.
     pub env: BTreeMap<String, String>,
+    /// Inputs fetched from elsewhere, by immutable identity (`models/org/name@<commit>`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub remote: BTreeMap<String, String>,
 }
 
 impl KeyInputs {
@@ -39,10 +42,14 @@ impl KeyInputs {
         external.sort();
         let external = external.join("\n");
         let env = canonical_json(&serde_json::to_value(&self.env).expect("map serializes"));
-        newt_cache::hash_bytes(
-            KEY_CONTEXT,
-            &[code.as_bytes(), params.as_bytes(), upstream.as_bytes(), external.as_bytes(), env.as_bytes()],
-        )
+        let mut parts =
+            vec![code.as_bytes(), params.as_bytes(), upstream.as_bytes(), external.as_bytes(), env.as_bytes()];
+        // Only stages with remote inputs hash a sixth part: every other key stays as it was.
+        let remote = canonical_json(&serde_json::to_value(&self.remote).expect("map serializes"));
+        if !self.remote.is_empty() {
+            parts.push(remote.as_bytes());
+        }
+        newt_cache::hash_bytes(KEY_CONTEXT, &parts)
     }
 }
 
@@ -79,6 +86,20 @@ mod tests {
         assert_eq!(a.key(), b.key());
         b.external.insert("data/renamed.jsonl".into(), "00fe".into());
         assert_ne!(a.key(), b.key());
+    }
+
+    #[test]
+    fn remote_inputs_enter_the_key_and_leave_other_keys_unchanged() {
+        let plain = KeyInputs::default();
+        let before = plain.key();
+        let mut a = KeyInputs::default();
+        a.remote.insert("hub".into(), "models/acme/m@aaaa".into());
+        let mut b = a.clone();
+        b.remote.insert("hub".into(), "models/acme/m@bbbb".into());
+        assert_ne!(a.key(), b.key());
+        assert_ne!(a.key(), before);
+        assert_eq!(KeyInputs::default().key(), before);
+        assert!(!serde_json::to_string(&plain).unwrap().contains("remote"));
     }
 
     #[test]

@@ -3,13 +3,17 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 use crate::compile::StageNode;
 
-/// A cooperative cancellation flag shared by the executor and the running stages.
+/// A cooperative cancellation flag shared by the executor and the running stages, with the
+/// signal that set it (if one did), so the caller can exit with 128 + its number.
 #[derive(Debug, Clone, Default)]
-pub struct CancelToken(Arc<AtomicBool>);
+pub struct CancelToken {
+    flag: Arc<AtomicBool>,
+    signal: Arc<AtomicI32>,
+}
 
 impl CancelToken {
     /// A fresh, un-cancelled token.
@@ -18,15 +22,25 @@ impl CancelToken {
     }
     /// Asks every holder to stop at its next check.
     pub fn cancel(&self) {
-        self.0.store(true, Ordering::SeqCst)
+        self.flag.store(true, Ordering::SeqCst)
+    }
+    /// Cancels because the process received signal `signo` (2 for SIGINT, 15 for SIGTERM);
+    /// the first signal is the one remembered.
+    pub fn cancel_by_signal(&self, signo: i32) {
+        let _ = self.signal.compare_exchange(0, signo, Ordering::SeqCst, Ordering::SeqCst);
+        self.cancel();
+    }
+    /// The signal that cancelled the run, if one did.
+    pub fn signal(&self) -> Option<i32> {
+        Some(self.signal.load(Ordering::SeqCst)).filter(|&s| s != 0)
     }
     /// Whether cancellation was asked for.
     pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+        self.flag.load(Ordering::SeqCst)
     }
     /// The shared flag, for libraries that take a plain `Arc<AtomicBool>`.
     pub fn flag(&self) -> Arc<AtomicBool> {
-        self.0.clone()
+        self.flag.clone()
     }
 }
 
@@ -40,6 +54,9 @@ pub trait Progress: Send + Sync {
     fn set_message(&self, msg: String);
     /// A line worth keeping in the log above the bars (a warning, a summary).
     fn println(&self, line: String);
+    /// A periodic status line (`logging_steps`) for logs that are not a terminal, where no
+    /// bar is drawn; a bar already shows it on a terminal, so the default drops it.
+    fn log(&self, _line: String) {}
 }
 
 /// A progress sink that drops everything (tests, `--quiet`).
@@ -66,6 +83,8 @@ pub struct StageContext<'a> {
     pub base_dir: PathBuf,
     /// The external files whose contents entered the key, resolved.
     pub external: Vec<PathBuf>,
+    /// The remote inputs that entered the key ([`Stage::remote_inputs`]).
+    pub remote: BTreeMap<String, String>,
     /// The cache root (for kernel caches and the like; never for artifacts).
     pub cache_root: PathBuf,
     /// Progress for this stage.
@@ -95,7 +114,7 @@ impl StageContext<'_> {
 ///
 /// The executor computes the key from the node's params (the kind's typed params, serialized
 /// by whoever built the node), `version()`, the upstream output digests,
-/// the contents of `external_inputs` and `environment`. A stage must not read anything else that
+/// the contents of `external_inputs`, `environment` and `remote_inputs`. A stage must not read anything else that
 /// changes its output.
 pub trait Stage: Send + Sync {
     /// The kind name used in the graph (`fetch_dataset`, `tokenize`, `train`, ...).
@@ -109,6 +128,12 @@ pub trait Stage: Send + Sync {
     /// Environment that changes the output (backend, dtype, GPU arch).
     fn environment(&self, _node: &StageNode) -> BTreeMap<String, String> {
         BTreeMap::new()
+    }
+    /// Inputs that live elsewhere, resolved to immutable identities (a Hub id and revision →
+    /// `models/org/name@<commit>`): they enter the key as they are, and `run` reads them from
+    /// [`StageContext::remote`] so it fetches exactly what was keyed. May use the network.
+    fn remote_inputs(&self, _node: &StageNode, _base_dir: &Path) -> anyhow::Result<BTreeMap<String, String>> {
+        Ok(BTreeMap::new())
     }
     /// Files that must exist in the output for it to count as a result.
     fn required_outputs(&self, _node: &StageNode) -> Vec<String> {

@@ -68,12 +68,13 @@ fn flatten(prefix: &str, v: &serde_json::Value, out: &mut BTreeMap<String, Strin
 /// The differences between two sets of key inputs.
 pub fn diff(before: &KeyInputs, after: &KeyInputs) -> Vec<Change> {
     let mut changes = Vec::new();
-    let groups: [(&str, serde_json::Value, serde_json::Value); 5] = [
+    let groups: [(&str, serde_json::Value, serde_json::Value); 6] = [
         ("params", before.params.clone(), after.params.clone()),
         ("data", serde_json::json!({"upstream": before.upstream}), serde_json::json!({"upstream": after.upstream})),
         ("data", serde_json::json!({"external": before.external}), serde_json::json!({"external": after.external})),
         ("code", serde_json::to_value(&before.code).unwrap(), serde_json::to_value(&after.code).unwrap()),
         ("environment", serde_json::to_value(&before.env).unwrap(), serde_json::to_value(&after.env).unwrap()),
+        ("remote", serde_json::to_value(&before.remote).unwrap(), serde_json::to_value(&after.remote).unwrap()),
     ];
     for (group, b, a) in groups {
         let (mut fb, mut fa) = (BTreeMap::new(), BTreeMap::new());

@@ -136,27 +136,51 @@ fn find(cache: &Cache, prefix: &str) -> anyhow::Result<Manifest> {
     }
 }
 
-/// A stage id (through the latest run that has it) or a digest prefix.
+/// The artifact `target` names. With a pipeline, only that pipeline's results count: the
+/// stage's result for the pipeline as it is now, else the one its last run produced (said on
+/// stderr), else an error saying the stage has not run. Without one, the newest result of any
+/// pipeline's stage with this id (said on stderr), or a digest prefix.
 fn resolve(cli: &Cli, cache: &Cache, target: &str, pipeline: Option<&Path>) -> anyhow::Result<Manifest> {
-    if let Some(p) = pipeline {
-        let s = session(cli, p)?;
+    if let Some(path) = pipeline {
+        let s = session(cli, path)?;
+        let p = newt_stages::topology::compile(&s.loaded.config)?;
+        if p.node(target).is_none() {
+            let ids: Vec<&str> = p.nodes().map(|n| n.id.as_str()).collect();
+            anyhow::bail!("{} has no stage `{target}`; its stages are {}", shown(path), ids.join(", "));
+        }
+        let registry = newt_stages::registry();
+        let plan = newt_graph::why::plan(&p, &registry, &s.cache, &s.loaded.base_dir, &s.pipeline_id)?;
+        if let Some(e) = plan.iter().find(|e| e.id == target && e.hit)
+            && let Some(key) = e.key
+            && let Some(m) = s.cache.lookup(&key)?.manifest
+        {
+            return Ok(m);
+        }
         if let Some(run) = s.cache.last_run(&s.pipeline_id)?
             && let Some(st) = run.stages.get(target)
+            && let Some(m) = s.cache.lookup(&st.key)?.manifest
         {
-            return s
-                .cache
-                .lookup(&st.key)?
-                .manifest
-                .ok_or_else(|| anyhow::anyhow!("the last result of `{target}` is no longer cached"));
+            eprintln!("note: `{target}` of {} changed since its last run; showing that run's result", shown(path));
+            return Ok(m);
         }
+        anyhow::bail!(
+            "`{target}` of {} has not run yet (or its result was collected): run `newt run {}` first",
+            shown(path),
+            shown(path)
+        );
     }
-    // Without a pipeline: the newest cached result of a stage with this id.
     let mut ms: Vec<Manifest> = cache.manifests()?.into_iter().filter(|m| m.stage_id == target).collect();
     ms.sort_by_key(|m| std::cmp::Reverse(m.created_unix));
-    if let Some(m) = ms.into_iter().next() {
-        return Ok(m);
+    match ms.into_iter().next() {
+        Some(m) => {
+            eprintln!(
+                "note: the newest cached `{target}` of any pipeline ({}); pass -p PIPELINE.yml for a given pipeline's",
+                m.output.short()
+            );
+            Ok(m)
+        }
+        None => find(cache, target),
     }
-    find(cache, target)
 }
 
 fn show(cli: &Cli, cache: &Cache, m: &Manifest) -> anyhow::Result<()> {

@@ -16,6 +16,7 @@ use crate::cli::{Cli, Command};
 pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     match &cli.command {
         Command::Run { pipeline, only, jobs } => run::run(&cli, pipeline, only, *jobs),
+        Command::Fetch { pipeline } => run::fetch(&cli, pipeline),
         Command::Preprocess { pipeline } => run::run(&cli, pipeline, &["pack".to_string()], 4),
         Command::Train { pipeline } => run::run(&cli, pipeline, &["train".to_string()], 4),
         Command::Plan { pipeline } => run::plan(&cli, pipeline),

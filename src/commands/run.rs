@@ -15,31 +15,78 @@ fn compiled(s: &Session) -> anyhow::Result<Pipeline> {
     Ok(newt_stages::topology::compile(&s.loaded.config)?)
 }
 
-/// Runs the pipeline (or the stages `only` needs) and prints the end-of-run table.
-pub fn run(cli: &Cli, pipeline: &Path, only: &[String], jobs: usize) -> anyhow::Result<i32> {
+/// Says which Hub downloads a run will make (repository, files, bytes) before it starts.
+fn print_downloads(s: &Session, to_stdout: bool) -> anyhow::Result<()> {
+    let downloads = newt_stages::hub::planned_downloads(&s.loaded.config, &s.loaded.base_dir)?;
+    for d in downloads {
+        let line = if d.files == 0 {
+            format!("hub: {} is in the Hugging Face cache", d.repo)
+        } else {
+            format!("hub: download {} ({} files, {})", d.repo, d.files, newt_stages::hub::human(d.bytes))
+        };
+        let line = match &d.note {
+            Some(n) => format!("{line} [{n}]"),
+            None => line,
+        };
+        if to_stdout {
+            println!("{line}");
+        } else {
+            eprintln!("{line}");
+        }
+    }
+    Ok(())
+}
+
+/// `newt fetch`: the fetch stages only.
+pub fn fetch(cli: &Cli, pipeline: &Path) -> anyhow::Result<i32> {
     let s = session(cli, pipeline)?;
     let p = compiled(&s)?;
-    let report = execute(cli, &s, &p, only, jobs)?;
+    let targets: Vec<String> = p.nodes().filter(|n| n.kind.starts_with("fetch_")).map(|n| n.id.clone()).collect();
+    if !cli.json {
+        print_downloads(&s, false)?;
+    }
+    let report = execute(cli, &s, &p, &targets, 4)?;
     print_report(cli, &report)?;
     Ok(report_code(&report))
 }
 
-/// The exit code a report means.
+/// Runs the pipeline (or the stages `only` needs) and prints the end-of-run table.
+pub fn run(cli: &Cli, pipeline: &Path, only: &[String], jobs: usize) -> anyhow::Result<i32> {
+    let s = session(cli, pipeline)?;
+    let p = compiled(&s)?;
+    if !cli.json {
+        print_downloads(&s, false)?;
+    }
+    let report = execute(cli, &s, &p, only, jobs)?;
+    print_report(cli, &report)?;
+    let code = report_code(&report);
+    if code == exit::TERMINATED || code == exit::INTERRUPTED {
+        let why = if code == exit::TERMINATED { "SIGTERM" } else { "Ctrl-C" };
+        eprintln!(
+            "stopped by {why}: finished stages are cached and train kept a checkpoint; `newt run {}` resumes",
+            shown(pipeline)
+        );
+    }
+    Ok(code)
+}
+
+/// The exit code a report means: 128 + the signal's number when a signal stopped the run
+/// (130 for Ctrl-C, 143 for SIGTERM), whichever stage it stopped.
 pub fn report_code(report: &RunReport) -> i32 {
-    if let Some(f) = report.failure() {
-        if matches!(&f.outcome, Outcome::Failed(m) if m.ends_with("cancelled")) {
-            return exit::INTERRUPTED;
-        }
-        return exit::FAILURE;
+    let stopped = report.failure().is_some() || report.stages.iter().any(|s| s.outcome == Outcome::Skipped);
+    match report.signal {
+        Some(signo) if stopped => 128 + signo,
+        _ if report.failure().is_some() => exit::FAILURE,
+        _ => 0,
     }
-    if report.stages.iter().any(|s| s.outcome == Outcome::Skipped) {
-        return exit::INTERRUPTED;
-    }
-    0
 }
 
 /// Executes a compiled pipeline with progress bars and Ctrl-C handling; materializes outputs.
 pub fn execute(cli: &Cli, s: &Session, p: &Pipeline, only: &[String], jobs: usize) -> anyhow::Result<RunReport> {
+    let out = PathBuf::from(&s.loaded.config.output_dir);
+    if out.exists() && !out.is_dir() {
+        anyhow::bail!("output_dir {}: it is a file, not a folder; no stage was run", shown(&out));
+    }
     let registry = Arc::new(newt_stages::registry());
     let reporter = Arc::new(BarReporter::new(cli.quiet));
     let cancel = CancelToken::new();
@@ -59,29 +106,43 @@ pub fn execute(cli: &Cli, s: &Session, p: &Pipeline, only: &[String], jobs: usiz
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let targets = if only.is_empty() { None } else { Some(only) };
     let mut report = rt.block_on(async {
-        let c = cancel.clone();
-        tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                eprintln!(
-                    "\ninterrupted: stopping running stages (no partial result is kept); Ctrl-C again to quit now"
-                );
-                c.cancel();
-                if tokio::signal::ctrl_c().await.is_ok() {
-                    std::process::exit(exit::INTERRUPTED);
-                }
-            }
-        });
+        tokio::spawn(stop_on_signals(cancel.clone()));
         executor.run(p, targets).await
     })?;
+    report.signal = cancel.signal();
     for w in &report.warnings {
         newt_graph::executor::Reporter::warn(reporter.as_ref(), w);
     }
     drop(reporter);
     if report.failure().is_none() {
-        let out = PathBuf::from(&s.loaded.config.output_dir);
         report.materialized = materialize(p, &registry, &report, &out)?;
     }
     Ok(report)
+}
+
+/// The first Ctrl-C or SIGTERM stops the run cooperatively: running stages stop at their next
+/// check (train after the current step, saving a checkpoint), no partial result is kept, and
+/// staging folders are removed. A second signal exits at once.
+async fn stop_on_signals(cancel: CancelToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
+        return;
+    };
+    let signo = tokio::select! {
+        _ = int.recv() => 2,
+        _ = term.recv() => 15,
+    };
+    let what = if signo == 2 { "interrupted" } else { "terminated (SIGTERM)" };
+    eprintln!(
+        "\n{what}: stopping running stages (train saves a checkpoint first; no partial result is kept); \
+         a second Ctrl-C or SIGTERM quits at once"
+    );
+    cancel.cancel_by_signal(signo);
+    let again = tokio::select! {
+        _ = int.recv() => 2,
+        _ = term.recv() => 15,
+    };
+    std::process::exit(128 + again);
 }
 
 fn print_report(cli: &Cli, report: &RunReport) -> anyhow::Result<()> {
@@ -123,6 +184,7 @@ pub fn plan(cli: &Cli, pipeline: &Path) -> anyhow::Result<i32> {
         return Ok(0);
     }
     print_ignored(&s.loaded.ignored);
+    print_downloads(&s, true)?;
     println!("{:<16} {:<12} {:<14} why", "stage", "key", "cache");
     for e in &entries {
         let key = e.key.map(|k| k.short()).unwrap_or_else(|| "?".into());

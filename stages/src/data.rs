@@ -1,10 +1,14 @@
 //! Data stages: `fetch_dataset`, `tokenize`, `pack`, and the `sql` custom stage.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use newt_config::params::{FetchDatasetParams, PackParams, TokenizeParams};
 use newt_graph::compile::StageNode;
 use newt_graph::{Stage, StageContext};
+use newt_hub::RepoKind;
+
+use crate::hub;
 
 /// Reads one dataset into Parquet with normalized columns.
 pub struct FetchDataset;
@@ -18,10 +22,23 @@ impl Stage for FetchDataset {
     }
     fn external_inputs(&self, node: &StageNode, base_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
         let ds = node.params_as::<FetchDatasetParams>()?.dataset;
-        if ds.path.starts_with("stage:") {
+        if ds.path.starts_with("stage:") || newt_data::is_hub_dataset(&ds, base_dir) {
             return Ok(Vec::new());
         }
         Ok(newt_data::source_files(&ds, base_dir)?)
+    }
+    fn remote_inputs(&self, node: &StageNode, base_dir: &Path) -> anyhow::Result<BTreeMap<String, String>> {
+        let ds = node.params_as::<FetchDatasetParams>()?.dataset;
+        if !newt_data::is_hub_dataset(&ds, base_dir) {
+            return Ok(BTreeMap::new());
+        }
+        let d = newt_data::hub::resolve(&ds, &newt_hub::Hub::from_env()?)?;
+        let mut remote: BTreeMap<String, String> =
+            hub::remote_inputs(RepoKind::Dataset, &d.id, &d.commit, &d.files).into_iter().collect();
+        if d.revision == newt_data::hub::PARQUET_CONVERSION {
+            remote.insert(hub::REMOTE_CONVERTED.into(), d.revision);
+        }
+        Ok(remote)
     }
     fn required_outputs(&self, _: &StageNode) -> Vec<String> {
         vec!["data.parquet".into()]
@@ -35,7 +52,24 @@ impl Stage for FetchDataset {
                 ds.path = dir.display().to_string();
                 newt_data::source_files(&ds, Path::new("/"))?
             }
-            None => ctx.external.clone(),
+            None => match hub::parse_remote(&ctx.remote)? {
+                Some((id, commit, files)) => {
+                    let revision = match ctx.remote.get(hub::REMOTE_CONVERTED) {
+                        Some(r) => r.clone(),
+                        None => ds.revision.clone().unwrap_or_else(|| "main".into()),
+                    };
+                    let d = newt_data::hub::HubDataset {
+                        id: id.clone(),
+                        revision,
+                        commit,
+                        files: files.into_iter().map(|f| (f.path, f.size)).collect(),
+                        note: None,
+                    };
+                    let progress = hub::Downloading::new(ctx.progress.as_ref(), format!("dataset {id}"));
+                    newt_data::hub::download(&d, &newt_hub::Hub::from_env()?, &progress)?
+                }
+                None => ctx.external.clone(),
+            },
         };
         let opts = newt_data::FetchOptions { skip_invalid_rows };
         let s = newt_data::fetch_dataset(&ds, &files, &ctx.out_dir, &opts)?;
@@ -66,7 +100,7 @@ impl Stage for Tokenize {
             .expect("compile gives tokenize a fetch input");
         let data = ctx.input(fetch)?.join("data.parquet");
         let model = ctx.input("fetch.model")?;
-        let s = newt_data::tokenize(&data, &params, model, &ctx.out_dir)?;
+        let s = newt_data::tokenize::tokenize_cancellable(&data, &params, model, &ctx.out_dir, ctx.cancel.flag())?;
         // The artifact carries its tokenizer so `newt inspect` can decode it on its own.
         std::fs::copy(model.join("tokenizer.json"), ctx.out_dir.join("tokenizer.json"))?;
         for w in &s.warnings {

@@ -2,8 +2,8 @@
 //!
 //! | kind | reads | writes |
 //! | --- | --- | --- |
-//! | `fetch_dataset` | a dataset file/folder (or a custom stage's output) | `data.parquet`, normalized columns |
-//! | `fetch_model` | `base_model` (HF folder, hub cache, `.gguf`, `newt:tiny`) | a HF model folder |
+//! | `fetch_dataset` | a dataset file/folder, a Hub dataset (downloaded), or a custom stage's output | `data.parquet`, normalized columns |
+//! | `fetch_model` | `base_model` (HF folder, Hub id (downloaded), `.gguf`, `newt:tiny`) | a HF model folder |
 //! | `tokenize` | fetch + model | `tokens.parquet` (`input_ids`, `labels`, `length`) |
 //! | `pack` | every tokenize | `train.parquet`, `val.parquet` |
 //! | `train` | pack + model | PEFT adapter, checkpoints, `metrics.jsonl`, `loss.png` |
@@ -12,6 +12,7 @@
 //! | `command`, `sql` | declared inputs | declared outputs / `data.parquet` |
 pub mod command;
 pub mod data;
+pub mod hub;
 pub mod model;
 pub mod topology;
 pub mod views;

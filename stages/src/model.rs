@@ -14,12 +14,15 @@ use newt_config::params::{
 use newt_config::{Backend as BackendChoiceKey, SpecialTokens, TargetModules};
 use newt_graph::compile::StageNode;
 use newt_graph::{Stage, StageContext};
+use newt_hub::RepoKind;
+
+use crate::hub::{self, HubModelRef};
 use newt_kernels::nf4::QuantCode;
 use newt_model::backend::{self, BackendChoice, KernelBackend, ResolvedBackend, WithAutodiffBackend, WithBackend};
 use newt_model::generate::{ChatMessage, ChatTemplate, SamplingConfig};
 use newt_model::llama::Llama;
 use newt_model::lora::LoraConfig;
-use newt_model::train::{FlopsModel, StepReport, TrainConfig, TrainData, TrainHooks, TrainRun};
+use newt_model::train::{EvalReport, FlopsModel, StepReport, TrainConfig, TrainData, TrainHooks, TrainRun};
 
 /// Resolves a `base_model` value: a `.gguf` file, a local folder, or a hub id in the local cache.
 fn model_source(base_model: &str, base_dir: &Path) -> anyhow::Result<PathBuf> {
@@ -63,6 +66,13 @@ fn dataset_texts(parquet: &Path) -> anyhow::Result<Vec<String>> {
     Ok(out)
 }
 
+/// The `base_model_config` override's resolved path, when one is set (`overrides`: the
+/// tokenizer override, then the config override, those that are set).
+fn overrides_dir(overrides: &[PathBuf], p: &FetchModelParams) -> Option<PathBuf> {
+    p.base_model_config.as_ref()?;
+    overrides.get(usize::from(p.tokenizer_config.is_some())).cloned()
+}
+
 /// Turns `base_model` into a Hugging Face model folder.
 pub struct FetchModel;
 
@@ -71,19 +81,33 @@ impl Stage for FetchModel {
         "fetch_model"
     }
     fn version(&self) -> u32 {
-        1
+        // 2: the tiny model's tokenizer learns from the first 64 KiB of each text.
+        2
     }
     fn external_inputs(&self, node: &StageNode, base_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
         let p: FetchModelParams = node.params_as()?;
         if p.tiny.is_some() {
             return Ok(Vec::new());
         }
-        // In this order: the model, then the tokenizer and config overrides that are set.
-        let mut v = vec![model_source(&p.base_model, base_dir)?];
+        // In this order: the model (unless it comes from the Hub: a remote input), then the
+        // tokenizer and config overrides that are set.
+        let mut v = Vec::new();
+        if HubModelRef::parse(&p.base_model, base_dir).is_none() {
+            v.push(model_source(&p.base_model, base_dir)?);
+        }
         for over in [&p.tokenizer_config, &p.base_model_config].into_iter().flatten() {
             v.push(model_source(over, base_dir)?);
         }
         Ok(v)
+    }
+    fn remote_inputs(&self, node: &StageNode, base_dir: &Path) -> anyhow::Result<BTreeMap<String, String>> {
+        let p: FetchModelParams = node.params_as()?;
+        let Some(r) = HubModelRef::parse(&p.base_model, base_dir) else { return Ok(BTreeMap::new()) };
+        let hub = newt_hub::Hub::from_env()?;
+        let res = hub.resolve(RepoKind::Model, &r.id, &r.revision)?;
+        let files = hub::model_files(&r, &hub.list(RepoKind::Model, &r.id, &res.commit)?)?;
+        let files: Vec<(String, Option<u64>)> = files.into_iter().map(|f| (f.path, f.size)).collect();
+        Ok(hub::remote_inputs(RepoKind::Model, &r.id, &res.commit, &files).into_iter().collect())
     }
     fn required_outputs(&self, _: &StageNode) -> Vec<String> {
         vec!["config.json".into(), "tokenizer.json".into()]
@@ -110,7 +134,18 @@ impl Stage for FetchModel {
             newt_model::tiny::write_tiny_model(out, &spec, &texts)?;
             return Ok(serde_json::json!({"source": "newt:tiny", "texts": texts.len()}));
         }
-        let src = &ctx.external[0];
+        let (src, overrides): (PathBuf, &[PathBuf]) = match hub::parse_remote(&ctx.remote)? {
+            Some((id, commit, files)) => {
+                let r = HubModelRef::parse(&p.base_model, &ctx.base_dir)
+                    .ok_or_else(|| anyhow::anyhow!("base_model `{}` is not a Hub id", p.base_model))?;
+                let progress = hub::Downloading::new(ctx.progress.as_ref(), format!("model {id}"));
+                let hub = newt_hub::Hub::from_env()?;
+                let snapshot = hub.download(RepoKind::Model, &id, &r.revision, &commit, &files, &progress)?;
+                (r.gguf.map(|g| snapshot.join(g)).unwrap_or(snapshot), &ctx.external[..])
+            }
+            None => (ctx.external[0].clone(), &ctx.external[1..]),
+        };
+        let src = &src;
         let summary = if src.is_file() && src.extension().is_some_and(|e| e == "gguf") {
             ctx.progress.set_message(format!("dequantizing {}", src.display()));
             let s = newt_model::gguf::import_to_hf(src, out)?;
@@ -121,9 +156,9 @@ impl Stage for FetchModel {
         } else {
             anyhow::bail!("base_model {}: expected a Hugging Face model folder or a .gguf file", src.display());
         };
-        let mut overrides = ctx.external.iter().skip(1);
+        let mut overrides_iter = overrides.iter();
         if p.tokenizer_config.is_some()
-            && let Some(tok) = overrides.next()
+            && let Some(tok) = overrides_iter.next()
         {
             for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"] {
                 if tok.join(f).exists() {
@@ -132,14 +167,38 @@ impl Stage for FetchModel {
             }
         }
         if p.base_model_config.is_some()
-            && let Some(dir) = overrides.next()
+            && let Some(dir) = overrides_iter.next()
         {
             let file = if dir.is_dir() { dir.join("config.json") } else { dir.clone() };
             std::fs::copy(&file, out.join("config.json"))
                 .map_err(|e| anyhow::anyhow!("base_model_config {}: {e}", file.display()))?;
         }
-        // Validate now, so a broken model fails here and is never cached.
-        newt_model::config::ModelConfig::from_dir(out)?;
+        // Validate now, so a broken model fails here and is never cached: its config, its
+        // tokenizer and its weights' headers. A message names the user's file, not the staging
+        // copy (which is gone once the stage fails).
+        let origin = |file: &str| -> PathBuf {
+            let tokenizer = ["tokenizer.json", "tokenizer_config.json"].contains(&file);
+            match (file, overrides_dir(overrides, &p)) {
+                ("config.json", Some(o)) if o.is_dir() => o.join(file),
+                ("config.json", Some(o)) => o,
+                _ if tokenizer && p.tokenizer_config.is_some() && !overrides.is_empty() => overrides[0].join(file),
+                _ if src.is_dir() => src.join(file),
+                _ => src.clone(),
+            }
+        };
+        let users = |e: String| -> anyhow::Error {
+            let mut msg = e;
+            for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+                msg = msg.replace(&out.join(f).display().to_string(), &origin(f).display().to_string());
+            }
+            // Weights: the staging folder stands for the source folder.
+            anyhow::anyhow!("{}", msg.replace(&out.display().to_string(), &src.display().to_string()))
+        };
+        newt_model::config::ModelConfig::from_dir(out).map_err(|e| users(e.to_string()))?;
+        let tokenizer = out.join("tokenizer.json");
+        tokenizers::Tokenizer::from_file(&tokenizer)
+            .map_err(|e| users(format!("{}: not a tokenizer this version can read: {e}", tokenizer.display())))?;
+        newt_model::tensors::TensorStore::open(out).map_err(|e| users(e.to_string()))?;
         Ok(summary)
     }
 }
@@ -214,6 +273,14 @@ struct Hooks<'a> {
     ctx: &'a StageContext<'a>,
     val: Option<&'a TrainData>,
     eval_batch: usize,
+    /// The first step this process ran (after a resume, not 1), for the ETA.
+    first_step: Option<usize>,
+}
+
+/// `h:mm:ss`.
+fn clock(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
 }
 
 impl<B: AutodiffBackend + KernelBackend> TrainHooks<Llama<B>> for Hooks<'_>
@@ -224,6 +291,23 @@ where
         self.ctx.progress.set_total(r.total_steps as u64);
         self.ctx.progress.set_position(r.step as u64);
         self.ctx.progress.set_message(format!("loss {:.4}  lr {:.2e}  {:.0} tok/s", r.loss, r.lr, r.tokens_per_s));
+        let first = *self.first_step.get_or_insert(r.step);
+        if r.log_line {
+            // Steps run by this process so far, and the mean time of each, give the ETA.
+            let done = (r.step + 1 - first) as f64;
+            let eta = r.elapsed_s / done * (r.total_steps - r.step) as f64;
+            self.ctx.progress.log(format!(
+                "step {}/{}  loss {:.4}  lr {:.3e}  grad_norm {:.3}  {:.0} tok/s  elapsed {}  eta {}",
+                r.step,
+                r.total_steps,
+                r.loss,
+                r.lr,
+                r.grad_norm,
+                r.tokens_per_s,
+                clock(r.elapsed_s),
+                clock(eta)
+            ));
+        }
         if r.kernel_compiles > 0 {
             self.ctx.progress.println(format!(
                 "step {}: {:.1} s, of which {:.1} s compiling {} kernels and loading them",
@@ -236,6 +320,12 @@ where
         let inner = model.valid();
         let device = inner.embed_tokens.device();
         Some(newt_model::train::eval_loss(&inner, val, self.eval_batch, &device))
+    }
+    fn on_eval(&mut self, r: &EvalReport) {
+        self.ctx.progress.log(format!("step {}  eval_loss {:.4}", r.step, r.eval_loss));
+    }
+    fn on_checkpoint(&mut self, step: usize, _dir: &std::path::Path) {
+        self.ctx.progress.log(format!("step {step}  checkpoint saved"));
     }
     fn cancelled(&self) -> bool {
         self.ctx.cancel.is_cancelled()
@@ -292,7 +382,7 @@ impl WithAutodiffBackend for TrainWork<'_> {
             }),
         };
         let tcfg = train_config(cfg, &self.settings);
-        let mut hooks = Hooks { ctx, val: val.as_ref(), eval_batch };
+        let mut hooks = Hooks { ctx, val: val.as_ref(), eval_batch, first_step: None };
         let (model, summary) = newt_model::train::train(model, &data, &tcfg, &run, &mut hooks, &device)?;
         for w in &summary.warnings {
             ctx.progress.println(format!("warning: {w}"));
@@ -414,6 +504,7 @@ fn load_model<B: Backend>(
     quantize: Option<QuantCode>,
     device: &B::Device,
 ) -> anyhow::Result<Llama<B>> {
+    check_host_memory::<B>(model_dir, device)?;
     let mut model = Llama::<B>::from_hf_dir(model_dir, device)?;
     if let Some(code) = quantize {
         model = model.quantize_base(code);
@@ -422,6 +513,33 @@ fn load_model<B: Backend>(
         Some(dir) => newt_model::peft::load_adapter(model, dir)?.0,
         None => model,
     })
+}
+
+/// On the CPU every weight is held as f32 (a quantized base is quantized after loading): a
+/// model whose weights alone exceed this machine's memory is refused before it is read, rather
+/// than aborting on an allocation halfway.
+fn check_host_memory<B: Backend>(model_dir: &Path, device: &B::Device) -> anyhow::Result<()> {
+    if B::name(device).to_lowercase().contains("cuda") {
+        return Ok(());
+    }
+    let config = newt_model::config::ModelConfig::from_dir(model_dir)?;
+    let needed = config.num_parameters() as u64 * 4;
+    let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
+        line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kib| kib * 1024)
+    });
+    if let Some(total) = total
+        && needed > total
+    {
+        anyhow::bail!(
+            "{}: the model's {:.1}B parameters need {:.1} GiB as f32 on the CPU, more than this machine's {:.1} GiB",
+            model_dir.display(),
+            config.num_parameters() as f64 / 1e9,
+            needed as f64 / (1u64 << 30) as f64,
+            total as f64 / (1u64 << 30) as f64
+        );
+    }
+    Ok(())
 }
 
 /// How prompts are written and where generation stops: the chat template and special tokens
@@ -536,10 +654,18 @@ impl WithBackend for EvalWork<'_> {
             let model = load_model::<B>(model_dir, with_adapter.then_some(adapter), quantize, &device)?;
             let mut m = serde_json::Map::new();
             if let Some(val) = &val {
+                let t0 = std::time::Instant::now();
                 let loss = newt_model::train::eval_loss(&model, val, batch, &device);
+                ctx.progress.log(format!(
+                    "{name}: eval_loss {loss:.4} over {} rows in {:.1}s",
+                    val.len(),
+                    t0.elapsed().as_secs_f64()
+                ));
                 m.insert("eval_loss".into(), loss.into());
                 m.insert("perplexity".into(), loss.exp().into());
             }
+            ctx.check_cancelled()?;
+            ctx.progress.log(format!("{name}: answering {} eval_prompts", cfg.eval_prompts.len()));
             let answers = answer(&model, &prompting, &cfg.eval_prompts, cfg.eval_max_new_tokens, 0.0, false)?;
             let pairs: Vec<serde_json::Value> = cfg
                 .eval_prompts

@@ -50,6 +50,19 @@ pub enum DataError {
         /// The parser's message.
         message: String,
     },
+    /// The caller asked the work to stop.
+    #[error("cancelled")]
+    Cancelled,
+    /// A record over the size limit.
+    #[error("{file}:{place}: {message}")]
+    TooLong {
+        /// The file.
+        file: PathBuf,
+        /// Where.
+        place: Place,
+        /// How long, and the limit.
+        message: String,
+    },
     /// A record that lacks a field or holds a value of the wrong type.
     #[error("{file}:{place}: field `{field}`: {message}")]
     Row {

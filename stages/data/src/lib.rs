@@ -21,6 +21,7 @@
 
 pub mod error;
 pub mod fetch;
+pub mod hub;
 pub mod inspect;
 pub mod io;
 pub mod pack;
@@ -35,7 +36,7 @@ pub use error::{DataError, Place};
 pub use fetch::{DATA_FILE, FetchOptions, FetchSummary, fetch_dataset};
 pub use inspect::inspect_tokens;
 pub use pack::{PackSummary, TRAIN_FILE, VAL_FILE, pack};
-pub use source::source_files;
+pub use source::{is_hub_dataset, source_files};
 pub use sql::{SQL_FILE, SqlSummary, query, run_sql};
 pub use tokenize::{TOKENS_FILE, TokenizeSummary, tokenize};
 pub use tokenizer::HfTokenizer;

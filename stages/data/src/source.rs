@@ -1,9 +1,8 @@
 //! Where a dataset's rows come from: the local files a `datasets:` entry names.
 //!
-//! A path is a file, a folder of files, or a Hugging Face Hub id. Hub ids are looked up in the
-//! local Hugging Face cache only: the Hub itself is not reachable from newt, and a dataset found
-//! nowhere is an error that lists every place tried. The files returned are what the fetch
-//! stage's key hashes (their contents, never their names).
+//! A path is a file or a folder of files (a Hugging Face Hub id is fetched by [`crate::hub`]).
+//! A dataset found nowhere is an error that lists every place tried. The files returned are
+//! what the fetch stage's key hashes (their contents, never their names).
 
 use std::path::{Path, PathBuf};
 
@@ -61,7 +60,7 @@ pub fn format_of(file: &Path, ds_type: Option<&str>) -> Result<Format, DataError
 }
 
 /// The local files holding a dataset's rows, sorted: folders expanded, `data_files` and `split`
-/// honoured, Hub ids resolved in the local Hugging Face cache.
+/// honoured. A Hub id (not a local path) is not local: see [`is_hub_dataset`] and [`crate::hub`].
 pub fn source_files(ds: &DatasetConfig, base_dir: &Path) -> Result<Vec<PathBuf>, DataError> {
     if ds.path.starts_with("stage:") {
         return Err(DataError::Config(format!(
@@ -69,20 +68,27 @@ pub fn source_files(ds: &DatasetConfig, base_dir: &Path) -> Result<Vec<PathBuf>,
             ds.path
         )));
     }
-    let mut tried = Vec::new();
-    let local = expand_home(&ds.path);
-    let local = if local.is_absolute() { local } else { base_dir.join(local) };
+    let local = local_path(ds, base_dir);
     if local.exists() {
         return select(&local, ds);
     }
-    tried.push(format!("local path {} (does not exist)", local.display()));
+    let mut tried = vec![format!("local path {} (does not exist)", local.display())];
     if looks_like_hub_id(&ds.path) {
-        match hub_cache_snapshot(&ds.path, ds.revision.as_deref(), &mut tried) {
-            Some(snapshot) => return select(&snapshot, ds),
-            None => tried.push("the Hugging Face Hub (not reachable from newt; downloading is not implemented)".into()),
-        }
+        tried.push("the Hugging Face Hub (it is an id: the fetch stage downloads it)".into());
     }
     Err(DataError::NotFound { name: ds.path.clone(), tried })
+}
+
+/// The entry's path resolved against `base_dir` (`~/` expanded).
+fn local_path(ds: &DatasetConfig, base_dir: &Path) -> PathBuf {
+    let local = expand_home(&ds.path);
+    if local.is_absolute() { local } else { base_dir.join(local) }
+}
+
+/// Whether the entry names a Hub dataset: no local file or folder by that name, and an
+/// `org/name` (or `name`) shaped id.
+pub fn is_hub_dataset(ds: &DatasetConfig, base_dir: &Path) -> bool {
+    !ds.path.starts_with("stage:") && !local_path(ds, base_dir).exists() && looks_like_hub_id(&ds.path)
 }
 
 fn expand_home(path: &str) -> PathBuf {
@@ -100,56 +106,6 @@ fn looks_like_hub_id(path: &str) -> bool {
         && (1..=2).contains(&parts.len())
         && parts.iter().all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
         && Path::new(path).extension().and_then(|e| e.to_str()).is_none_or(|e| !FORMATS.iter().any(|(f, _)| *f == e))
-}
-
-/// The Hugging Face hub cache folder, as huggingface_hub (and newt-model's `hf`) resolve it:
-/// `HF_HUB_CACHE` (or `HUGGINGFACE_HUB_CACHE`), `HF_HOME/hub`, `XDG_CACHE_HOME/huggingface/hub`,
-/// or `~/.cache/huggingface/hub`. A variable set to the empty string counts as unset.
-fn hub_cache_dir() -> Option<PathBuf> {
-    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
-    if let Some(p) = var("HF_HUB_CACHE").or_else(|| var("HUGGINGFACE_HUB_CACHE")) {
-        return Some(p);
-    }
-    if let Some(home) = var("HF_HOME") {
-        return Some(home.join("hub"));
-    }
-    let base = var("XDG_CACHE_HOME").or_else(|| dirs::home_dir().map(|h| h.join(".cache")));
-    base.map(|b| b.join("huggingface").join("hub"))
-}
-
-/// The snapshot folder of a cached dataset repo (`datasets--org--name/snapshots/<commit>`), for
-/// `revision` (a commit, or a ref under `refs/`), else `refs/main`, else the only snapshot.
-fn hub_cache_snapshot(id: &str, revision: Option<&str>, tried: &mut Vec<String>) -> Option<PathBuf> {
-    let Some(cache) = hub_cache_dir() else {
-        tried.push("the Hugging Face cache (no home directory to find it in)".into());
-        return None;
-    };
-    let repo = cache.join(format!("datasets--{}", id.replace('/', "--")));
-    if !repo.is_dir() {
-        tried.push(format!("the Hugging Face cache {} (no such folder)", repo.display()));
-        return None;
-    }
-    let snapshots = repo.join("snapshots");
-    let wanted = revision.unwrap_or("main");
-    let commit = std::fs::read_to_string(repo.join("refs").join(wanted))
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| wanted.to_string());
-    let direct = snapshots.join(&commit);
-    if direct.is_dir() {
-        return Some(direct);
-    }
-    let all: Vec<PathBuf> = std::fs::read_dir(&snapshots)
-        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_dir()).collect())
-        .unwrap_or_default();
-    if revision.is_none() && all.len() == 1 {
-        return all.into_iter().next();
-    }
-    tried.push(format!(
-        "the Hugging Face cache {} (no snapshot for revision `{wanted}`; {} snapshot(s) present)",
-        repo.display(),
-        all.len()
-    ));
-    None
 }
 
 /// The data files under `root` that the dataset entry selects.
@@ -201,22 +157,25 @@ fn select(root: &Path, ds: &DatasetConfig) -> Result<Vec<PathBuf>, DataError> {
     Ok(selected)
 }
 
-/// Every readable data file under `dir`, recursively, sorted; hidden entries skipped.
+/// Every readable data file under `dir`, recursively, sorted; hidden entries skipped. Links
+/// are followed, and a link back to a folder above it (a loop) is an error naming it, never an
+/// endless walk.
 fn walk(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
+    let hidden = |e: &walkdir::DirEntry| e.depth() > 0 && e.file_name().to_str().is_some_and(|n| n.starts_with('.'));
     let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let entries = std::fs::read_dir(&d).map_err(|e| DataError::io(&d, e))?;
-        for entry in entries {
-            let path = entry.map_err(|e| DataError::io(&d, e))?.path();
-            if path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.')) {
-                continue;
+    for entry in walkdir::WalkDir::new(dir).follow_links(true).into_iter().filter_entry(|e| !hidden(e)) {
+        let entry = entry.map_err(|e| {
+            let path = e.path().unwrap_or(dir).to_path_buf();
+            match e.loop_ancestor() {
+                Some(a) => DataError::io(
+                    path,
+                    std::io::Error::other(format!("a symbolic link loop (it leads back to {})", a.display())),
+                ),
+                None => DataError::io(path, e.into_io_error().unwrap_or_else(|| std::io::Error::other("unreadable"))),
             }
-            if path.is_dir() {
-                stack.push(path);
-            } else if format_of(&path, None).is_ok() {
-                out.push(path);
-            }
+        })?;
+        if entry.file_type().is_file() && format_of(entry.path(), None).is_ok() {
+            out.push(entry.into_path());
         }
     }
     out.sort();
@@ -227,14 +186,19 @@ fn walk(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
 /// split, or a file name starting with it (`train.jsonl`, `test-00000-of-00001.parquet`).
 fn split_of(root: &Path, file: &Path) -> Option<&'static str> {
     let rel = file.strip_prefix(root).unwrap_or(file);
-    rel.iter().filter_map(|c| c.to_str()).find_map(|comp| {
+    split_of_components(rel.iter().filter_map(|c| c.to_str()))
+}
+
+/// [`split_of`] over the components of a relative path.
+pub(crate) fn split_of_components<'a>(mut components: impl Iterator<Item = &'a str>) -> Option<&'static str> {
+    components.find_map(|comp| {
         let stem = comp.split(['.', '-', '_']).next().unwrap_or(comp);
         SPLITS.contains(&stem).then(|| canonical_split(stem))
     })
 }
 
 /// `valid`, `val`, `dev` and `eval` all name the validation split.
-fn canonical_split(s: &str) -> &'static str {
+pub(crate) fn canonical_split(s: &str) -> &'static str {
     match s {
         "train" => "train",
         "test" => "test",

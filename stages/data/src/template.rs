@@ -33,6 +33,26 @@ pub const BUILTIN: &[(&str, &str)] = &[
     ("qwen3", include_str!("templates/qwen3.jinja")),
 ];
 
+/// The most template instructions one render may run (minijinja's fuel). Real templates use a
+/// few hundred per message; an endless or exploding loop (`range(100000)` nested) stops here,
+/// after about a second, with an error instead of hanging the stage. newt-model's renderer
+/// (`generate::template_env`) uses the same limit.
+pub const TEMPLATE_FUEL: u64 = 20_000_000;
+
+/// A render error, with the fuel limit said in words.
+fn explained(e: Error) -> Error {
+    if e.kind() == ErrorKind::OutOfFuel {
+        return Error::new(
+            ErrorKind::InvalidOperation,
+            format!(
+                "the chat template ran more than {TEMPLATE_FUEL} instructions for one conversation \
+                 (an endless or exploding loop?) and was stopped"
+            ),
+        );
+    }
+    e
+}
+
 const SENTINEL_OPEN: char = '\u{E000}';
 const SENTINEL_CLOSE: char = '\u{E001}';
 const LAYOUT_CACHE_LIMIT: usize = 4096;
@@ -76,6 +96,7 @@ impl ChatTemplate {
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_keep_trailing_newline(false);
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", |msg: String| -> Result<Value, Error> {
             Err(Error::new(ErrorKind::InvalidOperation, msg))
@@ -92,7 +113,7 @@ impl ChatTemplate {
         let mut ctx: HashMap<&str, Value> = self.vars.iter().map(|(k, v)| (*k, Value::from(v.as_str()))).collect();
         ctx.insert("messages", Value::from_serialize(messages));
         ctx.insert("add_generation_prompt", Value::from(false));
-        self.env.get_template("chat")?.render(ctx)
+        self.env.get_template("chat")?.render(ctx).map_err(explained)
     }
 
     /// Renders a conversation and finds each message's content in the text: `spans[i]` is the
@@ -334,6 +355,22 @@ fn strftime_now(format: String) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn a_template_that_loops_without_end_is_stopped_with_a_clear_error() {
+        let endless = "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}";
+        let t = ChatTemplate::new(endless, vec![]).unwrap();
+        let t0 = std::time::Instant::now();
+        let e = t.render(&[Message { role: "user", content: "hi" }]).unwrap_err();
+        assert!(e.to_string().contains("instructions for one conversation"), "{e}");
+        assert!(t0.elapsed().as_secs() < 30, "fuel stops it in bounded time: {:?}", t0.elapsed());
+        // An ordinary conversation is far from the limit.
+        let chatml = ChatTemplate::new(BUILTIN[0].1, vec![]).unwrap();
+        let long: Vec<Message> = (0..2000).map(|_| Message { role: "user", content: "hello" }).collect();
+        assert!(chatml.render(&long).is_ok());
+    }
+
     #[test]
     fn builtin_names_are_the_ones_the_config_accepts() {
         let names: Vec<&str> = BUILTIN.iter().map(|(n, _)| *n).collect();
@@ -363,8 +400,6 @@ mod tests {
         assert!(text.contains("<|im_start|>assistant\nb<|im_end|>"), "{text}");
         assert!(text.contains("<|im_start|>assistant\n<think>y</think>\nd<|im_end|>"), "{text}");
     }
-
-    use super::*;
 
     fn chatml() -> ChatTemplate {
         ChatTemplate::new(BUILTIN[0].1, vec![]).unwrap()

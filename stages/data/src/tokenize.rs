@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use arrow::array::{Array, ArrayRef, AsArray, Int32Array, RecordBatch};
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, UInt64Type};
@@ -87,6 +87,18 @@ pub fn tokenize(
     tokenize_with_partitions(cores(), dataset_parquet, cfg, model_dir, out_dir)
 }
 
+/// [`tokenize`] that stops with [`DataError::Cancelled`] soon after `cancel` is set (checked
+/// once per batch of rows).
+pub fn tokenize_cancellable(
+    dataset_parquet: &Path,
+    cfg: &TokenizeParams,
+    model_dir: &Path,
+    out_dir: &Path,
+    cancel: Arc<AtomicBool>,
+) -> Result<TokenizeSummary, DataError> {
+    tokenize_inner(cores(), dataset_parquet, cfg, model_dir, out_dir, cancel)
+}
+
 /// [`tokenize`] with an explicit number of DataFusion partitions (tests show the output does
 /// not depend on it).
 #[doc(hidden)]
@@ -96,6 +108,17 @@ pub fn tokenize_with_partitions(
     cfg: &TokenizeParams,
     model_dir: &Path,
     out_dir: &Path,
+) -> Result<TokenizeSummary, DataError> {
+    tokenize_inner(partitions, dataset_parquet, cfg, model_dir, out_dir, Arc::new(AtomicBool::new(false)))
+}
+
+fn tokenize_inner(
+    partitions: usize,
+    dataset_parquet: &Path,
+    cfg: &TokenizeParams,
+    model_dir: &Path,
+    out_dir: &Path,
+    cancel: Arc<AtomicBool>,
 ) -> Result<TokenizeSummary, DataError> {
     let ds = &cfg.dataset;
     let tok = HfTokenizer::load_for(model_dir, &cfg.special_tokens, &cfg.tokens)?;
@@ -107,11 +130,31 @@ pub fn tokenize_with_partitions(
         limits: Limits::of(cfg),
         skip_invalid: cfg.skip_invalid_rows,
         stats: stats.clone(),
+        cancel,
         signature: Signature::variadic_any(Volatility::Volatile),
     };
     block_on(partitions, run(dataset_parquet, udf, partitions, &out_dir.join(TOKENS_FILE)))?;
     let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed) as usize;
     warnings.extend(stats.warnings.lock().map(|w| w.clone()).unwrap_or_default());
+    let (rows, samples, long) = (get(&stats.rows), get(&stats.samples), get(&stats.dropped_long));
+    if rows > 0 && samples == 0 {
+        let mut why = Vec::new();
+        for (n, what) in [
+            (long, format!("longer than sequence_len {} (excess_length_strategy: drop)", cfg.sequence_len)),
+            (get(&stats.dropped_short), "shorter than 2 tokens".to_string()),
+            (get(&stats.dropped_untrained), "with no trained token (check roles_to_train / train_on_inputs)".into()),
+            (get(&stats.skipped_rows), "skipped as invalid (skip_invalid_rows)".into()),
+        ] {
+            if n > 0 {
+                why.push(format!("{n} {what}"));
+            }
+        }
+        return Err(DataError::Config(format!(
+            "dataset `{}`: none of its {rows} rows gave a training sample: {}",
+            ds.path,
+            why.join(", ")
+        )));
+    }
     Ok(TokenizeSummary {
         rows: get(&stats.rows),
         samples: get(&stats.samples),
@@ -247,6 +290,7 @@ struct TokenizeUdf {
     limits: Limits,
     skip_invalid: bool,
     stats: Arc<Stats>,
+    cancel: Arc<AtomicBool>,
     signature: Signature,
 }
 
@@ -282,6 +326,9 @@ impl ScalarUDFImpl for TokenizeUdf {
         Ok(samples_type())
     }
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
+        if self.cancel.load(Ordering::Relaxed) {
+            return Err(DataError::Cancelled.into_datafusion());
+        }
         let arrays = ColumnarValue::values_to_arrays(&args.args)?;
         let (rows, cols) = arrays.split_first().expect("__row is the first argument");
         let out = tokenize_batch(&self.strategy, self.limits, self.skip_invalid, rows.as_ref(), cols, &self.stats)
@@ -315,6 +362,7 @@ mod tests {
             limits: Limits::of(&cfg),
             skip_invalid: false,
             stats: Arc::default(),
+            cancel: Arc::default(),
             signature: Signature::variadic_any(Volatility::Volatile),
         };
         let text = block_on(2, async {

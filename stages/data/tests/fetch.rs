@@ -224,5 +224,5 @@ fn unknown_dataset_says_what_was_tried() {
         ..Default::default()
     };
     let msg = source_files(&d, tmp.path()).unwrap_err().to_string();
-    assert!(msg.contains("local path") && msg.contains("Hugging Face cache") && msg.contains("Hub"), "{msg}");
+    assert!(msg.contains("local path") && msg.contains("Hugging Face Hub") && msg.contains("downloads it"), "{msg}");
 }

@@ -1,11 +1,12 @@
-//! A Hub dataset id resolves to the local Hugging Face cache (the Hub is not reachable).
-//! Alone in its test binary because it sets HF_HUB_CACHE for the process.
+//! A Hub dataset id with newt offline: the local Hugging Face cache alone answers, by the ref
+//! of the revision asked for, and a revision it lacks is an error naming the cache.
 
 use newt_config::{DatasetConfig, DatasetType};
-use newt_data::source_files;
+use newt_data::hub;
+use newt_hub::{Hub, NoProgress};
 
 #[test]
-fn hub_id_resolves_to_the_cached_snapshot_of_main() {
+fn offline_hub_ids_resolve_to_the_cached_snapshot_of_their_revision() {
     let tmp = tempfile::tempdir().unwrap();
     let repo = tmp.path().join("datasets--acme--chats");
     let old = repo.join("snapshots/0000000000000000000000000000000000000000");
@@ -17,22 +18,22 @@ fn hub_id_resolves_to_the_cached_snapshot_of_main() {
     }
     std::fs::create_dir_all(repo.join("refs")).unwrap();
     std::fs::write(repo.join("refs/main"), "1111111111111111111111111111111111111111").unwrap();
-    // SAFETY: this test binary has one test; nothing else reads the environment concurrently.
-    unsafe { std::env::set_var("HF_HUB_CACHE", tmp.path()) };
+    let hub = Hub::new("http://127.0.0.1:9", None, Some("HF_HUB_OFFLINE is set".into()), tmp.path().to_path_buf());
 
     let mut ds =
         DatasetConfig { path: "acme/chats".into(), type_: Some(DatasetType::ChatTemplate), ..Default::default() };
-    let files = source_files(&ds, &tmp.path().join("elsewhere")).unwrap();
-    assert_eq!(files, vec![new.join("data/train-00000-of-00001.parquet")]);
+    let d = hub::resolve(&ds, &hub).unwrap();
+    assert_eq!(d.commit, "1111111111111111111111111111111111111111");
+    assert!(d.note.as_deref().is_some_and(|n| n.contains("offline")), "{:?}", d.note);
+    assert_eq!(hub::download(&d, &hub, &NoProgress).unwrap(), vec![new.join("data/train-00000-of-00001.parquet")]);
 
     ds.revision = Some("0000000000000000000000000000000000000000".into());
     ds.split = Some("test".into());
-    assert_eq!(
-        source_files(&ds, &tmp.path().join("elsewhere")).unwrap(),
-        vec![old.join("data/test-00000-of-00001.parquet")]
-    );
+    let d = hub::resolve(&ds, &hub).unwrap();
+    assert_eq!(hub::download(&d, &hub, &NoProgress).unwrap(), vec![old.join("data/test-00000-of-00001.parquet")]);
 
     ds.path = "acme/missing".into();
-    let msg = source_files(&ds, tmp.path()).unwrap_err().to_string();
-    assert!(msg.contains("datasets--acme--missing") && msg.contains("not reachable"), "{msg}");
+    ds.revision = None;
+    let msg = hub::resolve(&ds, &hub).unwrap_err().to_string();
+    assert!(msg.contains("datasets--acme--missing") && msg.contains("offline"), "{msg}");
 }

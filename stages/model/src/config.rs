@@ -460,7 +460,7 @@ impl Fields<'_> {
         };
         let eos_token_ids =
             if self.obj.contains_key("eos_token_id") { self.token_ids("eos_token_id")? } else { default_eos };
-        Ok(ModelConfig {
+        let config = ModelConfig {
             architecture,
             vocab_size: self.usize_req("vocab_size")?,
             hidden_size,
@@ -480,9 +480,63 @@ impl Fields<'_> {
             sliding_window,
             bos_token_id,
             eos_token_ids,
-        })
+        };
+        self.bounded(&config)?;
+        Ok(config)
+    }
+
+    /// Sizes beyond every released model of these families are refused here, before anything
+    /// is allocated from them (a `num_hidden_layers: 1000000` would otherwise abort the process).
+    fn bounded(&self, c: &ModelConfig) -> Result<(), ConfigError> {
+        for (field, value, max) in [
+            ("vocab_size", c.vocab_size, SIZE_LIMITS.vocab_size),
+            ("hidden_size", c.hidden_size, SIZE_LIMITS.hidden_size),
+            ("intermediate_size", c.intermediate_size, SIZE_LIMITS.intermediate_size),
+            ("num_hidden_layers", c.num_hidden_layers, SIZE_LIMITS.num_hidden_layers),
+            ("num_attention_heads", c.num_attention_heads, SIZE_LIMITS.heads),
+            ("num_key_value_heads", c.num_key_value_heads, SIZE_LIMITS.heads),
+            ("head_dim", c.head_dim, SIZE_LIMITS.head_dim),
+            ("max_position_embeddings", c.max_position_embeddings, SIZE_LIMITS.max_position_embeddings),
+        ] {
+            if value == 0 || value > max {
+                return Err(self.bad(field, format!("{value} is outside the sizes newt accepts (1 to {max})")));
+            }
+        }
+        Ok(())
     }
 }
+
+/// The largest sizes a config.json may declare: several times those of the largest released
+/// Llama, Mistral and Qwen models (Llama-3.1-405B: 126 layers, hidden 16384, 128 heads;
+/// Gemma-sized vocabularies of 256k).
+#[derive(Debug, Clone, Copy)]
+pub struct SizeLimits {
+    /// `vocab_size`.
+    pub vocab_size: usize,
+    /// `hidden_size`.
+    pub hidden_size: usize,
+    /// `intermediate_size`.
+    pub intermediate_size: usize,
+    /// `num_hidden_layers`.
+    pub num_hidden_layers: usize,
+    /// `num_attention_heads` and `num_key_value_heads`.
+    pub heads: usize,
+    /// `head_dim`.
+    pub head_dim: usize,
+    /// `max_position_embeddings`.
+    pub max_position_embeddings: usize,
+}
+
+/// See [`SizeLimits`].
+pub const SIZE_LIMITS: SizeLimits = SizeLimits {
+    vocab_size: 1 << 22,
+    hidden_size: 1 << 16,
+    intermediate_size: 1 << 18,
+    num_hidden_layers: 1024,
+    heads: 1024,
+    head_dim: 1024,
+    max_position_embeddings: 1 << 24,
+};
 
 #[cfg(test)]
 mod tests {

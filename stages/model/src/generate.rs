@@ -273,6 +273,14 @@ pub enum TemplateError {
         /// The parser's message.
         reason: String,
     },
+    /// The template ran past the instruction limit.
+    #[error(
+        "the chat template ran more than {fuel} instructions for one conversation (an endless or exploding loop?) and was stopped"
+    )]
+    Endless {
+        /// The limit.
+        fuel: u64,
+    },
     /// The template failed to parse or render.
     #[error("chat template: {0:#}")]
     Render(#[from] minijinja::Error),
@@ -383,15 +391,23 @@ impl ChatTemplate {
         ctx.insert("add_generation_prompt".into(), add_generation_prompt.into());
         ctx.insert("bos_token".into(), self.bos_token.clone().into());
         ctx.insert("eos_token".into(), self.eos_token.clone().into());
-        Ok(template.render(ctx)?)
+        template.render(ctx).map_err(|e| match e.kind() {
+            ErrorKind::OutOfFuel => TemplateError::Endless { fuel: TEMPLATE_FUEL },
+            _ => TemplateError::Render(e),
+        })
     }
 }
+
+/// The most instructions one render may run: the same limit as newt-data's
+/// `template::TEMPLATE_FUEL`, so a template that loops forever fails instead of hanging.
+const TEMPLATE_FUEL: u64 = 20_000_000;
 
 /// A Jinja environment configured as transformers configures its own.
 fn template_env<'s>() -> Environment<'s> {
     let mut env = Environment::new();
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
+    env.set_fuel(Some(TEMPLATE_FUEL));
     minijinja_contrib::add_to_environment(&mut env);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     env.add_function("raise_exception", |msg: String| -> Result<JValue, minijinja::Error> {
@@ -514,6 +530,17 @@ fn strftime_now(format: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_endless_template_is_an_error_not_a_hang() {
+        let t = ChatTemplate {
+            source: "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}".into(),
+            bos_token: String::new(),
+            eos_token: String::new(),
+        };
+        let e = t.apply_chat_template(&[ChatMessage::new("user", "hi")], true).unwrap_err();
+        assert!(matches!(e, TemplateError::Endless { .. }), "{e}");
+    }
 
     #[test]
     fn greedy_takes_the_first_maximum() {

@@ -1,6 +1,7 @@
 //! Hugging Face model folders: what one must contain, copying one, reading its config.json, and
-//! finding a Hub model id in the local Hugging Face cache (newt never downloads: the cache is
-//! filled by whatever tool the user has that reaches the Hub).
+//! finding a Hub model id in the local Hugging Face cache (for `tokenizer_config` and
+//! `base_model_config` overrides; `base_model` itself is downloaded by the fetch stage through
+//! newt-hub).
 
 use std::ffi::OsString;
 use std::fs;
@@ -39,9 +40,9 @@ pub enum HfError {
     #[error("`{0}` is not a Hugging Face model id (expected `org/name`)")]
     BadId(String),
     #[error(
-        "model `{id}` was not found locally and newt does not download from the Hub; tried:\n  - {}\n\
-         hint: fetch it with `huggingface-cli download {id}` on a machine that reaches the Hub and \
-         copy the cache (or set HF_HOME / HF_HUB_CACHE to it), or set base_model to a local folder",
+        "model `{id}` was not found in the local Hugging Face cache; tried:\n  - {}\n\
+         hint: put it in `base_model` once (newt downloads it), or run `huggingface-cli download {id}`, \
+         or point HF_HOME / HF_HUB_CACHE at a cache that has it",
         tried.join("\n  - ")
     )]
     NotCached { id: String, tried: Vec<String> },
@@ -132,23 +133,10 @@ pub fn read_config_json(dir: &Path) -> Result<Value, HfError> {
     Ok(v)
 }
 
-/// The Hub cache folder from the environment, as huggingface_hub resolves it: `HF_HUB_CACHE`
-/// (or the older `HUGGINGFACE_HUB_CACHE`), `HF_HOME/hub`, `XDG_CACHE_HOME/huggingface/hub`,
-/// `~/.cache/huggingface/hub`. Also says which rule picked it.
+/// The Hub cache folder from the environment (newt-hub's rules, which are huggingface_hub's),
+/// and which rule picked it.
 fn hub_cache_dir(env: impl Fn(&str) -> Option<OsString>) -> Option<(PathBuf, String)> {
-    for k in ["HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"] {
-        if let Some(p) = env(k).filter(|p| !p.is_empty()) {
-            return Some((PathBuf::from(p), format!("from {k}")));
-        }
-    }
-    if let Some(h) = env("HF_HOME").filter(|p| !p.is_empty()) {
-        return Some((PathBuf::from(h).join("hub"), "from HF_HOME".into()));
-    }
-    if let Some(x) = env("XDG_CACHE_HOME").filter(|p| !p.is_empty()) {
-        return Some((PathBuf::from(x).join("huggingface/hub"), "from XDG_CACHE_HOME".into()));
-    }
-    let home = env("HOME").filter(|p| !p.is_empty())?;
-    Some((PathBuf::from(home).join(".cache/huggingface/hub"), "default".into()))
+    newt_hub::cache::cache_dir_from(env)
 }
 
 /// Finds `id` (`org/name`, optionally `org/name@revision`) in the local Hugging Face cache:
@@ -342,7 +330,7 @@ mod tests {
         );
         let msg = resolve_in_cache(t.path(), "from HF_HOME", "org/absent").unwrap_err().to_string();
         assert!(
-            msg.contains("models--org--absent") && msg.contains("from HF_HOME") && msg.contains("does not download"),
+            msg.contains("models--org--absent") && msg.contains("from HF_HOME") && msg.contains("newt downloads it"),
             "{msg}"
         );
         assert!(matches!(resolve_in_cache(t.path(), "test", "../etc"), Err(HfError::BadId(_))));

@@ -325,6 +325,19 @@ impl<B: Backend> Llama<B> {
         let c = &config;
         let (h, hd) = (c.hidden_size, c.head_dim);
         let (q_out, kv_out) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
+        // The config's shape against the weights present, before anything is read: the
+        // embedding, and the last layer the config claims.
+        let last = format!("model.layers.{}.self_attn.q_proj.weight", c.num_hidden_layers - 1);
+        for (name, shape) in [("model.embed_tokens.weight".to_string(), vec![c.vocab_size, h]), (last, vec![q_out, h])]
+        {
+            match store.info(&name) {
+                None => return Err(LoadError::Missing { dir: dir.to_path_buf(), name }),
+                Some((_, found)) if found != shape => {
+                    return Err(LoadError::Shape { dir: dir.to_path_buf(), name, expected: shape, found });
+                }
+                Some(_) => {}
+            }
+        }
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");

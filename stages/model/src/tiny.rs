@@ -85,6 +85,21 @@ impl Default for TinySpec {
     }
 }
 
+/// How much of each text the tiny tokenizer is trained on.
+pub const TOKENIZER_SAMPLE_BYTES: usize = 64 << 10;
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
+fn head(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 /// Trains a byte-level BPE tokenizer (GPT-2 style, no prefix space) with [`SPECIAL_TOKENS`].
 pub fn train_tokenizer<S: AsRef<str>>(texts: &[S], vocab_size: usize) -> Result<Tokenizer, TinyError> {
     if texts.iter().all(|t| t.as_ref().is_empty()) {
@@ -109,7 +124,9 @@ pub fn train_tokenizer<S: AsRef<str>>(texts: &[S], vocab_size: usize) -> Result<
             .with_decoder(Some(byte_level.into()))
             .build()
             .map_err(err)?;
-    let owned: Vec<String> = texts.iter().map(|t| t.as_ref().to_string()).collect();
+    // The vocabulary is learnt from each text's first TOKENIZER_SAMPLE_BYTES: BPE training
+    // time grows with the longest word, and one huge unbroken row would stall it.
+    let owned: Vec<String> = texts.iter().map(|t| head(t.as_ref(), TOKENIZER_SAMPLE_BYTES).to_string()).collect();
     tokenizer.train(&mut trainer, owned.into_iter()).map_err(err)?;
     let json = tokenizer.to_string(false).map_err(err)?;
     json.parse::<Tokenizer>().map_err(err)

@@ -86,12 +86,17 @@ struct Record {
     evals: Vec<f64>,
     eval_data: Option<TrainData>,
     cancel_after: Option<usize>,
+    /// Panics after this step: a process killed without warning (no checkpoint at the stop).
+    kill_after: Option<usize>,
     checkpoints: Vec<usize>,
 }
 
 impl TrainHooks<TinyLm<Ad>> for Record {
     fn on_step(&mut self, r: &StepReport) {
         self.steps.push(r.clone());
+        if self.kill_after.is_some_and(|n| r.step >= n) {
+            panic!("killed after step {}", r.step);
+        }
     }
     fn evaluate(&mut self, model: &TinyLm<Ad>, _step: usize) -> Option<f64> {
         let d = self.eval_data.as_ref()?;
@@ -162,9 +167,11 @@ fn kill_and_resume_matches_uninterrupted() {
     let dir_b = tempfile::tempdir().unwrap();
     let metrics = dir_b.path().join("out/metrics.jsonl");
     let run_b = TrainRun { metrics_jsonl: Some(metrics.clone()), ..TrainRun::new(dir_b.path().join("ckpt")) };
-    let mut killed = Record { cancel_after: Some(5), ..Default::default() };
-    let err = train::train(model(0.1), &d, &cfg, &run_b, &mut killed, &dev).unwrap_err();
-    assert!(matches!(err, TrainError::Cancelled { step: 5, checkpoint: Some(3) }), "{err}");
+    let mut killed = Record { kill_after: Some(5), ..Default::default() };
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        train::train(model(0.1), &d, &cfg, &run_b, &mut killed, &dev).map(|_| ())
+    }));
+    assert!(caught.is_err(), "the kill happened");
     // The killed attempt's metrics (steps 1-5) are gone with its output directory: a stage
     // writes into a fresh temp dir each attempt, so history must come from the checkpoint.
     std::fs::remove_file(&metrics).unwrap();
@@ -194,6 +201,34 @@ fn kill_and_resume_matches_uninterrupted() {
         })
         .collect();
     assert_eq!(steps, (1..=12).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_stop_asked_for_saves_a_checkpoint_there_and_resume_matches_uninterrupted() {
+    let _serial = serial();
+    let (d, dev, cfg) = (data(24), Dev::default(), resume_cfg());
+    let dir_a = tempfile::tempdir().unwrap();
+    let (a, _) =
+        train::train(model(0.1), &d, &cfg, &TrainRun::new(dir_a.path()), &mut Record::default(), &dev).unwrap();
+
+    let dir_b = tempfile::tempdir().unwrap();
+    let run_b = TrainRun::new(dir_b.path());
+    // Step 5 is between the periodic checkpoints (every 3): the stop writes its own.
+    let mut stopped = Record { cancel_after: Some(5), ..Default::default() };
+    let err = train::train(model(0.1), &d, &cfg, &run_b, &mut stopped, &dev).unwrap_err();
+    assert!(matches!(err, TrainError::Cancelled { step: 5, checkpoint: Some(5) }), "{err}");
+    assert_eq!(stopped.checkpoints, vec![3, 5]);
+    assert!(err.to_string().contains("checkpoint at step 5") && !err.to_string().contains("Some("), "{err}");
+
+    let mut resumed = Record::default();
+    let (b, summary) = train::train(model(0.1), &d, &cfg, &run_b, &mut resumed, &dev).unwrap();
+    assert_eq!(summary.resumed_from, Some(5));
+    assert_eq!(resumed.steps.first().map(|s| s.step), Some(6));
+    let (pa, pb) = (trainable_params(&a), trainable_params(&b));
+    for (k, v) in &pa {
+        let diff = max_abs_diff(&v.values, &pb[k].values);
+        assert!(diff < 1e-6, "{k}: {diff}");
+    }
 }
 
 #[test]
@@ -270,7 +305,8 @@ fn cancel_flag_stops_between_steps() {
     let err =
         train::train(model(0.0), &data(24), &resume_cfg(), &TrainRun::new(dir.path()), &mut hooks, &Dev::default())
             .unwrap_err();
-    assert!(matches!(err, TrainError::Cancelled { step: 2, checkpoint: None }), "{err}");
+    // The stop saves the two steps done (no periodic checkpoint had been written yet).
+    assert!(matches!(err, TrainError::Cancelled { step: 2, checkpoint: Some(2) }), "{err}");
     assert_eq!(hooks.1, 2);
 }
 

@@ -67,7 +67,13 @@ pub fn fetch_dataset(
         let format = format_of(file, ds.ds_type.as_deref())?;
         read::read_records(file, format, &text_field, &mut |place: Place, record| {
             let error = match record {
-                Err(message) => DataError::Json { file: file.clone(), place, message },
+                Err(read::Unreadable::Json(message)) => DataError::Json { file: file.clone(), place, message },
+                Err(read::Unreadable::TooLong(bytes)) => {
+                    DataError::TooLong { file: file.clone(), place, message: read::too_long(bytes) }
+                }
+                Ok(value) if text_bytes(&value) > read::MAX_RECORD_BYTES => {
+                    DataError::TooLong { file: file.clone(), place, message: read::too_long(text_bytes(&value) as u64) }
+                }
                 Ok(value) => {
                     if !checked_shape && value.is_object() {
                         checked_shape = true;
@@ -109,6 +115,16 @@ pub fn fetch_dataset(
     let columns = norm.schema().fields().iter().map(|f| f.name().clone()).collect();
     let rows = out.finish()?;
     Ok(FetchSummary { rows, skipped, skipped_examples: examples, files: files.to_vec(), columns })
+}
+
+/// The bytes of text in a record (strings and keys, recursively).
+fn text_bytes(v: &Value) -> usize {
+    match v {
+        Value::String(s) => s.len(),
+        Value::Array(a) => a.iter().map(text_bytes).sum(),
+        Value::Object(o) => o.iter().map(|(k, v)| k.len() + text_bytes(v)).sum(),
+        _ => 8,
+    }
 }
 
 fn wrong_type(file: &Path, norm: &Normalizer, record: &Value) -> DataError {

@@ -4,7 +4,7 @@
 
 use std::cell::RefCell;
 use std::fs::File;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 
 use arrow::array::{Array, AsArray};
@@ -19,7 +19,16 @@ use crate::source::Format;
 use crate::strategy::str_at;
 
 /// What a reader hands over for each record: the record, or why its text is not one.
-pub type Record = Result<Value, String>;
+pub type Record = Result<Value, Unreadable>;
+
+/// Why a record's text is not a record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unreadable {
+    /// Not valid JSON: the parser's message.
+    Json(String),
+    /// Longer than [`MAX_RECORD_BYTES`]: its length in bytes.
+    TooLong(u64),
+}
 
 /// Calls `on_record` for every record of `file`. A record whose text is broken but whose
 /// neighbours can still be read (a bad JSON line) is passed as `Err`; a file that cannot be read
@@ -42,6 +51,49 @@ pub fn read_records(
     }
 }
 
+/// The most bytes one record may hold: 16 MiB of text is millions of tokens, far past any
+/// `sequence_len`. A longer line is an error naming it (or, with `skip_invalid_rows`, skipped),
+/// never a stall in the tokenizer; it is not even read into memory whole.
+pub const MAX_RECORD_BYTES: usize = 16 << 20;
+
+/// What [`next_line`] found.
+enum Line {
+    /// A line is in the buffer (without its end-of-line).
+    Read,
+    /// The line was longer than [`MAX_RECORD_BYTES`] and was skipped; its length.
+    TooLong(u64),
+    /// End of file.
+    End,
+}
+
+/// Reads the next line into `line`, at most [`MAX_RECORD_BYTES`] of it.
+fn next_line(reader: &mut BufReader<File>, line: &mut String, file: &Path) -> Result<Line, DataError> {
+    line.clear();
+    let limit = MAX_RECORD_BYTES as u64 + 1;
+    let n = (&mut *reader).take(limit).read_line(line).map_err(|e| DataError::io(file, e))?;
+    if n == 0 {
+        return Ok(Line::End);
+    }
+    if n as u64 == limit && !line.ends_with('\n') {
+        let rest = reader.skip_until(b'\n').map_err(|e| DataError::io(file, e))?;
+        line.clear();
+        return Ok(Line::TooLong(n as u64 + rest as u64));
+    }
+    let end = line.trim_end_matches('\n').trim_end_matches('\r').len();
+    line.truncate(end);
+    Ok(Line::Read)
+}
+
+/// The message for a record over the limit.
+pub fn too_long(bytes: u64) -> String {
+    format!(
+        "the record is {:.1} MiB, over newt's limit of {} MiB for one record \
+         (fix or drop it, or set skip_invalid_rows: true to skip such records)",
+        bytes as f64 / (1 << 20) as f64,
+        MAX_RECORD_BYTES >> 20
+    )
+}
+
 fn open(file: &Path) -> Result<BufReader<File>, DataError> {
     File::open(file).map(|f| BufReader::with_capacity(1 << 20, f)).map_err(|e| DataError::io(file, e))
 }
@@ -55,14 +107,13 @@ fn read_lines(
     let mut line = String::new();
     let mut n = 0;
     loop {
-        line.clear();
-        if reader.read_line(&mut line).map_err(|e| DataError::io(file, e))? == 0 {
-            return Ok(());
-        }
+        let read = next_line(&mut reader, &mut line, file)?;
         n += 1;
-        let text = line.strip_suffix('\n').unwrap_or(&line);
-        let text = text.strip_suffix('\r').unwrap_or(text);
-        on_record(Place::Line(n), Ok(make(text.to_string())))?;
+        match read {
+            Line::End => return Ok(()),
+            Line::TooLong(bytes) => on_record(Place::Line(n), Err(Unreadable::TooLong(bytes)))?,
+            Line::Read => on_record(Place::Line(n), Ok(make(line.clone())))?,
+        }
     }
 }
 
@@ -118,16 +169,19 @@ fn read_json_lines(
     let mut line = String::new();
     let mut n = 0;
     loop {
-        line.clear();
-        if reader.read_line(&mut line).map_err(|e| DataError::io(file, e))? == 0 {
-            return Ok(());
-        }
+        let read = next_line(&mut reader, &mut line, file)?;
         n += 1;
-        if line.trim().is_empty() {
-            continue;
+        match read {
+            Line::End => return Ok(()),
+            Line::TooLong(bytes) => {
+                on_record(Place::Line(n), Err(Unreadable::TooLong(bytes)))?;
+                continue;
+            }
+            Line::Read if line.trim().is_empty() => continue,
+            Line::Read => {}
         }
-        let record =
-            serde_json::from_str::<Value>(&line).map_err(|e| format!("column {}: {}", e.column(), strip_position(&e)));
+        let record = serde_json::from_str::<Value>(&line)
+            .map_err(|e| Unreadable::Json(format!("column {}: {}", e.column(), strip_position(&e))));
         on_record(Place::Line(n), record)?;
     }
 }
@@ -288,7 +342,7 @@ fn read_csv(file: &Path, on_record: &mut dyn FnMut(Place, Record) -> Result<(), 
             continue; // blank line
         }
         let record = if fields.len() != names.len() {
-            Err(format!("{} fields, but the header has {}", fields.len(), names.len()))
+            Err(Unreadable::Json(format!("{} fields, but the header has {}", fields.len(), names.len())))
         } else {
             Ok(Value::Object(
                 names
@@ -358,13 +412,17 @@ fn read_parquet(
 ) -> Result<(), DataError> {
     let f = File::open(file).map_err(|e| DataError::io(file, e))?;
     let parquet_err = |source| DataError::Parquet { path: file.to_path_buf(), source };
-    let reader = ParquetRecordBatchReaderBuilder::try_new(f)
-        .map_err(parquet_err)?
-        .with_batch_size(1024)
-        .build()
-        .map_err(parquet_err)?;
+    // The parquet and arrow crates panic on some damaged metadata (an unknown type id in the
+    // embedded Arrow schema, found by tests/fuzz_readers.rs): such a file is an error here.
+    let damaged =
+        |_| DataError::io(file, std::io::Error::other("damaged Parquet metadata (the Parquet reader gave up on it)"));
+    let mut reader = std::panic::catch_unwind(|| {
+        ParquetRecordBatchReaderBuilder::try_new(f).and_then(|b| b.with_batch_size(1024).build())
+    })
+    .map_err(damaged)?
+    .map_err(parquet_err)?;
     let mut row = 0;
-    for batch in reader {
+    while let Some(batch) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reader.next())).map_err(damaged)? {
         let batch = batch?;
         let schema = batch.schema();
         for i in 0..batch.num_rows() {

@@ -147,9 +147,26 @@ fn hparams(g: &GgufFile, vocab: &GgufVocab) -> Result<Hparams, GgufError> {
         g.get(&key(k)).and_then(MetaValue::as_i64).map(|v| v as usize).ok_or_else(|| GgufError::MissingKey(key(k)))
     };
     let float = |k: &str| g.get(&key(k)).and_then(MetaValue::as_f64);
-    let hidden = int("embedding_length")?;
-    let n_head = int("attention.head_count")?;
-    let n_head_kv = int("attention.head_count_kv").unwrap_or(n_head);
+    // Sizes are checked before any is used: a zero or absurd one is the file's fault, said by key.
+    let sized = |k: &str, max: usize| -> Result<usize, GgufError> {
+        let v = int(k)?;
+        if v == 0 || v > max {
+            return Err(GgufError::BadMetadata {
+                key: key(k),
+                reason: format!("{v} is outside the sizes newt accepts (1 to {max})"),
+            });
+        }
+        Ok(v)
+    };
+    let limits = crate::config::SIZE_LIMITS;
+    let hidden = sized("embedding_length", limits.hidden_size)?;
+    let n_head = sized("attention.head_count", limits.heads)?;
+    let n_head_kv = match int("attention.head_count_kv") {
+        Ok(_) => sized("attention.head_count_kv", limits.heads)?,
+        Err(_) => n_head,
+    };
+    sized("block_count", limits.num_hidden_layers)?;
+    sized("feed_forward_length", limits.intermediate_size)?;
     let head_dim = int("attention.key_length").unwrap_or(hidden / n_head.max(1));
     if let Ok(rot) = int("rope.dimension_count")
         && rot != head_dim

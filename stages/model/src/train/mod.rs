@@ -178,13 +178,21 @@ pub enum TrainError {
         grad_norm: f64,
     },
     /// The caller asked the run to stop.
-    #[error("training cancelled after step {step}; last checkpoint: {checkpoint:?}")]
+    #[error("training stopped after step {step}; {}", resume_hint(*checkpoint))]
     Cancelled {
         /// Steps done.
         step: usize,
         /// Step of the newest checkpoint on disk, which a re-run resumes from.
         checkpoint: Option<usize>,
     },
+}
+
+/// What a stopped run leaves for the next one.
+fn resume_hint(checkpoint: Option<usize>) -> String {
+    match checkpoint {
+        Some(step) => format!("its checkpoint at step {step} is kept, and a rerun resumes from it"),
+        None => "no step had finished, so a rerun starts from the beginning".into(),
+    }
 }
 
 impl TrainError {

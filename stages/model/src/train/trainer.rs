@@ -135,6 +135,13 @@ where
 
     while pos.step < plan.total_steps {
         if hooks.cancelled() {
+            // A stop asked for between steps (Ctrl-C, or SIGTERM before a preemption) keeps the
+            // steps done: the position is saved, so a rerun continues exactly here.
+            if pos.step > 0 && last_checkpoint != Some(pos.step) {
+                let dir = save_checkpoint(run, cfg, &plan, data.len(), pos, &model, &opt, &log, summary.final_loss)?;
+                last_checkpoint = Some(pos.step);
+                hooks.on_checkpoint(pos.step, &dir);
+            }
             return Err(TrainError::Cancelled { step: pos.step, checkpoint: last_checkpoint });
         }
         B::seed(device, SplitMix64::mix(cfg.seed, pos.step as u64));
@@ -212,25 +219,7 @@ where
         }
 
         if pos.step % plan.save_every == 0 {
-            let state = CheckpointState {
-                format: CHECKPOINT_FORMAT,
-                step: pos.step,
-                epoch: pos.epoch,
-                micro_batch: pos.micro,
-                seed: cfg.seed,
-                rows: data.len(),
-                plan: plan.clone(),
-                last_loss: Some(loss),
-            };
-            let keep = cfg.save_total_limit.unwrap_or(2);
-            let dir = checkpoint::save(
-                &run.checkpoint_dir,
-                &state,
-                &trainable_params(&model),
-                &opt.export(),
-                log.records(),
-                keep,
-            )?;
+            let dir = save_checkpoint(run, cfg, &plan, data.len(), pos, &model, &opt, &log, Some(loss))?;
             last_checkpoint = Some(pos.step);
             hooks.on_checkpoint(pos.step, &dir);
         }
@@ -240,6 +229,39 @@ where
         write_loss_curve(log.records(), png)?;
     }
     Ok((model, summary))
+}
+
+/// Writes `checkpoint-<step>` (trainable weights, optimizer state, metrics so far) and keeps
+/// the newest `save_total_limit` of them.
+#[allow(clippy::too_many_arguments)]
+fn save_checkpoint<B, M>(
+    run: &TrainRun,
+    cfg: &TrainConfig,
+    plan: &TrainPlan,
+    rows: usize,
+    pos: Position,
+    model: &M,
+    opt: &AdamW<B::InnerBackend>,
+    log: &MetricsLog,
+    last_loss: Option<f64>,
+) -> Result<std::path::PathBuf, TrainError>
+where
+    B: AutodiffBackend,
+    B::InnerBackend: newt_kernels::KernelBackend,
+    M: CausalLm<B>,
+{
+    let state = CheckpointState {
+        format: CHECKPOINT_FORMAT,
+        step: pos.step,
+        epoch: pos.epoch,
+        micro_batch: pos.micro,
+        seed: cfg.seed,
+        rows,
+        plan: plan.clone(),
+        last_loss,
+    };
+    let keep = cfg.save_total_limit.unwrap_or(2);
+    checkpoint::save(&run.checkpoint_dir, &state, &trainable_params(model), &opt.export(), log.records(), keep)
 }
 
 /// Gradients of one optimizer step, already divided by the step's trained-token count.
