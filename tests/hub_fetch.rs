@@ -287,3 +287,33 @@ fn axolotls_quickstart_form_plans_with_its_downloads_listed() {
     assert!(text.contains(&format!("hub: download datasets/teknium/GPT4-LLM-Cleaned@{C2} (1 files")), "{text}");
     assert!(text.contains("fetch.model") && text.contains("will run"), "{text}");
 }
+
+#[test]
+fn revision_of_model_picks_a_tag_and_keys_by_its_commit() {
+    let s = Setup::new();
+    // main moves on; the tag `v1` stays at C1.
+    let refs: Vec<(&str, &[u8])> = s.model.iter().map(|(n, b)| (n.as_str(), b.as_slice())).collect();
+    s.mock.commit("models/acme/tiny-llama", "v1", C1, &refs);
+    s.mock.commit("models/acme/tiny-llama", "main", C2, &refs);
+    let yaml = std::fs::read_to_string(s.dir.path().join("p.yml")).unwrap();
+    std::fs::write(
+        s.dir.path().join("p.yml"),
+        yaml.replace("base_model: acme/tiny-llama", "base_model: acme/tiny-llama\nrevision_of_model: v1"),
+    )
+    .unwrap();
+    let plan = s.run(&["plan", "p.yml"]);
+    ok(&plan);
+    let text = String::from_utf8_lossy(&plan.stdout);
+    assert!(text.contains(&format!("models/acme/tiny-llama@{C1}")), "{text}");
+    // `--json`: progress as events on stderr, one JSON object per line.
+    let err = ok(&s.run(&["fetch", "p.yml", "--json"]));
+    assert_eq!(std::fs::read_to_string(s.hf_cache().join("models--acme--tiny-llama/refs/v1")).unwrap(), C1);
+    let events: Vec<serde_json::Value> = err.lines().map(|l| serde_json::from_str(l).expect(l)).collect();
+    let of = |kind: &str, stage: &str| events.iter().filter(|e| e["event"] == kind && e["stage"] == stage).count();
+    assert!(events.iter().any(|e| e["event"] == "download" && e["repo"] == format!("models/acme/tiny-llama@{C1}")));
+    assert_eq!(of("started", "fetch.model"), 1, "{err}");
+    assert!(of("progress", "fetch.model") >= 1, "{err}");
+    assert_eq!(of("finished", "fetch.model"), 1, "{err}");
+    let total: u64 = s.model.iter().filter(|(n, _)| n != "README.md").map(|(_, b)| b.len() as u64).sum();
+    assert!(events.iter().any(|e| e["event"] == "progress" && e["total"] == total), "{err}");
+}

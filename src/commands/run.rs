@@ -16,9 +16,15 @@ fn compiled(s: &Session) -> anyhow::Result<Pipeline> {
 }
 
 /// Says which Hub downloads a run will make (repository, files, bytes) before it starts.
-fn print_downloads(s: &Session, to_stdout: bool) -> anyhow::Result<()> {
+fn print_downloads(s: &Session, to_stdout: bool, json: bool) -> anyhow::Result<()> {
     let downloads = newt_stages::hub::planned_downloads(&s.loaded.config, &s.loaded.base_dir)?;
     for d in downloads {
+        if json {
+            let mut e = serde_json::to_value(&d)?;
+            e["event"] = "download".into();
+            eprintln!("{e}");
+            continue;
+        }
         let line = if d.files == 0 {
             format!("hub: {} is in the Hugging Face cache", d.repo)
         } else {
@@ -42,9 +48,7 @@ pub fn fetch(cli: &Cli, pipeline: &Path) -> anyhow::Result<i32> {
     let s = session(cli, pipeline)?;
     let p = compiled(&s)?;
     let targets: Vec<String> = p.nodes().filter(|n| n.kind.starts_with("fetch_")).map(|n| n.id.clone()).collect();
-    if !cli.json {
-        print_downloads(&s, false)?;
-    }
+    print_downloads(&s, false, cli.json)?;
     let report = execute(cli, &s, &p, &targets, 4)?;
     print_report(cli, &report)?;
     Ok(report_code(&report))
@@ -54,9 +58,7 @@ pub fn fetch(cli: &Cli, pipeline: &Path) -> anyhow::Result<i32> {
 pub fn run(cli: &Cli, pipeline: &Path, only: &[String], jobs: usize) -> anyhow::Result<i32> {
     let s = session(cli, pipeline)?;
     let p = compiled(&s)?;
-    if !cli.json {
-        print_downloads(&s, false)?;
-    }
+    print_downloads(&s, false, cli.json)?;
     let report = execute(cli, &s, &p, only, jobs)?;
     print_report(cli, &report)?;
     let code = report_code(&report);
@@ -88,7 +90,7 @@ pub fn execute(cli: &Cli, s: &Session, p: &Pipeline, only: &[String], jobs: usiz
         anyhow::bail!("output_dir {}: it is a file, not a folder; no stage was run", shown(&out));
     }
     let registry = Arc::new(newt_stages::registry());
-    let reporter = Arc::new(BarReporter::new(cli.quiet));
+    let reporter = Arc::new(BarReporter::new(cli.quiet, cli.json));
     let cancel = CancelToken::new();
     let executor = LocalExecutor {
         cache: s.cache.clone(),
@@ -184,7 +186,7 @@ pub fn plan(cli: &Cli, pipeline: &Path) -> anyhow::Result<i32> {
         return Ok(0);
     }
     print_ignored(&s.loaded.ignored);
-    print_downloads(&s, true)?;
+    print_downloads(&s, true, false)?;
     println!("{:<16} {:<12} {:<14} why", "stage", "key", "cache");
     for e in &entries {
         let key = e.key.map(|k| k.short()).unwrap_or_else(|| "?".into());

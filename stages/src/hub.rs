@@ -30,6 +30,17 @@ pub struct HubModelRef {
 }
 
 impl HubModelRef {
+    /// [`HubModelRef::parse`] with `revision_of_model` (an `@revision` in the id wins).
+    pub fn of(p: &newt_config::params::FetchModelParams, base_dir: &Path) -> Option<HubModelRef> {
+        let mut r = Self::parse(&p.base_model, base_dir)?;
+        if let Some(rev) = &p.revision
+            && !p.base_model.contains('@')
+        {
+            r.revision = rev.clone();
+        }
+        Some(r)
+    }
+
     /// Parses `base_model` when it is a Hub id and no local file or folder has that name.
     pub fn parse(base_model: &str, base_dir: &Path) -> Option<HubModelRef> {
         if base_model.starts_with("newt:")
@@ -182,7 +193,7 @@ pub fn planned_downloads(config: &Config, base_dir: &Path) -> anyhow::Result<Vec
     let mut out = Vec::new();
     let needed: Vec<(RepoKind, String, String, Vec<RemoteFile>, Option<String>)> = {
         let mut v = Vec::new();
-        if let Some(r) = HubModelRef::parse(&config.base_model, base_dir) {
+        if let Some(r) = HubModelRef::of(&newt_config::params::FetchModelParams::from_config(config), base_dir) {
             let hub = Hub::from_env()?;
             let res = hub.resolve(RepoKind::Model, &r.id, &r.revision)?;
             let files = model_files(&r, &hub.list(RepoKind::Model, &r.id, &res.commit)?)?;

@@ -102,7 +102,7 @@ impl Stage for FetchModel {
     }
     fn remote_inputs(&self, node: &StageNode, base_dir: &Path) -> anyhow::Result<BTreeMap<String, String>> {
         let p: FetchModelParams = node.params_as()?;
-        let Some(r) = HubModelRef::parse(&p.base_model, base_dir) else { return Ok(BTreeMap::new()) };
+        let Some(r) = HubModelRef::of(&p, base_dir) else { return Ok(BTreeMap::new()) };
         let hub = newt_hub::Hub::from_env()?;
         let res = hub.resolve(RepoKind::Model, &r.id, &r.revision)?;
         let files = hub::model_files(&r, &hub.list(RepoKind::Model, &r.id, &res.commit)?)?;
@@ -136,7 +136,7 @@ impl Stage for FetchModel {
         }
         let (src, overrides): (PathBuf, &[PathBuf]) = match hub::parse_remote(&ctx.remote)? {
             Some((id, commit, files)) => {
-                let r = HubModelRef::parse(&p.base_model, &ctx.base_dir)
+                let r = HubModelRef::of(&p, &ctx.base_dir)
                     .ok_or_else(|| anyhow::anyhow!("base_model `{}` is not a Hub id", p.base_model))?;
                 let progress = hub::Downloading::new(ctx.progress.as_ref(), format!("model {id}"));
                 let hub = newt_hub::Hub::from_env()?;

@@ -45,6 +45,7 @@ const ATTENTION: &str = "newt picks its attention kernel itself; results agree w
 pub const KEYS: &[(&str, Class)] = &[
     ("base_model", Class::Read(&[FETCH_MODEL, TRAIN])),
     ("base_model_config", Class::Read(&[FETCH_MODEL])),
+    ("revision_of_model", Class::Read(&[FETCH_MODEL])),
     ("model_type", Class::Ignored("the architecture comes from config.json")),
     ("tokenizer_config", Class::Read(&[FETCH_MODEL])),
     ("tokenizer_type", Class::Ignored("newt always uses the fast tokenizer.json")),
@@ -184,6 +185,7 @@ chat_template: chatml
         BTreeMap::from([
             ("base_model", json!("models/other")),
             ("base_model_config", json!("models/config-only")),
+            ("revision_of_model", json!("v2.0")),
             ("tokenizer_config", json!("models/tok")),
             ("tiny_model", json!({"hidden_size": 64})),
             ("datasets", json!([{"path": "b.jsonl", "type": "chat_template"}])),

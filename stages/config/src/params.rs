@@ -18,6 +18,9 @@ pub struct FetchModelParams {
     pub base_model: String,
     /// Folder or hub id whose config.json replaces the model's.
     pub base_model_config: Option<String>,
+    /// `revision_of_model`: the Hub revision of `base_model`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
     /// Folder or hub id whose tokenizer files replace the model's.
     pub tokenizer_config: Option<String>,
     /// The tiny model's shape and seed (`base_model: newt:tiny` only).
@@ -40,6 +43,7 @@ impl FetchModelParams {
         FetchModelParams {
             base_model: c.base_model.clone(),
             base_model_config: c.base_model_config.clone(),
+            revision: c.revision_of_model.clone(),
             tokenizer_config: c.tokenizer_config.clone(),
             tiny: tiny.then(|| TinyParams { shape: c.tiny_model.clone(), seed: c.seed }),
         }

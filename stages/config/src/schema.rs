@@ -16,6 +16,8 @@ pub struct Config {
     pub base_model: String,
     /// Folder or hub id to take config.json from instead of `base_model`.
     pub base_model_config: Option<String>,
+    /// The Hub revision (branch, tag or commit) of `base_model` (default `main`).
+    pub revision_of_model: Option<String>,
     /// Axolotl's model class name (e.g. `AutoModelForCausalLM`); informational.
     pub model_type: Option<String>,
     /// Tokenizer folder or id overriding the model's own.
@@ -193,6 +195,7 @@ impl Default for Config {
         Config {
             base_model: String::new(),
             base_model_config: None,
+            revision_of_model: None,
             model_type: None,
             tokenizer_config: None,
             tokenizer_type: None,
