@@ -292,3 +292,32 @@ fn gguf_import() {
         r.map(|_| ()).map_err(|e| e.to_string())
     });
 }
+
+/// Sets the u32 value of GGUF metadata key `key` in `bytes` (the key's length-prefixed name, its
+/// type tag, then the value).
+fn patch_gguf_u32(bytes: &mut [u8], key: &str, value: u32) {
+    let mut needle = (key.len() as u64).to_le_bytes().to_vec();
+    needle.extend_from_slice(key.as_bytes());
+    let at = bytes.windows(needle.len()).position(|w| w == needle.as_slice()).expect("key present") + needle.len();
+    assert_eq!(u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()), 4, "{key} is a u32");
+    bytes[at + 4..at + 8].copy_from_slice(&value.to_le_bytes());
+}
+
+#[test]
+fn gguf_sizes_of_zero_or_beyond_any_model_are_named_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let gguf = dir.path().join("tiny.gguf");
+    newt_model::gguf::export_gguf(&model, &gguf, newt_model::gguf::GgufType::F32).unwrap();
+    let seed = std::fs::read(&gguf).unwrap();
+    for (key, value) in
+        [("llama.attention.head_count", 0), ("llama.block_count", 1_000_000), ("llama.embedding_length", 0)]
+    {
+        let mut bytes = seed.clone();
+        patch_gguf_u32(&mut bytes, key, value);
+        let file = dir.path().join("patched.gguf");
+        std::fs::write(&file, &bytes).unwrap();
+        let e = newt_model::gguf::import_to_hf(&file, &dir.path().join("out")).unwrap_err().to_string();
+        assert!(e.contains(key) && e.contains("outside the sizes newt accepts"), "{key}: {e}");
+    }
+}

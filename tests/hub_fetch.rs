@@ -317,3 +317,22 @@ fn revision_of_model_picks_a_tag_and_keys_by_its_commit() {
     let total: u64 = s.model.iter().filter(|(n, _)| n != "README.md").map(|(_, b)| b.len() as u64).sum();
     assert!(events.iter().any(|e| e["event"] == "progress" && e["total"] == total), "{err}");
 }
+
+#[test]
+fn a_dataset_with_only_a_loading_script_reads_the_hubs_parquet_conversion() {
+    let s = Setup::new();
+    s.mock.commit("datasets/acme/scripted", "main", C1, &[("README.md", b"x"), ("scripted.py", b"# a loading script")]);
+    s.mock.commit(
+        "datasets/acme/scripted",
+        "refs/convert/parquet",
+        C2,
+        &[("default/train/0000.parquet", b"PAR1 rows"), ("default/test/0000.parquet", b"PAR1 test")],
+    );
+    let yaml = std::fs::read_to_string(s.dir.path().join("p.yml")).unwrap();
+    std::fs::write(s.dir.path().join("p.yml"), yaml.replace("path: acme/chats", "path: acme/scripted")).unwrap();
+    let plan = s.run(&["plan", "p.yml"]);
+    ok(&plan);
+    let text = String::from_utf8_lossy(&plan.stdout);
+    assert!(text.contains(&format!("hub: download datasets/acme/scripted@{C2} (1 files")), "{text}");
+    assert!(s.mock.log().iter().any(|l| l.contains("/revision/refs%2Fconvert%2Fparquet")), "{:?}", s.mock.log());
+}

@@ -156,13 +156,11 @@ fn resolve_in_cache(cache: &Path, how: &str, id: &str) -> Result<PathBuf, HfErro
         Some((r, rev)) => (r, Some(rev)),
         None => (id, None),
     };
-    let valid = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-    match repo_id.split_once('/') {
-        Some((org, name)) if valid(org) && valid(name) && !org.starts_with('.') && !name.starts_with('.') => {}
-        _ => return Err(HfError::BadId(id.to_string())),
+    if !repo_id.contains('/') || !newt_hub::valid_repo_id(repo_id) {
+        return Err(HfError::BadId(id.to_string()));
     }
     let not_cached = |tried: Vec<String>| HfError::NotCached { id: id.to_string(), tried };
-    let repo = cache.join(format!("models--{}", repo_id.replace('/', "--")));
+    let repo = newt_hub::CachedRepo::new(cache, newt_hub::RepoKind::Model, repo_id).dir;
     let snapshots = repo.join("snapshots");
     if !snapshots.is_dir() {
         return Err(not_cached(vec![format!("{} (cache {how}): no such folder", snapshots.display())]));
