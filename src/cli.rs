@@ -92,6 +92,26 @@ pub enum Command {
         /// Sampling temperature (0 = greedy).
         #[arg(long, default_value_t = 0.0)]
         temperature: f32,
+        /// Chat in the browser instead: `newt serve` (Axolotl's `--gradio`).
+        #[arg(long, conflicts_with = "prompt")]
+        web: bool,
+        #[command(flatten)]
+        serve: ServeArgs,
+    },
+    /// Serve the model over HTTP: an OpenAI-compatible API (`/v1/chat/completions`,
+    /// `/v1/completions`, `/v1/models`) and a chat page at `/`. The trained adapter and the base
+    /// model are two model names; a request picks one.
+    Serve {
+        /// The pipeline file.
+        pipeline: PathBuf,
+        /// Serve the base model only.
+        #[arg(long)]
+        base: bool,
+        /// Serve this adapter (PEFT folder) instead of the pipeline's own.
+        #[arg(long, conflicts_with = "base")]
+        lora_model_dir: Option<PathBuf>,
+        #[command(flatten)]
+        serve: ServeArgs,
     },
     /// Look inside an artifact: a stage id (of the latest run) or a digest prefix.
     Inspect {
@@ -172,4 +192,25 @@ pub enum CacheCommand {
         #[arg(long)]
         repair: bool,
     },
+}
+
+/// Options of `newt serve` (and `newt inference --web`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on [default: the pipeline's `gradio_server_name`, else 127.0.0.1].
+    /// Any other than loopback needs `--api-key` or `--insecure`.
+    #[arg(long)]
+    pub host: Option<std::net::IpAddr>,
+    /// Port [default: the pipeline's `gradio_server_port`, else 8000; 0 picks a free one].
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// Requests must send `Authorization: Bearer <key>`.
+    #[arg(long, env = "NEWT_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Listen beyond loopback without an API key.
+    #[arg(long)]
+    pub insecure: bool,
+    /// Requests that may wait for the generation worker; more get 503 with Retry-After.
+    #[arg(long, default_value_t = 16)]
+    pub queue: usize,
 }

@@ -3,6 +3,7 @@
 mod cache;
 mod kernels;
 mod run;
+mod serve;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -25,15 +26,23 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Inspect { target, pipeline, n } => cache::inspect(&cli, target, pipeline.as_deref(), *n),
         Command::Query { target, sql, pipeline } => cache::query(&cli, target, sql, pipeline.as_deref()),
         Command::MergeLora { pipeline, lora_model_dir } => run::merge_lora(&cli, pipeline, lora_model_dir.as_deref()),
-        Command::Inference { pipeline, prompt, base, lora_model_dir, max_new_tokens, temperature } => run::inference(
-            &cli,
-            pipeline,
-            prompt.as_deref(),
-            *base,
-            lora_model_dir.as_deref(),
-            *max_new_tokens,
-            *temperature,
-        ),
+        Command::Inference { pipeline, web: true, base, lora_model_dir, serve: args, .. } => {
+            serve::serve(&cli, pipeline, *base, lora_model_dir.as_deref(), args)
+        }
+        Command::Inference { pipeline, prompt, base, lora_model_dir, max_new_tokens, temperature, .. } => {
+            run::inference(
+                &cli,
+                pipeline,
+                prompt.as_deref(),
+                *base,
+                lora_model_dir.as_deref(),
+                *max_new_tokens,
+                *temperature,
+            )
+        }
+        Command::Serve { pipeline, base, lora_model_dir, serve: args } => {
+            serve::serve(&cli, pipeline, *base, lora_model_dir.as_deref(), args)
+        }
         Command::Kernels { backend, shapes, reps } => kernels::kernels(&cli, backend, shapes, *reps),
         Command::ConfigSchema => {
             let schema = schemars::schema_for!(newt_config::Config);

@@ -284,7 +284,22 @@ pub fn inference(
     temperature: f32,
 ) -> anyhow::Result<i32> {
     let s = session(cli, pipeline)?;
-    let p = compiled(&s)?;
+    let (model, adapter) = model_and_adapter(cli, &s, base, lora_model_dir)?;
+    let c = &s.loaded.config;
+    let params = newt_config::params::EvaluateParams::from_config(c);
+    newt_stages::evaluate::chat(&model, adapter.as_deref(), &params, c.backend, prompt, max_new_tokens, temperature)?;
+    Ok(0)
+}
+
+/// The base model's folder (fetched when not cached) and the adapter to use with it: the
+/// pipeline's trained adapter (which must be in the cache), `lora_model_dir`, or none (`base`).
+pub fn model_and_adapter(
+    cli: &Cli,
+    s: &Session,
+    base: bool,
+    lora_model_dir: Option<&Path>,
+) -> anyhow::Result<(PathBuf, Option<PathBuf>)> {
+    let p = compiled(s)?;
     if let Some(dir) = lora_model_dir
         && !dir.join("adapter_config.json").is_file()
     {
@@ -304,11 +319,11 @@ pub fn inference(
         if !plan.iter().any(|e| e.id == "train" && e.hit) {
             anyhow::bail!(
                 "the trained adapter is not in the cache yet: run `newt run {}` first (or pass --base)",
-                shown(pipeline)
+                shown(&s.loaded.path)
             );
         }
     }
-    let report = execute(cli, &s, &p, &targets, 1)?;
+    let report = execute(cli, s, &p, &targets, 1)?;
     let dir = |id: &str| report.stages.iter().find(|r| r.id == id).and_then(|r| r.path.clone());
     let model = dir("fetch.model").ok_or_else(|| anyhow::anyhow!("base model unavailable"))?;
     let adapter = match lora_model_dir {
@@ -316,8 +331,5 @@ pub fn inference(
         None if base => None,
         None => dir("train"),
     };
-    let c = &s.loaded.config;
-    let params = newt_config::params::EvaluateParams::from_config(c);
-    newt_stages::evaluate::chat(&model, adapter.as_deref(), &params, c.backend, prompt, max_new_tokens, temperature)?;
-    Ok(0)
+    Ok((model, adapter))
 }

@@ -14,6 +14,7 @@ pub mod command;
 pub mod data;
 pub mod hub;
 pub mod model;
+pub mod serve;
 pub mod topology;
 pub mod views;
 

@@ -203,7 +203,7 @@ impl Stage for FetchModel {
     }
 }
 
-fn backend_of(backend: BackendChoiceKey) -> anyhow::Result<ResolvedBackend> {
+pub(crate) fn backend_of(backend: BackendChoiceKey) -> anyhow::Result<ResolvedBackend> {
     Ok(backend::resolve(BackendChoice::from_str(backend.as_str())?)?)
 }
 
@@ -488,7 +488,7 @@ fn env_of(node: &StageNode) -> BTreeMap<String, String> {
 }
 
 /// The code book a frozen base is stored in, if any.
-fn quant_code(q: BaseQuantization) -> Option<QuantCode> {
+pub(crate) fn quant_code(q: BaseQuantization) -> Option<QuantCode> {
     match q {
         BaseQuantization::None => None,
         BaseQuantization::Nf4 => Some(QuantCode::Nf4),
@@ -498,7 +498,7 @@ fn quant_code(q: BaseQuantization) -> Option<QuantCode> {
 
 /// Loads the base model (quantized for QLoRA and 8-bit loading) with the adapter of a train
 /// artifact (when given).
-fn load_model<B: Backend>(
+pub(crate) fn load_model<B: Backend>(
     model_dir: &Path,
     adapter: Option<&Path>,
     quantize: Option<QuantCode>,
@@ -545,9 +545,9 @@ fn check_host_memory<B: Backend>(model_dir: &Path, device: &B::Device) -> anyhow
 /// How prompts are written and where generation stops: the chat template and special tokens
 /// the pipeline trained with (not the model folder's default when the pipeline set its own).
 pub struct Prompting {
-    tokenizer: Arc<tokenizers::Tokenizer>,
-    template: ChatTemplate,
-    stop_token_ids: Vec<u32>,
+    pub(crate) tokenizer: Arc<tokenizers::Tokenizer>,
+    pub(crate) template: ChatTemplate,
+    pub(crate) stop_token_ids: Vec<u32>,
 }
 
 impl Prompting {
@@ -579,7 +579,7 @@ impl Prompting {
         Ok(Prompting { tokenizer: tok.tokenizer.clone(), template, stop_token_ids: ids })
     }
 
-    fn of(model_dir: &Path, p: &EvaluateParams) -> anyhow::Result<Self> {
+    pub(crate) fn of(model_dir: &Path, p: &EvaluateParams) -> anyhow::Result<Self> {
         Self::new(
             model_dir,
             p.chat_template.as_deref(),

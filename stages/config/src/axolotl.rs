@@ -28,7 +28,7 @@ const DATA_PREP: &str = "dataset preparation and loading knobs (newt's cache and
 const MEMORY: &str = "device placement and memory knobs (newt places the model itself)";
 const CHECKPOINTS: &str = "checkpoint and evaluation bookkeeping (newt checkpoints under the train key)";
 const MODEL_HINTS: &str = "model-family hints (newt reads the architecture from config.json)";
-const UI: &str = "Gradio UI settings (newt has no web UI yet)";
+const UI: &str = "chat page settings: read by `newt serve`, in no stage's key";
 const ATTENTION: &str =
     "attention implementation choices (newt picks its attention kernel; results agree within dtype noise)";
 const DTYPE: &str = "dtype spellings (newt trains in bf16 on CUDA and f32 on the CPU)";

@@ -1,0 +1,116 @@
+"""The chat page of `newt serve` in headless Chromium (Debian's package, driven by Playwright):
+load it, chat two turns, watch an answer stream in, stop it, switch to the base model, compare
+both side by side.
+
+usage: browser.py URL ADAPTER_MODEL BASE_MODEL [SCREENSHOT.png]
+"""
+import json
+import sys
+import time
+import urllib.request
+
+from playwright.sync_api import expect, sync_playwright
+
+url, adapter, base = sys.argv[1:4]
+shot = sys.argv[4] if len(sys.argv) > 4 else None
+
+
+def health():
+    with urllib.request.urlopen(url + "/health") as r:
+        return json.load(r)
+
+
+def assistant_texts(page):
+    return page.eval_on_selector_all(".msg.assistant", "els => els.map(e => e.textContent)")
+
+
+with sync_playwright() as pw:
+    browser = pw.chromium.launch(
+        executable_path="/usr/bin/chromium",
+        args=["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+              "--disable-component-update", "--disable-sync"],
+    )
+    page = browser.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    sent = []
+
+    # The tiny model may end a turn at once; the test asks it to go on (vLLM's ignore_eos) so
+    # that every answer has text to show.
+    def go_on(route):
+        body = json.loads(route.request.post_data)
+        body["ignore_eos"] = True
+        sent.append(body)
+        route.continue_(post_data=json.dumps(body))
+
+    page.route("**/v1/chat/completions", go_on)
+    page.goto(url + "/")
+    expect(page.locator("#status")).to_have_text("ready")
+    expect(page.locator(".pane h2")).to_have_text([adapter])
+    page.fill("#temperature", "0")
+    page.fill("#max_tokens", "16")
+
+    def turn(text):
+        n = len(sent)
+        page.fill("#prompt", text)
+        page.press("#prompt", "Enter")
+        t0 = time.time()
+        while len(sent) == n:
+            assert time.time() - t0 < 30, "no request sent"
+            page.wait_for_timeout(20)
+        page.wait_for_function("document.body.dataset.state === 'idle'", timeout=120_000)
+
+    # Two turns: the second request carries the first exchange.
+    turn("What is the capital of France?")
+    turn("And of Italy?")
+    texts = assistant_texts(page)
+    assert len(texts) == 2 and all(t.strip() for t in texts), texts
+    msgs = sent[-1]["messages"]
+    assert [m["role"] for m in msgs] == ["user", "assistant", "user"], msgs
+    assert msgs[1]["content"] and texts[0].startswith(msgs[1]["content"]), (msgs, texts)
+    assert sent[-1]["stream"] is True and sent[-1]["model"] == adapter, sent[-1]
+
+    # A long answer streams in (its text grows while the page says it is generating) and stops.
+    before = health()["cancelled"]
+    page.fill("#max_tokens", "100000")
+    page.fill("#prompt", "Tell me more.")
+    page.press("#prompt", "Enter")
+    grow = "document.body.dataset.state === 'generating' && (document.querySelectorAll('.msg.assistant')[2]?.textContent.length || 0) > {}"
+    page.wait_for_function(grow.format(10), timeout=60_000)
+    seen = len(assistant_texts(page)[2])
+    page.wait_for_function(grow.format(seen), timeout=60_000)
+    expect(page.locator("#stop")).to_be_enabled()
+    page.click("#stop")
+    page.wait_for_function("document.body.dataset.state === 'idle'", timeout=30_000)
+    stopped = page.locator(".msg.assistant").nth(2).inner_text()
+    assert "(stopped)" in stopped, stopped
+    t0 = time.time()
+    while health()["cancelled"] <= before:
+        assert time.time() - t0 < 30, "the server went on generating after Stop"
+        time.sleep(0.05)
+
+    # Switch to the base model: the conversation stays, the next answer is the base model's.
+    page.select_option("#model", base)
+    expect(page.locator(".pane h2")).to_have_text([base])
+    page.fill("#max_tokens", "16")
+    turn("What is the capital of Spain?")
+    assert sent[-1]["model"] == base, sent[-1]["model"]
+    assert len(sent[-1]["messages"]) == 7, [m["role"] for m in sent[-1]["messages"]]
+    assert assistant_texts(page)[-1].strip()
+
+    # Side by side: one question, both models answer in their own pane.
+    page.select_option("#model", index=2)
+    expect(page.locator(".pane h2")).to_have_text([adapter, base])
+    page.click("#clear")
+    turn("What is the capital of France?")
+    while len(sent) < 6:
+        page.wait_for_timeout(20)
+    page.wait_for_function("document.body.dataset.state === 'idle'", timeout=120_000)
+    assert sorted(b["model"] for b in sent[-2:]) == sorted([adapter, base]), [b["model"] for b in sent[-2:]]
+    panes = page.eval_on_selector_all(".pane", "ps => ps.map(p => p.querySelector('.msg.assistant')?.textContent || '')")
+    assert len(panes) == 2 and all(p.strip() for p in panes), panes
+    if shot:
+        page.screenshot(path=shot, full_page=True)
+    assert not errors, errors
+    browser.close()
+print(f"chromium: two turns, streaming, stop, base model, side by side: ok ({len(sent)} requests)")
