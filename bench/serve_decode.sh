@@ -25,7 +25,8 @@ port=$((8100 + RANDOM % 500))
 NEWT_CACHE_DIR=/tmp/newt-cache $pin /tmp/newt serve /tmp/serve-$shape-$dev.yml --base --port $port \
   > /tmp/aux/serve-$shape-$dev.log 2>&1 &
 srv=$!
-for _ in $(seq 1 600); do grep -q "listening on" /tmp/aux/serve-$shape-$dev.log && break; sleep 0.5; done
+for _ in $(seq 1 600); do grep -q "listening on" /tmp/aux/serve-$shape-$dev.log && break; kill -0 $srv 2>/dev/null || break; sleep 0.5; done
+cp /tmp/aux/serve-$shape-$dev.log "$OUT/serve-$shape-$dev-start.log"
 for c in 1 4; do
   python3 bench/serve_client.py "http://127.0.0.1:$port" --clients $c --new "$new" \
     > "$OUT/newt-$shape-$dev-c$c.json" 2>> /tmp/aux/client.err || tail -5 /tmp/aux/client.err
