@@ -11,11 +11,12 @@ OUT=${OUT:-/tmp/newt-serve-out}; mkdir -p "$OUT" /tmp/aux
   --tokenizer stages/data/tests/fixtures/smollm2 > /tmp/aux/model.log 2>&1
 pin=; threads=0
 if [ "$dev" = cpu ]; then pin="taskset -c 0,1"; threads=2; fi
-$pin python3 bench/hf_decode.py --model /tmp/model-$shape --device "$dev" --threads $threads --new "$new" \
+[ "${HF:-1}" = 1 ] && $pin python3 bench/hf_decode.py --model /tmp/model-$shape --device "$dev" --threads $threads --new "$new" \
   > "$OUT/hf-$shape-$dev.json" 2> /tmp/aux/hf-$shape-$dev.err || tail -5 /tmp/aux/hf-$shape-$dev.err
 cat > /tmp/serve-$shape-$dev.yml <<YML
 base_model: /tmp/model-$shape
 backend: $dev
+adapter: lora
 datasets:
   - path: /tmp/none.jsonl
     type: completion
