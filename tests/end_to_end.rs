@@ -2,33 +2,18 @@
 //!
 //! Each test copies the quickstart pipeline and its data into a temp dir, with its own cache.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-struct Project {
-    dir: tempfile::TempDir,
-}
+#[path = "support/quickstart.rs"]
+mod quickstart;
+use quickstart::Project;
 
 impl Project {
     fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        std::fs::create_dir_all(dir.path().join("data")).unwrap();
-        std::fs::copy(root.join("pipelines/data/quickstart.jsonl"), dir.path().join("data/quickstart.jsonl")).unwrap();
-        let yaml = std::fs::read_to_string(root.join("pipelines/quickstart.yml")).unwrap();
         // Fewer steps: these tests are about the graph, not the model.
-        let yaml = yaml.replace("num_epochs: 8", "num_epochs: 1");
-        std::fs::write(dir.path().join("p.yml"), yaml).unwrap();
-        Project { dir }
-    }
-    fn path(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
-    }
-    fn newt(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_newt"));
-        c.args(args).current_dir(self.dir.path()).env("NEWT_CACHE_DIR", self.path("cache")).env("NO_COLOR", "1");
-        c
+        Self::with_epochs(1)
     }
     fn run(&self, args: &[&str]) -> Output {
         self.newt(args).output().unwrap()

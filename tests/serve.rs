@@ -7,35 +7,20 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-struct Project {
-    dir: tempfile::TempDir,
-}
+#[path = "support/quickstart.rs"]
+mod quickstart;
+use quickstart::Project;
 
 impl Project {
     fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        std::fs::create_dir_all(dir.path().join("data")).unwrap();
-        std::fs::copy(root.join("pipelines/data/quickstart.jsonl"), dir.path().join("data/quickstart.jsonl")).unwrap();
-        let yaml = std::fs::read_to_string(root.join("pipelines/quickstart.yml")).unwrap();
-        let yaml = yaml.replace("num_epochs: 8", "num_epochs: 2");
-        std::fs::write(dir.path().join("p.yml"), yaml).unwrap();
-        Project { dir }
-    }
-    fn path(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
-    }
-    fn newt(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_newt"));
-        c.args(args).current_dir(self.dir.path()).env("NEWT_CACHE_DIR", self.path("cache")).env("NO_COLOR", "1");
-        c
+        Self::with_epochs(2)
     }
     fn train(&self) {
         let out = self.newt(&["run", "p.yml", "--quiet"]).output().unwrap();

@@ -546,7 +546,7 @@ fn check_host_memory<B: Backend>(model_dir: &Path, device: &B::Device) -> anyhow
 /// the pipeline trained with (not the model folder's default when the pipeline set its own).
 pub struct Prompting {
     pub(crate) tokenizer: Arc<tokenizers::Tokenizer>,
-    pub(crate) template: ChatTemplate,
+    template: ChatTemplate,
     pub(crate) stop_token_ids: Vec<u32>,
 }
 
@@ -579,6 +579,13 @@ impl Prompting {
         Ok(Prompting { tokenizer: tok.tokenizer.clone(), template, stop_token_ids: ids })
     }
 
+    /// The token ids of `messages` rendered by the pipeline's template, generation prompt added.
+    pub(crate) fn encode_chat(&self, messages: &[ChatMessage]) -> anyhow::Result<Vec<u32>> {
+        let text = self.template.apply_chat_template(messages, true)?;
+        let ids = self.tokenizer.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
+        Ok(ids.get_ids().to_vec())
+    }
+
     pub(crate) fn of(model_dir: &Path, p: &EvaluateParams) -> anyhow::Result<Self> {
         Self::new(
             model_dir,
@@ -608,8 +615,7 @@ fn answer<B: KernelBackend>(
     };
     let mut out = Vec::new();
     for p in prompts {
-        let text = prompting.template.apply_chat_template(&[ChatMessage::new("user", p)], true)?;
-        let ids = tok.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?.get_ids().to_vec();
+        let ids = prompting.encode_chat(&[ChatMessage::new("user", p)])?;
         let mut streamer = newt_model::generate::TextStream::new(tok);
         let g = newt_model::generate::generate(model, &ids, &sampling, |t| {
             if stream && let Some(piece) = streamer.push(t) {

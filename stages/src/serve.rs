@@ -92,20 +92,19 @@ impl<B: KernelBackend> Engine for BurnEngine<B> {
     }
 
     fn tokenize(&self, _model: usize, prompt: &Prompt) -> Result<Vec<u32>, String> {
-        let tok = self.prompting.tokenizer.as_ref();
-        let ids = match prompt {
+        match prompt {
             Prompt::Chat(messages) => {
                 let msgs: Vec<ChatMessage> = messages.iter().map(|m| ChatMessage::new(&m.role, &m.content)).collect();
-                let text = self
-                    .prompting
-                    .template
-                    .apply_chat_template(&msgs, true)
-                    .map_err(|e| format!("the chat template refused these messages: {e}"))?;
-                tok.encode(text.as_str(), false)
+                self.prompting
+                    .encode_chat(&msgs)
+                    .map_err(|e| format!("the chat template refused these messages: {}", newt_graph::error_chain(&e)))
             }
-            Prompt::Text(text) => tok.encode(text.as_str(), true),
-        };
-        Ok(ids.map_err(|e| format!("tokenizer: {e}"))?.get_ids().to_vec())
+            Prompt::Text(text) => {
+                let ids =
+                    self.prompting.tokenizer.encode(text.as_str(), true).map_err(|e| format!("tokenizer: {e}"))?;
+                Ok(ids.get_ids().to_vec())
+            }
+        }
     }
 
     fn generate(

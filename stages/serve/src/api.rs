@@ -110,10 +110,10 @@ enum OneOrMany {
 }
 
 impl OneOrMany {
-    fn into_vec(self) -> Vec<String> {
+    fn to_vec(&self) -> Vec<String> {
         match self {
-            OneOrMany::One(s) => vec![s],
-            OneOrMany::Many(v) => v,
+            OneOrMany::One(s) => vec![s.clone()],
+            OneOrMany::Many(v) => v.clone(),
         }
     }
 }
@@ -169,11 +169,7 @@ impl Sampling {
         if !(top_p > 0.0 && top_p <= 1.0) {
             return Err(ApiError::bad(format!("top_p is {top_p}: it must lie in (0, 1]")).param("top_p"));
         }
-        let stop = self.stop.as_ref().map(|s| match s {
-            OneOrMany::One(s) => vec![s.clone()],
-            OneOrMany::Many(v) => v.clone(),
-        });
-        let stop = stop.unwrap_or_default();
+        let stop = self.stop.as_ref().map(OneOrMany::to_vec).unwrap_or_default();
         if stop.len() > 4 {
             return Err(ApiError::bad(format!("stop has {} strings: at most 4", stop.len())).param("stop"));
         }
@@ -443,7 +439,7 @@ async fn completions_inner(s: &AppState, headers: &HeaderMap, body: &[u8]) -> Re
     let req: CompletionRequest = parse(body)?;
     let (model, name) = pick_model(s, req.sampling.model.as_deref())?;
     let params = req.sampling.params(s.config.default_max_tokens)?;
-    let prompt = match req.prompt.into_vec() {
+    let prompt = match req.prompt.to_vec() {
         v if v.len() == 1 => v.into_iter().next().unwrap_or_default(),
         v => {
             return Err(ApiError::bad(format!(
