@@ -12,6 +12,10 @@ pub struct Cli {
     /// Cache directory (default: $NEWT_CACHE_DIR, then `cache_dir:` in the pipeline, then the user cache dir).
     #[arg(long, global = true, env = "NEWT_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
+    /// Shared remote cache, `s3://bucket/prefix` (default: $NEWT_CACHE_REMOTE, then `cache.remote`
+    /// in the pipeline; `off` turns it off). See README, "A shared cache".
+    #[arg(long, global = true, env = "NEWT_CACHE_REMOTE", value_name = "URL")]
+    pub remote: Option<String>,
     /// Print machine-readable JSON on stdout instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
@@ -185,6 +189,30 @@ pub enum CacheCommand {
     Unpin {
         /// The pin's name.
         name: String,
+    },
+    /// Upload results to the remote cache (`--remote` or the pipeline's `cache.remote`, in
+    /// mode read-write): the named ones, else the pipeline's latest run, else (`--all`) every one.
+    Push {
+        /// Digest or key prefixes.
+        digests: Vec<String>,
+        /// The pipeline whose remote and latest run to use.
+        #[arg(long, short)]
+        pipeline: Option<PathBuf>,
+        /// Every valid result in the local cache.
+        #[arg(long, conflicts_with = "digests")]
+        all: bool,
+    },
+    /// Download results from the remote cache into the local one (verified against their
+    /// digests): the named ones (key or output digest prefixes), or (`--all`) every one.
+    Pull {
+        /// Digest or key prefixes.
+        digests: Vec<String>,
+        /// The pipeline whose remote to use.
+        #[arg(long, short)]
+        pipeline: Option<PathBuf>,
+        /// Every result the remote has that is not local yet.
+        #[arg(long, conflicts_with = "digests")]
+        all: bool,
     },
     /// Re-read every cached result and compare it with its digest.
     Verify {

@@ -121,6 +121,7 @@ impl Reporter for BarReporter {
         }
         let what = match &r.outcome {
             Outcome::Hit => return,
+            Outcome::Pulled => format!("pulled from the remote cache in {:.1}s", r.seconds),
             Outcome::Ran => format!("done in {:.1}s", r.seconds),
             Outcome::Failed(m) => format!("FAILED: {m}"),
             Outcome::Skipped => "skipped".into(),

@@ -14,6 +14,9 @@
 //! <root>/v1/runs/, pins/         gc roots: latest run of each pipeline, named pins
 //! ```
 //!
+//! A remote cache ([`Remote`], S3 through `object_store`) mirrors objects and manifests in a
+//! bucket; a local miss may be filled from it, verified byte by byte (see `remote.rs`).
+//!
 //! A run: `in_use()` once; per stage `lookup(key)` → on a miss `lock_key(key)`, `lookup` again
 //! (another process may have finished it), `staging(key)`, write into `out_dir()`,
 //! `publish(..)`; at the end `record_run`.
@@ -31,6 +34,7 @@ mod filehash;
 mod fsutil;
 mod gc;
 mod lock;
+mod remote;
 mod runs;
 mod store;
 mod verify;
@@ -46,6 +50,7 @@ pub use external::{CacheStats, RACY_WINDOW_NS};
 pub use filehash::{FileEntry, PARALLEL_THRESHOLD, hash_file, hash_tree};
 pub use gc::{GcReport, WORK_DIR_GRACE};
 pub use lock::{InUse, KeyLock};
+pub use remote::{Pulled, Pushed, REMOTE_FORMAT, Remote, RemoteError, RemoteMode, RemoteSpec};
 pub use runs::{Pin, RunRecord, RunStage};
 pub use store::{Lookup, MANIFEST_FORMAT, Manifest, ManifestMeta, Staging};
 pub use verify::{BrokenManifest, Damage, DamagedObject, VerifyReport};

@@ -102,6 +102,11 @@ impl Staging {
     pub fn key(&self) -> Digest {
         self.key
     }
+
+    /// Its directory has moved into the store: dropping it must not remove anything.
+    pub(crate) fn mark_published(&mut self) {
+        self.published = true;
+    }
 }
 
 impl Drop for Staging {
@@ -253,7 +258,7 @@ impl Cache {
     /// Moves the verified staging tree `out` to `objects/<output>`, or drops it when an intact
     /// identical object is already there (checked like a hit: a damaged one left by a corrupt
     /// hit must not survive its stage's re-run). A damaged object of that name is replaced.
-    fn place_object(&self, out: &Path, output: &Digest, files: &[FileEntry]) -> Result<(), CacheError> {
+    pub(crate) fn place_object(&self, out: &Path, output: &Digest, files: &[FileEntry]) -> Result<(), CacheError> {
         let object = self.object_path(output);
         let intact = |object: &Path| {
             object.is_dir() && self.check_object(object, files, Reread::Changed).is_ok_and(|d| d.is_empty())
@@ -370,7 +375,7 @@ pub(crate) fn parse_manifest(key: &Digest, bytes: &[u8]) -> Result<Manifest, Str
 
 /// fsyncs every file and directory of a tree, so that once the manifest is durable, so is
 /// everything it points to.
-fn sync_tree(dir: &Path) -> Result<(), CacheError> {
+pub(crate) fn sync_tree(dir: &Path) -> Result<(), CacheError> {
     for entry in walkdir::WalkDir::new(dir) {
         let entry = entry.map_err(|source| crate::filehash::walk_err(dir, source))?;
         let path = entry.path();

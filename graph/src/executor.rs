@@ -1,6 +1,7 @@
 //! Runs a compiled pipeline: keys, cache lookups, locks, concurrent stages, publishing.
 //!
-//! [`Executor`] is the interface; [`LocalExecutor`] runs stages in this process on tokio. A
+//! [`Executor`] is the interface; [`LocalExecutor`] runs stages in this process on tokio, with
+//! an optional shared remote cache ([`newt_cache::Remote`]) consulted after a local miss. A
 //! dataflow executor (stages as dora-rs nodes on several machines, the cache on shared
 //! storage) implements the same trait: it needs only the pipeline, the registry and a cache
 //! that every machine sees.
@@ -10,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use newt_cache::{Cache, CacheError, Damage, Digest, FileEntry, ManifestMeta, RunRecord, RunStage};
+use newt_cache::{
+    Cache, CacheError, Damage, Digest, FileEntry, ManifestMeta, Pulled, Pushed, Remote, RemoteMode, RunRecord, RunStage,
+};
 use serde::Serialize;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -25,6 +28,8 @@ use crate::stage::{CancelToken, Progress, Registry, Stage, StageContext};
 pub enum Outcome {
     /// Found in the cache.
     Hit,
+    /// Found in the remote cache, downloaded and verified.
+    Pulled,
     /// Ran and was published.
     Ran,
     /// Failed; the message says why.
@@ -56,6 +61,9 @@ pub struct StageReport {
     /// its copies against. Empty for a stage that failed or was skipped.
     #[serde(skip)]
     pub files: Vec<FileEntry>,
+    /// What the remote cache did with this result (pulled, uploaded, kept another writer's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub remote: Option<String>,
 }
 
 /// What a run did.
@@ -127,6 +135,9 @@ pub struct LocalExecutor {
     pub pipeline_path: String,
     /// How many stages may run at once.
     pub max_parallel: usize,
+    /// The shared remote cache: looked up after a local miss, and (read-write) given every
+    /// result this run publishes.
+    pub remote: Option<Arc<Remote>>,
 }
 
 /// The key inputs of a node given its upstream output digests.
@@ -238,6 +249,7 @@ impl Executor for LocalExecutor {
                         base_dir: self.base_dir.clone(),
                         device: device.clone(),
                         slots: slots.clone(),
+                        remote: self.remote.clone(),
                     };
                     set.spawn(async move { task.run(stage, node, upstream, input_dirs).await });
                 }
@@ -246,7 +258,7 @@ impl Executor for LocalExecutor {
             let done = done.map_err(|e| anyhow::anyhow!("a stage task panicked: {e}"))?;
             warnings.extend(done.warnings);
             match (&done.report.outcome, done.report.key, done.report.output, done.report.path.clone()) {
-                (Outcome::Hit | Outcome::Ran, Some(k), Some(o), Some(p)) => {
+                (Outcome::Hit | Outcome::Pulled | Outcome::Ran, Some(k), Some(o), Some(p)) => {
                     outputs.insert(done.id.clone(), (k, o, p));
                 }
                 _ => failed = true,
@@ -269,6 +281,7 @@ impl Executor for LocalExecutor {
                     path: None,
                     summary: serde_json::Value::Null,
                     files: Vec::new(),
+                    remote: None,
                 })
             })
             .collect();
@@ -298,6 +311,7 @@ struct StageTask {
     base_dir: PathBuf,
     device: Arc<Semaphore>,
     slots: Arc<Semaphore>,
+    remote: Option<Arc<Remote>>,
 }
 
 impl StageTask {
@@ -323,6 +337,7 @@ impl StageTask {
                 path: None,
                 summary: serde_json::Value::Null,
                 files: Vec::new(),
+                remote: None,
             },
             warnings,
         };
@@ -352,6 +367,7 @@ impl StageTask {
                 path: Some(cache.object_path(&m.output)),
                 summary: m.summary.clone(),
                 files: m.files.clone(),
+                remote: None,
             },
             warnings: Vec::new(),
         };
@@ -366,11 +382,6 @@ impl StageTask {
             }
             Err(e) => return fail(format!("cache lookup: {e}"), Some(key), warnings),
         }
-        let _device = if stage.uses_device(&node) {
-            Some(self.device.clone().acquire_owned().await.expect("semaphore open"))
-        } else {
-            None
-        };
         // Another process may be running this very key: wait for its lock, then look again.
         let cache = self.cache.clone();
         let lock = match tokio::task::spawn_blocking(move || cache.lock_key(&key)).await {
@@ -385,6 +396,32 @@ impl StageTask {
             d.warnings = warnings;
             return d;
         }
+        // Then the remote cache. A result it has but that fails a check is never used: the
+        // stage runs, and (read-write) its result mends the remote's files.
+        let mut mend_remote = false;
+        if let Some(remote) = &self.remote {
+            match remote.pull(&self.cache, &key).await {
+                Ok(Pulled::Hit(m)) => {
+                    let mut d = hit(&m, &self.cache);
+                    d.report.outcome = Outcome::Pulled;
+                    d.report.seconds = t0.elapsed().as_secs_f64();
+                    d.report.remote = Some(format!("pulled from {}", remote.url()));
+                    d.warnings = warnings;
+                    return d;
+                }
+                Ok(Pulled::Miss) => {}
+                Ok(Pulled::Rejected(why)) => {
+                    warnings.push(format!("{id}: not using the result in {}: {why}; the stage runs", remote.url()));
+                    mend_remote = true;
+                }
+                Err(e) => warnings.push(format!("{id}: remote cache lookup failed ({e}); the stage runs")),
+            }
+        }
+        let _device = if stage.uses_device(&node) {
+            Some(self.device.clone().acquire_owned().await.expect("semaphore open"))
+        } else {
+            None
+        };
         let progress = self.reporter.started(&id, &kind);
         let staging = match self.cache.staging(&key) {
             Ok(s) => s,
@@ -428,21 +465,38 @@ impl StageTask {
         })
         .await;
         match result {
-            Ok(Ok(m)) => Done {
-                id: id.clone(),
-                report: StageReport {
+            Ok(Ok(m)) => {
+                let mut remote_note = None;
+                if let Some(remote) = self.remote.as_ref().filter(|r| r.mode() == RemoteMode::ReadWrite) {
+                    match remote.push(&self.cache, &key, mend_remote).await {
+                        Ok(Pushed::Uploaded { files, bytes }) => {
+                            remote_note = Some(format!("uploaded {files} files ({bytes} bytes) to {}", remote.url()));
+                        }
+                        Ok(Pushed::AlreadyThere) => remote_note = Some(format!("already in {}", remote.url())),
+                        Ok(Pushed::KeptOther { output }) => {
+                            remote_note =
+                                Some(format!("{} keeps another writer's result {}", remote.url(), output.short()));
+                        }
+                        Err(e) => warnings.push(format!("{id}: uploading to the remote cache failed: {e}")),
+                    }
+                }
+                Done {
                     id: id.clone(),
-                    kind: kind.clone(),
-                    outcome: Outcome::Ran,
-                    seconds: t0.elapsed().as_secs_f64(),
-                    key: Some(key),
-                    output: Some(m.output),
-                    path: Some(self.cache.object_path(&m.output)),
-                    summary: m.summary,
-                    files: m.files,
-                },
-                warnings,
-            },
+                    report: StageReport {
+                        id: id.clone(),
+                        kind: kind.clone(),
+                        outcome: Outcome::Ran,
+                        seconds: t0.elapsed().as_secs_f64(),
+                        key: Some(key),
+                        output: Some(m.output),
+                        path: Some(self.cache.object_path(&m.output)),
+                        summary: m.summary,
+                        files: m.files,
+                        remote: remote_note,
+                    },
+                    warnings,
+                }
+            }
             Ok(Err(e)) => fail(crate::error_chain(&e), Some(key), warnings),
             Err(e) => {
                 let msg = e.try_into_panic().ok().and_then(|p| {

@@ -75,6 +75,7 @@ impl Harness {
             pipeline_id: "test".into(),
             pipeline_path: "test.yml".into(),
             max_parallel: 4,
+            remote: None,
         }
     }
     fn run(&self, nodes: Vec<StageNode>, fail_on: Option<&str>) -> Vec<(String, Outcome)> {

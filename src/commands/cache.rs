@@ -1,14 +1,20 @@
-//! `newt cache ls | show | gc | pin | unpin | verify`, `newt inspect`, `newt query`.
+//! `newt cache ls | show | gc | pin | unpin | push | pull | verify`, `newt inspect`, `newt query`.
 
 use std::path::Path;
+use std::sync::Arc;
 
-use newt_cache::{Cache, Manifest};
+use newt_cache::{Cache, Digest, Manifest, Pulled, Pushed, Remote};
 
-use super::{open_cache, session, shown};
+use super::{open_cache, remote, session, shown};
 use crate::cli::{CacheCommand, Cli};
 
 /// `newt cache ...`
 pub fn cache(cli: &Cli, cmd: &CacheCommand) -> anyhow::Result<i32> {
+    match cmd {
+        CacheCommand::Push { digests, pipeline, all } => return push(cli, digests, pipeline.as_deref(), *all),
+        CacheCommand::Pull { digests, pipeline, all } => return pull(cli, digests, pipeline.as_deref(), *all),
+        _ => {}
+    }
     let cache = open_cache(cli)?;
     match cmd {
         CacheCommand::Ls => {
@@ -66,8 +72,146 @@ pub fn cache(cli: &Cli, cmd: &CacheCommand) -> anyhow::Result<i32> {
             println!("unpinned {name}");
         }
         CacheCommand::Verify { repair } => return verify(cli, &cache, *repair),
+        CacheCommand::Push { .. } | CacheCommand::Pull { .. } => unreachable!("handled above"),
     }
     Ok(0)
+}
+
+/// The local cache and the remote of a command: the pipeline's when one is given, else
+/// `--cache-dir` / `--remote`. An error when no remote is configured.
+fn with_remote(cli: &Cli, pipeline: Option<&Path>) -> anyhow::Result<(Cache, Arc<Remote>, Option<super::Session>)> {
+    let (cache, remote, s) = match pipeline {
+        Some(p) => {
+            let s = session(cli, p)?;
+            ((*s.cache).clone(), s.remote.clone(), Some(s))
+        }
+        None => (open_cache(cli)?, remote(cli, None)?, None),
+    };
+    let remote = remote.ok_or_else(|| {
+        anyhow::anyhow!("no remote cache is configured: pass --remote s3://bucket/prefix (or NEWT_CACHE_REMOTE), or -p a pipeline with `cache: {{remote: ...}}`")
+    })?;
+    Ok((cache, remote, s))
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+/// `newt cache push`.
+fn push(cli: &Cli, digests: &[String], pipeline: Option<&Path>, all: bool) -> anyhow::Result<i32> {
+    let (cache, remote, s) = with_remote(cli, pipeline)?;
+    let manifests: Vec<Manifest> = if all {
+        cache.manifests()?
+    } else if !digests.is_empty() {
+        digests.iter().map(|d| find(&cache, d)).collect::<anyhow::Result<_>>()?
+    } else if let Some(s) = &s {
+        let run = cache.last_run(&s.pipeline_id)?.ok_or_else(|| {
+            anyhow::anyhow!("{} has not run with this cache yet: `newt run` it first", shown(&s.loaded.path))
+        })?;
+        run.stages.values().filter_map(|st| cache.lookup(&st.key).ok().and_then(|l| l.manifest)).collect()
+    } else {
+        anyhow::bail!("say what to push: digests, -p PIPELINE (its latest run) or --all");
+    };
+    let rt = runtime()?;
+    let mut failed = 0;
+    let mut events = Vec::new();
+    for m in &manifests {
+        let result = rt.block_on(remote.push(&cache, &m.key, false));
+        let what = match &result {
+            Ok(Pushed::Uploaded { files, bytes }) => format!("uploaded {files} files ({})", human(*bytes)),
+            Ok(Pushed::AlreadyThere) => "already there".to_string(),
+            Ok(Pushed::KeptOther { output }) => format!("the remote keeps another writer's result {}", output.short()),
+            Err(e) => {
+                failed += 1;
+                format!("FAILED: {e}")
+            }
+        };
+        if cli.json {
+            events.push(serde_json::json!({"stage": m.stage_id, "key": m.key, "output": m.output, "result": what}));
+        } else {
+            println!("{:<16} {}  {what}", m.stage_id, m.output.short());
+        }
+    }
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(&events)?);
+    } else {
+        println!("{} results, {} failed; remote {}", manifests.len(), failed, remote.url());
+    }
+    Ok(if failed == 0 { 0 } else { crate::exit::FAILURE })
+}
+
+/// `newt cache pull`.
+fn pull(cli: &Cli, digests: &[String], pipeline: Option<&Path>, all: bool) -> anyhow::Result<i32> {
+    let (cache, remote, _) = with_remote(cli, pipeline)?;
+    let rt = runtime()?;
+    let keys: Vec<Digest> = if all {
+        rt.block_on(remote.keys())?
+    } else if digests.is_empty() {
+        anyhow::bail!("say what to pull: digest or key prefixes, or --all");
+    } else {
+        let mut keys = Vec::new();
+        for d in digests {
+            match rt.block_on(remote.find(d))? {
+                Some(k) => keys.push(k),
+                None => anyhow::bail!("{} has no result matching `{d}`", remote.url()),
+            }
+        }
+        keys
+    };
+    let mut failed = 0;
+    for key in keys {
+        let result = pull_one(&rt, &cache, &remote, &key);
+        let what = match &result {
+            Ok(Some(m)) => {
+                format!("{:<16} {}  in {}", m.stage_id, m.output.short(), shown(&cache.object_path(&m.output)))
+            }
+            Ok(None) => format!("{}  no result", key.short()),
+            Err(e) => {
+                failed += 1;
+                format!("{}  FAILED: {e}", key.short())
+            }
+        };
+        println!("{what}");
+    }
+    Ok(if failed == 0 { 0 } else { crate::exit::FAILURE })
+}
+
+/// Pulls one key under its lock (a local result is kept as it is).
+fn pull_one(
+    rt: &tokio::runtime::Runtime,
+    cache: &Cache,
+    remote: &Remote,
+    key: &Digest,
+) -> anyhow::Result<Option<Manifest>> {
+    if let Some(m) = cache.lookup(key)?.manifest {
+        return Ok(Some(m));
+    }
+    let _lock = cache.lock_key(key)?;
+    if let Some(m) = cache.lookup(key)?.manifest {
+        return Ok(Some(m));
+    }
+    match rt.block_on(remote.pull(cache, key))? {
+        Pulled::Hit(m) => Ok(Some(m)),
+        Pulled::Miss => Ok(None),
+        Pulled::Rejected(why) => anyhow::bail!("not using the result in {}: {why}", remote.url()),
+    }
+}
+
+/// [`find`], else the remote's result for the prefix, pulled into the local cache.
+fn find_or_pull(cli: &Cli, cache: &Cache, prefix: &str, remote: Option<&Arc<Remote>>) -> anyhow::Result<Manifest> {
+    let local = find(cache, prefix);
+    let (Err(_), Some(remote)) = (&local, remote) else { return local };
+    let rt = runtime()?;
+    let Some(key) = rt.block_on(remote.find(prefix))? else { return local };
+    match pull_one(&rt, cache, remote, &key)? {
+        Some(m) => {
+            if !cli.json {
+                eprintln!("note: pulled {} ({}) from {}", m.output.short(), m.stage_id, remote.url());
+            }
+            Ok(m)
+        }
+        None => local,
+    }
 }
 
 /// `newt cache verify [--repair]`: reads every object of the store and compares it with its
@@ -163,6 +307,14 @@ fn resolve(cli: &Cli, cache: &Cache, target: &str, pipeline: Option<&Path>) -> a
             eprintln!("note: `{target}` of {} changed since its last run; showing that run's result", shown(path));
             return Ok(m);
         }
+        // The result the pipeline's current key names, from the remote cache.
+        if let Some(remote) = &s.remote
+            && let Some(key) = plan.iter().find(|e| e.id == target).and_then(|e| e.key)
+            && let Some(m) = pull_one(&runtime()?, &s.cache, remote, &key)?
+        {
+            eprintln!("note: pulled `{target}` ({}) from {}", m.output.short(), remote.url());
+            return Ok(m);
+        }
         anyhow::bail!(
             "`{target}` of {} has not run yet (or its result was collected): run `newt run {}` first",
             shown(path),
@@ -179,7 +331,7 @@ fn resolve(cli: &Cli, cache: &Cache, target: &str, pipeline: Option<&Path>) -> a
             );
             Ok(m)
         }
-        None => find(cache, target),
+        None => find_or_pull(cli, cache, target, remote(cli, None)?.as_ref()),
     }
 }
 

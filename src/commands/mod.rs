@@ -8,8 +8,8 @@ mod serve;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use newt_cache::Cache;
-use newt_config::LoadedConfig;
+use newt_cache::{Cache, Remote, RemoteMode, RemoteSpec};
+use newt_config::{CacheConfig, LoadedConfig, RemoteCacheMode};
 
 use crate::cli::{Cli, Command};
 
@@ -60,6 +60,8 @@ pub struct Session {
     pub cache: Arc<Cache>,
     /// Identity of the pipeline file (for run records).
     pub pipeline_id: String,
+    /// The shared remote cache, when one is configured.
+    pub remote: Option<Arc<Remote>>,
 }
 
 /// Loads a pipeline, prints its warnings, opens its cache.
@@ -84,7 +86,55 @@ pub fn session(cli: &Cli, pipeline: &Path) -> anyhow::Result<Session> {
     let cache = Arc::new(Cache::open(&root)?);
     let abs = std::fs::canonicalize(pipeline).unwrap_or_else(|_| pipeline.to_path_buf());
     let pipeline_id = newt_cache::hash_bytes("newt pipeline id v1", &[abs.to_string_lossy().as_bytes()]).short();
-    Ok(Session { loaded, cache, pipeline_id })
+    let remote = remote(cli, Some(&loaded.config.cache))?;
+    Ok(Session { loaded, cache, pipeline_id, remote })
+}
+
+/// The remote cache: `--remote` / `NEWT_CACHE_REMOTE`, else the pipeline's `cache.remote`; each
+/// other setting from its `NEWT_CACHE_*` variable, else the pipeline. `None` when there is none
+/// (or the URL is `off`).
+pub fn remote(cli: &Cli, config: Option<&CacheConfig>) -> anyhow::Result<Option<Arc<Remote>>> {
+    let config = config.cloned().unwrap_or_default();
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    let Some(url) = cli.remote.clone().filter(|u| !u.is_empty()).or(config.remote.clone()) else { return Ok(None) };
+    if url == "off" {
+        return Ok(None);
+    }
+    let mode = match env("NEWT_CACHE_MODE").as_deref() {
+        Some("read") => RemoteMode::Read,
+        Some("read-write") => RemoteMode::ReadWrite,
+        Some(other) => anyhow::bail!("NEWT_CACHE_MODE=`{other}`: expected `read` or `read-write`"),
+        None => match config.mode {
+            Some(RemoteCacheMode::ReadWrite) => RemoteMode::ReadWrite,
+            Some(RemoteCacheMode::Read) | None => RemoteMode::Read,
+        },
+    };
+    let trusted_writers = match env("NEWT_CACHE_TRUSTED") {
+        Some(list) => list.split(',').map(|w| w.trim().to_string()).filter(|w| !w.is_empty()).collect(),
+        None => config.trusted_writers.clone(),
+    };
+    let spec = RemoteSpec {
+        url,
+        endpoint: env("NEWT_CACHE_ENDPOINT").or(config.endpoint.clone()),
+        region: env("NEWT_CACHE_REGION").or(config.region.clone()),
+        mode,
+        writer: env("NEWT_CACHE_WRITER").or(config.writer.clone()).unwrap_or_else(default_writer),
+        trusted_writers,
+        secret: env("NEWT_CACHE_SECRET"),
+    };
+    Ok(Some(Arc::new(Remote::open(&spec)?)))
+}
+
+/// `user@host`: the writer name when none is configured.
+fn default_writer() -> String {
+    let user = std::env::var("USER").ok().filter(|u| !u.is_empty()).unwrap_or_else(|| "newt".into());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".into());
+    format!("{user}@{host}")
 }
 
 /// The cache for commands without a pipeline.

@@ -104,6 +104,7 @@ pub fn execute(cli: &Cli, s: &Session, p: &Pipeline, only: &[String], jobs: usiz
             .display()
             .to_string(),
         max_parallel: jobs,
+        remote: s.remote.clone(),
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let targets = if only.is_empty() { None } else { Some(only) };
@@ -156,13 +157,15 @@ fn print_report(cli: &Cli, report: &RunReport) -> anyhow::Result<()> {
     for s in &report.stages {
         let result = match &s.outcome {
             Outcome::Hit => console::style("hit").green().to_string(),
+            Outcome::Pulled => console::style("pulled").green().to_string(),
             Outcome::Ran => console::style("ran").cyan().to_string(),
             Outcome::Failed(_) => console::style("FAILED").red().bold().to_string(),
             Outcome::Skipped => console::style("skipped").dim().to_string(),
         };
         let pad = 8usize.saturating_sub(console::measure_text_width(&result));
         let digest = s.output.map(|d| d.short()).unwrap_or_else(|| "-".into());
-        println!("{:<16} {result}{:pad$} {:>8.2}s  {digest}", s.id, "", s.seconds);
+        let note = s.remote.as_ref().map(|r| format!("  ({r})")).unwrap_or_default();
+        println!("{:<16} {result}{:pad$} {:>8.2}s  {digest}{note}", s.id, "", s.seconds);
     }
     for s in &report.stages {
         if let Outcome::Failed(m) = &s.outcome {
@@ -187,11 +190,37 @@ pub fn plan(cli: &Cli, pipeline: &Path) -> anyhow::Result<i32> {
     }
     print_ignored(&s.loaded.ignored);
     print_downloads(&s, true, false)?;
+    // Which missing keys the remote cache has (a run pulls them).
+    let mut remote_has = std::collections::HashSet::new();
+    if let Some(remote) = &s.remote {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let missing: Vec<_> = entries.iter().filter(|e| !e.hit).filter_map(|e| e.key).collect();
+        for key in missing {
+            match rt.block_on(remote.has(&key)) {
+                Ok(true) => {
+                    remote_has.insert(key);
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    eprintln!("{} {e}", console::style("warning:").yellow().bold());
+                    break;
+                }
+            }
+        }
+        println!(
+            "remote cache: {} ({})",
+            remote.url(),
+            if remote.mode() == newt_cache::RemoteMode::ReadWrite { "read-write" } else { "read" }
+        );
+    }
     println!("{:<16} {:<12} {:<14} why", "stage", "key", "cache");
     for e in &entries {
         let key = e.key.map(|k| k.short()).unwrap_or_else(|| "?".into());
+        let in_remote = !e.hit && e.key.is_some_and(|k| remote_has.contains(&k));
         let state = if e.hit {
             console::style("hit").green().to_string()
+        } else if in_remote {
+            console::style("in remote").green().to_string()
         } else {
             console::style("will run").yellow().to_string()
         };

@@ -120,6 +120,7 @@ pub const KEYS: &[(&str, Class)] = &[
     ("output_dir", Class::Out("where results are copied to, not an input")),
     ("backend", Class::Settings(&[TRAIN, EVALUATE])),
     ("cache_dir", Class::Out("where the cache lives, not an input")),
+    ("cache", Class::Out("where results are shared, not an input")),
     ("eval_prompts", Class::Read(&[EVALUATE])),
     ("eval_max_new_tokens", Class::Read(&[EVALUATE])),
     ("merge", Class::Read(&[MERGE])),

@@ -189,6 +189,7 @@ fn check_keys(
         ("special_tokens", known_keys(serde_json::to_value(SpecialTokens::default()).unwrap())),
         ("tiny_model", known_keys(serde_json::to_value(TinyModel::default()).unwrap())),
         ("merge", known_keys(serde_json::to_value(MergeConfig::default()).unwrap())),
+        ("cache", known_keys(serde_json::to_value(CacheConfig::default()).unwrap())),
         ("kernels", known_keys(serde_json::to_value(KernelOptions::default()).unwrap())),
     ];
     let stage_keys = known_keys(serde_json::to_value(CustomStage::default()).unwrap());

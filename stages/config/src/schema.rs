@@ -178,6 +178,8 @@ pub struct Config {
     pub backend: Backend,
     /// Cache directory (overrides NEWT_CACHE_DIR and the user cache dir).
     pub cache_dir: Option<String>,
+    /// A shared remote cache (S3-compatible) used beside the local one.
+    pub cache: CacheConfig,
     /// Prompts answered by the evaluate stage, before and after training.
     pub eval_prompts: Vec<String>,
     /// Tokens generated per eval prompt.
@@ -270,6 +272,7 @@ impl Default for Config {
             output_dir: "./outputs".into(),
             backend: Backend::Auto,
             cache_dir: None,
+            cache: CacheConfig::default(),
             eval_prompts: Vec::new(),
             eval_max_new_tokens: 64,
             merge: MergeConfig::default(),
@@ -433,6 +436,38 @@ impl Default for MergeConfig {
     fn default() -> Self {
         MergeConfig { enabled: true, gguf: Vec::new(), max_shard_size: 5 * 1024 * 1024 * 1024 }
     }
+}
+
+/// `cache:` — a shared remote cache beside the local one. Each key can be overridden by an
+/// environment variable (`NEWT_CACHE_REMOTE`, `NEWT_CACHE_ENDPOINT`, `NEWT_CACHE_REGION`,
+/// `NEWT_CACHE_MODE`, `NEWT_CACHE_WRITER`, `NEWT_CACHE_TRUSTED` as a comma list); the MAC secret
+/// is only ever read from `NEWT_CACHE_SECRET`, and S3 credentials from the `AWS_*` variables.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default, schemars::JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    /// `s3://bucket/prefix`.
+    pub remote: Option<String>,
+    /// Endpoint of an S3-compatible server (MinIO, R2, ...); default AWS.
+    pub endpoint: Option<String>,
+    /// Region (default `AWS_REGION`, else us-east-1).
+    pub region: Option<String>,
+    /// `read` (default): use results found there; `read-write`: also upload every result this
+    /// machine publishes.
+    pub mode: Option<RemoteCacheMode>,
+    /// The name this machine writes results under (default `user@host`).
+    pub writer: Option<String>,
+    /// Writers whose results are used here (`*`: any). Your own name is always trusted.
+    pub trusted_writers: Vec<String>,
+}
+
+/// `cache.mode`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum RemoteCacheMode {
+    /// Look up and download only.
+    Read,
+    /// Also upload.
+    ReadWrite,
 }
 
 /// A user stage under `stages:`.

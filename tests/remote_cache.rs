@@ -1,0 +1,331 @@
+//! The shared remote cache against a real S3-compatible server: moto's (from PyPI), started by
+//! the test on a free port. Two machines are two project folders with their own local caches
+//! and one bucket between them.
+//!
+//! Needs python3 with `moto[s3]`, flask, flask-cors and boto3 importable (`NEWT_MOTO_PATH` is
+//! put on PYTHONPATH for them). `.ci/run` installs them and sets NEWT_REQUIRE_S3=1, which turns a
+//! missing one into a failure; elsewhere the test says it skipped.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+#[path = "support/quickstart.rs"]
+mod quickstart;
+use quickstart::Project;
+
+const BUCKET: &str = "newt-team";
+
+struct Moto {
+    child: Child,
+    endpoint: String,
+    pythonpath: String,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn pythonpath() -> String {
+    let mut parts: Vec<String> = Vec::new();
+    if let Ok(p) = std::env::var("NEWT_MOTO_PATH") {
+        parts.push(p);
+    }
+    if let Ok(p) = std::env::var("PYTHONPATH") {
+        parts.push(p);
+    }
+    parts.join(":")
+}
+
+/// moto's S3 server with an empty bucket, or None when moto is not installed (a failure when
+/// NEWT_REQUIRE_S3 is set).
+fn moto() -> Option<Moto> {
+    let pythonpath = pythonpath();
+    let ok = Command::new("python3")
+        .args(["-c", "import moto.server, boto3, flask, flask_cors"])
+        .env("PYTHONPATH", &pythonpath)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        if std::env::var_os("NEWT_REQUIRE_S3").is_some() {
+            panic!("NEWT_REQUIRE_S3 is set but python3 cannot import moto.server, boto3, flask, flask_cors");
+        }
+        eprintln!("skipping: python3 cannot import moto (pip install 'moto[s3]' flask flask-cors)");
+        return None;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let child = Command::new("python3")
+        .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+        .env("PYTHONPATH", &pythonpath)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let moto = Moto { child, endpoint: format!("http://127.0.0.1:{port}"), pythonpath };
+    let t0 = Instant::now();
+    // Creating the bucket is also the readiness check.
+    loop {
+        if let Ok(status) = http_put(port, &format!("/{BUCKET}")) {
+            assert_eq!(status, 200, "creating the bucket");
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "moto did not start in 60 s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Some(moto)
+}
+
+fn http_put(port: u16, path: &str) -> std::io::Result<u16> {
+    let mut c = TcpStream::connect(("127.0.0.1", port))?;
+    write!(c, "PUT {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
+    let mut resp = String::new();
+    c.read_to_string(&mut resp)?;
+    Ok(resp.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0))
+}
+
+impl Moto {
+    /// Runs boto3 against the bucket (the test's hand on the server, as another client).
+    fn boto(&self, code: &str) -> String {
+        let script = format!(
+            "import boto3\ns3 = boto3.client('s3', endpoint_url='{}', aws_access_key_id='testing', \
+             aws_secret_access_key='testing', region_name='us-east-1')\nB = '{BUCKET}'\n{code}",
+            self.endpoint
+        );
+        let out = Command::new("python3").args(["-c", &script]).env("PYTHONPATH", &self.pythonpath).output().unwrap();
+        assert!(out.status.success(), "boto3: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+/// One machine: the quickstart (1 epoch) in its own folder, with its own cache, sharing `moto`.
+struct Machine {
+    project: Project,
+}
+
+impl Machine {
+    fn new(moto: &Moto, writer: &str, mode: &str, trusted: &[&str]) -> Machine {
+        let project = Project::with_epochs(1);
+        let trusted: Vec<String> = trusted.iter().map(|t| format!("\"{t}\"")).collect();
+        let yaml = std::fs::read_to_string(project.path("p.yml")).unwrap();
+        let yaml = format!(
+            "{yaml}\ncache:\n  remote: s3://{BUCKET}/team\n  endpoint: {}\n  mode: {mode}\n  writer: {writer}\n  \
+             trusted_writers: [{}]\n",
+            moto.endpoint,
+            trusted.join(", ")
+        );
+        std::fs::write(project.path("p.yml"), yaml).unwrap();
+        Machine { project }
+    }
+    fn newt(&self, args: &[&str]) -> Command {
+        let mut c = self.project.newt(args);
+        c.env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_REGION", "us-east-1")
+            .env("NEWT_CACHE_SECRET", "the team's secret")
+            .env_remove("NEWT_CACHE_REMOTE")
+            .env_remove("NEWT_CACHE_MODE");
+        c
+    }
+    /// `newt run --json`: each stage's outcome and output digest, and the warnings on stderr.
+    fn run(&self) -> (BTreeMap<String, (String, String)>, String) {
+        let (outcomes, _, stderr) = self.run_keyed();
+        (outcomes, stderr)
+    }
+    /// [`Machine::run`] with each stage's key.
+    fn run_keyed(&self) -> (BTreeMap<String, (String, String)>, BTreeMap<String, String>, String) {
+        let out = self.newt(&["run", "p.yml", "--json", "--quiet"]).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "newt run failed:\n{stderr}");
+        (outcomes(&out), keys(&out), stderr)
+    }
+    fn cache(&self) -> PathBuf {
+        self.project.path("cache")
+    }
+}
+
+fn outcomes(out: &Output) -> BTreeMap<String, (String, String)> {
+    let report: Value = serde_json::from_slice(&out.stdout).expect("a JSON run report");
+    report["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            let outcome = match &s["outcome"] {
+                Value::String(o) => o.clone(),
+                other => other.to_string(),
+            };
+            (s["id"].as_str().unwrap().to_string(), (outcome, s["output"].as_str().unwrap_or("-").to_string()))
+        })
+        .collect()
+}
+
+fn keys(out: &Output) -> BTreeMap<String, String> {
+    let report: Value = serde_json::from_slice(&out.stdout).expect("a JSON run report");
+    report["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["id"].as_str().unwrap().to_string(), s["key"].as_str().unwrap_or("-").to_string()))
+        .collect()
+}
+
+/// Every file under `dir`, relative path → bytes.
+fn tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.insert(p.strip_prefix(dir).unwrap().display().to_string(), std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+fn all(outcomes: &BTreeMap<String, (String, String)>, want: &str) -> bool {
+    outcomes.values().all(|(o, _)| o == want)
+}
+
+#[test]
+fn a_second_machine_pulls_every_result_and_never_uses_a_corrupt_one() {
+    let Some(moto) = moto() else { return };
+
+    // Machine A runs without the remote, then pushes its latest run explicitly.
+    let a = Machine::new(&moto, "ci", "read-write", &[]);
+    let out = a.newt(&["run", "p.yml", "--json", "--quiet", "--remote", "off"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let ran = outcomes(&out);
+    assert!(all(&ran, "ran"), "{ran:?}");
+    let push = a.newt(&["cache", "push", "-p", "p.yml"]).output().unwrap();
+    let push_out = String::from_utf8_lossy(&push.stdout);
+    assert!(push.status.success(), "{push_out}{}", String::from_utf8_lossy(&push.stderr));
+    assert!(push_out.contains("uploaded"), "{push_out}");
+    assert!(push_out.contains(&format!("{} results, 0 failed", ran.len())), "{push_out}");
+
+    // Machine B, an empty cache, read-only, trusting `ci`: every stage is pulled, none runs, and
+    // the artifacts are byte for byte A's.
+    let b = Machine::new(&moto, "laptop", "read", &["ci"]);
+    let (pulled, stderr) = b.run();
+    assert!(all(&pulled, "pulled"), "{pulled:?}\n{stderr}");
+    for (id, (_, output)) in &ran {
+        assert_eq!(&pulled[id].1, output, "stage {id}: another output digest");
+        let rel = format!("v1/objects/{output}");
+        assert_eq!(tree(&a.cache().join(&rel)), tree(&b.cache().join(&rel)), "stage {id}: other bytes");
+    }
+    let (again, _) = b.run();
+    assert!(all(&again, "hit"), "a rerun on B is local hits: {again:?}");
+    // B is read-only: it cannot push.
+    let refused = b.newt(&["cache", "push", "-p", "p.yml", "--all"]).output().unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stdout).contains("read-only"), "{refused:?}");
+
+    // A writer outside trusted_writers is not used.
+    let c = Machine::new(&moto, "laptop", "read", &["someone-else"]);
+    let (untrusted, stderr) = c.run();
+    assert!(all(&untrusted, "ran"), "{untrusted:?}");
+    assert!(stderr.contains("not in trusted_writers"), "{stderr}");
+
+    // Damage one file of tokenize's result in the bucket (same size): a new machine detects it,
+    // runs tokenize again (and pulls the rest), and being read-write mends the bucket.
+    let tokenize = ran.keys().find(|id| id.starts_with("tokenize")).unwrap().clone();
+    let prefix = format!("team/v1/objects/{}/", ran[&tokenize].1);
+    let damaged = moto.boto(&format!(
+        "keys = [o['Key'] for o in s3.list_objects_v2(Bucket=B, Prefix='{prefix}')['Contents']]\n\
+         k = sorted(keys, key=lambda k: -s3.head_object(Bucket=B, Key=k)['ContentLength'])[0]\n\
+         body = bytearray(s3.get_object(Bucket=B, Key=k)['Body'].read())\n\
+         body[len(body) // 2] ^= 0xFF\n\
+         s3.put_object(Bucket=B, Key=k, Body=bytes(body))\nprint(k)"
+    ));
+    assert!(damaged.trim().starts_with(&prefix), "{damaged}");
+    let d = Machine::new(&moto, "ci", "read-write", &[]);
+    let (mended, stderr) = d.run();
+    assert_eq!(mended[&tokenize].0, "ran", "{mended:?}\n{stderr}");
+    assert!(stderr.contains("does not match its digest"), "{stderr}");
+    assert_eq!(mended[&tokenize].1, ran[&tokenize].1, "tokenize is deterministic");
+    for (id, (o, _)) in &mended {
+        if id != &tokenize {
+            assert_eq!(o, "pulled", "{id}: {mended:?}");
+        }
+    }
+    let e = Machine::new(&moto, "laptop", "read", &["ci"]);
+    let (clean, stderr) = e.run();
+    assert!(all(&clean, "pulled"), "the bucket was mended: {clean:?}\n{stderr}");
+
+    // `newt inspect` and `newt query` by digest on an empty cache: pulled on demand.
+    let f = Machine::new(&moto, "laptop", "read", &["ci"]);
+    let remote = format!("s3://{BUCKET}/team");
+    let pack = ran.keys().find(|id| id.starts_with("pack")).unwrap().clone();
+    let digest = &ran[&pack].1[..12];
+    let env = |c: &mut Command| {
+        c.env("NEWT_CACHE_ENDPOINT", &moto.endpoint).env("NEWT_CACHE_TRUSTED", "ci");
+    };
+    let mut inspect = f.newt(&["inspect", digest, "--remote", &remote]);
+    env(&mut inspect);
+    let out = inspect.output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("pulled"), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&ran[&pack].1), "{out:?}");
+    let mut query = f.newt(&["query", digest, "select count(*) as rows_in_train from train", "--remote", &remote]);
+    env(&mut query);
+    let out = query.output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("rows_in_train"), "{out:?}");
+}
+
+#[test]
+fn two_machines_writing_the_same_keys_at_once_leave_one_valid_result_each() {
+    let Some(moto) = moto() else { return };
+    let g = Machine::new(&moto, "gpu-1", "read-write", &["*"]);
+    let h = Machine::new(&moto, "gpu-2", "read-write", &["*"]);
+    let spawn = |m: &Machine| {
+        m.newt(&["run", "p.yml", "--json", "--quiet"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+    };
+    let (pg, ph) = (spawn(&g), spawn(&h));
+    let (og, oh) = (pg.wait_with_output().unwrap(), ph.wait_with_output().unwrap());
+    assert!(og.status.success(), "{}", String::from_utf8_lossy(&og.stderr));
+    assert!(oh.status.success(), "{}", String::from_utf8_lossy(&oh.stderr));
+    let (rg, rh) = (outcomes(&og), outcomes(&oh));
+    let (kg, kh) = (keys(&og), keys(&oh));
+    // Every key either machine ran has one manifest in the bucket, by one of the two writers.
+    // (Training on the CPU is not bit-reproducible between two processes sharing 2 cores, so
+    // train's outputs, and the keys of evaluate and merge after it, may differ between them.)
+    let listing = moto.boto(
+        "import json\nfor o in s3.list_objects_v2(Bucket=B, Prefix='team/v1/manifests/')['Contents']:\n    \
+         env = json.loads(s3.get_object(Bucket=B, Key=o['Key'])['Body'].read())\n    print(o['Key'], env['writer'])",
+    );
+    let in_bucket: BTreeMap<String, String> = listing
+        .lines()
+        .map(|l| {
+            let (path, writer) = l.split_once(' ').unwrap();
+            let key = path.trim_start_matches("team/v1/manifests/").trim_end_matches(".json");
+            (key.to_string(), writer.to_string())
+        })
+        .collect();
+    let ran: std::collections::BTreeSet<&String> = kg.values().chain(kh.values()).collect();
+    assert_eq!(in_bucket.keys().collect::<std::collections::BTreeSet<_>>(), ran, "{listing}");
+    assert!(in_bucket.values().all(|w| w == "gpu-1" || w == "gpu-2"), "{listing}");
+    // Both ran the data stages at the same moment: one manifest each, and both machines agree.
+    for id in kg.keys().filter(|id| id.starts_with("fetch") || id.starts_with("tokenize") || id.starts_with("pack")) {
+        assert_eq!(kg[id], kh[id], "{id}");
+        assert_eq!(rg[id].1, rh[id].1, "{id}");
+    }
+    // A third machine pulls every stage, each the result one of the two writers has.
+    let k = Machine::new(&moto, "reader", "read", &["gpu-1", "gpu-2"]);
+    let (pulled, stderr) = k.run();
+    assert!(all(&pulled, "pulled"), "{pulled:?}\n{stderr}");
+    for (id, (_, output)) in &pulled {
+        assert!(output == &rg[id].1 || output == &rh[id].1, "{id}: {output} is neither writer's");
+    }
+}
