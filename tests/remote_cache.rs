@@ -231,6 +231,16 @@ fn a_second_machine_pulls_every_result_and_never_uses_a_corrupt_one() {
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stdout).contains("read-only"), "{refused:?}");
 
+    // A bucket that does not exist: one warning naming the problem, and the run goes on locally.
+    let lost = Machine::new(&moto, "laptop", "read", &["ci"]);
+    let yaml = std::fs::read_to_string(lost.project.path("p.yml")).unwrap();
+    std::fs::write(lost.project.path("p.yml"), yaml.replace(&format!("s3://{BUCKET}/"), "s3://no-such-bucket/"))
+        .unwrap();
+    let (local, stderr) = lost.run();
+    assert!(all(&local, "ran"), "{local:?}");
+    assert_eq!(stderr.matches("NoSuchBucket").count(), 1, "{stderr}");
+    assert!(stderr.contains("the remote cache is not used in this run"), "{stderr}");
+
     // A writer outside trusted_writers is not used.
     let c = Machine::new(&moto, "laptop", "read", &["someone-else"]);
     let (untrusted, stderr) = c.run();

@@ -86,7 +86,7 @@ pub enum RemoteError {
         message: String,
     },
     /// The store answered with an error.
-    #[error("remote cache {url}: could not {action} {path}: {source}")]
+    #[error("remote cache {url}: could not {action} {path}: {}", brief(cause))]
     Store {
         /// The remote's URL.
         url: String,
@@ -94,9 +94,8 @@ pub enum RemoteError {
         action: &'static str,
         /// The object's path in the bucket.
         path: String,
-        /// The store's error.
-        #[source]
-        source: object_store::Error,
+        /// The store's error (shown in one line, so not a `source`: S3's XML body stays out).
+        cause: object_store::Error,
     },
     /// Uploading needs `mode: read-write`.
     #[error("remote cache {url} is read-only here (mode: read); set `cache: {{mode: read-write}}` to upload")]
@@ -241,7 +240,7 @@ impl Remote {
 
     fn store_err(&self, action: &'static str, path: &ObjPath) -> impl FnOnce(object_store::Error) -> RemoteError {
         let (url, path) = (self.url.clone(), path.to_string());
-        move |source| RemoteError::Store { url, action, path, source }
+        move |cause| RemoteError::Store { url, action, path, cause }
     }
 
     fn mac(&self, key: &[u8; 32], writer: &str, manifest: &str) -> String {
@@ -265,7 +264,8 @@ impl Remote {
                 let bytes = r.bytes().await.map_err(self.store_err("read", &loc))?;
                 Ok(Some((bytes.to_vec(), Some(version))))
             }
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            // A missing bucket answers 404 too: that is a broken configuration, not a miss.
+            Err(e @ object_store::Error::NotFound { .. }) if !e.to_string().contains("NoSuchBucket") => Ok(None),
             Err(e) => Err(self.store_err("read", &loc)(e)),
         }
     }
@@ -544,6 +544,14 @@ impl Remote {
         }
     }
 
+    /// One request that shows the remote answers (bucket, endpoint, credentials): a run calls
+    /// it once, so a misconfigured remote is one warning, not one per stage.
+    pub async fn check(&self) -> Result<(), RemoteError> {
+        let loc = self.loc("manifests");
+        self.store.list_with_delimiter(Some(&loc)).await.map_err(self.store_err("list", &loc))?;
+        Ok(())
+    }
+
     /// Whether the remote has a manifest for `key` that this machine would use (trusted writer,
     /// valid MAC and manifest; the files are checked when pulled).
     pub async fn has(&self, key: &Digest) -> Result<bool, RemoteError> {
@@ -571,6 +579,21 @@ impl Remote {
         }
         out.sort();
         Ok(out)
+    }
+}
+
+/// A store error in one line: S3's XML error body becomes its code and message.
+fn brief(e: &object_store::Error) -> String {
+    let text = e.to_string();
+    let tag = |name: &str| {
+        let open = format!("<{name}>");
+        let start = text.find(&open)? + open.len();
+        let end = text[start..].find(&format!("</{name}>"))? + start;
+        Some(text[start..end].to_string())
+    };
+    match (tag("Code"), tag("Message")) {
+        (Some(code), Some(message)) => format!("{code}: {message}"),
+        _ => text.lines().next().unwrap_or_default().chars().take(400).collect(),
     }
 }
 

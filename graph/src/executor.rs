@@ -215,6 +215,16 @@ impl Executor for LocalExecutor {
         let mut outputs: HashMap<String, (Digest, Digest, PathBuf)> = HashMap::new();
         let mut reports: HashMap<String, StageReport> = HashMap::new();
         let mut warnings = Vec::new();
+        let remote = match &self.remote {
+            Some(r) => match r.check().await {
+                Ok(()) => Some(r.clone()),
+                Err(e) => {
+                    warnings.push(format!("the remote cache is not used in this run: {e}"));
+                    None
+                }
+            },
+            None => None,
+        };
         let mut started: HashSet<String> = HashSet::new();
         let mut failed = false;
         let mut set: JoinSet<Done> = JoinSet::new();
@@ -249,7 +259,7 @@ impl Executor for LocalExecutor {
                         base_dir: self.base_dir.clone(),
                         device: device.clone(),
                         slots: slots.clone(),
-                        remote: self.remote.clone(),
+                        remote: remote.clone(),
                     };
                     set.spawn(async move { task.run(stage, node, upstream, input_dirs).await });
                 }
@@ -470,7 +480,11 @@ impl StageTask {
                 if let Some(remote) = self.remote.as_ref().filter(|r| r.mode() == RemoteMode::ReadWrite) {
                     match remote.push(&self.cache, &key, mend_remote).await {
                         Ok(Pushed::Uploaded { files, bytes }) => {
-                            remote_note = Some(format!("uploaded {files} files ({bytes} bytes) to {}", remote.url()));
+                            remote_note = Some(format!(
+                                "uploaded {files} file{} ({bytes} bytes) to {}",
+                                if files == 1 { "" } else { "s" },
+                                remote.url()
+                            ));
                         }
                         Ok(Pushed::AlreadyThere) => remote_note = Some(format!("already in {}", remote.url())),
                         Ok(Pushed::KeptOther { output }) => {

@@ -118,7 +118,9 @@ fn push(cli: &Cli, digests: &[String], pipeline: Option<&Path>, all: bool) -> an
     for m in &manifests {
         let result = rt.block_on(remote.push(&cache, &m.key, false));
         let what = match &result {
-            Ok(Pushed::Uploaded { files, bytes }) => format!("uploaded {files} files ({})", human(*bytes)),
+            Ok(Pushed::Uploaded { files, bytes }) => {
+                format!("uploaded {files} file{} ({})", if *files == 1 { "" } else { "s" }, human(*bytes))
+            }
             Ok(Pushed::AlreadyThere) => "already there".to_string(),
             Ok(Pushed::KeptOther { output }) => format!("the remote keeps another writer's result {}", output.short()),
             Err(e) => {
