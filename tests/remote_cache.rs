@@ -217,6 +217,10 @@ fn a_second_machine_pulls_every_result_and_never_uses_a_corrupt_one() {
     // Machine B, an empty cache, read-only, trusting `ci`: every stage is pulled, none runs, and
     // the artifacts are byte for byte A's.
     let b = Machine::new(&moto, "laptop", "read", &["ci"]);
+    let plan = b.newt(&["plan", "p.yml"]).output().unwrap();
+    let plan_out = String::from_utf8_lossy(&plan.stdout);
+    assert!(plan.status.success(), "{plan_out}{}", String::from_utf8_lossy(&plan.stderr));
+    assert_eq!(plan_out.matches("in remote").count(), ran.len(), "plan follows the remote's results:\n{plan_out}");
     let (pulled, stderr) = b.run();
     assert!(all(&pulled, "pulled"), "{pulled:?}\n{stderr}");
     for (id, (_, output)) in &ran {
@@ -272,6 +276,13 @@ fn a_second_machine_pulls_every_result_and_never_uses_a_corrupt_one() {
     let e = Machine::new(&moto, "laptop", "read", &["ci"]);
     let (clean, stderr) = e.run();
     assert!(all(&clean, "pulled"), "the bucket was mended: {clean:?}\n{stderr}");
+
+    // `newt inspect STAGE -p` on an empty cache: the stage's current key, pulled (train comes
+    // after four stages that are not local either).
+    let fresh = Machine::new(&moto, "laptop", "read", &["ci"]);
+    let out = fresh.newt(&["inspect", "train", "-p", "p.yml"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&ran["train"].1), "{out:?}");
 
     // `newt inspect` and `newt query` by digest on an empty cache: pulled on demand.
     let f = Machine::new(&moto, "laptop", "read", &["ci"]);

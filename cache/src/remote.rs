@@ -552,12 +552,12 @@ impl Remote {
         Ok(())
     }
 
-    /// Whether the remote has a manifest for `key` that this machine would use (trusted writer,
-    /// valid MAC and manifest; the files are checked when pulled).
-    pub async fn has(&self, key: &Digest) -> Result<bool, RemoteError> {
+    /// The output digest of the remote's result for `key`, when it has one this machine would
+    /// use (trusted writer, valid MAC and manifest; the files are checked when pulled).
+    pub async fn output_of(&self, key: &Digest) -> Result<Option<Digest>, RemoteError> {
         Ok(match self.envelope(key).await? {
-            Some((bytes, _)) => self.open_envelope(key, &bytes).is_ok(),
-            None => false,
+            Some((bytes, _)) => self.open_envelope(key, &bytes).ok().map(|(m, _)| m.output),
+            None => None,
         })
     }
 

@@ -27,6 +27,9 @@ pub struct PlanEntry {
     pub key: Option<Digest>,
     /// Whether the result is cached.
     pub hit: bool,
+    /// Whether the remote cache has the result (a run pulls it instead of running the stage).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub remote: bool,
     /// Why it will run (empty for hits).
     pub reasons: Vec<String>,
 }
@@ -102,6 +105,19 @@ pub fn plan(
     base_dir: &Path,
     pipeline_id: &str,
 ) -> anyhow::Result<Vec<PlanEntry>> {
+    plan_with_remote(pipeline, registry, cache, base_dir, pipeline_id, &|_| None)
+}
+
+/// [`plan`] that also asks a remote cache: `remote(key)` is the output digest of the result it
+/// has for a key (and would be pulled), so the stages after it are keyed too.
+pub fn plan_with_remote(
+    pipeline: &Pipeline,
+    registry: &Registry,
+    cache: &Cache,
+    base_dir: &Path,
+    pipeline_id: &str,
+    remote: &dyn Fn(&Digest) -> Option<Digest>,
+) -> anyhow::Result<Vec<PlanEntry>> {
     let last = cache.last_run(pipeline_id)?;
     let mut outputs: BTreeMap<String, Digest> = BTreeMap::new();
     let mut entries = Vec::new();
@@ -115,6 +131,7 @@ pub fn plan(
                 kind: node.kind.clone(),
                 key: None,
                 hit: false,
+                remote: false,
                 reasons: vec![format!(
                     "waits on {} (will run first); keyed once its output is known",
                     missing.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", ")
@@ -133,7 +150,20 @@ pub fn plan(
                 kind: node.kind.clone(),
                 key: Some(key),
                 hit: true,
+                remote: false,
                 reasons: Vec::new(),
+            });
+            continue;
+        }
+        if let Some(output) = remote(&key) {
+            outputs.insert(node.id.clone(), output);
+            entries.push(PlanEntry {
+                id: node.id.clone(),
+                kind: node.kind.clone(),
+                key: Some(key),
+                hit: false,
+                remote: true,
+                reasons: vec!["the remote cache has it: a run pulls it".into()],
             });
             continue;
         }
@@ -156,7 +186,14 @@ pub fn plan(
             },
             None => reasons.push("no earlier result of this stage in the cache".into()),
         }
-        entries.push(PlanEntry { id: node.id.clone(), kind: node.kind.clone(), key: Some(key), hit: false, reasons });
+        entries.push(PlanEntry {
+            id: node.id.clone(),
+            kind: node.kind.clone(),
+            key: Some(key),
+            hit: false,
+            remote: false,
+            reasons,
+        });
     }
     Ok(entries)
 }

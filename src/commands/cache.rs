@@ -295,7 +295,11 @@ fn resolve(cli: &Cli, cache: &Cache, target: &str, pipeline: Option<&Path>) -> a
             anyhow::bail!("{} has no stage `{target}`; its stages are {}", shown(path), ids.join(", "));
         }
         let registry = newt_stages::registry();
-        let plan = newt_graph::why::plan(&p, &registry, &s.cache, &s.loaded.base_dir, &s.pipeline_id)?;
+        // With a remote cache, stages after a remote result are keyed too (and pulled below).
+        let rt = runtime()?;
+        let ask = |key: &Digest| s.remote.as_ref().and_then(|r| rt.block_on(r.output_of(key)).ok().flatten());
+        let plan =
+            newt_graph::why::plan_with_remote(&p, &registry, &s.cache, &s.loaded.base_dir, &s.pipeline_id, &ask)?;
         if let Some(e) = plan.iter().find(|e| e.id == target && e.hit)
             && let Some(key) = e.key
             && let Some(m) = s.cache.lookup(&key)?.manifest
@@ -312,7 +316,7 @@ fn resolve(cli: &Cli, cache: &Cache, target: &str, pipeline: Option<&Path>) -> a
         // The result the pipeline's current key names, from the remote cache.
         if let Some(remote) = &s.remote
             && let Some(key) = plan.iter().find(|e| e.id == target).and_then(|e| e.key)
-            && let Some(m) = pull_one(&runtime()?, &s.cache, remote, &key)?
+            && let Some(m) = pull_one(&rt, &s.cache, remote, &key)?
         {
             eprintln!("note: pulled `{target}` ({}) from {}", m.output.short(), remote.url());
             return Ok(m);

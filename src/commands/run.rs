@@ -183,43 +183,40 @@ pub fn plan(cli: &Cli, pipeline: &Path) -> anyhow::Result<i32> {
     let s = session(cli, pipeline)?;
     let p = compiled(&s)?;
     let registry = newt_stages::registry();
-    let entries = newt_graph::why::plan(&p, &registry, &s.cache, &s.loaded.base_dir, &s.pipeline_id)?;
+    // The remote cache, when there is one, is asked for each key the local cache lacks.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let remote_failed = std::cell::Cell::new(false);
+    let ask = |key: &newt_cache::Digest| -> Option<newt_cache::Digest> {
+        let remote = s.remote.as_ref()?;
+        if remote_failed.get() {
+            return None;
+        }
+        match rt.block_on(remote.output_of(key)) {
+            Ok(output) => output,
+            Err(e) => {
+                eprintln!("{} {e}", console::style("warning:").yellow().bold());
+                remote_failed.set(true);
+                None
+            }
+        }
+    };
+    let entries = newt_graph::why::plan_with_remote(&p, &registry, &s.cache, &s.loaded.base_dir, &s.pipeline_id, &ask)?;
     if cli.json {
         println!("{}", serde_json::to_string_pretty(&entries)?);
         return Ok(0);
     }
     print_ignored(&s.loaded.ignored);
     print_downloads(&s, true, false)?;
-    // Which missing keys the remote cache has (a run pulls them).
-    let mut remote_has = std::collections::HashSet::new();
     if let Some(remote) = &s.remote {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-        let missing: Vec<_> = entries.iter().filter(|e| !e.hit).filter_map(|e| e.key).collect();
-        for key in missing {
-            match rt.block_on(remote.has(&key)) {
-                Ok(true) => {
-                    remote_has.insert(key);
-                }
-                Ok(false) => {}
-                Err(e) => {
-                    eprintln!("{} {e}", console::style("warning:").yellow().bold());
-                    break;
-                }
-            }
-        }
-        println!(
-            "remote cache: {} ({})",
-            remote.url(),
-            if remote.mode() == newt_cache::RemoteMode::ReadWrite { "read-write" } else { "read" }
-        );
+        let mode = if remote.mode() == newt_cache::RemoteMode::ReadWrite { "read-write" } else { "read" };
+        println!("remote cache: {} ({mode})", remote.url());
     }
     println!("{:<16} {:<12} {:<14} why", "stage", "key", "cache");
     for e in &entries {
         let key = e.key.map(|k| k.short()).unwrap_or_else(|| "?".into());
-        let in_remote = !e.hit && e.key.is_some_and(|k| remote_has.contains(&k));
         let state = if e.hit {
             console::style("hit").green().to_string()
-        } else if in_remote {
+        } else if e.remote {
             console::style("in remote").green().to_string()
         } else {
             console::style("will run").yellow().to_string()
