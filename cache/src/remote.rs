@@ -754,6 +754,24 @@ mod tests {
     }
 
     #[test]
+    fn a_file_above_the_multipart_threshold_goes_up_in_parts_and_comes_back_whole() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (ca, cb) = (Cache::open(a.path()).unwrap(), Cache::open(b.path()).unwrap());
+        let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let w = Remote::with_store(store.clone(), "big", &spec("ci", &[], RemoteMode::ReadWrite, None)).unwrap();
+        let r = Remote::with_store(store, "big", &spec("me", &["ci"], RemoteMode::Read, None)).unwrap();
+        let size = MULTIPART_ABOVE as usize + PART_SIZE + 12345;
+        let big: Vec<u8> = (0..size).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let key = crate::hash_bytes("test", &[b"big"]);
+        let m = publish(&ca, key, &[("model.safetensors", &big)]);
+        rt().block_on(async {
+            assert_eq!(w.push(&ca, &key, false).await.unwrap(), Pushed::Uploaded { files: 1, bytes: size as u64 });
+            assert_eq!(r.pull(&cb, &key).await.unwrap(), Pulled::Hit(m.clone()));
+        });
+        assert!(std::fs::read(cb.object_path(&m.output).join("model.safetensors")).unwrap() == big);
+    }
+
+    #[test]
     fn unsafe_paths_in_a_remote_manifest_are_refused() {
         for bad in ["../x", "/etc/passwd", "a//b", "a/./b", "a\\b", ""] {
             assert!(!safe_relative(bad), "{bad}");
