@@ -49,13 +49,7 @@ pub fn export_file(from: &Path, expected: &FileEntry, to: &Path) -> Result<(), C
         tmp.write_all(&buf[..n]).map_err(io_err("write", tmp.path()))?;
         size += n as u64;
     }
-    if size != expected.size {
-        let damage = Damage::SizeChanged { path: from.to_path_buf(), expected: expected.size, actual: size };
-        return Err(CacheError::Damaged { damage });
-    }
-    let actual = hasher.finalize().into();
-    if actual != expected.digest {
-        let damage = Damage::Corrupt { path: from.to_path_buf(), expected: expected.digest, actual };
+    if let Some(damage) = Damage::of_bytes(from, expected, size, hasher.finalize().into()) {
         return Err(CacheError::Damaged { damage });
     }
     persist(tmp, to)

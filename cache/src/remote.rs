@@ -383,10 +383,17 @@ impl Remote {
         if self.mode != RemoteMode::ReadWrite {
             return Err(RemoteError::ReadOnly { url: self.url.clone() });
         }
-        let manifest = cache.lookup(key)?.manifest.ok_or_else(|| RemoteError::Config {
+        // The manifest's exact bytes, checked without reading the object: every file is hashed
+        // while it uploads, so a full lookup here would read a just-published result twice.
+        let no_result = || RemoteError::Config {
             url: self.url.clone(),
             message: format!("no valid local result for key {} to upload", key.short()),
-        })?;
+        };
+        let manifest_json = std::fs::read(cache.manifest_path(key))
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok())
+            .ok_or_else(no_result)?;
+        let manifest = parse_manifest(key, manifest_json.as_bytes()).map_err(|_| no_result())?;
         let existing = self.envelope(key).await?;
         let existing_ok = existing.as_ref().and_then(|(b, _)| self.open_envelope(key, b).ok());
         if let Some((other, _)) = &existing_ok
@@ -422,11 +429,6 @@ impl Remote {
                 Pushed::KeptOther { output: other.output }
             });
         }
-        let manifest_path = cache.manifest_path(key);
-        let manifest_json =
-            String::from_utf8(std::fs::read(&manifest_path).map_err(io_err("read", &manifest_path))?).map_err(
-                |_| RemoteError::Config { url: self.url.clone(), message: "local manifest is not UTF-8".into() },
-            )?;
         let mac = self.mac_key.as_ref().map(|k| self.mac(k, &self.writer, &manifest_json));
         let env = Envelope { format: REMOTE_FORMAT, writer: self.writer.clone(), mac, manifest: manifest_json };
         let env_bytes = serde_json::to_vec_pretty(&env).expect("serializable");
@@ -468,22 +470,15 @@ impl Remote {
     /// local file damaged since its last check is never uploaded).
     async fn upload_file(&self, path: &FsPath, f: &FileEntry, loc: &ObjPath) -> Result<(), RemoteError> {
         use std::io::Read;
-        let damaged = |actual: u64, digest: Digest| {
-            let damage = if actual != f.size {
-                crate::Damage::SizeChanged { path: path.to_path_buf(), expected: f.size, actual }
-            } else {
-                crate::Damage::Corrupt { path: path.to_path_buf(), expected: f.digest, actual: digest }
-            };
-            RemoteError::Cache(CacheError::Damaged { damage })
+        let check = |size: u64, digest: Digest| match crate::Damage::of_bytes(path, f, size, digest) {
+            Some(damage) => Err(RemoteError::Cache(CacheError::Damaged { damage })),
+            None => Ok(()),
         };
         let mut file = std::fs::File::open(path).map_err(io_err("open", path))?;
         if f.size <= MULTIPART_ABOVE {
             let mut buf = Vec::with_capacity(f.size as usize);
             file.read_to_end(&mut buf).map_err(io_err("read", path))?;
-            let digest = Digest::from(blake3::hash(&buf));
-            if buf.len() as u64 != f.size || digest != f.digest {
-                return Err(damaged(buf.len() as u64, digest));
-            }
+            check(buf.len() as u64, Digest::from(blake3::hash(&buf)))?;
             self.store.put(loc, PutPayload::from(buf)).await.map_err(self.store_err("upload", loc))?;
             return Ok(());
         }
@@ -502,10 +497,9 @@ impl Remote {
             writer.wait_for_capacity(4).await.map_err(self.store_err("upload", loc))?;
             writer.write(&buf[..n]);
         }
-        let digest = Digest::from(hasher.finalize());
-        if size != f.size || digest != f.digest {
+        if let Err(e) = check(size, Digest::from(hasher.finalize())) {
             let _ = writer.abort().await;
-            return Err(damaged(size, digest));
+            return Err(e);
         }
         writer.finish().await.map_err(self.store_err("upload", loc))?;
         Ok(())

@@ -76,6 +76,21 @@ pub enum Damage {
     },
 }
 
+impl Damage {
+    /// What is wrong with the file at `path`, read as `size` bytes hashing to `digest`, measured
+    /// against `expected`; `None` when nothing is. For the checks made while copying a file.
+    pub(crate) fn of_bytes(path: &Path, expected: &FileEntry, size: u64, digest: Digest) -> Option<Damage> {
+        let path = path.to_path_buf();
+        if size != expected.size {
+            Some(Damage::SizeChanged { path, expected: expected.size, actual: size })
+        } else if digest != expected.digest {
+            Some(Damage::Corrupt { path, expected: expected.digest, actual: digest })
+        } else {
+            None
+        }
+    }
+}
+
 impl fmt::Display for Damage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
