@@ -373,6 +373,12 @@ fn validate(c: &Config, file: &File<'_>, warnings: &mut Vec<String>) -> Result<(
         check_template_name(d.chat_template.as_deref(), d.chat_template_jinja.is_some(), "chat_template", file)?;
     }
     check_template_name(c.chat_template.as_deref(), c.chat_template_jinja.is_some(), "chat_template", file)?;
+    if let Some(url) = &c.cache.remote {
+        let bucket = url.strip_prefix("s3://").map(|rest| rest.split('/').next().unwrap_or_default());
+        if url != "off" && bucket.is_none_or(str::is_empty) {
+            return Err(file.at("remote", format!("`cache.remote: {url}`: expected s3://bucket/prefix (or `off`)")));
+        }
+    }
     match c.adapter {
         None | Some(Adapter::Full) => {
             return Err(ConfigError::Lacking {

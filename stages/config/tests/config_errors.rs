@@ -115,6 +115,16 @@ fn bad_scheduler_is_a_load_error_at_its_line() {
 }
 
 #[test]
+fn a_remote_cache_that_is_not_s3_is_a_load_error_at_its_line() {
+    let msg = err("cache:\n  remote: http://bucket/prefix\n");
+    assert!(msg.starts_with("p.yml:7:3:"), "{msg}");
+    assert!(msg.contains("s3://bucket/prefix"), "{msg}");
+    assert!(err("cache:\n  remote: s3://\n").contains("s3://bucket/prefix"));
+    let ok = parse(&format!("{OK}cache:\n  remote: s3://team/newt\n  mode: read-write\n"), Path::new("p.yml"));
+    assert!(ok.is_ok(), "{:?}", ok.err());
+}
+
+#[test]
 fn rl_is_an_error_naming_the_feature_not_a_warning() {
     let e = parse(&format!("{OK}rl: dpo\ndpo_beta: 0.1\n"), Path::new("p.yml")).unwrap_err();
     assert!(matches!(&e, ConfigError::Lacking { feature, line: 6, .. } if feature.contains("preference")), "{e}");
