@@ -22,6 +22,7 @@ mod config;
 mod data;
 mod grads;
 mod metrics;
+mod parallel;
 mod params;
 mod plot;
 mod rng;
@@ -40,10 +41,11 @@ pub use config::{ACCEPTED_OPTIMIZERS, ACCEPTED_SCHEDULERS, AdamWParams, TrainCon
 pub use data::{BatchStats, IGNORE_INDEX, PackedRow, TrainData};
 pub use grads::ParamGrads;
 pub use metrics::{EvalReport, FlopsModel, MetricsLog, MetricsRecord, StepReport};
+pub use parallel::{Contribution, GradReducer, HostReducer};
 pub use params::{HostTensor, ParamCounts, count_params, load_params, trainable_params};
 pub use plot::{render as render_loss_curve, write_loss_curve};
 pub use schedule::{LrSchedule, ScheduleKind};
-pub use trainer::{StepGradients, eval_loss, is_out_of_memory, out_of_memory_hint, step_gradients, train};
+pub use trainer::{StepGradients, eval_loss, is_out_of_memory, out_of_memory_hint, step_gradients, train, train_data_parallel};
 
 /// A model that returns the summed cross-entropy of a batch (on any backend).
 pub trait CausalLoss<B: Backend> {
@@ -184,6 +186,14 @@ pub enum TrainError {
         step: usize,
         /// Step of the newest checkpoint on disk, which a re-run resumes from.
         checkpoint: Option<usize>,
+    },
+    /// Another replica of a data-parallel run failed; this one stopped with it.
+    #[error("replica {rank} failed: {message}")]
+    PeerFailed {
+        /// The rank that failed first.
+        rank: usize,
+        /// Its error.
+        message: String,
     },
 }
 

@@ -6,16 +6,19 @@ use std::time::Instant;
 use burn::tensor::Tensor;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 
-use super::adamw::AdamW;
+use burn::tensor::TensorData;
+
+use super::adamw::{AdamW, Layout};
 use super::checkpoint::{self, CHECKPOINT_FORMAT, CheckpointState};
 use super::config::{TrainConfig, TrainPlan};
 use super::data::TrainData;
 use super::grads::ParamGrads;
 use super::metrics::{EvalReport, MetricsLog, MetricsRecord, StepReport};
-use super::params::{count_params, load_params, trainable_params};
+use super::parallel::{GradReducer, Rank};
+use super::params::{count_params, load_params, trainable_params, trainable_sizes};
 use super::plot::write_loss_curve;
 use super::rng::SplitMix64;
-use super::{CausalLm, CausalLoss, TrainError, TrainHooks, TrainRun, TrainSummary};
+use super::{CausalLm, CausalLoss, NoHooks, TrainError, TrainHooks, TrainRun, TrainSummary};
 
 /// Where the data stream stands: steps done, and the next micro-batch.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -95,6 +98,118 @@ where
     B::InnerBackend: newt_kernels::KernelBackend,
     M: CausalLm<B>,
 {
+    replica(Rank::alone(), model, data, cfg, run, hooks, device)
+}
+
+/// [`train`] on `replicas.len()` replicas at once, one thread each, through `reducer`
+/// (see [`super::parallel`]): `cfg.gradient_accumulation_steps` counts the micro-batches of one
+/// optimizer step over all replicas, so the run takes the steps a single process would, and a
+/// checkpoint written with one world size resumes with another. Rank 0 runs on the calling
+/// thread: it alone calls `hooks`, writes checkpoints and metrics, and its model is returned.
+/// Every replica must start from the same weights. A replica that fails stops the others; the
+/// first failure is returned.
+pub fn train_data_parallel<B, M>(
+    replicas: Vec<(M, B::Device)>,
+    data: &TrainData,
+    cfg: &TrainConfig,
+    run: &TrainRun,
+    hooks: &mut dyn TrainHooks<M>,
+    reducer: &dyn GradReducer<B::InnerBackend>,
+) -> Result<(M, TrainSummary), TrainError>
+where
+    B: AutodiffBackend,
+    B::InnerBackend: newt_kernels::KernelBackend,
+    M: CausalLm<B> + Send,
+{
+    if replicas.len() != reducer.world() || replicas.is_empty() {
+        return Err(TrainError::Config(format!(
+            "{} replicas for a reducer of world size {}",
+            replicas.len(),
+            reducer.world()
+        )));
+    }
+    let quiet = TrainRun { metrics_jsonl: None, loss_curve_png: None, ..run.clone() };
+    std::thread::scope(|scope| {
+        let mut replicas = replicas.into_iter();
+        let (lead_model, lead_device) = replicas.next().expect("checked: not empty");
+        let others: Vec<_> = replicas
+            .enumerate()
+            .map(|(i, (model, device))| {
+                let quiet = &quiet;
+                let rank = Rank { rank: i + 1, reducer: Some(reducer) };
+                std::thread::Builder::new()
+                    .name(format!("newt-train-rank-{}", i + 1))
+                    .spawn_scoped(scope, move || {
+                        let out = catch_unwind(AssertUnwindSafe(|| {
+                            replica(rank, model, data, cfg, quiet, &mut NoHooks, &device).map(|_| ())
+                        }));
+                        fail_peers(reducer, rank.rank, &out);
+                        out
+                    })
+                    .expect("spawning a training thread")
+            })
+            .collect();
+        let rank = Rank { rank: 0, reducer: Some(reducer) };
+        let lead = catch_unwind(AssertUnwindSafe(|| replica(rank, lead_model, data, cfg, run, hooks, &lead_device)));
+        fail_peers(reducer, 0, &lead);
+        let others: Vec<_> = others.into_iter().map(|h| h.join().unwrap_or_else(Err)).collect();
+        // A panic (not out-of-memory: that is an error by now) propagates, as in one process.
+        let lead = lead.unwrap_or_else(|p| resume_unwind(p));
+        let mut errors = Vec::new();
+        for (i, out) in others.into_iter().enumerate() {
+            match out {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => errors.push((i + 1, e)),
+                Err(p) => resume_unwind(p),
+            }
+        }
+        match lead {
+            Ok(done) if errors.is_empty() => Ok(done),
+            // The root cause, not "another replica failed".
+            Err(TrainError::PeerFailed { rank, message }) => Err(errors
+                .into_iter()
+                .find(|(r, _)| *r == rank)
+                .map(|(_, e)| e)
+                .unwrap_or(TrainError::PeerFailed { rank, message })),
+            Err(e) => Err(e),
+            Ok(_) => Err(errors.remove(0).1),
+        }
+    })
+}
+
+/// Tells the other replicas that `rank` failed (with an error or a panic), so none waits for it.
+fn fail_peers<T, E: std::fmt::Display, R: Backend>(
+    reducer: &dyn GradReducer<R>,
+    rank: usize,
+    out: &std::thread::Result<Result<T, E>>,
+) {
+    let why = match out {
+        Ok(Ok(_)) => return,
+        Ok(Err(e)) => e.to_string(),
+        Err(p) => p
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "panicked".into()),
+    };
+    reducer.abort(rank, &why);
+}
+
+/// The loop of one replica ([`train`] is rank 0 of a world of one).
+fn replica<B, M>(
+    rank: Rank<'_, B::InnerBackend>,
+    model: M,
+    data: &TrainData,
+    cfg: &TrainConfig,
+    run: &TrainRun,
+    hooks: &mut dyn TrainHooks<M>,
+    device: &B::Device,
+) -> Result<(M, TrainSummary), TrainError>
+where
+    B: AutodiffBackend,
+    B::InnerBackend: newt_kernels::KernelBackend,
+    M: CausalLm<B>,
+{
     let warnings = cfg.validate()?;
     let plan = cfg.plan(data.len())?;
     let started = Instant::now();
@@ -120,7 +235,8 @@ where
     }
     opt.prepare::<B, M>(&model, device);
     let resumed_from = last_checkpoint;
-    let mut log = MetricsLog::open(run.metrics_jsonl.as_deref(), prior_metrics)?;
+    let metrics_path = if rank.leads() { run.metrics_jsonl.as_deref() } else { None };
+    let mut log = MetricsLog::open(metrics_path, prior_metrics)?;
     let mut order = data.epoch_order(cfg.seed, pos.epoch, cfg.shuffle);
     let mut summary = TrainSummary {
         plan: plan.clone(),
@@ -134,17 +250,22 @@ where
     };
 
     while pos.step < plan.total_steps {
-        if hooks.cancelled() {
+        let stop = match rank.reducer {
+            Some(reducer) => reducer.any(rank.rank, hooks.cancelled())?,
+            None => hooks.cancelled(),
+        };
+        if stop {
             // A stop asked for between steps (Ctrl-C, or SIGTERM before a preemption) keeps the
             // steps done: the position is saved, so a rerun continues exactly here.
-            if pos.step > 0 && last_checkpoint != Some(pos.step) {
+            if rank.leads() && pos.step > 0 && last_checkpoint != Some(pos.step) {
                 let dir = save_checkpoint(run, cfg, &plan, data.len(), pos, &model, &opt, &log, summary.final_loss)?;
                 last_checkpoint = Some(pos.step);
                 hooks.on_checkpoint(pos.step, &dir);
             }
             return Err(TrainError::Cancelled { step: pos.step, checkpoint: last_checkpoint });
         }
-        B::seed(device, SplitMix64::mix(cfg.seed, pos.step as u64));
+        let step_seed = SplitMix64::mix(cfg.seed, pos.step as u64);
+        B::seed(device, if rank.rank == 0 { step_seed } else { SplitMix64::mix(step_seed, rank.rank as u64) });
         let lr = schedule.lr(pos.step);
         let mut next = pos;
         let mut micro_batches = Vec::new();
@@ -165,8 +286,9 @@ where
         let opt_ref = &mut opt;
         let mut clock = PhaseClock::new();
         let clock_ref = &mut clock;
+        let mine = rank.share(&micro_batches);
         let (new_model, out) = guard_oom(step_no, cfg, move || {
-            optimizer_step::<B, M>(model, data, &micro_batches, max_norm, opt_ref, lr, device, clock_ref)
+            optimizer_step::<B, M>(model, data, &mine, rank, max_norm, opt_ref, lr, device, clock_ref)
         })?;
         clock.report(step_no);
         model = new_model;
@@ -218,14 +340,14 @@ where
             hooks.on_eval(&report);
         }
 
-        if pos.step % plan.save_every == 0 {
+        if rank.leads() && pos.step % plan.save_every == 0 {
             let dir = save_checkpoint(run, cfg, &plan, data.len(), pos, &model, &opt, &log, Some(loss))?;
             last_checkpoint = Some(pos.step);
             hooks.on_checkpoint(pos.step, &dir);
         }
     }
 
-    if let Some(png) = &run.loss_curve_png {
+    if let Some(png) = run.loss_curve_png.as_ref().filter(|_| rank.leads()) {
         write_loss_curve(log.records(), png)?;
     }
     Ok((model, summary))
@@ -350,12 +472,14 @@ where
     (grads, loss_sum, trained_tokens)
 }
 
-/// One optimizer step over `micro_batches`: gradients, clipping, AdamW.
+/// One optimizer step over `micro_batches` (this replica's share of the step): gradients, the
+/// sum over replicas, clipping, AdamW.
 #[allow(clippy::too_many_arguments)]
 fn optimizer_step<B, M>(
     model: M,
     data: &TrainData,
     micro_batches: &[Vec<usize>],
+    rank: Rank<'_, B::InnerBackend>,
     max_grad_norm: f64,
     opt: &mut AdamW<B::InnerBackend>,
     lr: f64,
@@ -369,6 +493,23 @@ where
 {
     let (grads, loss_sum, trained_tokens) = queue_step_gradients::<B, M>(&model, data, micro_batches, device, clock);
     let flat = grads.flatten();
+    let (flat, loss_sum, trained_tokens) = match rank.reducer {
+        None => (flat, loss_sum, trained_tokens),
+        Some(reducer) => {
+            // A replica with no micro-batch this step (an epoch's short last step) adds zeros.
+            let (layout, grad) = flat.unwrap_or_else(|| {
+                let layout: Layout = trainable_sizes(&model).into_iter().collect();
+                let n = layout.iter().map(|(_, n)| n).sum::<usize>();
+                let zeros = TensorData::new(vec![0f32; n], [n]);
+                (layout, Tensor::from_data(zeros, (device, burn::tensor::DType::F32)))
+            });
+            let local_loss = loss_sum.map(newt_kernels::read_f64).unwrap_or(0.0);
+            let (grad, [loss, tokens]) = reducer.all_reduce(rank.rank, grad, [local_loss, trained_tokens as f64])?;
+            clock.mark::<B>("all-reduce", device);
+            let loss = Tensor::from_data(TensorData::new(vec![loss as f32], [1]), (device, burn::tensor::DType::F32));
+            (Some((layout, grad)).filter(|(l, _)| !l.is_empty()), Some(loss), tokens as usize)
+        }
+    };
     if trained_tokens == 0 || flat.is_none() {
         // Every label masked: nothing to learn, and HF's 0/0 would poison the weights.
         let loss_sum = loss_sum.map(newt_kernels::read_f64).unwrap_or(0.0);
