@@ -16,6 +16,11 @@ pub struct Cli {
     /// in the pipeline; `off` turns it off). See README, "A shared cache".
     #[arg(long, global = true, env = "NEWT_CACHE_REMOTE", value_name = "URL")]
     pub remote: Option<String>,
+    /// Data-parallel replicas of the train stage (default: $NEWT_GPUS, then `gpus:` in the
+    /// pipeline, then every visible GPU; 1 on the CPU). `gradient_accumulation_steps` counts
+    /// per replica, as in Axolotl.
+    #[arg(long, global = true, env = "NEWT_GPUS", value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub gpus: Option<u32>,
     /// Print machine-readable JSON on stdout instead of tables.
     #[arg(long, global = true)]
     pub json: bool,

@@ -474,3 +474,79 @@ fn inspect_with_a_pipeline_never_shows_another_pipelines_result() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && err.contains("of any pipeline"), "{err}");
 }
+
+/// Losses of the train steps in `p`'s metrics.jsonl.
+fn train_losses(p: &Project) -> Vec<f64> {
+    let text = std::fs::read_to_string(p.path("outputs/quickstart/metrics.jsonl")).unwrap();
+    text.lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["kind"] == "train")
+        .map(|v| v["loss"].as_f64().unwrap())
+        .collect()
+}
+
+/// `newt plan --json`: the train stage's key.
+fn train_key(p: &Project, extra: &[&str]) -> String {
+    let mut args = vec!["plan", "p.yml", "--json"];
+    args.extend_from_slice(extra);
+    let out = p.run(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let train = v.as_array().unwrap().iter().find(|e| e["id"] == "train").unwrap();
+    train["key"].to_string()
+}
+
+/// Data parallel on the CPU: two replicas with `gradient_accumulation_steps: 1` see the global
+/// batch of one replica with 2. They share its train key (the replica count is a setting, the
+/// global batch is in the key) and, run, take the same steps.
+#[test]
+fn two_replicas_share_the_key_and_the_losses_of_one_with_twice_the_accumulation() {
+    let one = Project::with_epochs(3);
+    one.edit("p.yml", "gradient_accumulation_steps: 1", "gradient_accumulation_steps: 2");
+    let two = Project::with_epochs(3);
+    two.edit("p.yml", "gradient_accumulation_steps: 1", "gradient_accumulation_steps: 1\ngpus: 2");
+
+    let plan = two.run(&["plan", "p.yml"]);
+    let text = String::from_utf8_lossy(&plan.stdout);
+    assert!(
+        text.contains("train: world size 2, replicas in threads on the CPU; effective batch 8 rows per step = micro_batch_size 4 × gradient_accumulation_steps 1 × 2"),
+        "{text}"
+    );
+    one.run_pipeline();
+    let out = two.run(&["run", "p.yml", "--quiet"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("data parallel: 2 replicas"));
+
+    let (a, b) = (train_losses(&one), train_losses(&two));
+    assert!(a.len() >= 3, "{a:?}");
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 1e-5 * x.abs(), "one replica {a:?} vs two {b:?}");
+    }
+    assert_eq!(train_key(&one, &[]), train_key(&two, &[]), "the same global batch is the same train key");
+    // `--gpus` overrides the pipeline: 2 replicas × 2 is another global batch, another key.
+    assert_ne!(train_key(&one, &["--gpus", "2"]), train_key(&one, &[]));
+}
+
+/// `NEWT_REDUCER` picks how replicas sum gradients; NCCL needs CUDA, and a typo is named.
+#[test]
+fn a_reducer_the_backend_cannot_use_fails_train_saying_why() {
+    let p = Project::new();
+    for (value, says) in [("nccl", "NCCL needs the CUDA backend"), ("ncc", "expected `nccl` or `host`")] {
+        let out = p.newt(&["run", "p.yml", "--only", "train", "--quiet"]).env("NEWT_REDUCER", value).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains(says), "NEWT_REDUCER={value}: {err}");
+    }
+    // `host` on one replica runs the data-parallel loop alone, to the plain loop's losses.
+    let plain = Project::new();
+    plain.run_pipeline();
+    let out = p.newt(&["run", "p.yml", "--quiet"]).env("NEWT_REDUCER", "host").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("data parallel: 1 replica"));
+    let (a, b) = (train_losses(&plain), train_losses(&p));
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 1e-6 * x.abs(), "{a:?} vs {b:?}");
+    }
+}

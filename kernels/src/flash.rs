@@ -116,6 +116,22 @@ pub trait KernelBackend: Backend {
         crate::rope::default_rope::<Self>(x, cos, sin, sign)
     }
 
+    /// Whether [`KernelBackend::all_reduce_sum`] runs on this backend (NCCL on CUDA).
+    fn has_collectives() -> bool {
+        false
+    }
+
+    /// The element-wise sum of `x` (f32 `[n]`) over the ranks of `group`, this being `rank`:
+    /// NCCL on CUDA (see [`crate::collective`]). Backends without device collectives panic;
+    /// ask [`KernelBackend::has_collectives`] first.
+    fn all_reduce_sum(
+        _x: FloatTensor<Self>,
+        _group: &std::sync::Arc<crate::collective::Collective>,
+        _rank: usize,
+    ) -> FloatTensor<Self> {
+        panic!("no device collectives on this backend: sum through host memory instead")
+    }
+
     /// f32 tensors as one flat vector, in order (see [`crate::multi`]).
     fn flat_gather(tensors: Vec<FloatTensor<Self>>) -> FloatTensor<Self> {
         crate::multi::default_flat_gather::<Self>(tensors)
@@ -249,6 +265,18 @@ macro_rules! cuda_kernel_backend {
                 scale: f64,
             ) -> (FloatTensor<Self>, FloatTensor<Self>) {
                 crate::lora::cuda::fusion_forward::<$f>(x, w, a, b, scale)
+            }
+
+            fn has_collectives() -> bool {
+                true
+            }
+
+            fn all_reduce_sum(
+                x: FloatTensor<Self>,
+                group: &std::sync::Arc<crate::collective::Collective>,
+                rank: usize,
+            ) -> FloatTensor<Self> {
+                crate::collective::cuda::fusion_all_reduce::<$f>(x, group.clone(), rank)
             }
 
             fn flat_gather(tensors: Vec<FloatTensor<Self>>) -> FloatTensor<Self> {

@@ -19,6 +19,7 @@
 //! ```
 pub mod attention;
 pub mod check;
+pub mod collective;
 mod cuda_op;
 pub mod flash;
 pub mod flash_cuda;

@@ -66,7 +66,10 @@ pub struct Session {
 
 /// Loads a pipeline, prints its warnings, opens its cache.
 pub fn session(cli: &Cli, pipeline: &Path) -> anyhow::Result<Session> {
-    let loaded = newt_config::load(pipeline)?;
+    let mut loaded = newt_config::load(pipeline)?;
+    if let Some(n) = cli.gpus {
+        loaded.config.gpus = Some(n as usize);
+    }
     for w in &loaded.warnings {
         eprintln!("{} {w}", console::style("warning:").yellow().bold());
     }

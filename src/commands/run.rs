@@ -207,6 +207,7 @@ pub fn plan(cli: &Cli, pipeline: &Path) -> anyhow::Result<i32> {
     }
     print_ignored(&s.loaded.ignored);
     print_downloads(&s, true, false)?;
+    print_world(&p);
     if let Some(remote) = &s.remote {
         let mode = if remote.mode() == newt_cache::RemoteMode::ReadWrite { "read-write" } else { "read" };
         println!("remote cache: {} ({mode})", remote.url());
@@ -228,6 +229,31 @@ pub fn plan(cli: &Cli, pipeline: &Path) -> anyhow::Result<i32> {
         }
     }
     Ok(0)
+}
+
+/// The train stage's replicas and the rows each optimizer step sees.
+fn print_world(p: &Pipeline) {
+    let Some(train) = p.node("train") else { return };
+    let (Ok(params), Ok(settings)) = (
+        train.params_as::<newt_config::params::TrainParams>(),
+        train.settings_as::<newt_config::params::TrainSettings>(),
+    ) else {
+        return;
+    };
+    let w = settings.world_size;
+    let (mbs, global) = (params.micro_batch_size, params.gradient_accumulation_steps);
+    let place = match settings.device.backend {
+        newt_config::Backend::Cpu if w > 1 => "replicas in threads on the CPU",
+        newt_config::Backend::Cpu => "on the CPU",
+        _ if w > 1 => "one replica per GPU",
+        _ => "one device",
+    };
+    println!(
+        "train: world size {w}, {place}; effective batch {} rows per step = micro_batch_size {mbs} × \
+         gradient_accumulation_steps {} × {w}",
+        mbs * global,
+        global / w.max(1)
+    );
 }
 
 /// The Axolotl keys the pipeline sets that newt accepts and ignores, grouped by reason.

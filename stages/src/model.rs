@@ -266,6 +266,28 @@ fn read_data(path: &Path, pad_to: Option<usize>, rows: usize) -> anyhow::Result<
     }))
 }
 
+/// The devices of `world` replicas beside `device`: on the CPU the same device (replicas are
+/// threads), on CUDA devices 0..world, which must all be visible.
+fn replica_devices<B: Backend>(device: &B::Device, world: usize) -> anyhow::Result<Vec<B::Device>> {
+    use burn::prelude::DeviceOps;
+    let id = device.to_id();
+    if B::name(device).to_lowercase().contains("cuda") {
+        let visible = backend::cuda_device_count();
+        if visible < world {
+            anyhow::bail!(
+                "`gpus: {world}` asks for {world} GPUs but {visible} {} visible (CUDA_VISIBLE_DEVICES={})",
+                if visible == 1 { "is" } else { "are" },
+                std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "unset".into())
+            );
+        }
+        Ok((0..world)
+            .map(|i| B::Device::from_id(burn::tensor::backend::DeviceId { type_id: id.type_id, index_id: i as u16 }))
+            .collect())
+    } else {
+        Ok(vec![device.clone(); world])
+    }
+}
+
 /// LoRA training on the packed data.
 pub struct Train;
 
@@ -383,7 +405,63 @@ impl WithAutodiffBackend for TrainWork<'_> {
         };
         let tcfg = train_config(cfg, &self.settings);
         let mut hooks = Hooks { ctx, val: val.as_ref(), eval_batch, first_step: None };
-        let (model, summary) = newt_model::train::train(model, &data, &tcfg, &run, &mut hooks, &device)?;
+        let world = self.settings.world_size;
+        // `NEWT_REDUCER`: how replicas sum their gradients — `nccl` (the default on CUDA with
+        // several GPUs), `host`, or either forced on one GPU to run the data-parallel path alone.
+        let reducer_choice = std::env::var("NEWT_REDUCER").ok().filter(|v| !v.is_empty());
+        let (model, summary) = if world > 1 || reducer_choice.is_some() {
+            let on_gpus = B::name(&device).to_lowercase().contains("cuda");
+            // One replica per device (CUDA) or per thread (CPU), each loaded the same way: the
+            // adapter's initialisation is seeded, so every replica starts from the same weights.
+            let devices = replica_devices::<B>(&device, world)?;
+            let mut replicas = vec![(model, device.clone())];
+            for d in devices.into_iter().skip(1) {
+                let replica = if d == device {
+                    replicas[0].0.clone()
+                } else {
+                    let mut m = load_model::<B>(model_dir, None, quantize, &d)?.with_lora(&lora)?;
+                    m.gradient_checkpointing = self.settings.gradient_checkpointing;
+                    if let Some(dir) = &cfg.lora_model_dir {
+                        let dir = ctx.external.first().cloned().unwrap_or_else(|| PathBuf::from(dir));
+                        m = newt_model::peft::load_adapter(m, &dir)?.0;
+                    }
+                    m
+                };
+                replicas.push((replica, d));
+            }
+            type Reducer<B> = Box<dyn newt_model::train::GradReducer<<B as AutodiffBackend>::InnerBackend>>;
+            let host = || -> (Reducer<B>, String) {
+                (Box::new(newt_model::train::HostReducer::new(world)), "host memory".to_string())
+            };
+            let nccl = || -> Result<(Reducer<B>, String), String> {
+                let r = newt_model::train::DeviceReducer::cuda(world)?;
+                let version = newt_kernels::collective::Collective::version().unwrap_or_default();
+                Ok((Box::new(r), format!("NCCL {version} on the devices")))
+            };
+            let (reducer, how) = match (reducer_choice.as_deref(), on_gpus && B::InnerBackend::has_collectives()) {
+                (Some("host"), _) | (None, false) => host(),
+                (Some("nccl"), true) => nccl().map_err(|e| anyhow::anyhow!("{e}"))?,
+                (None, true) => nccl().unwrap_or_else(|e| {
+                    ctx.progress.println(format!("warning: {e}; summing gradients through host memory"));
+                    host()
+                }),
+                (Some("nccl"), false) => anyhow::bail!("NEWT_REDUCER=nccl: NCCL needs the CUDA backend"),
+                (Some(other), _) => anyhow::bail!("NEWT_REDUCER=`{other}`: expected `nccl` or `host`"),
+            };
+            ctx.progress.println(format!(
+                "data parallel: {world} replica{} ({}), gradients summed through {how}; {} rows per step",
+                if world == 1 { "" } else { "s" },
+                match replicas.get(1) {
+                    Some((_, d)) if *d == device => "threads on one device".to_string(),
+                    _ if on_gpus => format!("{world} GPU{}", if world == 1 { "" } else { "s" }),
+                    _ => "the CPU".to_string(),
+                },
+                tcfg.micro_batch_size * tcfg.gradient_accumulation_steps
+            ));
+            newt_model::train::train_data_parallel::<B, _>(replicas, &data, &tcfg, &run, &mut hooks, reducer.as_ref())?
+        } else {
+            newt_model::train::train(model, &data, &tcfg, &run, &mut hooks, &device)?
+        };
         for w in &summary.warnings {
             ctx.progress.println(format!("warning: {w}"));
         }

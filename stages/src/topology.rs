@@ -25,11 +25,22 @@ fn node<P: Serialize, S: Serialize>(id: &str, kind: &str, params: &P, settings: 
     }
 }
 
+/// Data-parallel replicas the train stage uses: `gpus:` when set; else every visible CUDA
+/// device (`CUDA_VISIBLE_DEVICES` applies) unless the backend is the CPU, where it is 1.
+pub fn world_size(config: &Config) -> usize {
+    match (config.gpus, config.backend) {
+        (Some(n), _) => n.max(1),
+        (None, newt_config::Backend::Cpu) => 1,
+        (None, _) => newt_model::backend::cuda_device_count().max(1),
+    }
+}
+
 /// Builds the DAG of a validated config.
 pub fn compile(config: &Config) -> Result<Pipeline, CompileError> {
     let none = serde_json::json!({});
     let mut nodes: Vec<StageNode> = Vec::new();
     let tiny = config.base_model.starts_with("newt:");
+    let world = world_size(config);
     let mut fetch_ids = Vec::new();
     let mut tokenize_train = Vec::new();
     let mut tokenize_test = Vec::new();
@@ -66,8 +77,8 @@ pub fn compile(config: &Config) -> Result<Pipeline, CompileError> {
     let mut train = node(
         "train",
         TRAIN,
-        &TrainParams::from_config(config),
-        &TrainSettings::from_config(config),
+        &TrainParams::on_replicas(config, world),
+        &TrainSettings::on_replicas(config, world),
         vec!["pack".into(), "fetch.model".into()],
     );
     if let Some(dir) = &config.lora_model_dir {

@@ -21,7 +21,12 @@ pub struct Lacking {
 }
 
 const TRACKING: &str = "experiment tracking and logging integrations (newt writes metrics.jsonl and loss.png)";
-const DISTRIBUTED: &str = "distributed-training launchers (newt trains in one process)";
+const DISTRIBUTED: &str = "distributed-training launchers and sharding: newt runs data parallel itself, one \
+     process with a full replica per GPU (`gpus:`), and sums the gradients once per step (DDP's result, no sharding)";
+const DDP_TUNING: &str = "DDP tuning knobs: newt's replicas sum the flat gradient vector once per step, with no \
+     buckets, broadcasts or timeouts to tune";
+const MODEL_PARALLEL: &str = "sequence, context and tensor parallelism: newt does not split a model or a sequence \
+     over GPUs; each replica holds the whole model (`gpus:` sets how many)";
 const KERNELS: &str = "speed kernels and compilation (newt picks its own kernels; results do not change)";
 const HUB: &str = "Hub upload and authentication settings (newt does not upload)";
 const DATA_PREP: &str = "dataset preparation and loading knobs (newt's cache and DataFusion do this)";
@@ -60,12 +65,12 @@ const IGNORED: &[(&str, &str)] = &[
     ("deepspeed", DISTRIBUTED),
     ("fsdp", DISTRIBUTED),
     ("local_rank", DISTRIBUTED),
-    ("sequence_parallel_degree", DISTRIBUTED),
-    ("context_parallel_size", DISTRIBUTED),
-    ("tensor_parallel_size", DISTRIBUTED),
+    ("sequence_parallel_degree", MODEL_PARALLEL),
+    ("context_parallel_size", MODEL_PARALLEL),
+    ("tensor_parallel_size", MODEL_PARALLEL),
     ("dp_shard_size", DISTRIBUTED),
-    ("heads_k_stride", DISTRIBUTED),
-    ("ring_attn_func", DISTRIBUTED),
+    ("heads_k_stride", MODEL_PARALLEL),
+    ("ring_attn_func", MODEL_PARALLEL),
     ("plugins", KERNELS),
     ("torch_compile", KERNELS),
     ("torch_compile_backend", KERNELS),
@@ -119,7 +124,7 @@ const IGNORED: &[(&str, &str)] = &[
     ("fused_attn_kernel", ATTENTION),
     ("bfloat16", DTYPE),
     ("float16", DTYPE),
-    ("tensor_parallel", DISTRIBUTED),
+    ("tensor_parallel", MODEL_PARALLEL),
     ("use_ray", DISTRIBUTED),
     ("ray_num_workers", DISTRIBUTED),
     ("greater_is_better", CHECKPOINTS),
@@ -148,7 +153,7 @@ const IGNORED_PREFIXES: &[(&str, &str)] = &[
     ("swanlab_", TRACKING),
     ("trackio_", TRACKING),
     ("fsdp_", DISTRIBUTED),
-    ("ddp_", DISTRIBUTED),
+    ("ddp_", DDP_TUNING),
     ("deepspeed_", DISTRIBUTED),
     ("liger_", KERNELS),
     ("unsloth_", KERNELS),
@@ -288,6 +293,8 @@ mod tests {
         assert_eq!(ignored("wandb_project"), Some(TRACKING));
         assert_eq!(ignored("liger_rms_norm"), Some(KERNELS));
         assert_eq!(ignored("fsdp_config"), Some(DISTRIBUTED));
+        assert_eq!(ignored("ddp_timeout"), Some(DDP_TUNING));
+        assert_eq!(ignored("tensor_parallel_size"), Some(MODEL_PARALLEL));
         assert_eq!(ignored("learning_rate"), None);
     }
 

@@ -119,6 +119,9 @@ pub const KEYS: &[(&str, Class)] = &[
     ("resume_from_checkpoint", Class::Ignored("newt resumes from checkpoints under the train key itself")),
     ("output_dir", Class::Out("where results are copied to, not an input")),
     ("backend", Class::Settings(&[TRAIN, EVALUATE])),
+    // The global batch (accumulation × replicas) is in the train key; the replica count itself
+    // is a setting, so W replicas with accumulation g share a key with one with g × W.
+    ("gpus", Class::Read(&[TRAIN])),
     ("cache_dir", Class::Out("where the cache lives, not an input")),
     ("cache", Class::Out("where results are shared, not an input")),
     ("eval_prompts", Class::Read(&[EVALUATE])),
@@ -248,6 +251,7 @@ chat_template: chatml
             ("save_total_limit", json!(2)),
             ("logging_steps", json!(5)),
             ("backend", json!("cpu")),
+            ("gpus", json!(2)),
         ])
     }
 

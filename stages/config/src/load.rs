@@ -421,7 +421,12 @@ fn validate(c: &Config, file: &File<'_>, warnings: &mut Vec<String>) -> Result<(
             return Err(file.at(key, format!("`{key}` must be at least 1")));
         }
     }
-    for (key, v) in [("batch_size", c.batch_size), ("eval_batch_size", c.eval_batch_size), ("max_steps", c.max_steps)] {
+    for (key, v) in [
+        ("batch_size", c.batch_size),
+        ("eval_batch_size", c.eval_batch_size),
+        ("max_steps", c.max_steps),
+        ("gpus", c.gpus),
+    ] {
         if v == Some(0) {
             return Err(file.at(key, format!("`{key}` must be at least 1")));
         }

@@ -245,7 +245,8 @@ pub struct TrainParams {
     pub lora_model_dir: Option<String>,
     /// Rows per micro-batch.
     pub micro_batch_size: usize,
-    /// Micro-batches per optimizer step (resolved from `batch_size` when that is set).
+    /// Micro-batches per optimizer step over all data-parallel replicas: the config's
+    /// `gradient_accumulation_steps` (resolved from `batch_size` when that is set) × replicas.
     pub gradient_accumulation_steps: usize,
     /// Rows per evaluation batch (resolved: defaults to `micro_batch_size`).
     pub eval_batch_size: usize,
@@ -289,12 +290,18 @@ pub struct TrainParams {
 }
 
 impl TrainParams {
-    /// From the validated config.
+    /// From the validated config, on `gpus` replicas (1 when unset).
     pub fn from_config(c: &Config) -> Self {
-        let gradient_accumulation_steps = match c.batch_size {
+        Self::on_replicas(c, c.gpus.unwrap_or(1))
+    }
+
+    /// From the validated config, on `world` data-parallel replicas.
+    pub fn on_replicas(c: &Config, world: usize) -> Self {
+        let per_replica = match c.batch_size {
             Some(b) => (b / c.micro_batch_size).max(1),
             None => c.gradient_accumulation_steps,
         };
+        let gradient_accumulation_steps = per_replica * world.max(1);
         TrainParams {
             base_model: c.base_model.clone(),
             quantization: BaseQuantization::from_config(c),
@@ -362,12 +369,20 @@ pub struct TrainSettings {
     pub save_total_limit: Option<usize>,
     /// Steps between log lines.
     pub logging_steps: Option<usize>,
+    /// Data-parallel replicas (GPUs on CUDA, threads on the CPU).
+    pub world_size: usize,
 }
 
 impl TrainSettings {
-    /// From the validated config.
+    /// From the validated config, on `gpus` replicas (1 when unset).
     pub fn from_config(c: &Config) -> Self {
+        Self::on_replicas(c, c.gpus.unwrap_or(1))
+    }
+
+    /// From the validated config, on `world` data-parallel replicas.
+    pub fn on_replicas(c: &Config, world: usize) -> Self {
         TrainSettings {
+            world_size: world.max(1),
             device: DeviceSettings { backend: c.backend },
             gradient_checkpointing: c.gradient_checkpointing.enabled(),
             save_steps: c.save_steps,

@@ -176,6 +176,11 @@ pub struct Config {
     // ---- newt ----
     /// `auto` (CUDA when a GPU is present), `cuda` or `cpu`.
     pub backend: Backend,
+    /// Data-parallel replicas of the train stage: GPUs on CUDA (default: every visible GPU),
+    /// replicas in threads on the CPU (default 1). As in Axolotl, `gradient_accumulation_steps`
+    /// counts per replica: one optimizer step sees micro_batch_size × gradient_accumulation_steps
+    /// × gpus rows.
+    pub gpus: Option<usize>,
     /// Cache directory (overrides NEWT_CACHE_DIR and the user cache dir).
     pub cache_dir: Option<String>,
     /// A shared remote cache (S3-compatible) used beside the local one.
@@ -271,6 +276,7 @@ impl Default for Config {
             resume_from_checkpoint: None,
             output_dir: "./outputs".into(),
             backend: Backend::Auto,
+            gpus: None,
             cache_dir: None,
             cache: CacheConfig::default(),
             eval_prompts: Vec::new(),

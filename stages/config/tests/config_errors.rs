@@ -179,6 +179,7 @@ fn out_of_range_values_are_load_errors_naming_the_key() {
         ("tiny_model:\n  hidden_size: 1000000\n", "hidden_size"),
         ("backend: gpu\n", "backend"),
         ("load_in_8bit: true\nload_in_4bit: true\n", "load_in_8bit"),
+        ("gpus: 0\n", "gpus"),
     ] {
         let msg = err(extra);
         assert!(msg.contains(key), "{extra:?}: {msg}");

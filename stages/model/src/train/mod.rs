@@ -41,7 +41,7 @@ pub use config::{ACCEPTED_OPTIMIZERS, ACCEPTED_SCHEDULERS, AdamWParams, TrainCon
 pub use data::{BatchStats, IGNORE_INDEX, PackedRow, TrainData};
 pub use grads::ParamGrads;
 pub use metrics::{EvalReport, FlopsModel, MetricsLog, MetricsRecord, StepReport};
-pub use parallel::{Contribution, GradReducer, HostReducer};
+pub use parallel::{Contribution, DeviceReducer, GradReducer, HostReducer};
 pub use params::{HostTensor, ParamCounts, count_params, load_params, trainable_params};
 pub use plot::{render as render_loss_curve, write_loss_curve};
 pub use schedule::{LrSchedule, ScheduleKind};

@@ -170,6 +170,44 @@ impl<B: Backend> GradReducer<B> for HostReducer {
     }
 }
 
+/// A [`GradReducer`] on the devices: the gradient vector is summed by NCCL's all-reduce on each
+/// GPU's stream (no copy through the host); the two scalars, and the failure of a rank, go
+/// through a [`HostReducer`] first, so a rank whose peer failed stops before it would wait in
+/// the collective for it.
+#[derive(Debug)]
+pub struct DeviceReducer {
+    group: Arc<newt_kernels::collective::Collective>,
+    host: HostReducer,
+}
+
+impl DeviceReducer {
+    /// A reducer over CUDA devices `0..world` (NCCL), or why not.
+    pub fn cuda(world: usize) -> Result<Self, String> {
+        Ok(DeviceReducer { group: newt_kernels::collective::Collective::cuda(world)?, host: HostReducer::new(world) })
+    }
+}
+
+impl<B: newt_kernels::KernelBackend> GradReducer<B> for DeviceReducer {
+    fn world(&self) -> usize {
+        self.group.world()
+    }
+
+    fn all_reduce(&self, rank: usize, grad: Tensor<B, 1>, scalars: [f64; 2]) -> Result<Contribution<B>, TrainError> {
+        let sums = self.host.exchange(rank, Vec::new(), scalars, false)?.scalars;
+        let grad = grad.cast(burn::tensor::FloatDType::F32).into_primitive().tensor();
+        let summed = B::all_reduce_sum(grad, &self.group, rank);
+        Ok((Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(summed)), sums))
+    }
+
+    fn any(&self, rank: usize, flag: bool) -> Result<bool, TrainError> {
+        Ok(self.host.exchange(rank, Vec::new(), [0.0; 2], flag)?.any)
+    }
+
+    fn abort(&self, rank: usize, why: &str) {
+        self.host.abort(rank, why)
+    }
+}
+
 /// This replica's place: its rank, and the reducer shared by all (`None` for one process alone).
 pub(crate) struct Rank<'a, B: Backend> {
     pub rank: usize,
