@@ -550,3 +550,66 @@ fn a_reducer_the_backend_cannot_use_fails_train_saying_why() {
         assert!((x - y).abs() <= 1e-6 * x.abs(), "{a:?} vs {b:?}");
     }
 }
+
+/// The shapes of the tensors named like `part` in a safetensors file.
+fn tensor_shapes(file: &Path, part: &str) -> Vec<(String, Vec<u64>)> {
+    let bytes = std::fs::read(file).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let mut out: Vec<(String, Vec<u64>)> = header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, v)| k.contains(part) && v.get("shape").is_some())
+        .map(|(k, v)| (k.clone(), v["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap()).collect()))
+        .collect();
+    out.sort();
+    out
+}
+
+/// `tokens:` new to the vocabulary (Axolotl's meaning): the data's new token is one id past the
+/// model's vocabulary; the embedding and LM head grow by one row and train (they must be in
+/// `lora_modules_to_save`, or train says so); the adapter, the merged model and its tokenizer
+/// carry the grown vocabulary, and evaluate and inference run on it.
+#[test]
+fn a_token_new_to_the_vocabulary_grows_the_model_and_reaches_the_merged_tokenizer() {
+    let p = Project::new();
+    let data = std::fs::read_to_string(p.path("data/quickstart.jsonl")).unwrap();
+    let tagged = data.replace(r#""role": "assistant", "content": ""#, r#""role": "assistant", "content": "<|newt_tool|> "#);
+    assert_ne!(tagged, data);
+    std::fs::write(p.path("data/quickstart.jsonl"), tagged).unwrap();
+    p.edit("p.yml", "lora_target_linear: true", "lora_target_linear: true\ntokens: [\"<|newt_tool|>\"]");
+
+    // Without the embedding and head in lora_modules_to_save, the new rows would never train.
+    let out = p.run(&["run", "p.yml", "--quiet"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("add embed_tokens, lm_head to `lora_modules_to_save`"), "{err}");
+
+    p.edit("p.yml", "tokens: [", "lora_modules_to_save: [embed_tokens, lm_head]\ntokens: [");
+    let out = p.run(&["run", "p.yml", "--quiet"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("vocabulary: 490 → 491 entries"), "{err}");
+
+    let adapter = tensor_shapes(&p.path("outputs/quickstart/adapter_model.safetensors"), "embed_tokens");
+    assert_eq!(adapter, [("base_model.model.model.embed_tokens.weight".to_string(), vec![491, 96])]);
+    let merged = p.path("outputs/quickstart/merged");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(merged.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["vocab_size"], 491);
+    let shapes = tensor_shapes(&merged.join("model.safetensors"), "");
+    for name in ["model.embed_tokens.weight", "lm_head.weight"] {
+        let shape = shapes.iter().find(|(n, _)| n == name).map(|(_, s)| s.clone());
+        assert_eq!(shape, Some(vec![491, 96]), "{name}");
+    }
+    // The merged folder's tokenizer has the token, as one id, the new last row.
+    let tok = newt_data::HfTokenizer::load(&merged).unwrap();
+    let ids = tok.tokenizer.encode("<|newt_tool|> Final answer", false).unwrap();
+    assert_eq!(ids.get_ids()[0], 490, "{:?}", ids.get_tokens());
+    assert!(p.path("outputs/quickstart/eval_metrics.json").is_file());
+
+    // Inference loads the base, grows it to the adapter's vocabulary and answers.
+    let out = p.run(&["inference", "p.yml", "--prompt", "What is 2 times 3?", "--max-new-tokens", "4"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -266,6 +266,33 @@ fn read_data(path: &Path, pad_to: Option<usize>, rows: usize) -> anyhow::Result<
     }))
 }
 
+/// When the tokenizer has more entries than the model's embedding (`tokens`/`special_tokens`
+/// new to the vocabulary), the embedding's old size — and an error, as Axolotl gives, unless
+/// both `embed_tokens` and `lm_head` train (`lora_modules_to_save`), since new rows that never
+/// train would map the new tokens to the mean of the others.
+fn check_vocab_growth(
+    model_dir: &Path,
+    tok: &newt_data::HfTokenizer,
+    lora: &LoraParams,
+) -> anyhow::Result<Option<usize>> {
+    let vocab = newt_model::config::ModelConfig::from_dir(model_dir)?.vocab_size;
+    let n = tok.vocab_size();
+    if n <= vocab {
+        return Ok(None);
+    }
+    let missing: Vec<&str> =
+        ["embed_tokens", "lm_head"].into_iter().filter(|m| !lora.modules_to_save.iter().any(|x| x == m)).collect();
+    if !missing.is_empty() {
+        anyhow::bail!(
+            "`tokens`/`special_tokens` add {} entries to the vocabulary ({vocab} → {n}): their embeddings must \
+             train, so add {} to `lora_modules_to_save` (Axolotl asks for [embed_tokens, lm_head] too)",
+            n - vocab,
+            missing.join(", ")
+        );
+    }
+    Ok(Some(vocab))
+}
+
 /// The devices of `world` replicas beside `device`: on the CPU the same device (replicas are
 /// threads), on CUDA devices 0..world, which must all be visible.
 fn replica_devices<B: Backend>(device: &B::Device, world: usize) -> anyhow::Result<Vec<B::Device>> {
@@ -381,11 +408,27 @@ impl WithAutodiffBackend for TrainWork<'_> {
             None => "loading model".into(),
         });
         newt_model::lora::set_lora_f32(cfg.lora_f32);
-        let mut model = load_model::<B>(model_dir, None, quantize, &device)?.with_lora(&lora)?;
-        model.gradient_checkpointing = self.settings.gradient_checkpointing;
-        if let Some(dir) = &cfg.lora_model_dir {
-            let dir = ctx.external.first().cloned().unwrap_or_else(|| PathBuf::from(dir));
-            model = newt_model::peft::load_adapter(model, &dir)?.0;
+        // The tokenizer the data was tokenized with: `tokens` and `special_tokens` new to the
+        // vocabulary grow the model to its size.
+        let tok = newt_data::HfTokenizer::load_for(model_dir, &cfg.special_tokens, &cfg.tokens)?;
+        let grown_from = check_vocab_growth(model_dir, &tok, &cfg.lora)?;
+        let load_replica = |device: &B::Device| -> anyhow::Result<Llama<B>> {
+            let mut model = load_model::<B>(model_dir, None, quantize, device)?.resize_vocab(tok.vocab_size());
+            model = model.with_lora(&lora)?;
+            model.gradient_checkpointing = self.settings.gradient_checkpointing;
+            if let Some(dir) = &cfg.lora_model_dir {
+                let dir = ctx.external.first().cloned().unwrap_or_else(|| PathBuf::from(dir));
+                model = newt_model::peft::load_adapter(model, &dir)?.0;
+            }
+            Ok(model)
+        };
+        let model = load_replica(&device)?;
+        if let Some(vocab) = grown_from {
+            ctx.progress.println(format!(
+                "vocabulary: {vocab} → {} entries for `tokens`/`special_tokens`; the new embedding and LM head rows \
+                 start at the mean of the old rows",
+                tok.vocab_size()
+            ));
         }
         let mc = &model.config;
         let run = TrainRun {
@@ -416,17 +459,7 @@ impl WithAutodiffBackend for TrainWork<'_> {
             let devices = replica_devices::<B>(&device, world)?;
             let mut replicas = vec![(model, device.clone())];
             for d in devices.into_iter().skip(1) {
-                let replica = if d == device {
-                    replicas[0].0.clone()
-                } else {
-                    let mut m = load_model::<B>(model_dir, None, quantize, &d)?.with_lora(&lora)?;
-                    m.gradient_checkpointing = self.settings.gradient_checkpointing;
-                    if let Some(dir) = &cfg.lora_model_dir {
-                        let dir = ctx.external.first().cloned().unwrap_or_else(|| PathBuf::from(dir));
-                        m = newt_model::peft::load_adapter(m, &dir)?.0;
-                    }
-                    m
-                };
+                let replica = if d == device { replicas[0].0.clone() } else { load_replica(&d)? };
                 replicas.push((replica, d));
             }
             type Reducer<B> = Box<dyn newt_model::train::GradReducer<<B as AutodiffBackend>::InnerBackend>>;
@@ -467,6 +500,10 @@ impl WithAutodiffBackend for TrainWork<'_> {
         }
         let base_name = cfg.base_model.clone();
         newt_model::peft::save_adapter(&model.valid(), &lora, &base_name, &ctx.out_dir)?;
+        if !cfg.tokens.is_empty() || cfg.special_tokens != SpecialTokens::default() {
+            // The tokenizer the adapter was trained with goes beside it (merge, PEFT users).
+            tok.save_files(&ctx.out_dir)?;
+        }
         Ok(serde_json::json!({
             "steps": summary.plan.total_steps,
             "resumed_from": summary.resumed_from,
@@ -487,7 +524,8 @@ impl Stage for Train {
     }
     fn version(&self) -> u32 {
         // 2: adapter_config.json names its base model (it was empty).
-        2
+        // 3: `tokens`/`special_tokens` new to the vocabulary grow the model; the tokenizer is saved.
+        3
     }
     fn environment(&self, node: &StageNode) -> BTreeMap<String, String> {
         env_of(node)
@@ -499,7 +537,7 @@ impl Stage for Train {
         vec!["adapter_config.json".into(), "adapter_model.safetensors".into(), "metrics.jsonl".into()]
     }
     fn materialize(&self, _: &StageNode) -> Vec<(String, String)> {
-        ["adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "loss.png"]
+        ["adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "loss.png", "tokenizer.json", "tokenizer_config.json"]
             .iter()
             .map(|f| (f.to_string(), f.to_string()))
             .collect()
@@ -636,8 +674,9 @@ impl Prompting {
         chat_template_jinja: Option<&str>,
         special_tokens: &SpecialTokens,
         eot_tokens: &[String],
+        tokens: &[String],
     ) -> anyhow::Result<Self> {
-        let tok = newt_data::HfTokenizer::load_for(model_dir, special_tokens, &[])?;
+        let tok = newt_data::HfTokenizer::load_for(model_dir, special_tokens, tokens)?;
         let source = newt_data::strategy::chat::template_source(chat_template, chat_template_jinja, &tok)?;
         let text =
             |t: &Option<newt_data::tokenizer::SpecialToken>| t.as_ref().map(|t| t.text.clone()).unwrap_or_default();
@@ -671,6 +710,7 @@ impl Prompting {
             p.chat_template_jinja.as_deref(),
             &p.special_tokens,
             &p.eot_tokens,
+            &p.tokens,
         )
     }
 }
@@ -735,7 +775,10 @@ impl WithBackend for EvalWork<'_> {
         for (name, with_adapter) in [("base", false), ("tuned", true)] {
             ctx.check_cancelled()?;
             ctx.progress.set_message(format!("evaluating {name}"));
-            let model = load_model::<B>(model_dir, with_adapter.then_some(adapter), quantize, &device)?;
+            // With `tokens` new to the vocabulary, the base gets the rows training started from
+            // (the adapter carries its trained ones), so the validation data's new ids fit both.
+            let model = load_model::<B>(model_dir, with_adapter.then_some(adapter), quantize, &device)?
+                .resize_vocab(prompting.tokenizer.get_vocab_size(true));
             let mut m = serde_json::Map::new();
             if let Some(val) = &val {
                 let t0 = std::time::Instant::now();
@@ -774,7 +817,8 @@ impl Stage for Evaluate {
         "evaluate"
     }
     fn version(&self) -> u32 {
-        2
+        // 3: the base grows to the tokenizer's size when `tokens` add to the vocabulary.
+        3
     }
     fn environment(&self, node: &StageNode) -> BTreeMap<String, String> {
         env_of(node)

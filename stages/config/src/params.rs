@@ -287,6 +287,10 @@ pub struct TrainParams {
     pub pad_to: Option<usize>,
     /// LoRA products in f32 instead of the activations' dtype.
     pub lora_f32: bool,
+    /// Tokens added to the vocabulary (the embedding and LM head grow to match).
+    pub tokens: Vec<String>,
+    /// Special-token overrides (added to the vocabulary when missing).
+    pub special_tokens: SpecialTokens,
 }
 
 impl TrainParams {
@@ -336,6 +340,8 @@ impl TrainParams {
             eval_steps: c.eval_steps,
             pad_to: pad_to(c),
             lora_f32: c.kernels.lora_f32,
+            tokens: c.tokens.to_vec(),
+            special_tokens: c.special_tokens.clone(),
         }
     }
 }
@@ -417,6 +423,8 @@ pub struct EvaluateParams {
     pub eot_tokens: Vec<String>,
     /// LoRA products in f32 (as in training).
     pub lora_f32: bool,
+    /// Tokens added to the vocabulary in training (the prompts are tokenized with them).
+    pub tokens: Vec<String>,
 }
 
 impl EvaluateParams {
@@ -433,6 +441,7 @@ impl EvaluateParams {
             special_tokens: c.special_tokens.clone(),
             eot_tokens: c.eot_tokens.clone(),
             lora_f32: c.kernels.lora_f32,
+            tokens: c.tokens.to_vec(),
         }
     }
 }

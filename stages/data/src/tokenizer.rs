@@ -158,6 +158,35 @@ impl HfTokenizer {
         }
     }
 
+    /// Entries in the vocabulary, added tokens included (`len(tokenizer)` in transformers).
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
+    }
+
+    /// Writes `tokenizer.json` (added tokens included) and a `tokenizer_config.json` (the model
+    /// folder's, with the special tokens this tokenizer uses) into `dir`, as the tokenizer that
+    /// goes with a trained adapter or model.
+    pub fn save_files(&self, dir: &Path) -> Result<(), DataError> {
+        let fail = |path: &Path, message: String| DataError::Tokenizer { path: path.to_path_buf(), message };
+        let json = dir.join("tokenizer.json");
+        self.tokenizer.save(&json, false).map_err(|e| fail(&json, e.to_string()))?;
+        let src = self.dir.join("tokenizer_config.json");
+        let mut config: serde_json::Value = match std::fs::read_to_string(&src) {
+            Ok(text) => serde_json::from_str(&text).map_err(|e| fail(&src, e.to_string()))?,
+            Err(_) => serde_json::json!({}),
+        };
+        if let Some(map) = config.as_object_mut() {
+            for (key, token) in [("bos_token", &self.bos), ("eos_token", &self.eos), ("pad_token", &self.pad), ("unk_token", &self.unk)] {
+                if let Some(t) = token {
+                    map.insert(key.to_string(), t.text.clone().into());
+                }
+            }
+        }
+        let out = dir.join("tokenizer_config.json");
+        let text = serde_json::to_string_pretty(&config).expect("json serializes");
+        std::fs::write(&out, text + "\n").map_err(|e| fail(&out, e.to_string()))
+    }
+
     /// The id of the EOS token, or an error saying how to set one.
     pub fn eos_id(&self) -> Result<u32, DataError> {
         self.eos.as_ref().map(|t| t.id).ok_or_else(|| DataError::Tokenizer {

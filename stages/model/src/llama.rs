@@ -399,6 +399,31 @@ impl<B: Backend> Llama<B> {
             None => self.embed_tokens.val(),
         }
     }
+
+    /// The vocabulary grown to `n` entries, as transformers' `resize_token_embeddings(n)`: the
+    /// embedding and an untied LM head get `n - vocab` new rows, each the mean of the old rows.
+    /// (transformers' default, `mean_resizing`, draws them from a normal around that mean with
+    /// 1e-9 × the old rows' covariance: the mean, to float precision.) Each weight keeps
+    /// whether it trains; `config.vocab_size` follows. `n` ≤ vocab changes nothing.
+    pub fn resize_vocab(mut self, n: usize) -> Self {
+        let vocab = self.embed_tokens.dims()[0];
+        if n <= vocab {
+            return self;
+        }
+        let grow = |p: Param<Tensor<B, 2>>| -> Param<Tensor<B, 2>> {
+            let w = p.val();
+            let trains = w.is_require_grad();
+            let dtype = w.dtype();
+            let mean = w.clone().cast(burn::tensor::FloatDType::F32).mean_dim(0);
+            let rows = mean.repeat_dim(0, n - vocab).cast(dtype);
+            let grown = Tensor::cat(vec![w.detach(), rows], 0);
+            Param::from_tensor(grown).set_require_grad(trains)
+        };
+        self.embed_tokens = grow(self.embed_tokens);
+        self.lm_head = self.lm_head.map(grow);
+        self.config.vocab_size = n;
+        self
+    }
 }
 
 impl<B: KernelBackend> Llama<B> {

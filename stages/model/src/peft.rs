@@ -221,6 +221,20 @@ pub fn load_adapter<B: Backend>(model: Llama<B>, dir: &Path) -> Result<(Llama<B>
         Ok(Param::from_tensor(Tensor::from_data(TensorData::new(values, shape), (device, DType::F32))))
     };
 
+    // An adapter trained with tokens added to the vocabulary carries the grown embedding and
+    // head (modules_to_save): grow the base to match first, as PEFT's users do with
+    // `resize_token_embeddings(len(tokenizer))` before loading it.
+    let [vocab, hidden] = model.embed_tokens.dims();
+    let grown = ["model.embed_tokens.weight", "lm_head.weight"]
+        .iter()
+        .filter_map(|n| store.info(&format!("{PREFIX}{n}")).map(|(_, shape)| shape))
+        .filter(|s| s.len() == 2 && s[1] == hidden && s[0] > vocab)
+        .map(|s| s[0])
+        .max();
+    let model = match grown {
+        Some(n) => model.resize_vocab(n),
+        None => model,
+    };
     let model = model.with_lora(&config)?;
     let mut model = model.map_linears(|path, mut linear| {
         let [out, input] = linear.dims();
