@@ -10,7 +10,7 @@ OUT=${OUT:-/tmp/newt-gpu-out}; mkdir -p "$OUT"
 [ -x /tmp/newt ] || { python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('.dev/gpu/newt.xz'), open('/tmp/newt','wb'))" && chmod +x /tmp/newt; }
 p=/tmp/vocab; rm -rf $p; mkdir -p $p/data
 sed 's/"role": "assistant", "content": "/"role": "assistant", "content": "<|newt_tool|> /g' pipelines/data/quickstart.jsonl > $p/data/quickstart.jsonl
-sed -e 's/num_epochs: 8/num_epochs: 4/' \
+sed -e "s/num_epochs: 8/num_epochs: ${EPOCHS:-8}/" \
   -e 's/^lora_target_linear: true/lora_target_linear: true\nlora_modules_to_save: [embed_tokens, lm_head]\ntokens: ["<|newt_tool|>"]/' \
   pipelines/quickstart.yml > $p/p.yml
 (cd $p && NEWT_CACHE_DIR=$p/cache /tmp/newt run p.yml --json --quiet) > "$OUT/newt.json" 2> "$OUT/newt.err"

@@ -33,4 +33,8 @@ p = tok(prompt, return_tensors="pt", add_special_tokens=False)
 with torch.no_grad():
     g = merged.generate(**p, max_new_tokens=6, do_sample=False)
 new = g[0, p.input_ids.shape[1]:].tolist()
+with torch.no_grad():
+    first = merged(**p).logits[0, -1].softmax(-1)
+rank = int((first > first[len(tok) - 1]).sum())
+print(f"first answer token: p(<|newt_tool|>) = {first[len(tok) - 1].item():.3f}, rank {rank} of {len(tok)}")
 print(f"greedy answer ids {new}: {tok.decode(new)!r}; emits the new token first: {new[:1] == [len(tok) - 1]}")
