@@ -586,7 +586,7 @@ fn a_token_new_to_the_vocabulary_grows_the_model_and_reaches_the_merged_tokenize
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("add embed_tokens, lm_head to `lora_modules_to_save`"), "{err}");
 
-    p.edit("p.yml", "tokens: [", "lora_modules_to_save: [embed_tokens, lm_head]\ntokens: [");
+    p.edit("p.yml", "tokens: [", "lora_modules_to_save: [embed_tokens, lm_head]\nmerge: {gguf: [f16]}\ntokens: [");
     let out = p.run(&["run", "p.yml", "--quiet"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
@@ -608,6 +608,23 @@ fn a_token_new_to_the_vocabulary_grows_the_model_and_reaches_the_merged_tokenize
     let ids = tok.tokenizer.encode("<|newt_tool|> Final answer", false).unwrap();
     assert_eq!(ids.get_ids()[0], 490, "{:?}", ids.get_tokens());
     assert!(p.path("outputs/quickstart/eval_metrics.json").is_file());
+
+    // The GGUF export carries it too: read back as a base model, its vocabulary is 491.
+    let gguf = merged.join("model-f16.gguf");
+    let yaml = std::fs::read_to_string(p.path("p.yml")).unwrap();
+    // The same pipeline from `datasets:` on, over the GGUF instead of `newt:tiny`.
+    let end = yaml.find("\ndatasets:").unwrap();
+    std::fs::write(p.path("g.yml"), format!("base_model: {}\n{}", gguf.display(), &yaml[end + 1..])).unwrap();
+    let out = p.run(&["run", "g.yml", "--only", "fetch.model", "--json", "--quiet"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let dir = v["stages"].as_array().unwrap().iter().find(|s| s["id"] == "fetch.model").unwrap()["path"].clone();
+    let dir = Path::new(dir.as_str().unwrap());
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["vocab_size"], 491);
+    let tok = newt_data::HfTokenizer::load(dir).unwrap();
+    assert_eq!(tok.tokenizer.token_to_id("<|newt_tool|>"), Some(490));
 
     // Inference loads the base, grows it to the adapter's vocabulary and answers.
     let out = p.run(&["inference", "p.yml", "--prompt", "What is 2 times 3?", "--max-new-tokens", "4"]);
