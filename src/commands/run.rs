@@ -242,11 +242,17 @@ fn print_world(p: &Pipeline) {
     };
     let w = settings.world_size;
     let (mbs, global) = (params.micro_batch_size, params.gradient_accumulation_steps);
-    let place = match settings.device.backend {
-        newt_config::Backend::Cpu if w > 1 => "replicas in threads on the CPU",
-        newt_config::Backend::Cpu => "on the CPU",
-        _ if w > 1 => "one replica per GPU",
-        _ => "one device",
+    // `auto` trains on the CPU when the driver reports no GPU.
+    let on_cpu = match settings.device.backend {
+        newt_config::Backend::Cpu => true,
+        newt_config::Backend::Auto => newt_model::backend::cuda_device_count() == 0,
+        _ => false,
+    };
+    let place = match (on_cpu, w > 1) {
+        (true, true) => "replicas in threads on the CPU",
+        (true, false) => "on the CPU",
+        (false, true) => "one replica per GPU",
+        (false, false) => "one GPU",
     };
     println!(
         "train: world size {w}, {place}; effective batch {} rows per step = micro_batch_size {mbs} × \
