@@ -575,7 +575,8 @@ fn tensor_shapes(file: &Path, part: &str) -> Vec<(String, Vec<u64>)> {
 fn a_token_new_to_the_vocabulary_grows_the_model_and_reaches_the_merged_tokenizer() {
     let p = Project::new();
     let data = std::fs::read_to_string(p.path("data/quickstart.jsonl")).unwrap();
-    let tagged = data.replace(r#""role": "assistant", "content": ""#, r#""role": "assistant", "content": "<|newt_tool|> "#);
+    let tagged =
+        data.replace(r#""role": "assistant", "content": ""#, r#""role": "assistant", "content": "<|newt_tool|> "#);
     assert_ne!(tagged, data);
     std::fs::write(p.path("data/quickstart.jsonl"), tagged).unwrap();
     p.edit("p.yml", "lora_target_linear: true", "lora_target_linear: true\ntokens: [\"<|newt_tool|>\"]");

@@ -537,10 +537,17 @@ impl Stage for Train {
         vec!["adapter_config.json".into(), "adapter_model.safetensors".into(), "metrics.jsonl".into()]
     }
     fn materialize(&self, _: &StageNode) -> Vec<(String, String)> {
-        ["adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "loss.png", "tokenizer.json", "tokenizer_config.json"]
-            .iter()
-            .map(|f| (f.to_string(), f.to_string()))
-            .collect()
+        [
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "metrics.jsonl",
+            "loss.png",
+            "tokenizer.json",
+            "tokenizer_config.json",
+        ]
+        .iter()
+        .map(|f| (f.to_string(), f.to_string()))
+        .collect()
     }
     fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<serde_json::Value> {
         let cfg: TrainParams = ctx.node.params_as()?;

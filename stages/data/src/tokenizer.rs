@@ -176,7 +176,9 @@ impl HfTokenizer {
             Err(_) => serde_json::json!({}),
         };
         if let Some(map) = config.as_object_mut() {
-            for (key, token) in [("bos_token", &self.bos), ("eos_token", &self.eos), ("pad_token", &self.pad), ("unk_token", &self.unk)] {
+            for (key, token) in
+                [("bos_token", &self.bos), ("eos_token", &self.eos), ("pad_token", &self.pad), ("unk_token", &self.unk)]
+            {
                 if let Some(t) = token {
                     map.insert(key.to_string(), t.text.clone().into());
                 }

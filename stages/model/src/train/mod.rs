@@ -45,7 +45,9 @@ pub use parallel::{Contribution, DeviceReducer, GradReducer, HostReducer};
 pub use params::{HostTensor, ParamCounts, count_params, load_params, trainable_params};
 pub use plot::{render as render_loss_curve, write_loss_curve};
 pub use schedule::{LrSchedule, ScheduleKind};
-pub use trainer::{StepGradients, eval_loss, is_out_of_memory, out_of_memory_hint, step_gradients, train, train_data_parallel};
+pub use trainer::{
+    StepGradients, eval_loss, is_out_of_memory, out_of_memory_hint, step_gradients, train, train_data_parallel,
+};
 
 /// A model that returns the summed cross-entropy of a batch (on any backend).
 pub trait CausalLoss<B: Backend> {
