@@ -260,28 +260,31 @@ fn kernels_check_runs_on_the_cpu_and_reports_agreement() {
 }
 
 /// `gradient_checkpointing` changes how the backward pass is computed, not the result: the same
-/// losses step by step (and the key ignores it, so the cache would serve either run).
+/// losses step by step (and the key ignores it, so the cache would serve either run). With LoRA
+/// dropout too: each recomputed layer draws the masks its forward pass drew.
 #[test]
 fn gradient_checkpointing_trains_to_the_same_losses() {
-    let losses = |checkpointing: bool| {
+    let losses = |checkpointing: bool, dropout: &str| {
         let p = Project::new();
+        let mut settings = format!("lora_dropout: {dropout}");
         if checkpointing {
-            p.edit("p.yml", "lora_dropout: 0.0", "lora_dropout: 0.0\ngradient_checkpointing: true");
+            settings.push_str("\ngradient_checkpointing: true");
         }
-        p.run_pipeline();
-        let text = std::fs::read_to_string(p.path("outputs/quickstart/metrics.jsonl")).unwrap();
-        text.lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-            .filter(|v| v["kind"] == "train")
-            .map(|v| v["loss"].as_f64().unwrap())
-            .collect::<Vec<f64>>()
+        p.edit("p.yml", "lora_dropout: 0.0", &settings);
+        let out = p.run(&["run", "p.yml", "--quiet"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && !err.contains("not applied"), "{err}");
+        train_losses(&p)
     };
-    let (plain, checkpointed) = (losses(false), losses(true));
-    assert!(!plain.is_empty());
-    assert_eq!(plain.len(), checkpointed.len());
-    for (a, b) in plain.iter().zip(&checkpointed) {
-        assert!((a - b).abs() <= 1e-5 * a.abs(), "{plain:?} vs {checkpointed:?}");
+    for dropout in ["0.0", "0.2"] {
+        let (plain, checkpointed) = (losses(false, dropout), losses(true, dropout));
+        assert!(plain.len() > 1);
+        assert_eq!(plain.len(), checkpointed.len());
+        for (a, b) in plain.iter().zip(&checkpointed) {
+            assert!((a - b).abs() <= 1e-5 * a.abs(), "dropout {dropout}: {plain:?} vs {checkpointed:?}");
+        }
     }
+    assert_ne!(losses(false, "0.0"), losses(false, "0.2"), "dropout must change the run");
 }
 
 /// `adapter: qlora` trains on an NF4 base: it learns (the loss falls) and is not the LoRA run

@@ -423,6 +423,14 @@ impl WithAutodiffBackend for TrainWork<'_> {
             Ok(model)
         };
         let model = load_replica(&device)?;
+        if model.gradient_checkpointing && model.has_dropout() && !model.checkpoints_with_dropout() {
+            ctx.progress.println(
+                "warning: gradient_checkpointing is not applied with lora_dropout > 0 on CUDA yet: that the \
+                 recomputed layers draw the forward pass's dropout masks is checked on the CPU only \
+                 (bench/gpu_dropout_checkpointing.sh checks it on a GPU); set lora_dropout: 0 to use it"
+                    .to_string(),
+            );
+        }
         if let Some(vocab) = grown_from {
             ctx.progress.println(format!(
                 "vocabulary: {vocab} → {} entries for `tokens`/`special_tokens`; the new embedding and LM head rows \
@@ -553,14 +561,6 @@ impl Stage for Train {
         let cfg: TrainParams = ctx.node.params_as()?;
         let settings: TrainSettings = ctx.node.settings_as()?;
         let b = backend_of(settings.device.backend)?;
-        if settings.gradient_checkpointing && cfg.lora.dropout > 0.0 {
-            // The layer-by-layer recomputation would draw other dropout masks than the forward.
-            ctx.progress.println(
-                "warning: gradient_checkpointing is not applied with lora_dropout > 0 (the recomputed layers \
-                 would draw other dropout masks); set lora_dropout: 0 to use it"
-                    .to_string(),
-            );
-        }
         if b != ResolvedBackend::Cpu {
             backend::configure_kernel_cache(&ctx.cache_root)?;
         }

@@ -457,9 +457,16 @@ impl<B: KernelBackend> Llama<B> {
         };
         let ctx =
             LayerContext { config: &self.config, rope: &rope, attend: &attend, cache_at: (offset, capacity, span) };
+        // In training, layers with dropout seed their masks from the micro-batch's seed, as
+        // gradient checkpointing's recomputation does (`self_backward`).
+        let seed = crate::train::rng::batch_seed().filter(|_| cache.is_none() && self.has_dropout());
+        let device = x.device();
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(x, &ctx, slot);
+            x = match seed {
+                Some(s) => crate::train::rng::seeded_layer::<B, _>(&device, s, i, || layer.forward(x, &ctx, slot)),
+                None => layer.forward(x, &ctx, slot),
+            };
         }
         if let Some(c) = cache {
             c.len += t;
@@ -545,18 +552,23 @@ where
     /// activation memory is one layer's graph plus one `[batch, seq, hidden]` tensor per layer,
     /// for one more forward pass of compute.
     ///
-    /// Not used (`None`, the ordinary path runs) when a layer draws random numbers or when the
-    /// embedding is trained: LoRA dropout would draw different masks in the recomputation, and
-    /// the embedding's gradient is not computed here.
+    /// LoRA dropout: each layer seeds its masks from the micro-batch's seed and its index, in
+    /// the forward pass and again in its recomputation, so both draw the same masks. Outside the
+    /// training loop (no micro-batch seed) a model with dropout uses the ordinary path, and so
+    /// it does on CUDA until the masks are checked there (`bench/gpu_dropout_checkpointing.sh`):
+    /// Burn's fusion may run a random op after a later reseed.
+    ///
+    /// Not used (`None`, the ordinary path runs) when the embedding is trained: its gradient is
+    /// not computed here.
     fn self_backward(&self, batch: &TrainBatch<B>) -> Option<crate::train::SelfBackwardOut<B::InnerBackend>> {
         use crate::train::ParamGrads;
-        let dropout = self.layers.iter().any(|l| {
-            let (a, m) = (&l.self_attn, &l.mlp);
-            [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
-                .iter()
-                .any(|lin| lin.lora.as_ref().is_some_and(|adapter| adapter.dropout > 0.0))
-        });
-        if !self.gradient_checkpointing || dropout || self.embed_tokens.is_require_grad() {
+        use crate::train::rng::seeded_layer;
+        let seed = crate::train::rng::batch_seed().filter(|_| self.has_dropout());
+        let device = batch.input_ids.device();
+        if !self.gradient_checkpointing
+            || self.embed_tokens.is_require_grad()
+            || (self.has_dropout() && (seed.is_none() || !dropout_checkpointing_checked::<B>(&device)))
+        {
             return None;
         }
         let inner = self.valid();
@@ -571,9 +583,15 @@ where
         let ctx = LayerContext { config: &inner.config, rope: &rope, attend: &attend, cache_at: (0, t, t) };
         let mut x = inner.embed_tokens.val().select(0, inner_ids.reshape([b * t])).reshape([b, t, hidden]);
         let mut inputs = Vec::with_capacity(inner.layers.len());
-        for layer in &inner.layers {
+        let inner_device = x.device();
+        for (i, layer) in inner.layers.iter().enumerate() {
             inputs.push(x.clone());
-            x = layer.forward(x, &ctx, None);
+            x = match seed {
+                Some(s) => seeded_layer::<B::InnerBackend, _>(&inner_device, s, i, || {
+                    crate::lora::with_training_dropout(|| layer.forward(x, &ctx, None))
+                }),
+                None => layer.forward(x, &ctx, None),
+            };
         }
         drop(inner);
 
@@ -588,9 +606,12 @@ where
         let rope = RopeTables::new(batch.position_ids.clone(), &self.inv_freq).cast(dtype);
         let attend = Attend::Flash(batch.segment_ids.clone());
         let ctx = LayerContext { config: &self.config, rope: &rope, attend: &attend, cache_at: (0, t, t) };
-        for (layer, input) in self.layers.iter().zip(inputs).rev() {
+        for (i, (layer, input)) in self.layers.iter().zip(inputs).enumerate().rev() {
             let input = Tensor::<B, 3>::from_inner(input).require_grad();
-            let y = layer.forward(input.clone(), &ctx, None);
+            let y = match seed {
+                Some(s) => seeded_layer::<B, _>(&device, s, i, || layer.forward(input.clone(), &ctx, None)),
+                None => layer.forward(input.clone(), &ctx, None),
+            };
             let mut g = (y * Tensor::from_inner(grad_out)).sum().backward();
             grads.accumulate(ParamGrads::collect::<B, _>(&mut g, self));
             grad_out = input.grad(&g).expect("a layer's input has a gradient");
@@ -600,6 +621,22 @@ where
 }
 
 impl<B: Backend> Llama<B> {
+    /// Whether gradient checkpointing with LoRA dropout is used on this model's backend: on the
+    /// CPU (Flex draws eagerly, so a layer's reseed covers its masks); not yet on CUDA.
+    pub fn checkpoints_with_dropout(&self) -> bool {
+        dropout_checkpointing_checked::<B>(&self.embed_tokens.device())
+    }
+
+    /// Whether any adapter draws a dropout mask in training.
+    pub fn has_dropout(&self) -> bool {
+        self.layers.iter().any(|l| {
+            let (a, m) = (&l.self_attn, &l.mlp);
+            [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
+                .iter()
+                .any(|lin| lin.lora.as_ref().is_some_and(|adapter| adapter.dropout > 0.0))
+        })
+    }
+
     /// Rebuilds every linear layer through `f`, given its Hugging Face path
     /// (`model.layers.3.mlp.up_proj`); used to attach and load adapters.
     pub fn map_linears<E>(
@@ -698,6 +735,11 @@ impl<B: Backend> Loader<'_, B> {
     fn tensor<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Tensor<B, D>, LoadError> {
         self.optional(name, shape)?.ok_or_else(|| LoadError::Missing { dir: self.dir.to_path_buf(), name: name.into() })
     }
+}
+
+/// See [`Llama::checkpoints_with_dropout`].
+fn dropout_checkpointing_checked<B: Backend>(device: &B::Device) -> bool {
+    !B::name(device).to_lowercase().contains("cuda")
 }
 
 #[cfg(test)]

@@ -179,9 +179,9 @@ impl<B: newt_kernels::KernelBackend> LoraAdapter<B> {
         let device = x.device();
         let dtype = lora_compute_dtype(x.dtype());
         let mut x = in_dtype(x, dtype);
-        // Dropout only while gradients are recorded (training); `Module::valid()` gives the
-        // inference view, as everywhere in Burn.
-        if self.dropout > 0.0 && B::ad_enabled(&device) {
+        // Dropout only while training: while gradients are recorded (`Module::valid()` gives the
+        // inference view, as everywhere in Burn), or in gradient checkpointing's forward pass.
+        if self.dropout > 0.0 && dropout_on::<B>(&device) {
             let keep = x.random_like(Distribution::Bernoulli(1.0 - self.dropout));
             x = x * keep.div_scalar(1.0 - self.dropout);
         }
@@ -197,7 +197,7 @@ impl<B: Backend> LoraAdapter<B> {
     /// [`newt_kernels::lora_linear`] with its base layer: it computes in that type and draws no
     /// dropout mask (none configured, or not training).
     fn fused_operands(&self, activations: DType, device: &B::Device) -> Option<(Tensor<B, 2>, Tensor<B, 2>)> {
-        let dropout = self.dropout > 0.0 && B::ad_enabled(device);
+        let dropout = self.dropout > 0.0 && dropout_on::<B>(device);
         if dropout || lora_compute_dtype(activations) != activations {
             return None;
         }
@@ -366,6 +366,29 @@ impl<B: newt_kernels::KernelBackend> LoraLinear<B> {
         shape[D - 1] = out;
         y.reshape(shape)
     }
+}
+
+thread_local! {
+    static CHECKPOINT_FORWARD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` as gradient checkpointing's forward pass: without autodiff, but with the dropout of
+/// training, so the recomputation (with autodiff, same seed) draws the same masks.
+pub(crate) fn with_training_dropout<T>(f: impl FnOnce() -> T) -> T {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            CHECKPOINT_FORWARD.set(self.0);
+        }
+    }
+    let _restore = Restore(CHECKPOINT_FORWARD.replace(true));
+    f()
+}
+
+/// Whether adapters apply their dropout here: training (gradients recorded), or inside
+/// [`with_training_dropout`].
+fn dropout_on<B: Backend>(device: &B::Device) -> bool {
+    B::ad_enabled(device) || CHECKPOINT_FORWARD.get()
 }
 
 /// A parameter that no optimizer will touch (no gradient is recorded for it).

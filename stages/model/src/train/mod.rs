@@ -25,7 +25,7 @@ mod metrics;
 mod parallel;
 mod params;
 mod plot;
-mod rng;
+pub(crate) mod rng;
 mod schedule;
 mod trainer;
 
@@ -44,6 +44,7 @@ pub use metrics::{EvalReport, FlopsModel, MetricsLog, MetricsRecord, StepReport}
 pub use parallel::{Contribution, DeviceReducer, GradReducer, HostReducer};
 pub use params::{HostTensor, ParamCounts, count_params, load_params, trainable_params};
 pub use plot::{render as render_loss_curve, write_loss_curve};
+pub use rng::with_batch_seed;
 pub use schedule::{LrSchedule, ScheduleKind};
 pub use trainer::{
     StepGradients, eval_loss, is_out_of_memory, out_of_memory_hint, step_gradients, train, train_data_parallel,

@@ -40,3 +40,43 @@ impl SplitMix64 {
         SplitMix64::new(seed ^ stream.wrapping_mul(0xd6e8_feb8_6659_fd93)).next_u64()
     }
 }
+
+thread_local! {
+    static BATCH_SEED: std::cell::Cell<Option<u64>> = const { std::cell::Cell::new(None) };
+}
+
+/// The backend's random generator is process-wide: a layer that seeds it and draws its dropout
+/// masks holds this lock, so a replica on another thread cannot draw in between.
+static LAYER_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Runs `f` with `seed` as this thread's micro-batch seed: each decoder layer then seeds its
+/// dropout masks from (seed, layer), so gradient checkpointing's recomputation of a layer draws
+/// the masks its forward pass drew. Set by the training loop around each micro-batch.
+pub fn with_batch_seed<T>(seed: u64, f: impl FnOnce() -> T) -> T {
+    struct Restore(Option<u64>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            BATCH_SEED.set(self.0);
+        }
+    }
+    let _restore = Restore(BATCH_SEED.replace(Some(seed)));
+    f()
+}
+
+/// This thread's micro-batch seed, inside [`with_batch_seed`].
+pub fn batch_seed() -> Option<u64> {
+    BATCH_SEED.get()
+}
+
+/// Runs `f` (one layer's forward pass) with the backend's generator seeded from (`seed`,
+/// `layer`), holding the process-wide lock while it draws.
+pub fn seeded_layer<B: burn::tensor::backend::Backend, T>(
+    device: &B::Device,
+    seed: u64,
+    layer: usize,
+    f: impl FnOnce() -> T,
+) -> T {
+    let _lock = LAYER_RNG.lock().unwrap_or_else(|p| p.into_inner());
+    B::seed(device, SplitMix64::mix(seed, layer as u64));
+    f()
+}

@@ -286,9 +286,12 @@ where
         let opt_ref = &mut opt;
         let mut clock = PhaseClock::new();
         let clock_ref = &mut clock;
-        let mine = rank.share(&micro_batches);
+        // Each micro-batch's dropout seed depends on its place in the step, not on the rank
+        // that runs it.
+        let seeds: Vec<u64> = (0..micro_batches.len() as u64).map(|k| SplitMix64::mix(step_seed, k)).collect();
+        let (mine, my_seeds) = (rank.share(&micro_batches), rank.share(&seeds));
         let (new_model, out) = guard_oom(step_no, cfg, move || {
-            optimizer_step::<B, M>(model, data, &mine, rank, max_norm, opt_ref, lr, device, clock_ref)
+            optimizer_step::<B, M>(model, data, &mine, &my_seeds, rank, max_norm, opt_ref, lr, device, clock_ref)
         })?;
         clock.report(step_no);
         model = new_model;
@@ -416,8 +419,9 @@ where
     B: AutodiffBackend,
     M: CausalLm<B>,
 {
+    let seeds: Vec<u64> = (0..micro_batches.len() as u64).map(|k| SplitMix64::mix(0x5eed, k)).collect();
     let (mut grads, loss_sum, trained_tokens) =
-        queue_step_gradients::<B, M>(model, data, micro_batches, device, &mut PhaseClock::new());
+        queue_step_gradients::<B, M>(model, data, micro_batches, &seeds, device, &mut PhaseClock::new());
     if trained_tokens > 0 {
         grads.scale(1.0 / trained_tokens as f64);
     }
@@ -434,6 +438,7 @@ fn queue_step_gradients<B, M>(
     model: &M,
     data: &TrainData,
     micro_batches: &[Vec<usize>],
+    seeds: &[u64],
     device: &B::Device,
     clock: &mut PhaseClock,
 ) -> Queued<B::InnerBackend>
@@ -444,11 +449,12 @@ where
     let mut grads = ParamGrads::<B::InnerBackend>::default();
     let mut loss_sum: Option<Tensor<B::InnerBackend, 1>> = None;
     let mut trained_tokens = 0usize;
-    for rows in micro_batches {
+    for (rows, seed) in micro_batches.iter().zip(seeds) {
         let batch = data.micro_batch::<B>(rows, device);
         clock.mark::<B>("batch", device);
-        // The model's own backward pass (gradient checkpointing), or Burn's on its loss.
-        let (tokens, step_grads, value) = match model.self_backward(&batch) {
+        // The model's own backward pass (gradient checkpointing), or Burn's on its loss; the
+        // seed makes the dropout masks of a recomputed layer the ones its forward pass drew.
+        let (tokens, step_grads, value) = super::rng::with_batch_seed(*seed, || match model.self_backward(&batch) {
             Some(out) => {
                 clock.mark::<B>("forward+backward", device);
                 (out.tokens, out.grads, out.loss_sum)
@@ -461,7 +467,7 @@ where
                 clock.mark::<B>("backward", device);
                 (out.tokens, grads, out.sum.inner())
             }
-        };
+        });
         trained_tokens += tokens;
         grads.accumulate(step_grads);
         loss_sum = Some(match loss_sum {
@@ -479,6 +485,7 @@ fn optimizer_step<B, M>(
     model: M,
     data: &TrainData,
     micro_batches: &[Vec<usize>],
+    seeds: &[u64],
     rank: Rank<'_, B::InnerBackend>,
     max_grad_norm: f64,
     opt: &mut AdamW<B::InnerBackend>,
@@ -491,7 +498,8 @@ where
     B::InnerBackend: newt_kernels::KernelBackend,
     M: CausalLm<B>,
 {
-    let (grads, loss_sum, trained_tokens) = queue_step_gradients::<B, M>(&model, data, micro_batches, device, clock);
+    let (grads, loss_sum, trained_tokens) =
+        queue_step_gradients::<B, M>(&model, data, micro_batches, seeds, device, clock);
     let flat = grads.flatten();
     let (flat, loss_sum, trained_tokens) = match rank.reducer {
         None => (flat, loss_sum, trained_tokens),
