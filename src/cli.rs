@@ -170,8 +170,15 @@ pub enum Command {
 /// `newt cache ...`
 #[derive(Debug, Subcommand)]
 pub enum CacheCommand {
-    /// List cached results.
-    Ls,
+    /// List cached results (`--from-remote`: the remote cache's, and whether this machine has each).
+    Ls {
+        /// List the remote cache (`--remote URL`, `NEWT_CACHE_REMOTE`, or `-p`'s `cache.remote`).
+        #[arg(long)]
+        from_remote: bool,
+        /// With `--from-remote`: the pipeline whose remote to list.
+        #[arg(long, short)]
+        pipeline: Option<PathBuf>,
+    },
     /// Show one result: manifest and files.
     Show {
         /// Digest (or key) prefix.

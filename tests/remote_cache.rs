@@ -230,6 +230,15 @@ fn a_second_machine_pulls_every_result_and_never_uses_a_corrupt_one() {
     }
     let (again, _) = b.run();
     assert!(all(&again, "hit"), "a rerun on B is local hits: {again:?}");
+    // `cache ls --from-remote` lists each result the remote has, its writer, and that B has it.
+    let ls = b.newt(&["cache", "ls", "--from-remote", "-p", "p.yml"]).output().unwrap();
+    let ls_out = String::from_utf8_lossy(&ls.stdout);
+    assert!(ls.status.success(), "{ls_out}{}", String::from_utf8_lossy(&ls.stderr));
+    for (id, (_, output)) in &ran {
+        let line = ls_out.lines().find(|l| l.contains(&output[..12])).unwrap_or_else(|| panic!("{id}: {ls_out}"));
+        assert!(line.contains(id.as_str()) && line.contains(" local ") && line.ends_with(" ci"), "{line}");
+    }
+    assert!(ls_out.contains(&format!("({} results)", ran.len())), "{ls_out}");
     // B is read-only: it cannot push.
     let refused = b.newt(&["cache", "push", "-p", "p.yml", "--all"]).output().unwrap();
     assert!(!refused.status.success());
@@ -250,6 +259,12 @@ fn a_second_machine_pulls_every_result_and_never_uses_a_corrupt_one() {
     let (untrusted, stderr) = c.run();
     assert!(all(&untrusted, "ran"), "{untrusted:?}");
     assert!(stderr.contains("not in trusted_writers"), "{stderr}");
+    let ls = c.newt(&["cache", "ls", "--from-remote", "-p", "p.yml"]).output().unwrap();
+    let ls_out = String::from_utf8_lossy(&ls.stdout);
+    assert!(ls.status.success(), "{ls_out}");
+    let refused =
+        ls_out.lines().filter(|l| l.contains("refused") && l.contains("ci: not used: it was written by `ci`")).count();
+    assert!(refused >= ran.len(), "each of A's results is listed as refused on C:\n{ls_out}");
 
     // Damage one file of tokenize's result in the bucket (same size): a new machine detects it,
     // runs tokenize again (and pulls the rest), and being read-write mends the bucket.

@@ -150,6 +150,19 @@ struct Envelope {
     manifest: String,
 }
 
+/// One result in a remote cache, as `newt cache ls --remote` lists it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RemoteEntry {
+    /// Its key.
+    pub key: Digest,
+    /// Its manifest, when this machine would use the result.
+    pub manifest: Option<Manifest>,
+    /// Who wrote it, when its envelope says.
+    pub writer: Option<String>,
+    /// Why this machine would not use it.
+    pub problem: Option<String>,
+}
+
 /// A handle on a remote cache. Cheap to share (`Arc`).
 #[derive(Debug)]
 pub struct Remote {
@@ -553,6 +566,23 @@ impl Remote {
             Some((bytes, _)) => self.open_envelope(key, &bytes).ok().map(|(m, _)| m.output),
             None => None,
         })
+    }
+
+    /// Every result in the remote, each with its manifest when this machine would use it, or
+    /// why not (an untrusted writer, a MAC that does not verify, a broken manifest). One read
+    /// per manifest; objects are not read.
+    pub async fn entries(&self) -> Result<Vec<RemoteEntry>, RemoteError> {
+        let mut out = Vec::new();
+        for key in self.keys().await? {
+            // Gone since the listing: nothing to show.
+            let Some((bytes, _)) = self.envelope(&key).await? else { continue };
+            let writer = serde_json::from_slice::<Envelope>(&bytes).ok().map(|e| e.writer);
+            out.push(match self.open_envelope(&key, &bytes) {
+                Ok((manifest, _)) => RemoteEntry { key, manifest: Some(manifest), writer, problem: None },
+                Err(why) => RemoteEntry { key, manifest: None, writer, problem: Some(why) },
+            });
+        }
+        Ok(out)
     }
 
     /// Keys of every remote manifest.

@@ -17,7 +17,8 @@ pub fn cache(cli: &Cli, cmd: &CacheCommand) -> anyhow::Result<i32> {
     }
     let cache = open_cache(cli)?;
     match cmd {
-        CacheCommand::Ls => {
+        CacheCommand::Ls { from_remote: true, pipeline } => return ls_remote(cli, pipeline.as_deref()),
+        CacheCommand::Ls { .. } => {
             let mut ms = cache.manifests()?;
             ms.sort_by_key(|m| std::cmp::Reverse(m.created_unix));
             if cli.json {
@@ -95,6 +96,44 @@ fn with_remote(cli: &Cli, pipeline: Option<&Path>) -> anyhow::Result<(Cache, Arc
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+/// `newt cache ls --from-remote`: each result in the remote, whether this machine has it,
+/// and why it would not use one (the trust checks of a pull, without downloading).
+fn ls_remote(cli: &Cli, pipeline: Option<&Path>) -> anyhow::Result<i32> {
+    let (cache, remote, _) = with_remote(cli, pipeline)?;
+    let entries = runtime()?.block_on(remote.entries())?;
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(&entries)?);
+        return Ok(0);
+    }
+    println!("{:<14} {:<14} {:<16} {:<14} {:>10}  {:<10} writer", "key", "output", "stage", "kind", "size", "here");
+    for e in &entries {
+        let here = if cache.lookup(&e.key)?.manifest.is_some() { "local" } else { "remote" };
+        let writer = e.writer.as_deref().unwrap_or("?");
+        match &e.manifest {
+            Some(m) => println!(
+                "{:<14} {:<14} {:<16} {:<14} {:>10}  {here:<10} {writer}",
+                e.key.short(),
+                m.output.short(),
+                m.stage_id,
+                m.kind,
+                human(m.files.iter().map(|f| f.size).sum())
+            ),
+            None => println!(
+                "{:<14} {:<14} {:<16} {:<14} {:>10}  {:<10} {writer}: not used: {}",
+                e.key.short(),
+                "-",
+                "-",
+                "-",
+                "-",
+                "refused",
+                e.problem.as_deref().unwrap_or("")
+            ),
+        }
+    }
+    println!("remote: {} ({} results)", remote.url(), entries.len());
+    Ok(0)
 }
 
 /// `newt cache push`.
