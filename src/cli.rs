@@ -176,7 +176,7 @@ pub enum CacheCommand {
         #[arg(long)]
         from_remote: bool,
         /// With `--from-remote`: the pipeline whose remote to list.
-        #[arg(long, short)]
+        #[arg(long, short, requires = "from_remote")]
         pipeline: Option<PathBuf>,
     },
     /// Show one result: manifest and files.

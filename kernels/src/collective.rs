@@ -60,7 +60,6 @@ impl Collective {
         Ok(format!("{}.{}.{}", v / 10000, v / 100 % 100, v % 100))
     }
 
-    #[cfg_attr(not(test), allow(dead_code))]
     fn comm(&self, rank: usize) -> sys::ncclComm_t {
         self.comms[rank].0
     }

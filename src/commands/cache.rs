@@ -107,9 +107,12 @@ fn ls_remote(cli: &Cli, pipeline: Option<&Path>) -> anyhow::Result<i32> {
         println!("{}", serde_json::to_string_pretty(&entries)?);
         return Ok(0);
     }
+    // Which keys this machine has: the listing's shallow check (files and sizes), not a
+    // per-key lookup that may hash whole objects.
+    let local: std::collections::BTreeSet<Digest> = cache.manifests()?.into_iter().map(|m| m.key).collect();
     println!("{:<14} {:<14} {:<16} {:<14} {:>10}  {:<10} writer", "key", "output", "stage", "kind", "size", "here");
     for e in &entries {
-        let here = if cache.lookup(&e.key)?.manifest.is_some() { "local" } else { "remote" };
+        let here = if local.contains(&e.key) { "local" } else { "remote" };
         let writer = e.writer.as_deref().unwrap_or("?");
         match &e.manifest {
             Some(m) => println!(

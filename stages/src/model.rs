@@ -298,7 +298,7 @@ fn check_vocab_growth(
 fn replica_devices<B: Backend>(device: &B::Device, world: usize) -> anyhow::Result<Vec<B::Device>> {
     use burn::prelude::DeviceOps;
     let id = device.to_id();
-    if B::name(device).to_lowercase().contains("cuda") {
+    if backend::on_cuda::<B>(device) {
         let visible = backend::cuda_device_count();
         if visible < world {
             anyhow::bail!(
@@ -451,7 +451,7 @@ impl WithAutodiffBackend for TrainWork<'_> {
                     + mc.hidden_size * mc.vocab_size) as u64,
                 n_layers: mc.num_hidden_layers as u64,
                 d_model: mc.hidden_size as u64,
-                peak_flops: if B::name(&device).to_lowercase().contains("cuda") { 989e12 } else { 1e11 },
+                peak_flops: if backend::on_cuda::<B>(&device) { 989e12 } else { 1e11 },
             }),
         };
         let tcfg = train_config(cfg, &self.settings);
@@ -461,7 +461,7 @@ impl WithAutodiffBackend for TrainWork<'_> {
         // several GPUs), `host`, or either forced on one GPU to run the data-parallel path alone.
         let reducer_choice = std::env::var("NEWT_REDUCER").ok().filter(|v| !v.is_empty());
         let (model, summary) = if world > 1 || reducer_choice.is_some() {
-            let on_gpus = B::name(&device).to_lowercase().contains("cuda");
+            let on_gpus = backend::on_cuda::<B>(&device);
             // One replica per device (CUDA) or per thread (CPU), each loaded the same way: the
             // adapter's initialisation is seeded, so every replica starts from the same weights.
             let devices = replica_devices::<B>(&device, world)?;
@@ -642,7 +642,7 @@ pub(crate) fn load_model<B: Backend>(
 /// model whose weights alone exceed this machine's memory is refused before it is read, rather
 /// than aborting on an allocation halfway.
 fn check_host_memory<B: Backend>(model_dir: &Path, device: &B::Device) -> anyhow::Result<()> {
-    if B::name(device).to_lowercase().contains("cuda") {
+    if backend::on_cuda::<B>(device) {
         return Ok(());
     }
     let config = newt_model::config::ModelConfig::from_dir(model_dir)?;

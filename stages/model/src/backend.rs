@@ -100,6 +100,11 @@ impl ResolvedBackend {
     }
 }
 
+/// Whether `device` is one of Burn's CUDA devices (so far every non-CPU backend newt runs).
+pub fn on_cuda<B: burn::tensor::backend::Backend>(device: &B::Device) -> bool {
+    B::name(device).to_lowercase().contains("cuda")
+}
+
 /// Number of CUDA devices the driver reports; 0 when there is no driver or no device.
 pub fn cuda_device_count() -> usize {
     static COUNT: OnceLock<Result<usize, String>> = OnceLock::new();

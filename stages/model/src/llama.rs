@@ -563,11 +563,12 @@ where
     fn self_backward(&self, batch: &TrainBatch<B>) -> Option<crate::train::SelfBackwardOut<B::InnerBackend>> {
         use crate::train::ParamGrads;
         use crate::train::rng::seeded_layer;
-        let seed = crate::train::rng::batch_seed().filter(|_| self.has_dropout());
+        let dropout = self.has_dropout();
+        let seed = crate::train::rng::batch_seed().filter(|_| dropout);
         let device = batch.input_ids.device();
         if !self.gradient_checkpointing
             || self.embed_tokens.is_require_grad()
-            || (self.has_dropout() && (seed.is_none() || !dropout_checkpointing_checked::<B>(&device)))
+            || (dropout && (seed.is_none() || !dropout_checkpointing_checked::<B>(&device)))
         {
             return None;
         }
@@ -739,7 +740,7 @@ impl<B: Backend> Loader<'_, B> {
 
 /// See [`Llama::checkpoints_with_dropout`].
 fn dropout_checkpointing_checked<B: Backend>(device: &B::Device) -> bool {
-    !B::name(device).to_lowercase().contains("cuda")
+    !crate::backend::on_cuda::<B>(device)
 }
 
 #[cfg(test)]

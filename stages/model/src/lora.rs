@@ -375,14 +375,7 @@ thread_local! {
 /// Runs `f` as gradient checkpointing's forward pass: without autodiff, but with the dropout of
 /// training, so the recomputation (with autodiff, same seed) draws the same masks.
 pub(crate) fn with_training_dropout<T>(f: impl FnOnce() -> T) -> T {
-    struct Restore(bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            CHECKPOINT_FORWARD.set(self.0);
-        }
-    }
-    let _restore = Restore(CHECKPOINT_FORWARD.replace(true));
-    f()
+    crate::train::rng::scoped(&CHECKPOINT_FORWARD, true, f)
 }
 
 /// Whether adapters apply their dropout here: training (gradients recorded), or inside

@@ -53,13 +53,23 @@ static LAYER_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// dropout masks from (seed, layer), so gradient checkpointing's recomputation of a layer draws
 /// the masks its forward pass drew. Set by the training loop around each micro-batch.
 pub fn with_batch_seed<T>(seed: u64, f: impl FnOnce() -> T) -> T {
-    struct Restore(Option<u64>);
-    impl Drop for Restore {
+    scoped(&BATCH_SEED, Some(seed), f)
+}
+
+/// Runs `f` with the thread-local `cell` set to `value`, restoring the old value afterwards
+/// (also when `f` panics).
+pub(crate) fn scoped<V: Copy + 'static, T>(
+    cell: &'static std::thread::LocalKey<std::cell::Cell<V>>,
+    value: V,
+    f: impl FnOnce() -> T,
+) -> T {
+    struct Restore<V: Copy + 'static>(&'static std::thread::LocalKey<std::cell::Cell<V>>, V);
+    impl<V: Copy + 'static> Drop for Restore<V> {
         fn drop(&mut self) {
-            BATCH_SEED.set(self.0);
+            self.0.set(self.1);
         }
     }
-    let _restore = Restore(BATCH_SEED.replace(Some(seed)));
+    let _restore = Restore(cell, cell.replace(value));
     f()
 }
 

@@ -128,20 +128,18 @@ where
             reducer.world()
         )));
     }
-    let quiet = TrainRun { metrics_jsonl: None, loss_curve_png: None, ..run.clone() };
     std::thread::scope(|scope| {
         let mut replicas = replicas.into_iter();
         let (lead_model, lead_device) = replicas.next().expect("checked: not empty");
         let others: Vec<_> = replicas
             .enumerate()
             .map(|(i, (model, device))| {
-                let quiet = &quiet;
                 let rank = Rank { rank: i + 1, reducer: Some(reducer) };
                 std::thread::Builder::new()
                     .name(format!("newt-train-rank-{}", i + 1))
                     .spawn_scoped(scope, move || {
                         let out = catch_unwind(AssertUnwindSafe(|| {
-                            replica(rank, model, data, cfg, quiet, &mut NoHooks, &device).map(|_| ())
+                            replica(rank, model, data, cfg, run, &mut NoHooks, &device).map(|_| ())
                         }));
                         fail_peers(reducer, rank.rank, &out);
                         out
@@ -186,13 +184,14 @@ fn fail_peers<T, E: std::fmt::Display, R: Backend>(
     let why = match out {
         Ok(Ok(_)) => return,
         Ok(Err(e)) => e.to_string(),
-        Err(p) => p
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "panicked".into()),
+        Err(p) => panic_message(p.as_ref()).unwrap_or_else(|| "panicked".into()),
     };
     reducer.abort(rank, &why);
+}
+
+/// The message of a panic's payload (`panic!` with a literal or a formatted string).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> Option<String> {
+    payload.downcast_ref::<String>().cloned().or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
 }
 
 /// The loop of one replica ([`train`] is rank 0 of a world of one).
@@ -558,11 +557,7 @@ fn guard_oom<T>(step: usize, cfg: &TrainConfig, f: impl FnOnce() -> Result<T, Tr
         Ok(Err(TrainError::NonFinite { loss, grad_norm, .. })) => Err(TrainError::NonFinite { step, loss, grad_norm }),
         Ok(r) => r,
         Err(payload) => {
-            let msg = payload
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
+            let msg = panic_message(payload.as_ref()).unwrap_or_default();
             if is_out_of_memory(&msg) {
                 Err(TrainError::OutOfMemory { step, hint: out_of_memory_hint(cfg) })
             } else {
