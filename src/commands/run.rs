@@ -260,6 +260,14 @@ fn print_world(p: &Pipeline) {
         mbs * global,
         global / w.max(1)
     );
+    if let Some(full) = &params.full {
+        let which = if full.unfrozen_parameters.is_empty() {
+            "every weight trains".to_string()
+        } else {
+            format!("only the weights unfrozen_parameters names train ({})", full.unfrozen_parameters.join(", "))
+        };
+        println!("train: full fine-tune (`adapter` unset): {which}; the train stage writes the model folder, no merge");
+    }
 }
 
 /// The Axolotl keys the pipeline sets that newt accepts and ignores, grouped by reason.
@@ -376,7 +384,7 @@ pub fn model_and_adapter(
         let plan = newt_graph::why::plan(&p, &registry, &s.cache, &s.loaded.base_dir, &s.pipeline_id)?;
         if !plan.iter().any(|e| e.id == "train" && e.hit) {
             anyhow::bail!(
-                "the trained adapter is not in the cache yet: run `newt run {}` first (or pass --base)",
+                "the trained adapter (or model) is not in the cache yet: run `newt run {}` first (or pass --base)",
                 shown(&s.loaded.path)
             );
         }

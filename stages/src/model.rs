@@ -8,8 +8,8 @@ use std::sync::Arc;
 use burn::module::AutodiffModule;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use newt_config::params::{
-    BaseQuantization, DeviceSettings, EvaluateParams, FetchModelParams, LoraParams, MergeParams, TrainParams,
-    TrainSettings,
+    BaseQuantization, DeviceSettings, EvaluateParams, FetchModelParams, FullParams, LoraParams, MergeParams,
+    TrainParams, TrainSettings,
 };
 use newt_config::{Backend as BackendChoiceKey, SpecialTokens, TargetModules};
 use newt_graph::compile::StageNode;
@@ -266,22 +266,67 @@ fn read_data(path: &Path, pad_to: Option<usize>, rows: usize) -> anyhow::Result<
     }))
 }
 
+/// What the train stage trains: an adapter, or the model itself.
+enum Method {
+    Lora(LoraConfig),
+    Full(Option<newt_model::full::Unfrozen>, u64),
+}
+
+impl Method {
+    fn of(cfg: &TrainParams) -> anyhow::Result<Self> {
+        Ok(match (&cfg.lora, &cfg.full) {
+            (Some(l), _) => Method::Lora(lora_config(l, cfg.seed)),
+            (None, Some(FullParams { unfrozen_parameters, max_shard_size })) => {
+                let unfrozen = if unfrozen_parameters.is_empty() {
+                    None
+                } else {
+                    Some(newt_model::full::Unfrozen::parse(unfrozen_parameters)?)
+                };
+                Method::Full(unfrozen, *max_shard_size)
+            }
+            (None, None) => anyhow::bail!("train params name neither an adapter nor a full fine-tune"),
+        })
+    }
+}
+
 /// When the tokenizer has more entries than the model's embedding (`tokens`/`special_tokens`
 /// new to the vocabulary), the embedding's old size — and an error, as Axolotl gives, unless
-/// both `embed_tokens` and `lm_head` train (`lora_modules_to_save`), since new rows that never
-/// train would map the new tokens to the mean of the others.
+/// both `embed_tokens` and `lm_head` train (`lora_modules_to_save`, or in a full fine-tune
+/// `unfrozen_parameters` that leave them trainable), since new rows that never train would
+/// map the new tokens to the mean of the others.
 fn check_vocab_growth(
     model_dir: &Path,
     tok: &newt_data::HfTokenizer,
-    lora: &LoraParams,
+    method: &Method,
 ) -> anyhow::Result<Option<usize>> {
-    let vocab = newt_model::config::ModelConfig::from_dir(model_dir)?.vocab_size;
+    let config = newt_model::config::ModelConfig::from_dir(model_dir)?;
+    let vocab = config.vocab_size;
     let n = tok.vocab_size();
     if n <= vocab {
         return Ok(None);
     }
-    let missing: Vec<&str> =
-        ["embed_tokens", "lm_head"].into_iter().filter(|m| !lora.modules_to_save.iter().any(|x| x == m)).collect();
+    let trains = |m: &str| match method {
+        Method::Lora(l) => l.modules_to_save.iter().any(|x| x == m),
+        Method::Full(None, _) => true,
+        Method::Full(Some(u), _) => {
+            // A tied head is the embedding.
+            let name = if m == "lm_head" && !config.tie_word_embeddings {
+                "lm_head.weight"
+            } else {
+                "model.embed_tokens.weight"
+            };
+            u.matches(name)
+        }
+    };
+    let missing: Vec<&str> = ["embed_tokens", "lm_head"].into_iter().filter(|m| !trains(m)).collect();
+    if !missing.is_empty() && matches!(method, Method::Full(..)) {
+        anyhow::bail!(
+            "`tokens`/`special_tokens` add {} entries to the vocabulary ({vocab} → {n}): their embeddings must \
+             train, but `unfrozen_parameters` freezes {}",
+            n - vocab,
+            missing.join(" and ")
+        );
+    }
     if !missing.is_empty() {
         anyhow::bail!(
             "`tokens`/`special_tokens` add {} entries to the vocabulary ({vocab} → {n}): their embeddings must \
@@ -401,7 +446,7 @@ impl WithAutodiffBackend for TrainWork<'_> {
         let data = read_data(&pack.join("train.parquet"), cfg.pad_to, cfg.micro_batch_size)?
             .ok_or_else(|| anyhow::anyhow!("the pack stage produced no training rows"))?;
         let val = read_data(&pack.join("val.parquet"), cfg.pad_to, eval_batch)?;
-        let lora = lora_config(&cfg.lora, cfg.seed);
+        let method = Method::of(cfg)?;
         let quantize = quant_code(cfg.quantization);
         ctx.progress.set_message(match quantize {
             Some(code) => format!("loading model, quantizing it ({code:?})"),
@@ -411,10 +456,13 @@ impl WithAutodiffBackend for TrainWork<'_> {
         // The tokenizer the data was tokenized with: `tokens` and `special_tokens` new to the
         // vocabulary grow the model to its size.
         let tok = newt_data::HfTokenizer::load_for(model_dir, &cfg.special_tokens, &cfg.tokens)?;
-        let grown_from = check_vocab_growth(model_dir, &tok, &cfg.lora)?;
+        let grown_from = check_vocab_growth(model_dir, &tok, &method)?;
         let load_replica = |device: &B::Device| -> anyhow::Result<Llama<B>> {
             let mut model = load_model::<B>(model_dir, None, quantize, device)?.resize_vocab(tok.vocab_size());
-            model = model.with_lora(&lora)?;
+            model = match &method {
+                Method::Lora(lora) => model.with_lora(lora)?,
+                Method::Full(unfrozen, _) => model.train_full(unfrozen.as_ref())?,
+            };
             model.gradient_checkpointing = self.settings.gradient_checkpointing;
             if let Some(dir) = &cfg.lora_model_dir {
                 let dir = ctx.external.first().cloned().unwrap_or_else(|| PathBuf::from(dir));
@@ -506,11 +554,23 @@ impl WithAutodiffBackend for TrainWork<'_> {
         for w in &summary.warnings {
             ctx.progress.println(format!("warning: {w}"));
         }
-        let base_name = cfg.base_model.clone();
-        newt_model::peft::save_adapter(&model.valid(), &lora, &base_name, &ctx.out_dir)?;
-        if !cfg.tokens.is_empty() || cfg.special_tokens != SpecialTokens::default() {
-            // The tokenizer the adapter was trained with goes beside it (merge, PEFT users).
-            tok.save_files(&ctx.out_dir)?;
+        let new_tokens = !cfg.tokens.is_empty() || cfg.special_tokens != SpecialTokens::default();
+        match &method {
+            Method::Lora(lora) => {
+                newt_model::peft::save_adapter(&model.valid(), lora, &cfg.base_model, &ctx.out_dir)?;
+                if new_tokens {
+                    // The tokenizer the adapter was trained with goes beside it (merge, PEFT users).
+                    tok.save_files(&ctx.out_dir)?;
+                }
+            }
+            Method::Full(_, max_shard_size) => {
+                ctx.progress.set_message("saving the model".to_string());
+                let dir = ctx.out_dir.join(newt_model::full::MODEL_SUBDIR);
+                newt_model::full::save_model(&model.valid(), model_dir, model_dir, &dir, *max_shard_size)?;
+                if new_tokens {
+                    tok.save_files(&dir)?;
+                }
+            }
         }
         Ok(serde_json::json!({
             "steps": summary.plan.total_steps,
@@ -541,10 +601,21 @@ impl Stage for Train {
     fn uses_device(&self, node: &StageNode) -> bool {
         on_device(node)
     }
-    fn required_outputs(&self, _: &StageNode) -> Vec<String> {
+    fn required_outputs(&self, node: &StageNode) -> Vec<String> {
+        if is_full(node) {
+            let model = newt_model::full::MODEL_SUBDIR;
+            return vec![format!("{model}/config.json"), format!("{model}/tokenizer.json"), "metrics.jsonl".into()];
+        }
         vec!["adapter_config.json".into(), "adapter_model.safetensors".into(), "metrics.jsonl".into()]
     }
-    fn materialize(&self, _: &StageNode) -> Vec<(String, String)> {
+    fn materialize(&self, node: &StageNode) -> Vec<(String, String)> {
+        if is_full(node) {
+            let model = newt_model::full::MODEL_SUBDIR;
+            return [(model, "model"), ("metrics.jsonl", "metrics.jsonl"), ("loss.png", "loss.png")]
+                .iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect();
+        }
         [
             "adapter_config.json",
             "adapter_model.safetensors",
@@ -580,6 +651,11 @@ impl Stage for Train {
         }
         out
     }
+}
+
+/// Whether a train node is a full fine-tune (its output is a model folder, not an adapter).
+fn is_full(node: &StageNode) -> bool {
+    node.params_as::<TrainParams>().is_ok_and(|p| p.full.is_some())
 }
 
 /// The backend a model stage's settings ask for (train's carry it inside [`TrainSettings`]).
@@ -620,13 +696,18 @@ pub(crate) fn quant_code(q: BaseQuantization) -> Option<QuantCode> {
 }
 
 /// Loads the base model (quantized for QLoRA and 8-bit loading) with the adapter of a train
-/// artifact (when given).
+/// artifact (when given). A full fine-tune's train artifact holds the whole model instead: that
+/// model is loaded, and the base is not read.
 pub(crate) fn load_model<B: Backend>(
     model_dir: &Path,
     adapter: Option<&Path>,
     quantize: Option<QuantCode>,
     device: &B::Device,
 ) -> anyhow::Result<Llama<B>> {
+    if let Some(tuned) = adapter.and_then(newt_model::full::trained_model_dir) {
+        check_host_memory::<B>(&tuned, device)?;
+        return Ok(Llama::<B>::from_hf_dir(&tuned, device)?);
+    }
     check_host_memory::<B>(model_dir, device)?;
     let mut model = Llama::<B>::from_hf_dir(model_dir, device)?;
     if let Some(code) = quantize {
@@ -856,11 +937,19 @@ impl Stage for Merge {
     fn version(&self) -> u32 {
         1
     }
-    fn required_outputs(&self, _: &StageNode) -> Vec<String> {
-        vec!["config.json".into(), "tokenizer.json".into()]
+    fn required_outputs(&self, node: &StageNode) -> Vec<String> {
+        match node.params_as::<MergeParams>() {
+            Ok(p) if p.export_only => p.gguf.iter().map(|t| format!("model-{t}.gguf")).collect(),
+            _ => vec!["config.json".into(), "tokenizer.json".into()],
+        }
     }
-    fn materialize(&self, _: &StageNode) -> Vec<(String, String)> {
-        vec![(".".into(), "merged".into())]
+    fn materialize(&self, node: &StageNode) -> Vec<(String, String)> {
+        match node.params_as::<MergeParams>() {
+            Ok(p) if p.export_only => {
+                p.gguf.iter().map(|t| (format!("model-{t}.gguf"), format!("model-{t}.gguf"))).collect()
+            }
+            _ => vec![(".".into(), "merged".into())],
+        }
     }
     fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<serde_json::Value> {
         let p: MergeParams = ctx.node.params_as()?;
@@ -869,6 +958,21 @@ impl Stage for Merge {
 }
 
 fn merge_into(model: &Path, adapter: &Path, out: &Path, p: &MergeParams) -> anyhow::Result<serde_json::Value> {
+    if p.export_only {
+        // A full fine-tune: the train stage wrote the model; only the GGUF files are new.
+        let tuned = newt_model::full::trained_model_dir(adapter)
+            .ok_or_else(|| anyhow::anyhow!("{}: no trained model folder to export", adapter.display()))?;
+        std::fs::create_dir_all(out)?;
+        let mut exports = Vec::new();
+        for ty in &p.gguf {
+            let t = newt_model::gguf::GgufType::parse(ty)
+                .ok_or_else(|| anyhow::anyhow!("merge.gguf: unknown type `{ty}` (f32, f16, q8_0)"))?;
+            let file = out.join(format!("model-{ty}.gguf"));
+            newt_model::gguf::export_gguf(&tuned, &file, t)?;
+            exports.push(file.file_name().map(|f| f.to_string_lossy().to_string()));
+        }
+        return Ok(serde_json::json!({"gguf": exports}));
+    }
     let opts = newt_model::merge::MergeOptions { max_shard_bytes: p.max_shard_size, ..Default::default() };
     let s = newt_model::merge::merge_lora(model, adapter, out, opts)?;
     let mut exports = Vec::new();

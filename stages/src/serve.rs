@@ -62,7 +62,11 @@ impl WithBackend for ServeWork<'_> {
             let base = load_model::<B>(m.model, None, quant_code(m.params.quantization), &device)?;
             let mut models = Vec::new();
             if let Some(dir) = m.adapter {
-                models.push(newt_model::peft::load_adapter(base.clone(), dir)?.0);
+                models.push(match newt_model::full::trained_model_dir(dir) {
+                    // A full fine-tune: a model of its own beside the base.
+                    Some(_) => load_model::<B>(m.model, Some(dir), None, &device)?,
+                    None => newt_model::peft::load_adapter(base.clone(), dir)?.0,
+                });
             }
             models.push(base);
             let prompting = Prompting::of(m.model, m.params)?;

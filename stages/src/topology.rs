@@ -3,7 +3,8 @@
 //!
 //! `fetch.model`; per dataset `fetch.<i>` → `tokenize.<i>` (and `fetch.test.<i>` →
 //! `tokenize.test.<i>` for `test_datasets`); `pack` over all tokenize stages; `train`;
-//! `evaluate`; `merge` unless `merge.enabled: false`. Custom stages declared under `stages:`
+//! `evaluate`; `merge` unless `merge.enabled: false` (a full fine-tune has no merge: its
+//! `export` node writes GGUF files when `merge.gguf` asks for them). Custom stages declared under `stages:`
 //! join the same graph by id; a dataset with `path: stage:NAME` reads NAME's output.
 
 use std::path::PathBuf;
@@ -92,9 +93,12 @@ pub fn compile(config: &Config) -> Result<Pipeline, CompileError> {
         &DeviceSettings { backend: config.backend },
         vec!["train".into(), "pack".into(), "fetch.model".into()],
     ));
-    if config.merge.enabled {
+    // A full fine-tune's train stage writes the whole model: nothing to merge, and an `export`
+    // node (the merge kind, GGUF only) only when GGUF files are asked for.
+    let full = config.is_full_fine_tune();
+    if config.merge.enabled && (!full || !config.merge.gguf.is_empty()) {
         nodes.push(node(
-            "merge",
+            if full { "export" } else { "merge" },
             MERGE,
             &MergeParams::from_config(config),
             &none,

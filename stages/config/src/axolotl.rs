@@ -205,7 +205,6 @@ const LACKING: &[(&str, Lacking)] = &[
     ("process_reward_model", Lacking { feature: "reward model training", note: "newt trains causal LMs only" }),
     ("processor_type", Lacking { feature: "multimodal models", note: "newt trains text-only Llama-family models" }),
     ("image_size", Lacking { feature: "multimodal models", note: "newt trains text-only Llama-family models" }),
-    ("unfrozen_parameters", Lacking { feature: "full fine-tune (`unfrozen_parameters`)", note: "use an adapter" }),
     ("neftune_noise_alpha", Lacking { feature: "NEFTune noise", note: "remove neftune_noise_alpha" }),
     ("loraplus_lr_ratio", Lacking { feature: "LoRA+", note: "remove loraplus_*" }),
     ("peft_layers_to_transform", Lacking { feature: "per-layer LoRA targets", note: "use lora_target_modules" }),

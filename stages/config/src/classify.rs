@@ -73,6 +73,7 @@ pub const KEYS: &[(&str, Class)] = &[
     ("shrink_embeddings", Class::Ignored("newt grows the vocabulary for `tokens` but does not shrink it")),
     ("skip_invalid_rows", Class::Read(&[FETCH_DATASET, TOKENIZE])),
     ("adapter", Class::Read(&[TRAIN, EVALUATE])),
+    ("unfrozen_parameters", Class::Read(&[TRAIN])),
     ("lora_model_dir", Class::Read(&[TRAIN])),
     ("lora_r", Class::Read(&[TRAIN])),
     ("lora_alpha", Class::Read(&[TRAIN])),
@@ -184,6 +185,9 @@ sample_packing: true
 chat_template: chatml
 "#;
 
+    /// Keys that only a full fine-tune accepts.
+    const FULL_ONLY: &[&str] = &["unfrozen_parameters"];
+
     /// A different valid value for every key the stages read.
     fn perturbations() -> BTreeMap<&'static str, Value> {
         BTreeMap::from([
@@ -211,6 +215,7 @@ chat_template: chatml
             ("pretraining_dataset", json!([{"path": "p.jsonl", "type": "pretrain", "text_column": "body"}])),
             ("skip_invalid_rows", json!(true)),
             ("adapter", json!("qlora")),
+            ("unfrozen_parameters", json!(["^lm_head.weight$"])),
             ("lora_model_dir", json!("adapters/prev")),
             ("lora_r", json!(16)),
             ("lora_alpha", json!(32)),
@@ -289,7 +294,6 @@ chat_template: chatml
     #[test]
     fn changing_a_key_changes_exactly_the_params_of_the_kinds_that_read_it() {
         let base_tree: Value = serde_yaml::from_str(BASE).unwrap();
-        let base = load(&base_tree);
         let perturb = perturbations();
         for (key, class) in KEYS {
             let (kinds, settings) = match class {
@@ -298,6 +302,12 @@ chat_template: chatml
                 Class::Out(_) | Class::Ignored(_) => continue,
             };
             let value = perturb.get(key).unwrap_or_else(|| panic!("no perturbation for `{key}`"));
+            // Keys of a full fine-tune are compared on a full fine-tune (`adapter: full` on both sides).
+            let mut base_tree = base_tree.clone();
+            if FULL_ONLY.contains(key) {
+                base_tree["adapter"] = json!("full");
+            }
+            let base = load(&base_tree);
             let mut tree = base_tree.clone();
             tree[*key] = value.clone();
             let changed = load(&tree);

@@ -379,20 +379,7 @@ fn validate(c: &Config, file: &File<'_>, warnings: &mut Vec<String>) -> Result<(
             return Err(file.at("remote", format!("`cache.remote: {url}`: expected s3://bucket/prefix (or `off`)")));
         }
     }
-    match c.adapter {
-        None | Some(Adapter::Full) => {
-            return Err(ConfigError::Lacking {
-                path: file.path.to_path_buf(),
-                line: locate_key(file.text, "adapter", 0).map_or(0, |p| p.0),
-                column: 1,
-                feature: "full fine-tune".into(),
-                message: "a full fine-tune (`adapter` unset or `full`) is not supported by newt yet; set \
-                          `adapter: lora` or `adapter: qlora`"
-                    .into(),
-            });
-        }
-        Some(_) => {}
-    }
+    check_full_fine_tune(c, file)?;
     let positive = |key: &str, v: f64| -> Result<(), ConfigError> {
         if v.is_finite() && v > 0.0 { Ok(()) } else { Err(file.at(key, format!("`{key}: {v}` must be a number > 0"))) }
     };
@@ -501,6 +488,57 @@ fn validate(c: &Config, file: &File<'_>, warnings: &mut Vec<String>) -> Result<(
             "`optimizer: {}`: newt runs AdamW with its moments in f32 (not quantized or paged)",
             c.optimizer.as_str()
         ));
+    }
+    Ok(())
+}
+
+/// A full fine-tune (`adapter` unset or `full`) trains the model's own weights: no quantized
+/// base, no adapter to continue from; `unfrozen_parameters` belongs to it alone and must be
+/// patterns Axolotl would read (a `.` literal, no row ranges: newt trains whole tensors).
+fn check_full_fine_tune(c: &Config, file: &File<'_>) -> Result<(), ConfigError> {
+    let full = matches!(c.adapter, None | Some(Adapter::Full));
+    if !full {
+        if !c.unfrozen_parameters.is_empty() {
+            return Err(file.at(
+                "unfrozen_parameters",
+                "`unfrozen_parameters` picks the weights of a full fine-tune; with an adapter, name whole \
+                 modules in `lora_modules_to_save` instead (or unset `adapter`)"
+                    .into(),
+            ));
+        }
+        return Ok(());
+    }
+    for (key, on) in [("load_in_4bit", c.load_in_4bit), ("load_in_8bit", c.load_in_8bit)] {
+        if on {
+            return Err(file.at(
+                key,
+                format!(
+                    "`{key}` quantizes a frozen base, but a full fine-tune (`adapter` unset) trains every weight; \
+                     set `adapter: qlora` (4-bit) or `adapter: lora`, or remove `{key}`"
+                ),
+            ));
+        }
+    }
+    if c.lora_model_dir.is_some() {
+        return Err(file.at(
+            "lora_model_dir",
+            "`lora_model_dir` continues an adapter, but `adapter` is unset (a full fine-tune); set `adapter: lora`"
+                .into(),
+        ));
+    }
+    let range = regex::Regex::new(r"^(.+)\[([0-9]*)(?::([0-9]*))?\]$").expect("valid regex");
+    for p in &c.unfrozen_parameters {
+        if let Some(m) = range.captures(p)
+            && (m.get(3).is_some() || m[2].parse::<usize>().is_ok())
+        {
+            return Err(file.at(
+                "unfrozen_parameters",
+                format!("unfrozen_parameters: `{p}`: row ranges are not supported; newt unfreezes whole tensors"),
+            ));
+        }
+        if let Err(e) = regex::Regex::new(&p.replace('.', "\\.")) {
+            return Err(file.at("unfrozen_parameters", format!("unfrozen_parameters: `{p}` is not a regex: {e}")));
+        }
     }
     Ok(())
 }

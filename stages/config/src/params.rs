@@ -232,15 +232,30 @@ pub struct LoraParams {
     pub use_rslora: bool,
 }
 
-/// `train`: the adapter, the optimizer and the schedule, and the batches' shape.
+/// A full fine-tune's own settings (`adapter` unset or `full`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FullParams {
+    /// Axolotl's `unfrozen_parameters`: only the weights these patterns name train (all when
+    /// empty).
+    pub unfrozen_parameters: Vec<String>,
+    /// Largest safetensors shard of the trained model, in bytes (`merge.max_shard_size`).
+    pub max_shard_size: u64,
+}
+
+/// `train`: the adapter (or the full fine-tune), the optimizer and the schedule, and the
+/// batches' shape.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TrainParams {
     /// Written into `adapter_config.json` as `base_model_name_or_path`.
     pub base_model: String,
     /// How the frozen base is stored.
     pub quantization: BaseQuantization,
-    /// The adapter.
-    pub lora: LoraParams,
+    /// The adapter; `None` for a full fine-tune. (`Some` serializes as the adapter itself, so
+    /// LoRA keys are what they were before full fine-tuning existed.)
+    pub lora: Option<LoraParams>,
+    /// A full fine-tune; `None` (and absent from the key) with an adapter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub full: Option<FullParams>,
     /// Continue from this adapter folder.
     pub lora_model_dir: Option<String>,
     /// Rows per micro-batch.
@@ -309,7 +324,7 @@ impl TrainParams {
         TrainParams {
             base_model: c.base_model.clone(),
             quantization: BaseQuantization::from_config(c),
-            lora: LoraParams {
+            lora: (!c.is_full_fine_tune()).then(|| LoraParams {
                 r: c.lora_r,
                 alpha: c.lora_alpha,
                 dropout: c.lora_dropout,
@@ -317,7 +332,11 @@ impl TrainParams {
                 target_linear: c.lora_target_linear || c.lora_target_modules.is_empty(),
                 modules_to_save: c.lora_modules_to_save.clone(),
                 use_rslora: c.peft_use_rslora,
-            },
+            }),
+            full: c.is_full_fine_tune().then(|| FullParams {
+                unfrozen_parameters: c.unfrozen_parameters.clone(),
+                max_shard_size: c.merge.max_shard_size,
+            }),
             lora_model_dir: c.lora_model_dir.clone(),
             micro_batch_size: c.micro_batch_size,
             gradient_accumulation_steps,
@@ -453,11 +472,19 @@ pub struct MergeParams {
     pub max_shard_size: u64,
     /// GGUF exports.
     pub gguf: Vec<String>,
+    /// A full fine-tune's model needs no merge: only the GGUF exports are written, from the
+    /// train stage's model folder. (Absent from LoRA keys.)
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub export_only: bool,
 }
 
 impl MergeParams {
     /// From the validated config.
     pub fn from_config(c: &Config) -> Self {
-        MergeParams { max_shard_size: c.merge.max_shard_size, gguf: c.merge.gguf.clone() }
+        MergeParams {
+            max_shard_size: c.merge.max_shard_size,
+            gguf: c.merge.gguf.clone(),
+            export_only: c.is_full_fine_tune(),
+        }
     }
 }

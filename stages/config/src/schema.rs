@@ -76,8 +76,11 @@ pub struct Config {
     pub skip_invalid_rows: bool,
 
     // ---- adapter ----
-    /// `lora` or `qlora`; unset (or `full`) = a full fine-tune, which newt does not do yet.
+    /// `lora` or `qlora`; unset (or `full`) = a full fine-tune: every weight trains.
     pub adapter: Option<Adapter>,
+    /// Full fine-tune only: train just the weights these patterns name (Axolotl's
+    /// `unfrozen_parameters`: a `.` is literal, a pattern matches at the start of the name).
+    pub unfrozen_parameters: Vec<String>,
     /// Continue training from this adapter folder.
     pub lora_model_dir: Option<String>,
     /// LoRA rank.
@@ -197,6 +200,13 @@ pub struct Config {
     pub kernels: KernelOptions,
 }
 
+impl Config {
+    /// Whether every weight trains (Axolotl: `adapter` unset; newt also takes `adapter: full`).
+    pub fn is_full_fine_tune(&self) -> bool {
+        matches!(self.adapter, None | Some(Adapter::Full))
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -230,6 +240,7 @@ impl Default for Config {
             shrink_embeddings: false,
             skip_invalid_rows: false,
             adapter: None,
+            unfrozen_parameters: Vec::new(),
             lora_model_dir: None,
             lora_r: 8,
             lora_alpha: 16.0,

@@ -131,10 +131,22 @@ fn rl_is_an_error_naming_the_feature_not_a_warning() {
 }
 
 #[test]
-fn unset_adapter_is_a_full_fine_tune_error_not_a_lora_run() {
+fn unset_adapter_is_a_full_fine_tune_and_its_conflicts_are_load_errors() {
     let y = "base_model: newt:tiny\ndatasets:\n  - path: d.jsonl\n    type: alpaca\n";
-    let e = parse(y, Path::new("p.yml")).unwrap_err();
-    assert!(matches!(&e, ConfigError::Lacking { feature, .. } if feature == "full fine-tune"), "{e}");
+    let c = parse(y, Path::new("p.yml")).unwrap().config;
+    assert!(c.is_full_fine_tune());
+    let p = newt_config::params::TrainParams::from_config(&c);
+    assert!(p.lora.is_none() && p.full.is_some(), "{p:?}");
+    let err = |extra: &str| parse(&format!("{y}{extra}"), Path::new("p.yml")).unwrap_err().to_string();
+    assert!(err("load_in_4bit: true\n").starts_with("p.yml:5:1:"), "{}", err("load_in_4bit: true\n"));
+    assert!(err("load_in_8bit: true\n").contains("trains every weight"));
+    assert!(err("lora_model_dir: prev\n").contains("continues an adapter"));
+    assert!(err("unfrozen_parameters: ['^model.embed_tokens.weight$[:32000]']\n").contains("row ranges"));
+    assert!(err("unfrozen_parameters: ['model.(layers']\n").contains("not a regex"));
+    let lora = "adapter: lora\nunfrozen_parameters: [lm_head]\n";
+    assert!(err(lora).contains("lora_modules_to_save"), "{}", err(lora));
+    let ok = parse(&format!("{y}adapter: full\nunfrozen_parameters: ['^lm_head.weight$']\n"), Path::new("p.yml"));
+    assert!(ok.is_ok_and(|c| c.config.is_full_fine_tune()));
 }
 
 #[test]

@@ -8,6 +8,7 @@
 //! ```
 pub mod backend;
 pub mod config;
+pub mod full;
 pub mod generate;
 pub mod gguf;
 pub mod hf;

@@ -558,17 +558,16 @@ where
     /// it does on CUDA until the masks are checked there (`bench/gpu_dropout_checkpointing.sh`):
     /// Burn's fusion may run a random op after a later reseed.
     ///
-    /// Not used (`None`, the ordinary path runs) when the embedding is trained: its gradient is
-    /// not computed here.
+    /// A trained embedding (full fine-tuning, `lora_modules_to_save`) gets its gradient last:
+    /// the lookup is run again with autodiff and back-propagated with the first layer's input
+    /// gradient; a tied embedding adds that to the share the head gave it.
     fn self_backward(&self, batch: &TrainBatch<B>) -> Option<crate::train::SelfBackwardOut<B::InnerBackend>> {
         use crate::train::ParamGrads;
         use crate::train::rng::seeded_layer;
         let dropout = self.has_dropout();
         let seed = crate::train::rng::batch_seed().filter(|_| dropout);
         let device = batch.input_ids.device();
-        if !self.gradient_checkpointing
-            || self.embed_tokens.is_require_grad()
-            || (dropout && (seed.is_none() || !dropout_checkpointing_checked::<B>(&device)))
+        if !self.gradient_checkpointing || (dropout && (seed.is_none() || !dropout_checkpointing_checked::<B>(&device)))
         {
             return None;
         }
@@ -616,6 +615,12 @@ where
             let mut g = (y * Tensor::from_inner(grad_out)).sum().backward();
             grads.accumulate(ParamGrads::collect::<B, _>(&mut g, self));
             grad_out = input.grad(&g).expect("a layer's input has a gradient");
+        }
+        if self.embed_tokens.is_require_grad() {
+            let ids = batch.input_ids.clone().reshape([b * t]);
+            let x = self.embed_tokens.val().select(0, ids).reshape([b, t, hidden]);
+            let mut g = (x * Tensor::from_inner(grad_out)).sum().backward();
+            grads.accumulate(ParamGrads::collect::<B, _>(&mut g, self));
         }
         Some(crate::train::SelfBackwardOut { loss_sum: out.sum.inner(), tokens: out.tokens, grads })
     }

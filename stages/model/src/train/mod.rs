@@ -23,7 +23,7 @@ mod data;
 mod grads;
 mod metrics;
 mod parallel;
-mod params;
+pub(crate) mod params;
 mod plot;
 pub(crate) mod rng;
 mod schedule;
