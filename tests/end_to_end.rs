@@ -650,7 +650,12 @@ fn a_token_new_to_the_vocabulary_grows_the_model_and_reaches_the_merged_tokenize
 fn a_full_fine_tune_trains_every_weight_and_writes_a_model_folder() {
     let p = Project::with_epochs(2);
     p.edit("p.yml", "adapter: lora\n", "");
-    p.edit("p.yml", "learning_rate: 0.003", "learning_rate: 0.001\nmerge: {gguf: [f16]}");
+    // A token new to the vocabulary: every weight trains, so its rows do too, with no extra key.
+    let data = std::fs::read_to_string(p.path("data/quickstart.jsonl")).unwrap();
+    let tagged =
+        data.replace(r#""role": "assistant", "content": ""#, r#""role": "assistant", "content": "<|newt_tool|> "#);
+    std::fs::write(p.path("data/quickstart.jsonl"), tagged).unwrap();
+    p.edit("p.yml", "learning_rate: 0.003", "learning_rate: 0.001\nmerge: {gguf: [f16]}\ntokens: [\"<|newt_tool|>\"]");
     let plan = p.run(&["plan", "p.yml"]);
     let text = String::from_utf8_lossy(&plan.stdout);
     assert!(plan.status.success(), "{}", String::from_utf8_lossy(&plan.stderr));
@@ -667,6 +672,11 @@ fn a_full_fine_tune_trains_every_weight_and_writes_a_model_folder() {
     let model = out.join("model");
     assert!(model.join("config.json").is_file() && model.join("tokenizer.json").is_file());
     assert!(!out.join("adapter_config.json").exists() && !out.join("merged").exists());
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["vocab_size"], 491);
+    let tok = newt_data::HfTokenizer::load(&model).unwrap();
+    assert_eq!(tok.tokenizer.token_to_id("<|newt_tool|>"), Some(490));
     let shapes = tensor_shapes(&model.join("model.safetensors"), "");
     let total: u64 = shapes.iter().map(|(_, s)| s.iter().product::<u64>()).sum();
     assert_eq!(total, trained, "the folder holds every trained weight");
@@ -692,4 +702,63 @@ fn a_full_fine_tune_trains_every_weight_and_writes_a_model_folder() {
     assert!(chat.status.success(), "{}", String::from_utf8_lossy(&chat.stderr));
     let again = p.run_pipeline();
     assert!(again.iter().all(|(_, o)| o == "hit"), "{again:?}");
+
+    // With the model fetched, plan prints what training it needs, every weight trained.
+    let plan = p.run(&["plan", "p.yml"]);
+    let text = String::from_utf8_lossy(&plan.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("train memory (estimate, per process)"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(line.contains(&format!("({:.1}M weights train)", trained as f64 / 1e6)), "{line}");
+}
+
+/// `shrink_embeddings: true` in a full fine-tune cuts a model whose embedding is larger than its
+/// tokenizer (as many are, padded to a multiple) to the tokenizer's size; the saved model has
+/// the tokenizer's vocabulary.
+#[test]
+fn shrink_embeddings_cuts_a_padded_vocabulary_to_the_tokenizers_size() {
+    use newt_model::tensors::{Dtype, TensorStore, encode_f32, write_single};
+    let p = Project::new();
+    p.edit("p.yml", "adapter: lora\n", "");
+    // The tiny model, its embedding padded with 10 rows beyond its tokenizer.
+    let tiny = p.stage_path("fetch.model");
+    let padded = p.path("padded");
+    std::fs::create_dir_all(&padded).unwrap();
+    let store = TensorStore::open(&tiny).unwrap();
+    let vocab = store.info("model.embed_tokens.weight").unwrap().1[0];
+    let mut tensors = Vec::new();
+    for name in store.names() {
+        let (_, mut shape) = store.info(&name).unwrap();
+        let mut values = store.read_f32(&name).unwrap();
+        if name == "model.embed_tokens.weight" {
+            values.extend(std::iter::repeat_n(0.5f32, 10 * shape[1]));
+            shape[0] = vocab + 10;
+        }
+        tensors.push((name, Dtype::F32, shape, encode_f32(Dtype::F32, &values)));
+    }
+    write_single(&padded.join("model.safetensors"), &tensors).unwrap();
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tiny.join("config.json")).unwrap()).unwrap();
+    config["vocab_size"] = (vocab + 10).into();
+    std::fs::write(padded.join("config.json"), config.to_string()).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        if tiny.join(f).is_file() {
+            std::fs::copy(tiny.join(f), padded.join(f)).unwrap();
+        }
+    }
+    let yaml = std::fs::read_to_string(p.path("p.yml")).unwrap();
+    let end = yaml.find("\ndatasets:").unwrap();
+    std::fs::write(p.path("p.yml"), format!("base_model: padded\nshrink_embeddings: true\n{}", &yaml[end + 1..]))
+        .unwrap();
+    let out = p.run(&["run", "p.yml", "--quiet"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains(&format!("vocabulary: {} → {vocab} entries (`shrink_embeddings`", vocab + 10)), "{err}");
+    let model = p.path("outputs/quickstart/model");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["vocab_size"], vocab);
+    let shapes = tensor_shapes(&model.join("model.safetensors"), "embed_tokens");
+    assert_eq!(shapes, [("model.embed_tokens.weight".to_string(), vec![vocab as u64, 96])]);
 }

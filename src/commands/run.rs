@@ -208,6 +208,7 @@ pub fn plan(cli: &Cli, pipeline: &Path) -> anyhow::Result<i32> {
     print_ignored(&s.loaded.ignored);
     print_downloads(&s, true, false)?;
     print_world(&p);
+    print_memory(&s, &p, &entries);
     if let Some(remote) = &s.remote {
         let mode = if remote.mode() == newt_cache::RemoteMode::ReadWrite { "read-write" } else { "read" };
         println!("remote cache: {} ({mode})", remote.url());
@@ -267,6 +268,58 @@ fn print_world(p: &Pipeline) {
             format!("only the weights unfrozen_parameters names train ({})", full.unfrozen_parameters.join(", "))
         };
         println!("train: full fine-tune (`adapter` unset): {which}; the train stage writes the model folder, no merge");
+    }
+}
+
+/// The memory the train stage will need per replica, from the model's shape: its config.json
+/// in the cache (fetch.model has run) or in a local model folder.
+fn print_memory(s: &Session, p: &Pipeline, entries: &[newt_graph::why::PlanEntry]) {
+    use newt_model::memory::gib;
+    let Some(train) = p.node("train") else { return };
+    let (Ok(params), Ok(settings)) = (
+        train.params_as::<newt_config::params::TrainParams>(),
+        train.settings_as::<newt_config::params::TrainSettings>(),
+    ) else {
+        return;
+    };
+    let cached = entries.iter().find(|e| e.id == "fetch.model" && e.hit).and_then(|e| e.key).and_then(|key| {
+        let m = s.cache.lookup(&key).ok()?.manifest?;
+        Some(s.cache.object_path(&m.output))
+    });
+    let local = s.loaded.base_dir.join(&s.loaded.config.base_model);
+    let dir = cached.or_else(|| local.join("config.json").is_file().then_some(local));
+    let Some(config) = dir.and_then(|d| newt_model::config::ModelConfig::from_dir(&d).ok()) else {
+        println!(
+            "train memory: estimated once fetch.model has run (`newt run {} --only fetch.model`)",
+            shown(&s.loaded.path)
+        );
+        return;
+    };
+    let Ok(e) = newt_stages::model::memory_estimate(&config, &params, &settings, s.loaded.config.sequence_len) else {
+        return;
+    };
+    let on_cuda = newt_stages::model::backend_of(settings.device.backend)
+        .is_ok_and(|b| b != newt_model::backend::ResolvedBackend::Cpu);
+    println!(
+        "train memory (estimate, per {}): weights {} + gradients {} + AdamW state {} + activations {} = {} \
+         ({:.1}M weights train{})",
+        if on_cuda { "GPU" } else { "process" },
+        gib(e.weights),
+        gib(e.gradients),
+        gib(e.optimizer),
+        gib(e.activations),
+        gib(e.total()),
+        e.trained_params as f64 / 1e6,
+        if settings.gradient_checkpointing { ", gradient checkpointing" } else { "" }
+    );
+    if on_cuda && let Some(device) = newt_model::backend::cuda_device_memory() {
+        if e.total() > device {
+            println!(
+                "train memory: this does not fit one GPU's {}: turn on gradient_checkpointing, lower \
+                 micro_batch_size or sequence_len, or use adapter: lora / qlora",
+                gib(device)
+            );
+        }
     }
 }
 
@@ -383,8 +436,10 @@ pub fn model_and_adapter(
         let registry = newt_stages::registry();
         let plan = newt_graph::why::plan(&p, &registry, &s.cache, &s.loaded.base_dir, &s.pipeline_id)?;
         if !plan.iter().any(|e| e.id == "train" && e.hit) {
+            let full = p.node("train").and_then(|n| n.params_as::<newt_config::params::TrainParams>().ok());
+            let what = if full.is_some_and(|t| t.full.is_some()) { "model" } else { "adapter" };
             anyhow::bail!(
-                "the trained adapter (or model) is not in the cache yet: run `newt run {}` first (or pass --base)",
+                "the trained {what} is not in the cache yet: run `newt run {}` first (or pass --base)",
                 shown(&s.loaded.path)
             );
         }

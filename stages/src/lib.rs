@@ -6,9 +6,9 @@
 //! | `fetch_model` | `base_model` (HF folder, Hub id (downloaded), `.gguf`, `newt:tiny`) | a HF model folder |
 //! | `tokenize` | fetch + model | `tokens.parquet` (`input_ids`, `labels`, `length`) |
 //! | `pack` | every tokenize | `train.parquet`, `val.parquet` |
-//! | `train` | pack + model | PEFT adapter, checkpoints, `metrics.jsonl`, `loss.png` |
+//! | `train` | pack + model | PEFT adapter (full fine-tune: `model/`, a HF folder), checkpoints, `metrics.jsonl`, `loss.png` |
 //! | `evaluate` | train + pack + model | `metrics.json` |
-//! | `merge` | train + model | merged HF folder (+ GGUF exports) |
+//! | `merge` | train + model | merged HF folder (+ GGUF exports); a full fine-tune's `export`: GGUF only |
 //! | `command`, `sql` | declared inputs | declared outputs / `data.parquet` |
 pub mod command;
 pub mod data;

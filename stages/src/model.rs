@@ -203,7 +203,7 @@ impl Stage for FetchModel {
     }
 }
 
-pub(crate) fn backend_of(backend: BackendChoiceKey) -> anyhow::Result<ResolvedBackend> {
+pub fn backend_of(backend: BackendChoiceKey) -> anyhow::Result<ResolvedBackend> {
     Ok(backend::resolve(BackendChoice::from_str(backend.as_str())?)?)
 }
 
@@ -269,24 +269,52 @@ fn read_data(path: &Path, pad_to: Option<usize>, rows: usize) -> anyhow::Result<
 /// What the train stage trains: an adapter, or the model itself.
 enum Method {
     Lora(LoraConfig),
-    Full(Option<newt_model::full::Unfrozen>, u64),
+    /// Which weights train, the shard size, and whether to shrink the vocabulary.
+    Full(Option<newt_model::full::Unfrozen>, u64, bool),
 }
 
 impl Method {
     fn of(cfg: &TrainParams) -> anyhow::Result<Self> {
         Ok(match (&cfg.lora, &cfg.full) {
             (Some(l), _) => Method::Lora(lora_config(l, cfg.seed)),
-            (None, Some(FullParams { unfrozen_parameters, max_shard_size })) => {
+            (None, Some(FullParams { unfrozen_parameters, max_shard_size, shrink_embeddings })) => {
                 let unfrozen = if unfrozen_parameters.is_empty() {
                     None
                 } else {
                     Some(newt_model::full::Unfrozen::parse(unfrozen_parameters)?)
                 };
-                Method::Full(unfrozen, *max_shard_size)
+                Method::Full(unfrozen, *max_shard_size, *shrink_embeddings)
             }
             (None, None) => anyhow::bail!("train params name neither an adapter nor a full fine-tune"),
         })
     }
+}
+
+/// What training `model` as `cfg` and `settings` say will hold in memory per replica, before
+/// anything is loaded (`newt plan`); `sequence_len` is the rows' width.
+pub fn memory_estimate(
+    model: &newt_model::config::ModelConfig,
+    cfg: &TrainParams,
+    settings: &TrainSettings,
+    sequence_len: usize,
+) -> anyhow::Result<newt_model::memory::MemoryEstimate> {
+    use newt_model::memory::{MemorySpec, Trained};
+    let method = Method::of(cfg)?;
+    let trained = match &method {
+        Method::Lora(l) => Trained::Lora(l),
+        Method::Full(u, ..) => Trained::Full(u.as_ref()),
+    };
+    let on_cuda = backend_of(settings.device.backend).is_ok_and(|b| b != ResolvedBackend::Cpu);
+    let spec = MemorySpec {
+        trained,
+        bytes_per_value: if on_cuda { 2 } else { 4 },
+        quantized_bits: quant_code(cfg.quantization).map(|c| c.bits() as u64),
+        micro_batch_size: cfg.micro_batch_size as u64,
+        sequence_len: cfg.pad_to.unwrap_or(sequence_len) as u64,
+        gradient_checkpointing: settings.gradient_checkpointing,
+        loss_chunk_tokens: newt_model::llama::default_chunk_tokens(model.vocab_size) as u64,
+    };
+    Ok(newt_model::memory::estimate(model, &spec))
 }
 
 /// When the tokenizer has more entries than the model's embedding (`tokens`/`special_tokens`
@@ -307,8 +335,8 @@ fn check_vocab_growth(
     }
     let trains = |m: &str| match method {
         Method::Lora(l) => l.modules_to_save.iter().any(|x| x == m),
-        Method::Full(None, _) => true,
-        Method::Full(Some(u), _) => {
+        Method::Full(None, ..) => true,
+        Method::Full(Some(u), ..) => {
             // A tied head is the embedding.
             let name = if m == "lm_head" && !config.tie_word_embeddings {
                 "lm_head.weight"
@@ -461,7 +489,11 @@ impl WithAutodiffBackend for TrainWork<'_> {
             let mut model = load_model::<B>(model_dir, None, quantize, device)?.resize_vocab(tok.vocab_size());
             model = match &method {
                 Method::Lora(lora) => model.with_lora(lora)?,
-                Method::Full(unfrozen, _) => model.train_full(unfrozen.as_ref())?,
+                Method::Full(unfrozen, _, shrink) => {
+                    let n = tok.vocab_size();
+                    let model = if *shrink { model.shrink_vocab(n) } else { model };
+                    model.train_full(unfrozen.as_ref())?
+                }
             };
             model.gradient_checkpointing = self.settings.gradient_checkpointing;
             if let Some(dir) = &cfg.lora_model_dir {
@@ -478,6 +510,14 @@ impl WithAutodiffBackend for TrainWork<'_> {
                  (bench/gpu_dropout_checkpointing.sh checks it on a GPU); set lora_dropout: 0 to use it"
                     .to_string(),
             );
+        }
+        let base_vocab = newt_model::config::ModelConfig::from_dir(model_dir)?.vocab_size;
+        if model.config.vocab_size < base_vocab {
+            ctx.progress.println(format!(
+                "vocabulary: {base_vocab} → {} entries (`shrink_embeddings`: the embedding and LM head are cut to \
+                 the tokenizer's size)",
+                model.config.vocab_size
+            ));
         }
         if let Some(vocab) = grown_from {
             ctx.progress.println(format!(
@@ -563,7 +603,7 @@ impl WithAutodiffBackend for TrainWork<'_> {
                     tok.save_files(&ctx.out_dir)?;
                 }
             }
-            Method::Full(_, max_shard_size) => {
+            Method::Full(_, max_shard_size, _) => {
                 ctx.progress.set_message("saving the model".to_string());
                 let dir = ctx.out_dir.join(newt_model::full::MODEL_SUBDIR);
                 newt_model::full::save_model(&model.valid(), model_dir, model_dir, &dir, *max_shard_size)?;

@@ -70,7 +70,7 @@ pub const KEYS: &[(&str, Class)] = &[
     ("tokens", Class::Read(&[TOKENIZE, TRAIN, EVALUATE])),
     ("eot_tokens", Class::Read(&[TOKENIZE, EVALUATE])),
     ("pretraining_dataset", Class::Read(&[FETCH_DATASET, TOKENIZE])),
-    ("shrink_embeddings", Class::Ignored("newt grows the vocabulary for `tokens` but does not shrink it")),
+    ("shrink_embeddings", Class::Read(&[TRAIN])),
     ("skip_invalid_rows", Class::Read(&[FETCH_DATASET, TOKENIZE])),
     ("adapter", Class::Read(&[TRAIN, EVALUATE])),
     ("unfrozen_parameters", Class::Read(&[TRAIN])),
@@ -186,7 +186,7 @@ chat_template: chatml
 "#;
 
     /// Keys that only a full fine-tune accepts.
-    const FULL_ONLY: &[&str] = &["unfrozen_parameters"];
+    const FULL_ONLY: &[&str] = &["unfrozen_parameters", "shrink_embeddings"];
 
     /// A different valid value for every key the stages read.
     fn perturbations() -> BTreeMap<&'static str, Value> {
@@ -216,6 +216,7 @@ chat_template: chatml
             ("skip_invalid_rows", json!(true)),
             ("adapter", json!("qlora")),
             ("unfrozen_parameters", json!(["^lm_head.weight$"])),
+            ("shrink_embeddings", json!(true)),
             ("lora_model_dir", json!("adapters/prev")),
             ("lora_r", json!(16)),
             ("lora_alpha", json!(32)),
@@ -331,7 +332,6 @@ chat_template: chatml
             ("bf16", json!(false)),
             ("flash_attention", json!(true)),
             ("attn_implementation", json!("sdpa")),
-            ("shrink_embeddings", json!(true)),
             ("output_dir", json!("elsewhere")),
             ("wandb_project", json!("mine")),
             ("liger_rms_norm", json!(true)),

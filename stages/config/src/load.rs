@@ -498,6 +498,14 @@ fn validate(c: &Config, file: &File<'_>, warnings: &mut Vec<String>) -> Result<(
 fn check_full_fine_tune(c: &Config, file: &File<'_>) -> Result<(), ConfigError> {
     let full = matches!(c.adapter, None | Some(Adapter::Full));
     if !full {
+        if c.shrink_embeddings {
+            return Err(file.at(
+                "shrink_embeddings",
+                "`shrink_embeddings` cuts the model's embedding and LM head, which an adapter does not carry \
+                 unless they train in full; newt shrinks them in a full fine-tune only (unset `adapter`)"
+                    .into(),
+            ));
+        }
         if !c.unfrozen_parameters.is_empty() {
             return Err(file.at(
                 "unfrozen_parameters",

@@ -240,6 +240,9 @@ pub struct FullParams {
     pub unfrozen_parameters: Vec<String>,
     /// Largest safetensors shard of the trained model, in bytes (`merge.max_shard_size`).
     pub max_shard_size: u64,
+    /// Cut the embedding and LM head to the tokenizer's size (`shrink_embeddings`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shrink_embeddings: bool,
 }
 
 /// `train`: the adapter (or the full fine-tune), the optimizer and the schedule, and the
@@ -336,6 +339,7 @@ impl TrainParams {
             full: c.is_full_fine_tune().then(|| FullParams {
                 unfrozen_parameters: c.unfrozen_parameters.clone(),
                 max_shard_size: c.merge.max_shard_size,
+                shrink_embeddings: c.shrink_embeddings,
             }),
             lora_model_dir: c.lora_model_dir.clone(),
             micro_batch_size: c.micro_batch_size,

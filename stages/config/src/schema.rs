@@ -70,7 +70,8 @@ pub struct Config {
     /// Continued pretraining data (Axolotl's streamed `pretraining_dataset`): read as
     /// `type: completion` datasets.
     pub pretraining_dataset: Option<PretrainingDatasets>,
-    /// Shrink the embeddings back to the tokenizer's size when merging.
+    /// Full fine-tune: cut the embedding and LM head to the tokenizer's size when the model's
+    /// are larger (Axolotl's `resize_token_embeddings(len(tokenizer))`).
     pub shrink_embeddings: bool,
     /// Skip malformed rows (counting them) instead of failing: newt's key.
     pub skip_invalid_rows: bool,

@@ -145,6 +145,9 @@ fn unset_adapter_is_a_full_fine_tune_and_its_conflicts_are_load_errors() {
     assert!(err("unfrozen_parameters: ['model.(layers']\n").contains("not a regex"));
     let lora = "adapter: lora\nunfrozen_parameters: [lm_head]\n";
     assert!(err(lora).contains("lora_modules_to_save"), "{}", err(lora));
+    assert!(err("adapter: lora\nshrink_embeddings: true\n").contains("full fine-tune only"));
+    let shrink = parse(&format!("{y}shrink_embeddings: true\n"), Path::new("p.yml")).unwrap().config;
+    assert!(newt_config::params::TrainParams::from_config(&shrink).full.is_some_and(|f| f.shrink_embeddings));
     let ok = parse(&format!("{y}adapter: full\nunfrozen_parameters: ['^lm_head.weight$']\n"), Path::new("p.yml"));
     assert!(ok.is_ok_and(|c| c.config.is_full_fine_tune()));
 }

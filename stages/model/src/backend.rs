@@ -107,15 +107,26 @@ pub fn on_cuda<B: burn::tensor::backend::Backend>(device: &B::Device) -> bool {
 
 /// Number of CUDA devices the driver reports; 0 when there is no driver or no device.
 pub fn cuda_device_count() -> usize {
-    static COUNT: OnceLock<Result<usize, String>> = OnceLock::new();
-    COUNT.get_or_init(probe_cuda).clone().unwrap_or(0)
+    probed().as_ref().map_or(0, |p| p.0)
+}
+
+/// Total memory of CUDA device 0 in bytes, when there is one.
+pub fn cuda_device_memory() -> Option<u64> {
+    probed().as_ref().ok().and_then(|p| p.1)
+}
+
+fn probed() -> &'static Result<(usize, Option<u64>), String> {
+    static PROBE: OnceLock<Result<(usize, Option<u64>), String>> = OnceLock::new();
+    PROBE.get_or_init(probe_cuda)
 }
 
 /// Asks the CUDA driver API directly (`cuInit`, `cuDeviceGetCount`) through `dlopen`, so a
 /// missing driver is an `Err`, never a panic inside a backend's lazy initialisation.
-fn probe_cuda() -> Result<usize, String> {
+fn probe_cuda() -> Result<(usize, Option<u64>), String> {
     type CuInit = unsafe extern "C" fn(u32) -> i32;
     type CuDeviceGetCount = unsafe extern "C" fn(*mut i32) -> i32;
+    type CuDeviceGet = unsafe extern "C" fn(*mut i32, i32) -> i32;
+    type CuDeviceTotalMem = unsafe extern "C" fn(*mut usize, i32) -> i32;
     let names: &[&str] = if cfg!(windows) { &["nvcuda.dll"] } else { &["libcuda.so.1", "libcuda.so"] };
     let mut last = String::from("no CUDA driver library");
     for name in names {
@@ -134,9 +145,17 @@ fn probe_cuda() -> Result<usize, String> {
                 let count: libloading::Symbol<CuDeviceGetCount> =
                     lib.get(b"cuDeviceGetCount\0").map_err(|e| e.to_string())?;
                 let mut n = 0i32;
+                // Device 0's memory, when the driver says (newt's plan compares its estimate with it).
+                let memory = || -> Option<u64> {
+                    let get: libloading::Symbol<CuDeviceGet> = lib.get(b"cuDeviceGet\0").ok()?;
+                    let total: libloading::Symbol<CuDeviceTotalMem> = lib.get(b"cuDeviceTotalMem_v2\0").ok()?;
+                    let (mut dev, mut bytes) = (0i32, 0usize);
+                    (get(&mut dev, 0) == 0 && total(&mut bytes, dev) == 0).then_some(bytes as u64)
+                };
                 match init(0) {
                     0 => match count(&mut n) {
-                        0 => Ok(n.max(0) as usize),
+                        0 if n > 0 => Ok((n as usize, memory())),
+                        0 => Ok((0, None)),
                         rc => Err(format!("cuDeviceGetCount failed with CUDA error {rc}")),
                     },
                     rc => Err(format!("cuInit failed with CUDA error {rc}")),
@@ -157,10 +176,10 @@ pub fn resolve(choice: BackendChoice) -> Result<ResolvedBackend, BackendError> {
         BackendChoice::Cpu => Ok(ResolvedBackend::Cpu),
         BackendChoice::Auto if cuda_device_count() > 0 => Ok(ResolvedBackend::Cuda { index: 0 }),
         BackendChoice::Auto => Ok(ResolvedBackend::Cpu),
-        BackendChoice::Cuda => match probe_cuda() {
-            Ok(n) if n > 0 => Ok(ResolvedBackend::Cuda { index: 0 }),
+        BackendChoice::Cuda => match probed() {
+            Ok((n, _)) if *n > 0 => Ok(ResolvedBackend::Cuda { index: 0 }),
             Ok(_) => Err(BackendError::NoCuda("the driver reports no device".into())),
-            Err(why) => Err(BackendError::NoCuda(why)),
+            Err(why) => Err(BackendError::NoCuda(why.clone())),
         },
     }
 }

@@ -14,6 +14,7 @@ pub mod gguf;
 pub mod hf;
 pub mod llama;
 pub mod lora;
+pub mod memory;
 pub mod merge;
 pub mod peft;
 pub mod tensors;

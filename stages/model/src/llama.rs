@@ -424,6 +424,25 @@ impl<B: Backend> Llama<B> {
         self.config.vocab_size = n;
         self
     }
+
+    /// The vocabulary cut to its first `n` entries (Axolotl's `shrink_embeddings`, through
+    /// transformers' `resize_token_embeddings(len(tokenizer))`, which keeps the leading rows):
+    /// the embedding and an untied LM head lose their last rows. Each weight keeps whether it
+    /// trains. `n` ≥ vocab changes nothing.
+    pub fn shrink_vocab(mut self, n: usize) -> Self {
+        if n >= self.embed_tokens.dims()[0] {
+            return self;
+        }
+        let cut = |p: Param<Tensor<B, 2>>| -> Param<Tensor<B, 2>> {
+            let w = p.val();
+            let trains = w.is_require_grad();
+            Param::from_tensor(w.detach().narrow(0, 0, n)).set_require_grad(trains)
+        };
+        self.embed_tokens = cut(self.embed_tokens);
+        self.lm_head = self.lm_head.map(cut);
+        self.config.vocab_size = n;
+        self
+    }
 }
 
 impl<B: KernelBackend> Llama<B> {
@@ -693,8 +712,9 @@ impl<B: Backend> Llama<B> {
     }
 }
 
-/// About 256 MiB of f32 logits per chunk, at least 16 tokens.
-fn default_chunk_tokens(vocab: usize) -> usize {
+/// Tokens per chunk of the loss's logits for a vocabulary of `vocab` (the default of
+/// [`Llama::loss_chunk_tokens`]): about 256 MiB of f32 logits per chunk, at least 16 tokens.
+pub fn default_chunk_tokens(vocab: usize) -> usize {
     ((256usize << 20) / (4 * vocab.max(1))).max(16)
 }
 

@@ -1,0 +1,245 @@
+//! What a training run will hold in memory, worked out from the model's shape before anything
+//! is loaded (`newt plan`): weights, gradients, optimizer state and activations, per replica.
+//!
+//! The estimate follows what newt's trainer keeps, not a generic formula:
+//! - weights in the backend's type (bf16 on CUDA, f32 on the CPU); a quantized base keeps its
+//!   decoder linears at 4 or 8 bits a weight plus one f32 scale per 64; LoRA's `A` and `B` in f32;
+//! - gradients: each trained parameter's gradient in its own type, plus the flat f32 vector the
+//!   optimizer step reads (clipping and AdamW run on one concatenated vector);
+//! - AdamW: two f32 moments per trained parameter;
+//! - activations of one micro-batch (`micro_batch_size × sequence_len` tokens, padded rows
+//!   counted): what each decoder layer keeps for its backward pass (its input and normed input,
+//!   q/k/v after RoPE, the attention output, the residual, the MLP's gate, up and product), for
+//!   every layer, or with gradient checkpointing one layer input per layer plus one layer's
+//!   worth; and the loss's logits, `chunk × vocab` f32 at a time with their gradient.
+//!
+//! Not counted: the CUDA context and kernels, the allocator's slack and fragmentation, and
+//! transient buffers inside one operation. Those are the gap between this and a measured peak.
+
+use crate::config::ModelConfig;
+use crate::full::Unfrozen;
+use crate::lora::LoraConfig;
+
+/// What trains.
+#[derive(Debug, Clone)]
+pub enum Trained<'a> {
+    /// Every weight, or those `unfrozen` names.
+    Full(Option<&'a Unfrozen>),
+    /// A LoRA adapter (and its `modules_to_save`).
+    Lora(&'a LoraConfig),
+}
+
+/// The run's shape, as far as memory goes.
+#[derive(Debug, Clone)]
+pub struct MemorySpec<'a> {
+    /// What trains.
+    pub trained: Trained<'a>,
+    /// Bytes of a weight and an activation: 2 (bf16, CUDA) or 4 (f32, CPU).
+    pub bytes_per_value: u64,
+    /// Bits of a quantized base's decoder-linear weight (4 for QLoRA, 8 for `load_in_8bit`).
+    pub quantized_bits: Option<u64>,
+    /// Rows per micro-batch.
+    pub micro_batch_size: u64,
+    /// Tokens per row (padded).
+    pub sequence_len: u64,
+    /// Recompute each decoder layer in the backward pass.
+    pub gradient_checkpointing: bool,
+    /// Tokens per chunk of the loss's logits.
+    pub loss_chunk_tokens: u64,
+}
+
+/// Bytes, by what holds them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MemoryEstimate {
+    /// Trained parameters (elements).
+    pub trained_params: u64,
+    /// Model weights (and adapters).
+    pub weights: u64,
+    /// Gradients, with the optimizer's flat f32 copy.
+    pub gradients: u64,
+    /// AdamW's two f32 moments.
+    pub optimizer: u64,
+    /// One micro-batch's saved activations and the loss's logits.
+    pub activations: u64,
+}
+
+impl MemoryEstimate {
+    /// The sum.
+    pub fn total(&self) -> u64 {
+        self.weights + self.gradients + self.optimizer + self.activations
+    }
+}
+
+/// Every weight of a model of this shape, by Hugging Face name, with its element count and
+/// whether it is a decoder linear (the weights a quantized base stores in 4 or 8 bits).
+pub fn weights(c: &ModelConfig) -> Vec<(String, u64, bool)> {
+    let (h, i, hd) = (c.hidden_size as u64, c.intermediate_size as u64, c.head_dim as u64);
+    let (q, kv) = (c.num_attention_heads as u64 * hd, c.num_key_value_heads as u64 * hd);
+    let v = c.vocab_size as u64;
+    let mut out = vec![("model.embed_tokens.weight".to_string(), v * h, false)];
+    for l in 0..c.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        for (name, out_f, in_f) in [
+            ("self_attn.q_proj", q, h),
+            ("self_attn.k_proj", kv, h),
+            ("self_attn.v_proj", kv, h),
+            ("self_attn.o_proj", h, q),
+            ("mlp.gate_proj", i, h),
+            ("mlp.up_proj", i, h),
+            ("mlp.down_proj", h, i),
+        ] {
+            out.push((format!("{p}.{name}.weight"), out_f * in_f, true));
+            let bias =
+                if name.starts_with("self_attn") { c.attention_bias && name != "self_attn.o_proj" } else { c.mlp_bias };
+            if bias {
+                out.push((format!("{p}.{name}.bias"), out_f, false));
+            }
+        }
+        if c.qk_norm {
+            out.push((format!("{p}.self_attn.q_norm.weight"), hd, false));
+            out.push((format!("{p}.self_attn.k_norm.weight"), hd, false));
+        }
+        out.push((format!("{p}.input_layernorm.weight"), h, false));
+        out.push((format!("{p}.post_attention_layernorm.weight"), h, false));
+    }
+    out.push(("model.norm.weight".to_string(), h, false));
+    if !c.tie_word_embeddings {
+        out.push(("lm_head.weight".to_string(), v * h, false));
+    }
+    out
+}
+
+/// The estimate for training a model of shape `c` as `spec` says.
+pub fn estimate(c: &ModelConfig, spec: &MemorySpec<'_>) -> MemoryEstimate {
+    let w = spec.bytes_per_value;
+    let all = weights(c);
+    let (h, i, hd) = (c.hidden_size as u64, c.intermediate_size as u64, c.head_dim as u64);
+    let (q, kv) = (c.num_attention_heads as u64 * hd, c.num_key_value_heads as u64 * hd);
+    let v = c.vocab_size as u64;
+    let mut weights_bytes: u64 = all
+        .iter()
+        .map(|(_, n, linear)| match (spec.quantized_bits, linear) {
+            (Some(bits), true) => n * bits / 8 + n.div_ceil(64) * 4,
+            _ => n * w,
+        })
+        .sum();
+    // Trained elements, and the bytes of their gradients in their own type.
+    let (trained, grad_bytes) = match &spec.trained {
+        Trained::Full(unfrozen) => {
+            let n: u64 = all.iter().filter(|(name, ..)| unfrozen.is_none_or(|u| u.matches(name))).map(|t| t.1).sum();
+            (n, n * w)
+        }
+        Trained::Lora(l) => {
+            let regex = l.regex().ok().flatten();
+            let mut n = 0;
+            for layer in 0..c.num_hidden_layers {
+                for (module, out_f, in_f) in [
+                    ("self_attn.q_proj", q, h),
+                    ("self_attn.k_proj", kv, h),
+                    ("self_attn.v_proj", kv, h),
+                    ("self_attn.o_proj", h, q),
+                    ("mlp.gate_proj", i, h),
+                    ("mlp.up_proj", i, h),
+                    ("mlp.down_proj", h, i),
+                ] {
+                    if l.adapts(&format!("model.layers.{layer}.{module}"), regex.as_ref()) {
+                        n += l.r as u64 * (in_f + out_f);
+                    }
+                }
+            }
+            // A and B are f32 weights beside the base.
+            weights_bytes += n * 4;
+            let saved = l.modules_to_save.len() as u64 * v * h;
+            // A tied head named in modules_to_save gets its own copy.
+            if l.modules_to_save.iter().any(|m| m == "lm_head") && c.tie_word_embeddings {
+                weights_bytes += v * h * w;
+            }
+            (n + saved, n * 4 + saved * w)
+        }
+    };
+    let tokens = spec.micro_batch_size * spec.sequence_len;
+    let per_layer = tokens * (4 * h + 2 * q + 2 * kv + 3 * i) * w;
+    let layers = c.num_hidden_layers as u64;
+    let kept = if spec.gradient_checkpointing { layers * tokens * h * w + per_layer } else { layers * per_layer };
+    let chunk = spec.loss_chunk_tokens.min(tokens).max(1);
+    let head = tokens * h * w * 2 + chunk * v * 4 * 2;
+    MemoryEstimate {
+        trained_params: trained,
+        weights: weights_bytes,
+        gradients: grad_bytes + trained * 4,
+        optimizer: trained * 8,
+        activations: kept + head,
+    }
+}
+
+/// `bytes` as GiB with one decimal (two below 1 GiB).
+pub fn gib(bytes: u64) -> String {
+    let g = bytes as f64 / (1u64 << 30) as f64;
+    if g < 1.0 { format!("{g:.2} GiB") } else { format!("{g:.1} GiB") }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn llama_8b() -> ModelConfig {
+        let text = r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+            "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "vocab_size": 128256, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+            "max_position_embeddings": 131072, "tie_word_embeddings": false}"#;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.json"), text).unwrap();
+        ModelConfig::from_dir(dir.path()).unwrap()
+    }
+
+    fn spec<'a>(trained: Trained<'a>, quantized_bits: Option<u64>) -> MemorySpec<'a> {
+        MemorySpec {
+            trained,
+            bytes_per_value: 2,
+            quantized_bits,
+            micro_batch_size: 2,
+            sequence_len: 4096,
+            gradient_checkpointing: true,
+            loss_chunk_tokens: 1024,
+        }
+    }
+
+    #[test]
+    fn weights_count_what_the_config_says() {
+        let c = llama_8b();
+        let n: u64 = weights(&c).iter().map(|t| t.1).sum();
+        assert_eq!(n, c.num_parameters() as u64);
+        assert_eq!(n, 8_030_261_248, "Llama-3.1-8B's parameter count");
+    }
+
+    #[test]
+    fn the_production_shapes_come_out_where_the_arithmetic_puts_them() {
+        let c = llama_8b();
+        let n = c.num_parameters() as u64;
+        // Full fine-tune, bf16: 2 bytes of weight, 2 + 4 of gradient, 8 of AdamW per parameter.
+        let full = estimate(&c, &spec(Trained::Full(None), None));
+        assert_eq!(full.trained_params, n);
+        assert_eq!((full.weights, full.gradients, full.optimizer), (2 * n, 6 * n, 8 * n));
+        assert!(full.total() > 16 * n && full.total() < 16 * n + (8 << 30), "{}", gib(full.total()));
+        // LoRA r=32 on every linear: 83.9M adapter parameters (PEFT's count for this shape).
+        let lora = LoraConfig { r: 32, ..Default::default() };
+        let l = estimate(&c, &spec(Trained::Lora(&lora), None));
+        assert_eq!(l.trained_params, 83_886_080);
+        // QLoRA: the decoder linears at 4 bits + a scale per 64, embedding and head in bf16.
+        let q = estimate(&c, &spec(Trained::Lora(&lora), Some(4)));
+        let linear: u64 = weights(&c).iter().filter(|t| t.2).map(|t| t.1).sum();
+        assert_eq!(l.weights - q.weights, linear * 2 - (linear / 2 + linear / 64 * 4));
+        assert!(q.total() < 24 << 30, "QLoRA 8B at 2×4096 with checkpointing: {}", gib(q.total()));
+        // Checkpointing keeps one layer input per layer instead of every layer's activations.
+        let plain = estimate(&c, &MemorySpec { gradient_checkpointing: false, ..spec(Trained::Lora(&lora), None) });
+        assert!(plain.activations > 5 * l.activations, "{} vs {}", gib(plain.activations), gib(l.activations));
+    }
+
+    #[test]
+    fn unfrozen_parameters_count_only_what_they_name() {
+        let c = llama_8b();
+        let u = Unfrozen::parse(&["^lm_head.weight$".into()]).unwrap();
+        let e = estimate(&c, &spec(Trained::Full(Some(&u)), None));
+        assert_eq!(e.trained_params, 128_256 * 4096);
+    }
+}
