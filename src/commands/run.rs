@@ -312,6 +312,11 @@ fn print_memory(s: &Session, p: &Pipeline, entries: &[newt_graph::why::PlanEntry
         e.trained_params as f64 / 1e6,
         if settings.gradient_checkpointing { ", gradient checkpointing" } else { "" }
     );
+    // A checkpoint is written from host copies of every trained weight and its two moments.
+    println!(
+        "train memory: writing a checkpoint also holds {} of host memory (trained weights and AdamW moments, f32)",
+        gib(e.trained_params * 12)
+    );
     if on_cuda && let Some(device) = newt_model::backend::cuda_device_memory() {
         if e.total() > device {
             println!(

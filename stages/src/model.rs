@@ -317,6 +317,27 @@ pub fn memory_estimate(
     Ok(newt_model::memory::estimate(model, &spec))
 }
 
+/// The matmul weights that do not train (the decoder linears and the LM head, tied or not): each
+/// costs 4 FLOPs a token (forward, and the input's gradient), a trained one 6 (`FlopsModel`).
+fn frozen_matmul_params(c: &newt_model::config::ModelConfig, method: &Method) -> u64 {
+    let head = ("lm_head.weight", if c.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" });
+    let matmuls = newt_model::memory::weights(c).into_iter().filter_map(|(name, n, linear)| {
+        let matmul = linear || name == head.1;
+        // The tied head trains with the embedding.
+        matmul.then_some((if name == head.1 { head.0.to_string() } else { name }, n))
+    });
+    let frozen = |name: &str| match method {
+        Method::Lora(l) => !(name == "lm_head.weight" && l.modules_to_save.iter().any(|m| m == "lm_head")),
+        Method::Full(None, ..) => false,
+        Method::Full(Some(u), ..) => {
+            let own =
+                if name == "lm_head.weight" && c.tie_word_embeddings { "model.embed_tokens.weight" } else { name };
+            !u.matches(own)
+        }
+    };
+    matmuls.filter(|(name, _)| frozen(name)).map(|(_, n)| n).sum()
+}
+
 /// When the tokenizer has more entries than the model's embedding (`tokens`/`special_tokens`
 /// new to the vocabulary), the embedding's old size — and an error, as Axolotl gives, unless
 /// both `embed_tokens` and `lm_head` train (`lora_modules_to_save`, or in a full fine-tune
@@ -532,11 +553,7 @@ impl WithAutodiffBackend for TrainWork<'_> {
             metrics_jsonl: Some(ctx.out_dir.join("metrics.jsonl")),
             loss_curve_png: Some(ctx.out_dir.join("loss.png")),
             flops: Some(FlopsModel {
-                frozen_matmul_params: (mc.num_hidden_layers
-                    * (mc.hidden_size * (mc.num_attention_heads + 2 * mc.num_key_value_heads) * mc.head_dim
-                        + mc.num_attention_heads * mc.head_dim * mc.hidden_size
-                        + 3 * mc.hidden_size * mc.intermediate_size)
-                    + mc.hidden_size * mc.vocab_size) as u64,
+                frozen_matmul_params: frozen_matmul_params(mc, &method),
                 n_layers: mc.num_hidden_layers as u64,
                 d_model: mc.hidden_size as u64,
                 peak_flops: if backend::on_cuda::<B>(&device) { 989e12 } else { 1e11 },
