@@ -49,6 +49,10 @@ pub enum Command {
     Plan {
         /// The pipeline file.
         pipeline: PathBuf,
+        /// Check the train stage's memory estimate against a GPU of this size (`24GiB`, `80GB`,
+        /// `16000MiB`) instead of the one detected; the estimate is then for CUDA (bf16).
+        #[arg(long = "gpu-memory", value_name = "SIZE", value_parser = parse_size)]
+        gpu_memory: Option<u64>,
     },
     /// Explain why a stage is (not) a cache hit: a diff of its key inputs against its last result.
     Why {
@@ -253,4 +257,46 @@ pub struct ServeArgs {
     /// Requests that may wait for the generation worker; more get 503 with Retry-After.
     #[arg(long, default_value_t = 16)]
     pub queue: usize,
+}
+
+/// A memory size: a number with an optional unit (B, KB, MB, GB, TB in powers of 1000; KiB, MiB,
+/// GiB, TiB in powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("`{s}`: expected a size such as 24GiB or 80GB"))?;
+    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => (1u64 << 30) as f64,
+        "tib" => (1u64 << 40) as f64,
+        other => return Err(format!("`{s}`: unknown unit `{other}` (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")),
+    };
+    let bytes = n * scale;
+    if !bytes.is_finite() || bytes < 1.0 {
+        return Err(format!("`{s}`: a size must be at least 1 byte"));
+    }
+    Ok(bytes as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes_read_with_decimal_and_binary_units() {
+        assert_eq!(parse_size("24GiB"), Ok(24 << 30));
+        assert_eq!(parse_size("80GB"), Ok(80_000_000_000));
+        assert_eq!(parse_size("1.5 MiB"), Ok(3 << 19));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        for bad in ["", "GiB", "12 parsecs", "0", "-3GB"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -539,6 +539,35 @@ fn two_replicas_share_the_key_and_the_losses_of_one_with_twice_the_accumulation(
     assert_ne!(train_key(&one, &["--gpus", "2"]), train_key(&one, &[]));
 }
 
+/// Data parallel with a full fine-tune: two replicas (threads on the CPU) summing every weight's
+/// gradient take the steps of one process with twice the accumulation, and end at its weights.
+#[test]
+fn two_replicas_of_a_full_fine_tune_end_at_the_weights_of_one() {
+    let one = Project::with_epochs(2);
+    one.edit("p.yml", "adapter: lora\n", "");
+    one.edit("p.yml", "gradient_accumulation_steps: 1", "gradient_accumulation_steps: 2");
+    let two = Project::with_epochs(2);
+    two.edit("p.yml", "adapter: lora\n", "");
+    two.edit("p.yml", "gradient_accumulation_steps: 1", "gradient_accumulation_steps: 1\ngpus: 2");
+    one.run_pipeline();
+    let out = two.run(&["run", "p.yml", "--quiet"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("data parallel: 2 replicas"));
+    let (a, b) = (train_losses(&one), train_losses(&two));
+    assert!(a.len() >= 2 && a.len() == b.len(), "{a:?} {b:?}");
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 1e-5 * x.abs(), "one replica {a:?} vs two {b:?}");
+    }
+    let store = |p: &Project| newt_model::tensors::TensorStore::open(&p.path("outputs/quickstart/model")).unwrap();
+    let (wa, wb) = (store(&one), store(&two));
+    assert_eq!(wa.names(), wb.names());
+    for name in wa.names() {
+        let (x, y) = (wa.read_f32(&name).unwrap(), wb.read_f32(&name).unwrap());
+        let diff = x.iter().zip(&y).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+        assert!(diff < 1e-5, "{name}: one replica vs two differ by {diff}");
+    }
+}
+
 /// `NEWT_REDUCER` picks how replicas sum gradients; NCCL needs CUDA, and a typo is named.
 #[test]
 fn a_reducer_the_backend_cannot_use_fails_train_saying_why() {
@@ -711,6 +740,22 @@ fn a_full_fine_tune_trains_every_weight_and_writes_a_model_folder() {
         .find(|l| l.starts_with("train memory (estimate, per process)"))
         .unwrap_or_else(|| panic!("{text}"));
     assert!(line.contains(&format!("({:.1}M weights train)", trained as f64 / 1e6)), "{line}");
+    // Against a GPU size given on the command line: it fits 80 GB; 1 MiB does not, and plan says
+    // what each usual change would need, cheapest first.
+    let fits = p.run(&["plan", "p.yml", "--gpu-memory", "80GB"]);
+    let text = String::from_utf8_lossy(&fits.stdout);
+    assert!(text.contains("train memory (estimate, per GPU)") && text.contains("fits a GPU of 74.5 GiB"), "{text}");
+    let small = p.run(&["plan", "p.yml", "--gpu-memory", "1MiB"]);
+    let text = String::from_utf8_lossy(&small.stdout);
+    assert!(small.status.success() && text.contains("will not fit a GPU of 1.0 MiB"), "{text}");
+    let remedies: Vec<&str> = text.lines().filter(|l| l.starts_with("  ") && l.contains("still too big")).collect();
+    assert_eq!(remedies.len(), 3, "{text}");
+    for (line, change) in remedies.iter().zip(["micro_batch_size: 1", "gradient_checkpointing: true", "adapter: qlora"])
+    {
+        assert!(line.trim_start().starts_with(change), "{line}");
+    }
+    let bad = p.run(&["plan", "p.yml", "--gpu-memory", "lots"]);
+    assert_eq!(bad.status.code(), Some(2), "{}", String::from_utf8_lossy(&bad.stderr));
 }
 
 /// `shrink_embeddings: true` in a full fine-tune cuts a model whose embedding is larger than its

@@ -20,7 +20,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Fetch { pipeline } => run::fetch(&cli, pipeline),
         Command::Preprocess { pipeline } => run::run(&cli, pipeline, &["pack".to_string()], 4),
         Command::Train { pipeline } => run::run(&cli, pipeline, &["train".to_string()], 4),
-        Command::Plan { pipeline } => run::plan(&cli, pipeline),
+        Command::Plan { pipeline, gpu_memory } => run::plan(&cli, pipeline, *gpu_memory),
         Command::Why { pipeline, stage } => run::why(&cli, pipeline, stage),
         Command::Cache { command } => cache::cache(&cli, command),
         Command::Inspect { target, pipeline, n } => cache::inspect(&cli, target, pipeline.as_deref(), *n),

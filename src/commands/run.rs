@@ -179,7 +179,7 @@ fn print_report(cli: &Cli, report: &RunReport) -> anyhow::Result<()> {
 }
 
 /// `newt plan`: each stage, key prefix, hit or miss, and why.
-pub fn plan(cli: &Cli, pipeline: &Path) -> anyhow::Result<i32> {
+pub fn plan(cli: &Cli, pipeline: &Path, gpu_memory: Option<u64>) -> anyhow::Result<i32> {
     let s = session(cli, pipeline)?;
     let p = compiled(&s)?;
     let registry = newt_stages::registry();
@@ -208,7 +208,7 @@ pub fn plan(cli: &Cli, pipeline: &Path) -> anyhow::Result<i32> {
     print_ignored(&s.loaded.ignored);
     print_downloads(&s, true, false)?;
     print_world(&p);
-    print_memory(&s, &p, &entries);
+    print_memory(&s, &p, &entries, gpu_memory);
     if let Some(remote) = &s.remote {
         let mode = if remote.mode() == newt_cache::RemoteMode::ReadWrite { "read-write" } else { "read" };
         println!("remote cache: {} ({mode})", remote.url());
@@ -272,14 +272,15 @@ fn print_world(p: &Pipeline) {
 }
 
 /// The memory the train stage will need per replica, from the model's shape: its config.json
-/// in the cache (fetch.model has run) or in a local model folder.
-fn print_memory(s: &Session, p: &Pipeline, entries: &[newt_graph::why::PlanEntry]) {
+/// in the cache (fetch.model has run) or in a local model folder. Against a GPU (`gpu_memory`,
+/// else the one detected when the backend is CUDA), a run that will not fit says so, with what
+/// each of the usual remedies would need, cheapest first.
+fn print_memory(s: &Session, p: &Pipeline, entries: &[newt_graph::why::PlanEntry], gpu_memory: Option<u64>) {
+    use newt_config::params::{TrainParams, TrainSettings};
     use newt_model::memory::gib;
     let Some(train) = p.node("train") else { return };
-    let (Ok(params), Ok(settings)) = (
-        train.params_as::<newt_config::params::TrainParams>(),
-        train.settings_as::<newt_config::params::TrainSettings>(),
-    ) else {
+    let (Ok(params), Ok(mut settings)) = (train.params_as::<TrainParams>(), train.settings_as::<TrainSettings>())
+    else {
         return;
     };
     let cached = entries.iter().find(|e| e.id == "fetch.model" && e.hit).and_then(|e| e.key).and_then(|key| {
@@ -288,18 +289,25 @@ fn print_memory(s: &Session, p: &Pipeline, entries: &[newt_graph::why::PlanEntry
     });
     let local = s.loaded.base_dir.join(&s.loaded.config.base_model);
     let dir = cached.or_else(|| local.join("config.json").is_file().then_some(local));
-    let Some(config) = dir.and_then(|d| newt_model::config::ModelConfig::from_dir(&d).ok()) else {
+    let Some(model) = dir.and_then(|d| newt_model::config::ModelConfig::from_dir(&d).ok()) else {
         println!(
             "train memory: estimated once fetch.model has run (`newt run {} --only fetch.model`)",
             shown(&s.loaded.path)
         );
         return;
     };
-    let Ok(e) = newt_stages::model::memory_estimate(&config, &params, &settings, s.loaded.config.sequence_len) else {
-        return;
+    // A GPU size given on the command line asks about CUDA, wherever plan runs.
+    if gpu_memory.is_some() {
+        settings.device.backend = newt_config::Backend::Cuda;
+    }
+    let on_cuda = gpu_memory.is_some()
+        || newt_stages::model::backend_of(settings.device.backend)
+            .is_ok_and(|b| b != newt_model::backend::ResolvedBackend::Cpu);
+    let seq = s.loaded.config.sequence_len;
+    let estimate = |params: &TrainParams, settings: &TrainSettings, seq: usize| {
+        newt_stages::model::memory_estimate(&model, params, settings, seq, on_cuda).ok()
     };
-    let on_cuda = newt_stages::model::backend_of(settings.device.backend)
-        .is_ok_and(|b| b != newt_model::backend::ResolvedBackend::Cpu);
+    let Some(e) = estimate(&params, &settings, seq) else { return };
     println!(
         "train memory (estimate, per {}): weights {} + gradients {} + AdamW state {} + activations {} = {} \
          ({:.1}M weights train{})",
@@ -317,13 +325,47 @@ fn print_memory(s: &Session, p: &Pipeline, entries: &[newt_graph::why::PlanEntry
         "train memory: writing a checkpoint also holds {} of host memory (trained weights and AdamW moments, f32)",
         gib(e.trained_params * 12)
     );
-    if on_cuda && let Some(device) = newt_model::backend::cuda_device_memory() {
-        if e.total() > device {
-            println!(
-                "train memory: this does not fit one GPU's {}: turn on gradient_checkpointing, lower \
-                 micro_batch_size or sequence_len, or use adapter: lora / qlora",
-                gib(device)
-            );
+    let Some(device) = gpu_memory.or_else(|| on_cuda.then(newt_model::backend::cuda_device_memory).flatten()) else {
+        return;
+    };
+    if e.total() <= device {
+        println!(
+            "train memory: fits a GPU of {} ({} left for the CUDA context and the allocator)",
+            gib(device),
+            gib(device - e.total())
+        );
+        return;
+    }
+    println!("train memory: will not fit a GPU of {}; what each change would need:", gib(device));
+    let c = &s.loaded.config;
+    let world = settings.world_size;
+    let with = |f: &dyn Fn(&mut newt_config::Config)| {
+        let mut c2 = c.clone();
+        f(&mut c2);
+        let (p2, mut s2) = (TrainParams::on_replicas(&c2, world), TrainSettings::on_replicas(&c2, world));
+        s2.device = settings.device.clone();
+        estimate(&p2, &s2, c2.sequence_len)
+    };
+    let mut remedies: Vec<(String, Option<newt_model::memory::MemoryEstimate>)> = Vec::new();
+    if params.micro_batch_size > 1 {
+        remedies.push(("micro_batch_size: 1".into(), with(&|c| c.micro_batch_size = 1)));
+    }
+    if !settings.gradient_checkpointing {
+        remedies.push((
+            "gradient_checkpointing: true".into(),
+            with(&|c| c.gradient_checkpointing = newt_config::BoolOrString::Bool(true)),
+        ));
+    }
+    if params.quantization == newt_config::params::BaseQuantization::None {
+        remedies.push(("adapter: qlora".into(), with(&|c| c.adapter = Some(newt_config::Adapter::Qlora))));
+    }
+    if seq > 256 {
+        remedies.push((format!("sequence_len: {}", seq / 2), with(&|c| c.sequence_len = seq / 2)));
+    }
+    for (change, est) in remedies {
+        if let Some(est) = est {
+            let verdict = if est.total() <= device { "fits" } else { "still too big" };
+            println!("  {change:<30} {}  ({verdict})", gib(est.total()));
         }
     }
 }

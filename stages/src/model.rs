@@ -291,12 +291,14 @@ impl Method {
 }
 
 /// What training `model` as `cfg` and `settings` say will hold in memory per replica, before
-/// anything is loaded (`newt plan`); `sequence_len` is the rows' width.
+/// anything is loaded (`newt plan`); `sequence_len` is the rows' width; on CUDA weights and
+/// activations are bf16, on the CPU f32.
 pub fn memory_estimate(
     model: &newt_model::config::ModelConfig,
     cfg: &TrainParams,
     settings: &TrainSettings,
     sequence_len: usize,
+    on_cuda: bool,
 ) -> anyhow::Result<newt_model::memory::MemoryEstimate> {
     use newt_model::memory::{MemorySpec, Trained};
     let method = Method::of(cfg)?;
@@ -304,7 +306,6 @@ pub fn memory_estimate(
         Method::Lora(l) => Trained::Lora(l),
         Method::Full(u, ..) => Trained::Full(u.as_ref()),
     };
-    let on_cuda = backend_of(settings.device.backend).is_ok_and(|b| b != ResolvedBackend::Cpu);
     let spec = MemorySpec {
         trained,
         bytes_per_value: if on_cuda { 2 } else { 4 },
@@ -315,6 +316,34 @@ pub fn memory_estimate(
         loss_chunk_tokens: newt_model::llama::default_chunk_tokens(model.vocab_size) as u64,
     };
     Ok(newt_model::memory::estimate(model, &spec))
+}
+
+/// A run out of device memory also says what newt estimated this run needs (the estimate
+/// `newt plan` prints), beside the remedies the loop lists.
+fn with_estimate(
+    e: newt_model::train::TrainError,
+    model: &newt_model::config::ModelConfig,
+    cfg: &TrainParams,
+    settings: &TrainSettings,
+    data: &TrainData,
+    on_cuda: bool,
+) -> anyhow::Error {
+    use newt_model::memory::gib;
+    if !matches!(e, newt_model::train::TrainError::OutOfMemory { .. }) {
+        return e.into();
+    }
+    let width = (0..data.len()).map(|i| data.row(i).0.len()).max().unwrap_or(0);
+    let Ok(est) = memory_estimate(model, cfg, settings, width, on_cuda) else { return e.into() };
+    let device = if on_cuda { backend::cuda_device_memory() } else { None };
+    anyhow::anyhow!(
+        "{e}\nnewt's estimate for this run: weights {} + gradients {} + AdamW state {} + activations {} = {}{}",
+        gib(est.weights),
+        gib(est.gradients),
+        gib(est.optimizer),
+        gib(est.activations),
+        gib(est.total()),
+        device.map(|d| format!(", on a GPU of {}", gib(d))).unwrap_or_default()
+    )
 }
 
 /// The matmul weights that do not train (the decoder linears and the LM head, tied or not): each
@@ -560,6 +589,7 @@ impl WithAutodiffBackend for TrainWork<'_> {
             }),
         };
         let tcfg = train_config(cfg, &self.settings);
+        let (mc_owned, on_cuda) = (model.config.clone(), backend::on_cuda::<B>(&device));
         let mut hooks = Hooks { ctx, val: val.as_ref(), eval_batch, first_step: None };
         let world = self.settings.world_size;
         // `NEWT_REDUCER`: how replicas sum their gradients — `nccl` (the default on CUDA with
@@ -604,9 +634,11 @@ impl WithAutodiffBackend for TrainWork<'_> {
                 },
                 tcfg.micro_batch_size * tcfg.gradient_accumulation_steps
             ));
-            newt_model::train::train_data_parallel::<B, _>(replicas, &data, &tcfg, &run, &mut hooks, reducer.as_ref())?
+            newt_model::train::train_data_parallel::<B, _>(replicas, &data, &tcfg, &run, &mut hooks, reducer.as_ref())
+                .map_err(|e| with_estimate(e, &mc_owned, cfg, &self.settings, &data, on_cuda))?
         } else {
-            newt_model::train::train(model, &data, &tcfg, &run, &mut hooks, &device)?
+            newt_model::train::train(model, &data, &tcfg, &run, &mut hooks, &device)
+                .map_err(|e| with_estimate(e, &mc_owned, cfg, &self.settings, &data, on_cuda))?
         };
         for w in &summary.warnings {
             ctx.progress.println(format!("warning: {w}"));

@@ -172,10 +172,14 @@ pub fn estimate(c: &ModelConfig, spec: &MemorySpec<'_>) -> MemoryEstimate {
     }
 }
 
-/// `bytes` as GiB with one decimal (two below 1 GiB).
+/// `bytes` as GiB with one decimal (two below 1 GiB), or MiB below 0.01 GiB.
 pub fn gib(bytes: u64) -> String {
     let g = bytes as f64 / (1u64 << 30) as f64;
-    if g < 1.0 { format!("{g:.2} GiB") } else { format!("{g:.1} GiB") }
+    match g {
+        g if g < 0.01 => format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64),
+        g if g < 1.0 => format!("{g:.2} GiB"),
+        g => format!("{g:.1} GiB"),
+    }
 }
 
 #[cfg(test)]
