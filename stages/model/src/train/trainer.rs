@@ -453,6 +453,7 @@ where
         clock.mark::<B>("batch", device);
         // The model's own backward pass (gradient checkpointing), or Burn's on its loss; the
         // seed makes the dropout masks of a recomputed layer the ones its forward pass drew.
+        let _turn = autodiff_turn();
         let (tokens, step_grads, value) = super::rng::with_batch_seed(*seed, || match model.self_backward(&batch) {
             Some(out) => {
                 clock.mark::<B>("forward+backward", device);
@@ -475,6 +476,18 @@ where
         });
     }
     (grads, loss_sum, trained_tokens)
+}
+
+/// Burn 0.21's autodiff keeps one process-wide graph server, and two threads building and
+/// back-propagating graphs at once can deadlock inside it (seen on the CPU with two replicas:
+/// one thread's `backward` waiting in `GraphCleaner::init` while another's forward waits in
+/// `register_step`, both on the server's locks, forever). Replicas in one process therefore take
+/// turns: a micro-batch's forward and backward, and an AdamW step (which maps the autodiff
+/// module's parameters), hold this lock; waiting for the other replicas (the all-reduce) never
+/// does, so a turn cannot wait on a rank that needs the lock. Uncontended with one replica.
+fn autodiff_turn() -> std::sync::MutexGuard<'static, ()> {
+    static AUTODIFF: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    AUTODIFF.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// One optimizer step over `micro_batches` (this replica's share of the step): gradients, the
@@ -544,7 +557,10 @@ where
     if !loss.is_finite() || !grad_norm.is_finite() {
         return Err(TrainError::NonFinite { step: 0, loss, grad_norm });
     }
-    let model = opt.step_flat::<B, M>(model, layout, grad, lr);
+    let model = {
+        let _turn = autodiff_turn();
+        opt.step_flat::<B, M>(model, layout, grad, lr)
+    };
     clock.mark::<B>("optimizer", device);
     let out = StepOut { loss_sum, trained_tokens, grad_norm };
     Ok((model, out))
