@@ -349,22 +349,19 @@ fn with_estimate(
 /// The matmul weights that do not train (the decoder linears and the LM head, tied or not): each
 /// costs 4 FLOPs a token (forward, and the input's gradient), a trained one 6 (`FlopsModel`).
 fn frozen_matmul_params(c: &newt_model::config::ModelConfig, method: &Method) -> u64 {
-    let head = ("lm_head.weight", if c.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" });
-    let matmuls = newt_model::memory::weights(c).into_iter().filter_map(|(name, n, linear)| {
-        let matmul = linear || name == head.1;
-        // The tied head trains with the embedding.
-        matmul.then_some((if name == head.1 { head.0.to_string() } else { name }, n))
-    });
-    let frozen = |name: &str| match method {
-        Method::Lora(l) => !(name == "lm_head.weight" && l.modules_to_save.iter().any(|m| m == "lm_head")),
-        Method::Full(None, ..) => false,
-        Method::Full(Some(u), ..) => {
-            let own =
-                if name == "lm_head.weight" && c.tie_word_embeddings { "model.embed_tokens.weight" } else { name };
-            !u.matches(own)
-        }
+    // The LM head's weight: the embedding's when tied.
+    let head = if c.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
+    let trains = |name: &str| match method {
+        // LoRA trains a head only through `modules_to_save` (a tied one gets its own copy).
+        Method::Lora(l) => name == head && l.modules_to_save.iter().any(|m| m == "lm_head"),
+        Method::Full(None, ..) => true,
+        Method::Full(Some(u), ..) => u.matches(name),
     };
-    matmuls.filter(|(name, _)| frozen(name)).map(|(_, n)| n).sum()
+    newt_model::memory::weights(c)
+        .into_iter()
+        .filter(|(name, _, linear)| (*linear || name == head) && !trains(name))
+        .map(|(_, n, _)| n)
+        .sum()
 }
 
 /// When the tokenizer has more entries than the model's embedding (`tokens`/`special_tokens`
@@ -373,11 +370,10 @@ fn frozen_matmul_params(c: &newt_model::config::ModelConfig, method: &Method) ->
 /// `unfrozen_parameters` that leave them trainable), since new rows that never train would
 /// map the new tokens to the mean of the others.
 fn check_vocab_growth(
-    model_dir: &Path,
+    config: &newt_model::config::ModelConfig,
     tok: &newt_data::HfTokenizer,
     method: &Method,
 ) -> anyhow::Result<Option<usize>> {
-    let config = newt_model::config::ModelConfig::from_dir(model_dir)?;
     let vocab = config.vocab_size;
     let n = tok.vocab_size();
     if n <= vocab {
@@ -534,7 +530,8 @@ impl WithAutodiffBackend for TrainWork<'_> {
         // The tokenizer the data was tokenized with: `tokens` and `special_tokens` new to the
         // vocabulary grow the model to its size.
         let tok = newt_data::HfTokenizer::load_for(model_dir, &cfg.special_tokens, &cfg.tokens)?;
-        let grown_from = check_vocab_growth(model_dir, &tok, &method)?;
+        let base_config = newt_model::config::ModelConfig::from_dir(model_dir)?;
+        let grown_from = check_vocab_growth(&base_config, &tok, &method)?;
         let load_replica = |device: &B::Device| -> anyhow::Result<Llama<B>> {
             let mut model = load_model::<B>(model_dir, None, quantize, device)?.resize_vocab(tok.vocab_size());
             model = match &method {
@@ -561,7 +558,7 @@ impl WithAutodiffBackend for TrainWork<'_> {
                     .to_string(),
             );
         }
-        let base_vocab = newt_model::config::ModelConfig::from_dir(model_dir)?.vocab_size;
+        let base_vocab = base_config.vocab_size;
         if model.config.vocab_size < base_vocab {
             ctx.progress.println(format!(
                 "vocabulary: {base_vocab} → {} entries (`shrink_embeddings`: the embedding and LM head are cut to \
@@ -1052,27 +1049,24 @@ fn merge_into(model: &Path, adapter: &Path, out: &Path, p: &MergeParams) -> anyh
         let tuned = newt_model::full::trained_model_dir(adapter)
             .ok_or_else(|| anyhow::anyhow!("{}: no trained model folder to export", adapter.display()))?;
         std::fs::create_dir_all(out)?;
-        let mut exports = Vec::new();
-        for ty in &p.gguf {
-            let t = newt_model::gguf::GgufType::parse(ty)
-                .ok_or_else(|| anyhow::anyhow!("merge.gguf: unknown type `{ty}` (f32, f16, q8_0)"))?;
-            let file = out.join(format!("model-{ty}.gguf"));
-            newt_model::gguf::export_gguf(&tuned, &file, t)?;
-            exports.push(file.file_name().map(|f| f.to_string_lossy().to_string()));
-        }
-        return Ok(serde_json::json!({"gguf": exports}));
+        return Ok(serde_json::json!({"gguf": export_ggufs(&tuned, out, &p.gguf)?}));
     }
     let opts = newt_model::merge::MergeOptions { max_shard_bytes: p.max_shard_size, ..Default::default() };
     let s = newt_model::merge::merge_lora(model, adapter, out, opts)?;
+    Ok(serde_json::json!({"merge": format!("{s:?}"), "gguf": export_ggufs(out, out, &p.gguf)?}))
+}
+
+/// Writes `out/model-<type>.gguf` from the model folder `model` for each of `types`; their names.
+fn export_ggufs(model: &Path, out: &Path, types: &[String]) -> anyhow::Result<Vec<String>> {
     let mut exports = Vec::new();
-    for ty in &p.gguf {
+    for ty in types {
         let t = newt_model::gguf::GgufType::parse(ty)
             .ok_or_else(|| anyhow::anyhow!("merge.gguf: unknown type `{ty}` (f32, f16, q8_0)"))?;
-        let file = out.join(format!("model-{ty}.gguf"));
-        newt_model::gguf::export_gguf(out, &file, t)?;
-        exports.push(file.file_name().map(|f| f.to_string_lossy().to_string()));
+        let name = format!("model-{ty}.gguf");
+        newt_model::gguf::export_gguf(model, &out.join(&name), t)?;
+        exports.push(name);
     }
-    Ok(serde_json::json!({"merge": format!("{s:?}"), "gguf": exports}))
+    Ok(exports)
 }
 
 /// `newt merge-lora --lora-model-dir`: merges an adapter made elsewhere.

@@ -151,6 +151,22 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// Each decoder layer's linears as (module path within the layer, out, in), in checkpoint
+    /// order: `self_attn.q_proj` … `mlp.down_proj`.
+    pub fn linear_shapes(&self) -> [(&'static str, usize, usize); 7] {
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        let (q, kv) = (self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim);
+        [
+            ("self_attn.q_proj", q, h),
+            ("self_attn.k_proj", kv, h),
+            ("self_attn.v_proj", kv, h),
+            ("self_attn.o_proj", h, q),
+            ("mlp.gate_proj", i, h),
+            ("mlp.up_proj", i, h),
+            ("mlp.down_proj", h, i),
+        ]
+    }
+
     /// Reads `dir/config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self, ConfigError> {
         Self::from_file(&dir.join("config.json"))

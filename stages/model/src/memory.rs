@@ -73,21 +73,12 @@ impl MemoryEstimate {
 /// Every weight of a model of this shape, by Hugging Face name, with its element count and
 /// whether it is a decoder linear (the weights a quantized base stores in 4 or 8 bits).
 pub fn weights(c: &ModelConfig) -> Vec<(String, u64, bool)> {
-    let (h, i, hd) = (c.hidden_size as u64, c.intermediate_size as u64, c.head_dim as u64);
-    let (q, kv) = (c.num_attention_heads as u64 * hd, c.num_key_value_heads as u64 * hd);
-    let v = c.vocab_size as u64;
+    let (h, hd, v) = (c.hidden_size as u64, c.head_dim as u64, c.vocab_size as u64);
     let mut out = vec![("model.embed_tokens.weight".to_string(), v * h, false)];
     for l in 0..c.num_hidden_layers {
         let p = format!("model.layers.{l}");
-        for (name, out_f, in_f) in [
-            ("self_attn.q_proj", q, h),
-            ("self_attn.k_proj", kv, h),
-            ("self_attn.v_proj", kv, h),
-            ("self_attn.o_proj", h, q),
-            ("mlp.gate_proj", i, h),
-            ("mlp.up_proj", i, h),
-            ("mlp.down_proj", h, i),
-        ] {
+        for (name, out_f, in_f) in c.linear_shapes() {
+            let (out_f, in_f) = (out_f as u64, in_f as u64);
             out.push((format!("{p}.{name}.weight"), out_f * in_f, true));
             let bias =
                 if name.starts_with("self_attn") { c.attention_bias && name != "self_attn.o_proj" } else { c.mlp_bias };
@@ -133,17 +124,9 @@ pub fn estimate(c: &ModelConfig, spec: &MemorySpec<'_>) -> MemoryEstimate {
             let regex = l.regex().ok().flatten();
             let mut n = 0;
             for layer in 0..c.num_hidden_layers {
-                for (module, out_f, in_f) in [
-                    ("self_attn.q_proj", q, h),
-                    ("self_attn.k_proj", kv, h),
-                    ("self_attn.v_proj", kv, h),
-                    ("self_attn.o_proj", h, q),
-                    ("mlp.gate_proj", i, h),
-                    ("mlp.up_proj", i, h),
-                    ("mlp.down_proj", h, i),
-                ] {
+                for (module, out_f, in_f) in c.linear_shapes() {
                     if l.adapts(&format!("model.layers.{layer}.{module}"), regex.as_ref()) {
-                        n += l.r as u64 * (in_f + out_f);
+                        n += l.r as u64 * (in_f + out_f) as u64;
                     }
                 }
             }

@@ -32,8 +32,6 @@ const LM_HEAD: &str = "lm_head.weight";
 const BLOCK_BYTES: usize = 32 << 20;
 /// Tokenizer files taken from the adapter folder when it has a tokenizer (training may have
 /// added tokens), else from the base folder.
-const TOKENIZER_FILES: &[&str] =
-    &["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "added_tokens.json"];
 
 /// How to write the merged model.
 #[derive(Debug, Clone)]
@@ -437,7 +435,7 @@ pub fn merge_lora(
         Ok(())
     };
     copy(base_dir, "generation_config.json")?;
-    for f in TOKENIZER_FILES {
+    for f in crate::full::TOKENIZER_FILES {
         copy(tok_src, f)?;
     }
     Ok(MergeSummary {

@@ -184,8 +184,7 @@ pub fn write_tiny_model<S: AsRef<str>>(dir: &Path, spec: &TinySpec, texts: &[S])
 
     // Weights in checkpoint order, drawn in that order from one seeded stream.
     let mut rng = StdRng::seed_from_u64(spec.seed);
-    let (h, i) = (spec.hidden_size, spec.intermediate_size);
-    let (q, kv) = (spec.num_attention_heads * head_dim, spec.num_key_value_heads * head_dim);
+    let h = spec.hidden_size;
     let mut tensors = Vec::new();
     let mut add = |name: String, shape: Vec<usize>, values: Vec<f32>| {
         tensors.push((name, Dtype::F32, shape, encode_f32(Dtype::F32, &values)));
@@ -193,15 +192,7 @@ pub fn write_tiny_model<S: AsRef<str>>(dir: &Path, spec: &TinySpec, texts: &[S])
     add("model.embed_tokens.weight".into(), vec![vocab, h], normal(&mut rng, vocab * h, 0.02));
     for l in 0..spec.num_hidden_layers {
         let p = format!("model.layers.{l}");
-        for (name, out, input) in [
-            ("self_attn.q_proj", q, h),
-            ("self_attn.k_proj", kv, h),
-            ("self_attn.v_proj", kv, h),
-            ("self_attn.o_proj", h, q),
-            ("mlp.gate_proj", i, h),
-            ("mlp.up_proj", i, h),
-            ("mlp.down_proj", h, i),
-        ] {
+        for (name, out, input) in config.linear_shapes() {
             add(format!("{p}.{name}.weight"), vec![out, input], normal(&mut rng, out * input, 0.02));
         }
         add(format!("{p}.input_layernorm.weight"), vec![h], vec![1.0; h]);
