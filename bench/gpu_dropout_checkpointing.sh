@@ -22,13 +22,19 @@ done
 python3 - "$OUT" <<'PY' | tee "$OUT/compare.md"
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1]); runs = ["plain", "plain2", "ckpt", "ckpt2"]
-c = {r: [json.loads(l)["loss"] for l in (out / f"{r}.jsonl").read_text().splitlines() if json.loads(l).get("kind") == "train"] for r in runs if (out / f"{r}.jsonl").exists()}
+steps = {r: [json.loads(l) for l in (out / f"{r}.jsonl").read_text().splitlines() if json.loads(l).get("kind") == "train"] for r in runs if (out / f"{r}.jsonl").exists()}
+c = {r: [s["loss"] for s in v] for r, v in steps.items()}
 print("| step | " + " | ".join(c) + " |"); print("|---" * (len(c) + 1) + "|")
 for i in range(max(map(len, c.values()))):
     print(f"| {i+1} | " + " | ".join(f"{v[i]:.6f}" if i < len(v) else "-" for v in c.values()) + " |")
+# Step 1's gradient norm: LoRA B starts at zero, so B's gradient is (dropout(x)·Aᵀ)ᵀ·dy — it
+# reads the mask the backward pass has. A recomputation that drew other masks than the forward
+# pass moves it by far more than the noise floor (plain vs plain2).
+print("\nstep-1 grad_norm: " + ", ".join(f"{r} {v[0]['grad_norm']:.9g}" for r, v in steps.items()))
 for a, b in [("plain", "plain2"), ("plain", "ckpt"), ("plain", "ckpt2"), ("ckpt", "ckpt2")]:
     if a in c and b in c:
-        print(f"\nmax |{a} - {b}| over {len(c[a])} steps: {max(abs(x - y) for x, y in zip(c[a], c[b])):.3g}")
+        g = abs(steps[a][0]["grad_norm"] - steps[b][0]["grad_norm"]) / steps[a][0]["grad_norm"]
+        print(f"\n{a} vs {b}: max |loss diff| over {len(c[a])} steps {max(abs(x - y) for x, y in zip(c[a], c[b])):.3g}; step-1 grad_norm rel diff {g:.3g}")
 for r in runs:
     print(f"\n{r}: " + " / ".join((out / f"{r}.out").read_text().split("\n")[-2:]).strip())
 PY

@@ -19,14 +19,16 @@ PYTHONUNBUFFERED=1 timeout 300 python3 bench/full_baseline.py --model /tmp/model
 kill $smi
 echo "peer peak MiB used (incl. context): $(sort -n /tmp/aux/peer-mem.log | tail -1)" >> "$OUT/peer.jsonl"
 tail -3 /tmp/aux/peer.err >> "$OUT/peer.jsonl"
-# 2. newt: the same rows' shape, `adapter` unset.
+# 2. newt: the same rows' shape, `adapter` unset. `type: completion` cuts each line (~92k
+# tokens) into sequence_len pieces, so 1800 of the 1809 packed rows are one full 2048-token
+# sequence, as the peer's rows are (newt_metrics.jsonl's `tokens` per step shows any short one).
 python3 - <<'PY'
 import random
 r = random.Random(0)
 words = [f"w{i}" for i in range(3000)]
 with open("/tmp/text.txt", "w") as f:
-    for _ in range(600):
-        f.write(" ".join(r.choice(words) for _ in range(700)) + "\n")
+    for _ in range(40):
+        f.write(" ".join(r.choice(words) for _ in range(20000)) + "\n")
 PY
 cat > /tmp/full.yml <<YML
 base_model: /tmp/model-$shape

@@ -550,14 +550,6 @@ impl WithAutodiffBackend for TrainWork<'_> {
             Ok(model)
         };
         let model = load_replica(&device)?;
-        if model.gradient_checkpointing && model.has_dropout() && !model.checkpoints_with_dropout() {
-            ctx.progress.println(
-                "warning: gradient_checkpointing is not applied with lora_dropout > 0 on CUDA yet: that the \
-                 recomputed layers draw the forward pass's dropout masks is checked on the CPU only \
-                 (bench/gpu_dropout_checkpointing.sh checks it on a GPU); set lora_dropout: 0 to use it"
-                    .to_string(),
-            );
-        }
         let base_vocab = base_config.vocab_size;
         if model.config.vocab_size < base_vocab {
             ctx.progress.println(format!(

@@ -496,7 +496,11 @@ impl<B: KernelBackend> Llama<B> {
     /// Logits `[batch, seq, vocab]` of hidden states `[batch, seq, hidden]`.
     pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, t, h] = hidden.dims();
-        hidden.reshape([b * t, h]).matmul(self.lm_head_weight().transpose()).reshape([b, t, self.config.vocab_size])
+        newt_kernels::dense_matmul(hidden.reshape([b * t, h]), self.lm_head_weight().transpose()).reshape([
+            b,
+            t,
+            self.config.vocab_size,
+        ])
     }
 
     /// Logits `[batch, seq, vocab]` of a (possibly packed) batch.
@@ -573,9 +577,9 @@ where
     ///
     /// LoRA dropout: each layer seeds its masks from the micro-batch's seed and its index, in
     /// the forward pass and again in its recomputation, so both draw the same masks. Outside the
-    /// training loop (no micro-batch seed) a model with dropout uses the ordinary path, and so
-    /// it does on CUDA until the masks are checked there (`bench/gpu_dropout_checkpointing.sh`):
-    /// Burn's fusion may run a random op after a later reseed.
+    /// training loop (no micro-batch seed) a model with dropout uses the ordinary path. On CUDA,
+    /// Burn's fusion queues random ops; [`seeded_layer`] drains them before it lets go of the
+    /// generator, so they draw under their layer's seed (`bench/gpu_dropout_checkpointing.sh`).
     ///
     /// A trained embedding (full fine-tuning, `lora_modules_to_save`) gets its gradient last:
     /// the lookup is run again with autodiff and back-propagated with the first layer's input
@@ -586,8 +590,7 @@ where
         let dropout = self.has_dropout();
         let seed = crate::train::rng::batch_seed().filter(|_| dropout);
         let device = batch.input_ids.device();
-        if !self.gradient_checkpointing || (dropout && (seed.is_none() || !dropout_checkpointing_checked::<B>(&device)))
-        {
+        if !self.gradient_checkpointing || (dropout && seed.is_none()) {
             return None;
         }
         let inner = self.valid();
@@ -646,12 +649,6 @@ where
 }
 
 impl<B: Backend> Llama<B> {
-    /// Whether gradient checkpointing with LoRA dropout is used on this model's backend: on the
-    /// CPU (Flex draws eagerly, so a layer's reseed covers its masks); not yet on CUDA.
-    pub fn checkpoints_with_dropout(&self) -> bool {
-        dropout_checkpointing_checked::<B>(&self.embed_tokens.device())
-    }
-
     /// Whether any adapter draws a dropout mask in training.
     pub fn has_dropout(&self) -> bool {
         self.layers.iter().any(|l| {
@@ -761,11 +758,6 @@ impl<B: Backend> Loader<'_, B> {
     fn tensor<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Tensor<B, D>, LoadError> {
         self.optional(name, shape)?.ok_or_else(|| LoadError::Missing { dir: self.dir.to_path_buf(), name: name.into() })
     }
-}
-
-/// See [`Llama::checkpoints_with_dropout`].
-fn dropout_checkpointing_checked<B: Backend>(device: &B::Device) -> bool {
-    !crate::backend::on_cuda::<B>(device)
 }
 
 #[cfg(test)]

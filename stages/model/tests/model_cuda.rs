@@ -98,6 +98,76 @@ fn cuda_lora_step_matches_cpu_loss_and_keeps_adapters_in_f32() {
     assert!((cpu_loss - cuda_loss).abs() < 2e-2 * cpu_loss, "{cpu_loss} vs {cuda_loss}");
 }
 
+/// LoRA dropout with gradient checkpointing: one step's gradients with checkpointing, without,
+/// and without with the two micro-batches swapped (each row gets the other seed, so other masks,
+/// and the same gradient sums otherwise). Returns the worst relative difference checkpointing
+/// makes and the least one other masks make to an adapter's B gradient.
+fn dropout_checkpointing_differences<Bk>() -> (f32, f32)
+where
+    Bk: burn::tensor::backend::AutodiffBackend + newt_model::backend::KernelBackend,
+    Bk::InnerBackend: newt_model::backend::KernelBackend,
+{
+    use newt_model::train::{PackedRow, TrainData, step_gradients};
+    let dir = tiny_model_dir(8);
+    let device = Default::default();
+    let rows = (0..2)
+        .map(|r| {
+            let ids: Vec<i32> = (0..64).map(|i| ((i * 7 + r * 13 + 5) % 300) as i32).collect();
+            PackedRow { labels: ids.clone(), input_ids: ids, position_ids: (0..64).collect() }
+        })
+        .collect();
+    let data = TrainData::from_rows(rows).unwrap();
+    let run = |checkpointing: bool, order: [usize; 2]| -> Vec<(String, Vec<f32>)> {
+        let cfg = LoraConfig { r: 4, alpha: 8.0, dropout: 0.3, seed: 3, ..LoraConfig::default() };
+        let mut model = perturb(load::<Bk>(dir.path()).with_lora(&cfg).unwrap());
+        model.gradient_checkpointing = checkpointing;
+        let step = step_gradients::<Bk, _>(&model, &data, &[vec![order[0]], vec![order[1]]], &device);
+        let mut grads = step.grads;
+        let paths: Vec<String> = grads.paths().map(str::to_string).collect();
+        paths.into_iter().map(|p| (p.clone(), floats(grads.remove(&p).unwrap()))).collect()
+    };
+    let plain = run(false, [0, 1]);
+    let ckpt = run(true, [0, 1]);
+    let swapped = run(false, [1, 0]);
+    let rel = |a: &[f32], b: &[f32]| {
+        let scale = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12);
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) / scale
+    };
+    assert!(plain.len() > 4 && plain.len() == ckpt.len() && plain.len() == swapped.len());
+    let (mut worst_ckpt, mut least_masks) = (0f32, f32::MAX);
+    for (((name, a), (name_c, c)), (_, s)) in plain.iter().zip(&ckpt).zip(&swapped) {
+        assert_eq!(name, name_c);
+        worst_ckpt = worst_ckpt.max(rel(a, c));
+        if name.contains("lora_b") {
+            least_masks = least_masks.min(rel(a, s));
+        }
+    }
+    (worst_ckpt, least_masks)
+}
+
+/// The check below on the CPU (where `train_peft_parity` also compares with PEFT's masks-free
+/// goldens): it must hold here before its CUDA twin means anything.
+#[test]
+fn cpu_checkpointing_with_lora_dropout_recomputes_the_same_masks() {
+    let (worst, least) = dropout_checkpointing_differences::<AD>();
+    eprintln!("cpu dropout 0.3: checkpointed vs plain {worst:.2e}; other masks move lora_B by at least {least:.2e}");
+    assert!(least > 0.05, "the masks must matter: {least}");
+    assert!(worst < 1e-5, "checkpointed gradients drew other masks: {worst}");
+}
+
+/// On CUDA: Burn's fusion queues random ops, and `seeded_layer` drains them under their layer's
+/// seed, so each recomputed layer draws the masks its forward pass drew.
+#[test]
+fn cuda_checkpointing_with_lora_dropout_recomputes_the_same_masks() {
+    if !cuda_ready() {
+        return;
+    }
+    let (worst, least) = dropout_checkpointing_differences::<CudaTrainBackend>();
+    eprintln!("cuda dropout 0.3: checkpointed vs plain {worst:.2e}; other masks move lora_B by at least {least:.2e}");
+    assert!(least > 0.05, "the masks must matter: {least}");
+    assert!(worst < least / 10.0, "checkpointed gradients drew other masks: {worst} vs {least}");
+}
+
 /// A model with SmolLM2-135M's shape (random weights, 49152 vocab) in `dir`.
 fn smollm2_shaped(dir: &std::path::Path) {
     let config = serde_json::json!({

@@ -79,7 +79,9 @@ pub fn batch_seed() -> Option<u64> {
 }
 
 /// Runs `f` (one layer's forward pass) with the backend's generator seeded from (`seed`,
-/// `layer`), holding the process-wide lock while it draws.
+/// `layer`), holding the process-wide lock while it draws. A lazy backend (Burn's fusion on
+/// CUDA) only queues `f`'s random ops; they are drained here, before the lock is let go, so
+/// they draw under this layer's seed and not a later layer's or another replica's.
 pub fn seeded_layer<B: burn::tensor::backend::Backend, T>(
     device: &B::Device,
     seed: u64,
@@ -88,5 +90,8 @@ pub fn seeded_layer<B: burn::tensor::backend::Backend, T>(
 ) -> T {
     let _lock = LAYER_RNG.lock().unwrap_or_else(|p| p.into_inner());
     B::seed(device, SplitMix64::mix(seed, layer as u64));
-    f()
+    let out = f();
+    // Only a failed device can fail this; the step's next read of a tensor reports it.
+    let _ = B::sync(device);
+    out
 }
