@@ -1,5 +1,5 @@
-//! Scaled dot-product attention for packed batches: causal, grouped-query (keys and values
-//! repeated across query heads), and blind across sample boundaries.
+//! Scaled dot-product attention for packed batches: causal, grouped-query (several query heads
+//! share one key/value head), and blind across sample boundaries.
 //!
 //! A packed row holds several samples one after another; `segment_ids` numbers them per token
 //! (0 for padding). A query sees a key only when the key is not in its future and both carry the
@@ -56,20 +56,16 @@ impl<B: Backend> AttentionMask<B> {
     }
 }
 
-/// Repeats each of `kv_heads` heads `n_rep` times, as transformers' `repeat_kv`.
-fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n_rep: usize) -> Tensor<B, 4> {
-    if n_rep == 1 {
-        return x;
-    }
-    let [b, h, s, d] = x.dims();
-    x.unsqueeze_dim::<5>(2).expand([b, h, n_rep, s, d]).reshape([b, h * n_rep, s, d])
-}
-
 /// `softmax(q·kᵀ·scale + mask)·v` with grouped-query attention.
 ///
 /// `q` is `[batch, q_heads, q_len, head_dim]`, `k` and `v` are `[batch, kv_heads, k_len,
 /// head_dim]` with `q_heads` a multiple of `kv_heads`. The softmax runs in f32 and its result is
 /// cast back to the query dtype, as transformers' eager attention does.
+///
+/// Query head `h` reads key/value head `h / (q_heads / kv_heads)` (transformers' `repeat_kv`
+/// order). The keys and values are not repeated: the queries of one key/value head are stacked
+/// into one `[group × q_len, head_dim]` matrix instead, so decoding against a KV cache reads the
+/// cache once per step rather than copying it `q_heads / kv_heads` times.
 pub fn attention<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
@@ -77,19 +73,20 @@ pub fn attention<B: Backend>(
     mask: &AttentionMask<B>,
     scale: f64,
 ) -> Tensor<B, 4> {
-    let q_heads = q.dims()[1];
-    let kv_heads = k.dims()[1];
+    let [b, q_heads, q_len, d] = q.dims();
+    let [_, kv_heads, k_len, _] = k.dims();
     assert!(
         kv_heads > 0 && q_heads.is_multiple_of(kv_heads),
         "attention: {q_heads} query heads are not a multiple of {kv_heads} key/value heads"
     );
-    let n_rep = q_heads / kv_heads;
+    let group = q_heads / kv_heads;
     let dtype = q.dtype();
-    let k = repeat_kv(k, n_rep);
-    let v = repeat_kv(v, n_rep);
-    let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale);
-    let scores = scores.cast(DType::F32) + mask.bias.clone();
-    softmax(scores, 3).cast(dtype).matmul(v)
+    let q = q.reshape([b, kv_heads, group * q_len, d]);
+    let scores =
+        q.matmul(k.swap_dims(2, 3)).mul_scalar(scale).cast(DType::F32).reshape([b, kv_heads, group, q_len, k_len]);
+    let bias = mask.bias.clone().reshape([b, 1, 1, q_len, k_len]);
+    let probs = softmax(scores + bias, 4).cast(dtype).reshape([b, kv_heads, group * q_len, k_len]);
+    probs.matmul(v).reshape([b, q_heads, q_len, d])
 }
 
 #[cfg(test)]

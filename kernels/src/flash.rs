@@ -246,7 +246,13 @@ pub fn default_flash_backward<B: Backend>(
     (dq.into_primitive().tensor(), dk.into_primitive().tensor(), dv.into_primitive().tensor())
 }
 
-impl KernelBackend for burn::backend::Flex {}
+/// Burn's Flex (CPU): the dense product of a few rows is spread over the rayon pool
+/// ([`crate::cpu_matmul`]); everything else is the defaults.
+impl KernelBackend for burn::backend::Flex {
+    fn dense_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        crate::cpu_matmul::dense_matmul(lhs, rhs)
+    }
+}
 
 /// Burn's CUDA backends: cuBLASLt for [`KernelBackend::dense_matmul`], and the CUDA flash
 /// attention kernels ([`crate::flash_cuda`]) where they apply.

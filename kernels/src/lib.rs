@@ -20,6 +20,7 @@
 pub mod attention;
 pub mod check;
 pub mod collective;
+mod cpu_matmul;
 mod cuda_op;
 pub mod flash;
 pub mod flash_cuda;
