@@ -807,3 +807,51 @@ fn shrink_embeddings_cuts_a_padded_vocabulary_to_the_tokenizers_size() {
     let shapes = tensor_shapes(&model.join("model.safetensors"), "embed_tokens");
     assert_eq!(shapes, [("model.embed_tokens.weight".to_string(), vec![vocab as u64, 96])]);
 }
+
+/// A model folder's weights are not copied into the cache (issue 16: an 8B model's 16 GB filled
+/// the GPU machine's disk): fetch.model names them, with their digests, in `local_refs.json`, and
+/// train, evaluate and merge read them where they are. Editing the weights makes the next run
+/// fetch again (the key covers their bytes), and the earlier cached result refuses the changed
+/// file instead of reading it.
+#[test]
+fn a_model_folders_weights_stay_in_place_and_a_changed_file_is_refused() {
+    use newt_model::tensors::TensorStore;
+    let p = Project::new();
+    let tiny = p.stage_path("fetch.model");
+    let folder = p.path("mymodel");
+    std::fs::create_dir_all(&folder).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+        if tiny.join(f).is_file() {
+            std::fs::copy(tiny.join(f), folder.join(f)).unwrap();
+        }
+    }
+    let yaml = std::fs::read_to_string(p.path("p.yml")).unwrap();
+    let end = yaml.find("\ndatasets:").unwrap();
+    std::fs::write(p.path("p.yml"), format!("base_model: mymodel\n{}", &yaml[end + 1..])).unwrap();
+    let first = ran(&p.run_pipeline());
+    assert!(first.contains(&"fetch.model".to_string()) && first.contains(&"merge".to_string()), "{first:?}");
+
+    let fetched = p.stage_path("fetch.model");
+    assert!(!fetched.join("model.safetensors").exists(), "the weights were copied into the cache");
+    let refs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fetched.join("local_refs.json")).unwrap()).unwrap();
+    let weights = folder.join("model.safetensors");
+    let r = &refs["files"][0];
+    assert_eq!(r["name"], "model.safetensors");
+    assert_eq!(Path::new(r["source"].as_str().unwrap()), std::fs::canonicalize(&weights).unwrap());
+    assert_eq!(r["size"], std::fs::metadata(&weights).unwrap().len());
+    let held: u64 = std::fs::read_dir(&fetched).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
+    assert!(held < std::fs::metadata(&weights).unwrap().len(), "the object holds {held} bytes");
+    assert!(p.path("outputs/quickstart/adapter_model.safetensors").is_file());
+
+    // The same size, other bytes (the last one of the last tensor).
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    std::fs::write(&weights, &bytes).unwrap();
+    let msg = TensorStore::open(&fetched).err().expect("the old result refuses the edited file").to_string();
+    assert!(msg.contains("other contents") && msg.contains("model.safetensors"), "{msg}");
+    let second = ran(&p.run_pipeline());
+    assert!(second.contains(&"fetch.model".to_string()) && second.contains(&"train".to_string()), "{second:?}");
+    assert!(TensorStore::open(&p.stage_path("fetch.model")).is_ok());
+}

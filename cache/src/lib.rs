@@ -50,7 +50,9 @@ pub use external::{CacheStats, RACY_WINDOW_NS};
 pub use filehash::{FileEntry, PARALLEL_THRESHOLD, hash_file, hash_tree};
 pub use gc::{GcReport, WORK_DIR_GRACE};
 pub use lock::{InUse, KeyLock};
-pub use remote::{Pulled, Pushed, REMOTE_FORMAT, Remote, RemoteEntry, RemoteError, RemoteMode, RemoteSpec};
+pub use remote::{
+    LOCAL_REFS_FILE, Pulled, Pushed, REMOTE_FORMAT, Remote, RemoteEntry, RemoteError, RemoteMode, RemoteSpec,
+};
 pub use runs::{Pin, RunRecord, RunStage};
 pub use store::{Lookup, MANIFEST_FORMAT, Manifest, ManifestMeta, Staging};
 pub use verify::{BrokenManifest, Damage, DamagedObject, VerifyReport};

@@ -39,6 +39,9 @@ use crate::{Cache, CacheError, Digest, FileEntry, Manifest};
 
 /// Version of the remote layout and envelope.
 pub const REMOTE_FORMAT: u32 = 1;
+/// A result with this file at its top names files of the machine that made it (a model's
+/// weights kept in place, `newt_model::weights_ref`): [`Remote::push`] never uploads it.
+pub const LOCAL_REFS_FILE: &str = "local_refs.json";
 const MAC_CONTEXT: &str = "newt 2026 remote cache manifest mac v1";
 /// Files larger than this are uploaded in parts.
 const MULTIPART_ABOVE: u64 = 32 << 20;
@@ -123,6 +126,9 @@ pub enum Pulled {
 /// The answer of [`Remote::push`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum Pushed {
+    /// The result names files of this machine ([`LOCAL_REFS_FILE`]: a model's weights kept
+    /// where they are): it is not shared, and another machine runs the stage itself.
+    LocalOnly,
     /// This machine's result is now the remote's.
     Uploaded {
         /// Files uploaded (files already there with the right size are skipped).
@@ -407,6 +413,9 @@ impl Remote {
             .and_then(|b| String::from_utf8(b).ok())
             .ok_or_else(no_result)?;
         let manifest = parse_manifest(key, manifest_json.as_bytes()).map_err(|_| no_result())?;
+        if manifest.files.iter().any(|f| f.path == LOCAL_REFS_FILE) {
+            return Ok(Pushed::LocalOnly);
+        }
         let existing = self.envelope(key).await?;
         let existing_ok = existing.as_ref().and_then(|(b, _)| self.open_envelope(key, b).ok());
         if let Some((other, _)) = &existing_ok
@@ -714,6 +723,24 @@ mod tests {
         assert_eq!(hit, m);
         assert_eq!(std::fs::read(cb.manifest_path(&key)).unwrap(), std::fs::read(ca.manifest_path(&key)).unwrap());
         assert_eq!(std::fs::read(cb.object_path(&m.output).join("dir/b.bin")).unwrap(), vec![7u8; 1000]);
+    }
+
+    #[test]
+    fn a_result_naming_files_of_this_machine_is_never_uploaded() {
+        let a = tempfile::tempdir().unwrap();
+        let ca = Cache::open(a.path()).unwrap();
+        let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let writer = Remote::with_store(store.clone(), "team", &spec("ci", &[], RemoteMode::ReadWrite, None)).unwrap();
+        let key = crate::hash_bytes("test", &[b"fetch"]);
+        publish(&ca, key, &[("config.json", b"{}"), (LOCAL_REFS_FILE, b"{\"format\": 1, \"files\": []}")]);
+        rt().block_on(async {
+            assert_eq!(writer.push(&ca, &key, false).await.unwrap(), Pushed::LocalOnly);
+            assert_eq!(writer.push(&ca, &key, true).await.unwrap(), Pushed::LocalOnly);
+            assert_eq!(writer.output_of(&key).await.unwrap(), None, "nothing of it reached the remote");
+        });
+        let listed = rt()
+            .block_on(async { store.list(None).map(|m| m.unwrap().location.to_string()).collect::<Vec<_>>().await });
+        assert!(listed.is_empty(), "{listed:?}");
     }
 
     #[test]

@@ -487,6 +487,9 @@ impl StageTask {
                             ));
                         }
                         Ok(Pushed::AlreadyThere) => remote_note = Some(format!("already in {}", remote.url())),
+                        Ok(Pushed::LocalOnly) => {
+                            remote_note = Some("not uploaded: it names files of this machine".to_string())
+                        }
                         Ok(Pushed::KeptOther { output }) => {
                             remote_note =
                                 Some(format!("{} keeps another writer's result {}", remote.url(), output.short()));

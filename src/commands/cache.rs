@@ -164,6 +164,9 @@ fn push(cli: &Cli, digests: &[String], pipeline: Option<&Path>, all: bool) -> an
                 format!("uploaded {files} file{} ({})", if *files == 1 { "" } else { "s" }, human(*bytes))
             }
             Ok(Pushed::AlreadyThere) => "already there".to_string(),
+            Ok(Pushed::LocalOnly) => {
+                "not uploaded: it names files of this machine (a model's weights kept in place)".to_string()
+            }
             Ok(Pushed::KeptOther { output }) => format!("the remote keeps another writer's result {}", output.short()),
             Err(e) => {
                 failed += 1;

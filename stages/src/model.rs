@@ -82,7 +82,8 @@ impl Stage for FetchModel {
     }
     fn version(&self) -> u32 {
         // 2: the tiny model's tokenizer learns from the first 64 KiB of each text.
-        2
+        // 3: a folder's weights are kept in place (`local_refs.json`), not copied.
+        3
     }
     fn external_inputs(&self, node: &StageNode, base_dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
         let p: FetchModelParams = node.params_as()?;
@@ -151,8 +152,17 @@ impl Stage for FetchModel {
             let s = newt_model::gguf::import_to_hf(src, out)?;
             serde_json::json!({"source": "gguf", "import": format!("{s:?}")})
         } else if src.is_dir() {
-            let files = newt_model::hf::copy_model_dir(src, out)?;
-            serde_json::json!({"source": "folder", "files": files.len()})
+            // The weights stay where they are (an 8B model's 16 GB are not copied into the
+            // cache): the folder names them with their digests (`newt_model::weights_ref`).
+            ctx.progress.set_message(format!("hashing the weights of {}", src.display()));
+            let hash = |p: &Path| {
+                newt_cache::hash_file(p).map(|d| d.to_string()).map_err(|e| newt_model::hf::HfError::Io {
+                    path: p.to_path_buf(),
+                    source: std::io::Error::other(e.to_string()),
+                })
+            };
+            let files = newt_model::hf::reference_model_dir(src, out, hash)?;
+            serde_json::json!({"source": "folder", "files": files.len(), "weights": "kept in place"})
         } else {
             anyhow::bail!("base_model {}: expected a Hugging Face model folder or a .gguf file", src.display());
         };

@@ -27,6 +27,8 @@ pub const OPTIONAL_FILES: &[&str] = &[
 /// Errors about model folders and the Hub cache.
 #[derive(Debug, thiserror::Error)]
 pub enum HfError {
+    #[error(transparent)]
+    Ref(#[from] crate::weights_ref::RefError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -65,7 +67,7 @@ fn weight_files(dir: &Path, missing: &mut Vec<String>) -> Result<Vec<String>, Hf
         shards.sort();
         shards.dedup();
         for s in &shards {
-            if !dir.join(s).is_file() {
+            if !crate::weights_ref::has(dir, s) {
                 missing.push(format!("{s} (listed in {INDEX_FILE})"));
             }
         }
@@ -73,7 +75,7 @@ fn weight_files(dir: &Path, missing: &mut Vec<String>) -> Result<Vec<String>, Hf
         files.extend(shards);
         return Ok(files);
     }
-    if dir.join(SINGLE_FILE).is_file() {
+    if crate::weights_ref::has(dir, SINGLE_FILE) {
         return Ok(vec![SINGLE_FILE.to_string()]);
     }
     missing.push(format!("{SINGLE_FILE} or {INDEX_FILE}"));
@@ -102,15 +104,47 @@ pub fn model_files(dir: &Path) -> Result<Vec<String>, HfError> {
 /// config, special tokens map, chat template) into `dst`, created if missing. Nothing is copied
 /// when something required is missing. Returns the files written.
 pub fn copy_model_dir(src: &Path, dst: &Path) -> Result<Vec<PathBuf>, HfError> {
+    fill_model_dir(src, dst, None::<fn(&Path) -> Result<String, HfError>>)
+}
+
+/// As [`copy_model_dir`], but the safetensors weights stay where they are: `dst` gets a
+/// [`crate::weights_ref`] file naming them, with their digests from `hash`. The other files are
+/// copied (they are small). Returns the files written.
+pub fn reference_model_dir(
+    src: &Path,
+    dst: &Path,
+    hash: impl Fn(&Path) -> Result<String, HfError>,
+) -> Result<Vec<PathBuf>, HfError> {
+    fill_model_dir(src, dst, Some(hash))
+}
+
+fn fill_model_dir(
+    src: &Path,
+    dst: &Path,
+    hash: Option<impl Fn(&Path) -> Result<String, HfError>>,
+) -> Result<Vec<PathBuf>, HfError> {
+    use crate::weights_ref::{self, WeightRefs};
     let files = model_files(src)?;
     fs::create_dir_all(dst).map_err(io(dst))?;
     let mut out = Vec::with_capacity(files.len());
+    let mut refs = Vec::new();
     for f in files {
         let to = dst.join(&f);
-        // fs::copy follows symlinks (Hub cache snapshots are links into blobs/) and uses
-        // copy_file_range, so multi-GB shards are copied in the kernel.
-        fs::copy(src.join(&f), &to).map_err(io(&to))?;
-        out.push(to);
+        // A weight file `src` itself keeps elsewhere is read from there.
+        let from = weights_ref::resolve(src, &f)?.unwrap_or_else(|| src.join(&f));
+        match &hash {
+            Some(hash) if f.ends_with(".safetensors") => refs.push(weights_ref::reference(&f, &from, hash(&from)?)?),
+            // fs::copy follows symlinks (Hub cache snapshots are links into blobs/) and uses
+            // copy_file_range, so multi-GB shards are copied in the kernel.
+            _ => {
+                fs::copy(&from, &to).map_err(io(&to))?;
+                out.push(to);
+            }
+        }
+    }
+    if !refs.is_empty() {
+        weights_ref::write(dst, &WeightRefs { format: 1, files: refs })?;
+        out.push(dst.join(weights_ref::REFS_FILE));
     }
     Ok(out)
 }

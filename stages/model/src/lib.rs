@@ -20,3 +20,4 @@ pub mod peft;
 pub mod tensors;
 pub mod tiny;
 pub mod train;
+pub mod weights_ref;

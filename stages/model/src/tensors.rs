@@ -107,6 +107,8 @@ pub enum TensorError {
     Duplicate { name: String, first: PathBuf, second: PathBuf },
     #[error("tensor `{name}`: {reason}")]
     BadTensor { name: String, reason: String },
+    #[error(transparent)]
+    Ref(#[from] crate::weights_ref::RefError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> TensorError + '_ {
@@ -161,7 +163,11 @@ impl TensorStore {
                 }
             }
             files.sort();
-            let paths: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
+            // A shard kept in place (`weights_ref`) is read where it is, once checked.
+            let paths = files
+                .iter()
+                .map(|f| Ok(crate::weights_ref::resolve(dir, f)?.unwrap_or_else(|| dir.join(f))))
+                .collect::<Result<Vec<PathBuf>, TensorError>>()?;
             let store = Self::open_files(&paths)?;
             for (name, file) in map {
                 let Some(e) = store.entries.get(name) else {
@@ -180,8 +186,7 @@ impl TensorStore {
             }
             return Ok(store);
         }
-        let single = dir.join(SINGLE_FILE);
-        if single.is_file() {
+        if let Some(single) = crate::weights_ref::resolve(dir, SINGLE_FILE)? {
             return Self::open_files(&[single]);
         }
         Err(TensorError::NoWeights { dir: dir.to_path_buf() })
