@@ -101,13 +101,21 @@ impl Cache {
     /// (as [`crate::hash_tree`]) for a directory. Symbolic links are followed. Unchanged files
     /// (same device, inode, size, mtime, ctime) are not read again, across processes.
     pub fn hash_external(&self, path: &Path) -> Result<Digest, CacheError> {
+        Ok(self.hash_external_files(path)?.0)
+    }
+
+    /// As [`Cache::hash_external`], with the digest of each file: for a directory its files
+    /// (paths relative to it, sorted), for a file one entry with the path "". A stage that reads
+    /// an input the executor hashed for its key gets the digests from the stat cache, unread.
+    pub fn hash_external_files(&self, path: &Path) -> Result<(Digest, Vec<FileEntry>), CacheError> {
         let canonical = fs::canonicalize(path).map_err(io_err("resolve", path))?;
         let meta = fs::metadata(&canonical).map_err(io_err("read metadata of", &canonical))?;
         let (record_path, old) = self.read_stat_record(&canonical);
         let mut new = old.fresh();
 
-        let digest = if meta.is_file() {
-            self.file_digest(&canonical, "", &old, &mut new)?.0
+        let (digest, files) = if meta.is_file() {
+            let (digest, size) = self.file_digest(&canonical, "", &old, &mut new)?;
+            (digest, vec![FileEntry { path: String::new(), size, digest }])
         } else if meta.is_dir() {
             let mut files = Vec::new();
             for entry in walkdir::WalkDir::new(&canonical).min_depth(1).follow_links(true) {
@@ -124,13 +132,13 @@ impl Cache {
                 files.push(FileEntry { path: rel, size, digest });
             }
             files.sort_by(|a, b| a.path.cmp(&b.path));
-            tree_digest(&files)
+            (tree_digest(&files), files)
         } else {
             return Err(CacheError::UnsupportedFileType { path: canonical });
         };
 
         self.write_stat_record(&record_path, &old, &new)?;
-        Ok(digest)
+        Ok((digest, files))
     }
 
     /// The stat record of `canonical` (a canonical path) and where it lives; an empty record

@@ -36,6 +36,31 @@ fn hash_external_uses_stat_cache() {
 }
 
 #[test]
+fn a_folders_file_digests_come_from_the_stat_cache_for_a_second_handle() {
+    let (dir, cache) = temp_cache();
+    let model = dir.path().join("model");
+    fs::create_dir(&model).unwrap();
+    for (name, bytes) in [("config.json", b"{}".to_vec()), ("model.safetensors", vec![3u8; 50_000])] {
+        fs::write(model.join(name), bytes).unwrap();
+        age(&model.join(name), 3600);
+    }
+    // The executor hashes the folder for the stage key...
+    let digest = cache.hash_external(&model).unwrap();
+    // ...and the stage, on its own handle, gets every file's digest without reading any.
+    let stage = Cache::open(cache.root()).unwrap();
+    let (again, files) = stage.hash_external_files(&model).unwrap();
+    assert_eq!(again, digest);
+    let names: Vec<&str> = files.iter().map(|f| f.path.as_str()).collect();
+    assert_eq!(names, ["config.json", "model.safetensors"]);
+    assert_eq!(files[1].digest, Digest::from(blake3::hash(&[3u8; 50_000])));
+    assert_eq!(files[1].size, 50_000);
+    assert_eq!((stage.stats().files_hashed, stage.stats().stat_cache_hits), (0, 2));
+    // A single file is one entry named "".
+    let (d, one) = stage.hash_external_files(&model.join("config.json")).unwrap();
+    assert_eq!((one.len(), one[0].path.as_str(), one[0].digest), (1, "", d));
+}
+
+#[test]
 fn changed_mtime_rehashes() {
     let (dir, cache) = temp_cache();
     let f = dir.path().join("train.parquet");

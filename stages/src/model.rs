@@ -154,12 +154,16 @@ impl Stage for FetchModel {
         } else if src.is_dir() {
             // The weights stay where they are (an 8B model's 16 GB are not copied into the
             // cache): the folder names them with their digests (`newt_model::weights_ref`).
+            // The executor hashed this folder for the stage's key: its digests come from the
+            // stat cache, unread. A file the folder itself keeps elsewhere is hashed here.
             ctx.progress.set_message(format!("hashing the weights of {}", src.display()));
-            let hash = |p: &Path| {
-                newt_cache::hash_file(p).map(|d| d.to_string()).map_err(|e| newt_model::hf::HfError::Io {
+            let (_, known) = newt_cache::Cache::open(&ctx.cache_root)?.hash_external_files(src)?;
+            let hash = |name: &str, p: &Path| match known.iter().find(|f| f.path == name) {
+                Some(f) => Ok(f.digest.to_string()),
+                None => newt_cache::hash_file(p).map(|d| d.to_string()).map_err(|e| newt_model::hf::HfError::Io {
                     path: p.to_path_buf(),
                     source: std::io::Error::other(e.to_string()),
-                })
+                }),
             };
             let files = newt_model::hf::reference_model_dir(src, out, hash)?;
             serde_json::json!({"source": "folder", "files": files.len(), "weights": "kept in place"})

@@ -66,8 +66,9 @@ fn weight_files(dir: &Path, missing: &mut Vec<String>) -> Result<Vec<String>, Hf
         let mut shards: Vec<String> = map.values().filter_map(|f| f.as_str().map(str::to_string)).collect();
         shards.sort();
         shards.dedup();
+        let folder = crate::weights_ref::Folder::open(dir)?;
         for s in &shards {
-            if !crate::weights_ref::has(dir, s) {
+            if !folder.has(s) {
                 missing.push(format!("{s} (listed in {INDEX_FILE})"));
             }
         }
@@ -75,7 +76,7 @@ fn weight_files(dir: &Path, missing: &mut Vec<String>) -> Result<Vec<String>, Hf
         files.extend(shards);
         return Ok(files);
     }
-    if crate::weights_ref::has(dir, SINGLE_FILE) {
+    if crate::weights_ref::Folder::open(dir)?.has(SINGLE_FILE) {
         return Ok(vec![SINGLE_FILE.to_string()]);
     }
     missing.push(format!("{SINGLE_FILE} or {INDEX_FILE}"));
@@ -104,16 +105,17 @@ pub fn model_files(dir: &Path) -> Result<Vec<String>, HfError> {
 /// config, special tokens map, chat template) into `dst`, created if missing. Nothing is copied
 /// when something required is missing. Returns the files written.
 pub fn copy_model_dir(src: &Path, dst: &Path) -> Result<Vec<PathBuf>, HfError> {
-    fill_model_dir(src, dst, None::<fn(&Path) -> Result<String, HfError>>)
+    fill_model_dir(src, dst, None::<fn(&str, &Path) -> Result<String, HfError>>)
 }
 
 /// As [`copy_model_dir`], but the safetensors weights stay where they are: `dst` gets a
-/// [`crate::weights_ref`] file naming them, with their digests from `hash`. The other files are
-/// copied (they are small). Returns the files written.
+/// [`crate::weights_ref`] file naming them, with their digests from `hash` (given the file's
+/// name in `src` and the path it is read from). The other files are copied (they are small).
+/// Returns the files written.
 pub fn reference_model_dir(
     src: &Path,
     dst: &Path,
-    hash: impl Fn(&Path) -> Result<String, HfError>,
+    hash: impl Fn(&str, &Path) -> Result<String, HfError>,
 ) -> Result<Vec<PathBuf>, HfError> {
     fill_model_dir(src, dst, Some(hash))
 }
@@ -121,19 +123,22 @@ pub fn reference_model_dir(
 fn fill_model_dir(
     src: &Path,
     dst: &Path,
-    hash: Option<impl Fn(&Path) -> Result<String, HfError>>,
+    hash: Option<impl Fn(&str, &Path) -> Result<String, HfError>>,
 ) -> Result<Vec<PathBuf>, HfError> {
     use crate::weights_ref::{self, WeightRefs};
     let files = model_files(src)?;
+    let source = weights_ref::Folder::open(src)?;
     fs::create_dir_all(dst).map_err(io(dst))?;
     let mut out = Vec::with_capacity(files.len());
     let mut refs = Vec::new();
     for f in files {
         let to = dst.join(&f);
         // A weight file `src` itself keeps elsewhere is read from there.
-        let from = weights_ref::resolve(src, &f)?.unwrap_or_else(|| src.join(&f));
+        let from = source.resolve(&f)?.unwrap_or_else(|| src.join(&f));
         match &hash {
-            Some(hash) if f.ends_with(".safetensors") => refs.push(weights_ref::reference(&f, &from, hash(&from)?)?),
+            Some(hash) if f.ends_with(".safetensors") => {
+                refs.push(weights_ref::reference(&f, &from, hash(&f, &from)?)?)
+            }
             // fs::copy follows symlinks (Hub cache snapshots are links into blobs/) and uses
             // copy_file_range, so multi-GB shards are copied in the kernel.
             _ => {

@@ -164,9 +164,10 @@ impl TensorStore {
             }
             files.sort();
             // A shard kept in place (`weights_ref`) is read where it is, once checked.
+            let folder = crate::weights_ref::Folder::open(dir)?;
             let paths = files
                 .iter()
-                .map(|f| Ok(crate::weights_ref::resolve(dir, f)?.unwrap_or_else(|| dir.join(f))))
+                .map(|f| Ok(folder.resolve(f)?.unwrap_or_else(|| dir.join(f))))
                 .collect::<Result<Vec<PathBuf>, TensorError>>()?;
             let store = Self::open_files(&paths)?;
             for (name, file) in map {
@@ -186,7 +187,7 @@ impl TensorStore {
             }
             return Ok(store);
         }
-        if let Some(single) = crate::weights_ref::resolve(dir, SINGLE_FILE)? {
+        if let Some(single) = crate::weights_ref::Folder::open(dir)?.resolve(SINGLE_FILE)? {
             return Self::open_files(&[single]);
         }
         Err(TensorError::NoWeights { dir: dir.to_path_buf() })

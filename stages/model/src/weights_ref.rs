@@ -16,8 +16,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-/// The references of a model folder, beside its config.
-pub const REFS_FILE: &str = "local_refs.json";
+/// The references of a model folder, beside its config (the name the remote cache refuses to
+/// upload).
+pub const REFS_FILE: &str = newt_cache::LOCAL_REFS_FILE;
 
 /// One weight file kept where it is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,23 +95,36 @@ pub fn write(dir: &Path, refs: &WeightRefs) -> Result<(), RefError> {
     fs::write(&path, text + "\n").map_err(io_err(&path))
 }
 
-/// Whether `dir` has the weight file `name`, in it or by reference (unchecked).
-pub fn has(dir: &Path, name: &str) -> bool {
-    dir.join(name).is_file() || read(dir).ok().flatten().is_some_and(|r| r.files.iter().any(|f| f.name == name))
+/// A model folder's weight files, in it or by reference; the reference file is read once.
+#[derive(Debug)]
+pub struct Folder {
+    dir: PathBuf,
+    refs: Vec<WeightRef>,
 }
 
-/// The path to read `dir`'s weight file `name` from: the file in `dir`, else the file its
-/// reference names, once checked (its size and modification time as recorded, or else its
-/// blake3 digest). `None` when `dir` has neither.
-pub fn resolve(dir: &Path, name: &str) -> Result<Option<PathBuf>, RefError> {
-    let local = dir.join(name);
-    if local.is_file() {
-        return Ok(Some(local));
+impl Folder {
+    /// `dir` and its references (none when it has no [`REFS_FILE`]).
+    pub fn open(dir: &Path) -> Result<Self, RefError> {
+        Ok(Folder { dir: dir.to_path_buf(), refs: read(dir)?.map(|r| r.files).unwrap_or_default() })
     }
-    let Some(refs) = read(dir)? else { return Ok(None) };
-    let Some(r) = refs.files.iter().find(|f| f.name == name) else { return Ok(None) };
-    check(dir, r)?;
-    Ok(Some(r.source.clone()))
+
+    /// Whether the folder has the weight file `name`, in it or by reference (unchecked).
+    pub fn has(&self, name: &str) -> bool {
+        self.dir.join(name).is_file() || self.refs.iter().any(|f| f.name == name)
+    }
+
+    /// The path to read the weight file `name` from: the file in the folder, else the file its
+    /// reference names, once checked (its size and modification time as recorded, or else its
+    /// blake3 digest). `None` when the folder has neither.
+    pub fn resolve(&self, name: &str) -> Result<Option<PathBuf>, RefError> {
+        let local = self.dir.join(name);
+        if local.is_file() {
+            return Ok(Some(local));
+        }
+        let Some(r) = self.refs.iter().find(|f| f.name == name) else { return Ok(None) };
+        check(&self.dir, r)?;
+        Ok(Some(r.source.clone()))
+    }
 }
 
 fn check(dir: &Path, r: &WeightRef) -> Result<(), RefError> {
@@ -132,17 +146,16 @@ fn check(dir: &Path, r: &WeightRef) -> Result<(), RefError> {
         return Ok(());
     }
     // Touched since: its bytes decide.
-    let mut hasher = blake3::Hasher::new();
-    let mut file = fs::File::open(&r.source).map_err(io_err(&r.source))?;
-    io::copy(&mut file, &mut hasher).map_err(io_err(&r.source))?;
-    if hasher.finalize().to_hex().as_str() != r.blake3 {
+    let digest = newt_cache::hash_file(&r.source)
+        .map_err(|e| RefError::Io { path: r.source.clone(), source: io::Error::other(e.to_string()) })?;
+    if digest.to_string() != r.blake3 {
         return Err(changed("has other contents than when it was fetched".into()));
     }
     Ok(())
 }
 
 /// A reference to `source` under `name`, given its digest (the caller hashes: the fetch stage
-/// has a parallel hasher).
+/// has the digests of its input folder already).
 pub fn reference(name: &str, source: &Path, blake3: String) -> Result<WeightRef, RefError> {
     let source = fs::canonicalize(source).map_err(io_err(source))?;
     let meta = fs::metadata(&source).map_err(io_err(&source))?;
@@ -171,30 +184,32 @@ mod tests {
     #[test]
     fn a_reference_resolves_to_its_source_and_a_local_file_wins() {
         let (_tmp, dir, src) = setup();
-        assert!(has(&dir, "model.safetensors"));
-        assert!(!has(&dir, "other.safetensors"));
-        assert_eq!(resolve(&dir, "model.safetensors").unwrap(), Some(fs::canonicalize(&src).unwrap()));
-        assert_eq!(resolve(&dir, "other.safetensors").unwrap(), None);
+        let folder = Folder::open(&dir).unwrap();
+        assert!(folder.has("model.safetensors"));
+        assert!(!folder.has("other.safetensors"));
+        assert_eq!(folder.resolve("model.safetensors").unwrap(), Some(fs::canonicalize(&src).unwrap()));
+        assert_eq!(folder.resolve("other.safetensors").unwrap(), None);
         fs::write(dir.join("model.safetensors"), b"local").unwrap();
-        assert_eq!(resolve(&dir, "model.safetensors").unwrap(), Some(dir.join("model.safetensors")));
+        assert_eq!(folder.resolve("model.safetensors").unwrap(), Some(dir.join("model.safetensors")));
     }
 
     #[test]
     fn a_changed_or_missing_source_is_refused_and_a_touched_one_is_rehashed() {
         let (_tmp, dir, src) = setup();
+        let resolve = |name: &str| Folder::open(&dir).unwrap().resolve(name);
         // Same bytes, newer time: the digest decides, and it still matches.
         let later = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
         fs::File::options().write(true).open(&src).unwrap().set_modified(later).unwrap();
-        assert!(resolve(&dir, "model.safetensors").unwrap().is_some());
+        assert!(resolve("model.safetensors").unwrap().is_some());
         // Same size, other bytes.
         fs::write(&src, b"weights v2").unwrap();
-        let msg = resolve(&dir, "model.safetensors").unwrap_err().to_string();
+        let msg = resolve("model.safetensors").unwrap_err().to_string();
         assert!(msg.contains("other contents") && msg.contains("newt run"), "{msg}");
         // Other size.
         fs::write(&src, b"w").unwrap();
-        assert!(resolve(&dir, "model.safetensors").unwrap_err().to_string().contains("now has 1 bytes"));
+        assert!(resolve("model.safetensors").unwrap_err().to_string().contains("now has 1 bytes"));
         fs::remove_file(&src).unwrap();
-        assert!(resolve(&dir, "model.safetensors").unwrap_err().to_string().contains("is gone"));
+        assert!(resolve("model.safetensors").unwrap_err().to_string().contains("is gone"));
     }
 
     #[test]
