@@ -40,7 +40,8 @@ pub struct Config {
     pub shuffle_merged_datasets: bool,
     /// Fraction (< 1) or count (>= 1) of samples held out for evaluation.
     pub val_set_size: f64,
-    /// Chat template: `tokenizer_default`, `chatml`, `llama3`, ... or `jinja` with `chat_template_jinja`.
+    /// Chat template: `tokenizer_default`, `chatml`, `llama3`, `qwen3`, `mistral_v2v3`, `phi_3`, ... or `jinja`
+    /// with `chat_template_jinja`.
     pub chat_template: Option<String>,
     /// Extra arguments for the chat template (Axolotl's `chat_template_kwargs`), passed to Jinja.
     pub chat_template_kwargs: Option<BTreeMap<String, serde_json::Value>>,

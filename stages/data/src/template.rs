@@ -21,16 +21,24 @@ use minijinja::{Environment, Error, ErrorKind, Value};
 
 use crate::DataError;
 
-/// Built-in templates by name (`chat_template: chatml`, `llama3`, `qwen_25`, `qwen3`): they render
-/// the same text as Axolotl's built-ins of the same name (`qwen2_5` is a spelling some of its
-/// examples use). `qwen_25` inserts Qwen's default system message; `qwen3` drops the `<think>`
-/// part of assistant turns before the last user turn. Tools are not rendered.
+/// Built-in templates by name (`chat_template: chatml`, `llama3`, `qwen_25`, `qwen3`,
+/// `mistral_v1`, `mistral_v2v3`, `mistral_v3_tekken`, `phi_3`): they render the same text as
+/// Axolotl's built-ins of the same name (`qwen2_5` is a spelling some of its examples use).
+/// `qwen_25` inserts Qwen's default system message; `qwen3` drops the `<think>` part of
+/// assistant turns before the last user turn. The three Mistral ones differ only in the spaces
+/// around `[INST]`/`[/INST]` (the tokenizer generations of Mistral's models) and take alternating
+/// user/assistant turns, no system message, as Axolotl's do; `phi_3`'s user turn ends with the
+/// assistant header. Tools are not rendered.
 pub const BUILTIN: &[(&str, &str)] = &[
     ("chatml", include_str!("templates/chatml.jinja")),
     ("llama3", include_str!("templates/llama3.jinja")),
     ("qwen_25", include_str!("templates/qwen_25.jinja")),
     ("qwen2_5", include_str!("templates/qwen_25.jinja")),
     ("qwen3", include_str!("templates/qwen3.jinja")),
+    ("mistral_v1", include_str!("templates/mistral_v1.jinja")),
+    ("mistral_v2v3", include_str!("templates/mistral_v2v3.jinja")),
+    ("mistral_v3_tekken", include_str!("templates/mistral_v3_tekken.jinja")),
+    ("phi_3", include_str!("templates/phi_3.jinja")),
 ];
 
 /// The most template instructions one render may run (minijinja's fuel). Real templates use a
@@ -399,6 +407,52 @@ mod tests {
         let text = q3.render(&m).unwrap();
         assert!(text.contains("<|im_start|>assistant\nb<|im_end|>"), "{text}");
         assert!(text.contains("<|im_start|>assistant\n<think>y</think>\nd<|im_end|>"), "{text}");
+    }
+
+    fn builtin(name: &str) -> ChatTemplate {
+        let source = BUILTIN.iter().find(|(n, _)| *n == name).unwrap().1;
+        ChatTemplate::new(source, vec![("bos_token", "<s>".into()), ("eos_token", "</s>".into())]).unwrap()
+    }
+
+    #[test]
+    fn mistral_and_phi_3_templates_render_their_formats_and_find_each_turn() {
+        let four = [
+            Message { role: "user", content: "Hi" },
+            Message { role: "assistant", content: "Hello" },
+            Message { role: "user", content: "Again" },
+            Message { role: "assistant", content: "Sure" },
+        ];
+        for (name, want) in [
+            ("mistral_v1", "<s> [INST] Hi [/INST] Hello</s> [INST] Again [/INST] Sure</s>"),
+            ("mistral_v2v3", "<s>[INST] Hi[/INST] Hello</s>[INST] Again[/INST] Sure</s>"),
+            ("mistral_v3_tekken", "<s>[INST]Hi[/INST]Hello</s>[INST]Again[/INST]Sure</s>"),
+            (
+                "phi_3",
+                "<s><|user|>\nHi<|end|>\n<|assistant|>\nHello<|end|>\n<|user|>\nAgain<|end|>\n<|assistant|>\nSure<|end|>\n",
+            ),
+        ] {
+            let t = builtin(name);
+            let (text, spans) = t.render_with_spans(&four).unwrap();
+            assert_eq!(text, want, "{name}");
+            for (m, span) in four.iter().zip(&spans) {
+                assert_eq!(&text[span.clone().unwrap()], m.content, "{name}");
+            }
+        }
+        // The turn ends with EOS (what train_on_eos looks for).
+        assert_eq!(builtin("mistral_v2v3").text_after_assistant().as_deref(), Some("</s>"));
+        assert_eq!(builtin("phi_3").text_after_assistant().as_deref(), Some("<|end|>\n"));
+        // Mistral's templates refuse a system message or turns out of order; phi_3 shows the system.
+        let system = [Message { role: "system", content: "Be brief" }, Message { role: "user", content: "Hi" }];
+        for name in ["mistral_v1", "mistral_v2v3", "mistral_v3_tekken"] {
+            let e = builtin(name).render(&system).unwrap_err().to_string();
+            assert!(e.contains("alternating, user first"), "{name}: {e}");
+            let e = builtin(name).render(&four[1..]).unwrap_err().to_string();
+            assert!(e.contains("alternating, user first"), "{name}: {e}");
+        }
+        assert_eq!(
+            builtin("phi_3").render(&system).unwrap(),
+            "<s><|system|>\nBe brief<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\n"
+        );
     }
 
     fn chatml() -> ChatTemplate {
