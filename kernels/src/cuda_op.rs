@@ -37,7 +37,18 @@ impl<F, W> std::fmt::Debug for Op<F, W> {
 
 impl<F: FloatElement, W: Work> Operation<<Cube<F> as FusionBackend>::FusionRuntime> for Op<F, W> {
     fn execute(&self, handles: &mut Handles<F>) {
-        let inputs = self.desc.inputs.iter().map(|ir| handles.get_float_tensor::<Cube<F>>(ir)).collect();
+        let inputs = self
+            .desc
+            .inputs
+            .iter()
+            .map(|ir| {
+                if ir.dtype.is_float() {
+                    handles.get_float_tensor::<Cube<F>>(ir)
+                } else {
+                    handles.get_int_tensor::<Cube<F>>(ir)
+                }
+            })
+            .collect();
         let outputs = (self.work)(inputs);
         assert_eq!(outputs.len(), self.desc.outputs.len(), "{}: one tensor per declared output", self.desc.id);
         for (ir, t) in self.desc.outputs.iter().zip(outputs) {
@@ -46,8 +57,8 @@ impl<F: FloatElement, W: Work> Operation<<Cube<F> as FusionBackend>::FusionRunti
     }
 }
 
-/// Registers `work` as one operation named `name` over `inputs`, returning its `outputs`
-/// (shape and dtype each) in order.
+/// Registers `work` as one operation named `name` over `inputs` (float tensors, or integer ones:
+/// both are fusion tensors), returning its `outputs` (shape and dtype each) in order.
 pub(crate) fn custom_op<F: FloatElement>(
     name: &'static str,
     inputs: Vec<FloatTensor<Fus<F>>>,

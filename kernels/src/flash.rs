@@ -180,6 +180,17 @@ pub trait KernelBackend: Backend {
         crate::lora::default_lora_backward::<Self>(dy, x, w, a, b, t, scale, need_dx)
     }
 
+    /// The quantized weight `[out, in]` in `dtype` (see [`crate::nf4`]): tensor operations by
+    /// default, one kernel on CUDA.
+    fn dequantize_weight(
+        packed: IntTensor<Self>,
+        absmax: FloatTensor<Self>,
+        shape: crate::nf4::Nf4Shape,
+        dtype: DType,
+    ) -> FloatTensor<Self> {
+        crate::nf4::dequantize_default::<Self>(packed, absmax, shape, dtype)
+    }
+
     /// `x·Wᵀ` for `x` `[rows, in]` and an NF4-quantized `W` `[out, in]` (see [`crate::nf4`]).
     fn nf4_linear(
         x: FloatTensor<Self>,
@@ -275,6 +286,19 @@ macro_rules! cuda_kernel_backend {
 
             fn has_collectives() -> bool {
                 true
+            }
+
+            fn dequantize_weight(
+                packed: IntTensor<Self>,
+                absmax: FloatTensor<Self>,
+                shape: crate::nf4::Nf4Shape,
+                dtype: DType,
+            ) -> FloatTensor<Self> {
+                if crate::nf4::cuda::takes(packed.dtype, absmax.dtype, dtype) {
+                    crate::nf4::cuda::fusion_dequantize::<$f>(packed, absmax, shape)
+                } else {
+                    crate::nf4::dequantize_default::<Self>(packed, absmax, shape, dtype)
+                }
             }
 
             fn all_reduce_sum(
@@ -589,6 +613,17 @@ impl<B: KernelBackend, C: CheckpointStrategy> KernelBackend for Autodiff<B, C> {
 
     fn rope(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>, sign: f32) -> FloatTensor<Self> {
         crate::rope::autodiff_rope::<B, C>(x, cos, sin, sign)
+    }
+
+    fn dequantize_weight(
+        packed: IntTensor<Self>,
+        absmax: FloatTensor<Self>,
+        shape: crate::nf4::Nf4Shape,
+        dtype: DType,
+    ) -> FloatTensor<Self> {
+        // A frozen weight: no gradient flows to it.
+        use burn::tensor::backend::AutodiffBackend;
+        Self::from_inner(B::dequantize_weight(packed, Self::inner(absmax), shape, dtype))
     }
 
     fn nf4_linear(

@@ -189,6 +189,32 @@ pub fn dequantize<B: Backend>(
     values.reshape([blocks * NF4_BLOCK]).narrow(0, 0, n).reshape([shape.out_features, shape.in_features]).cast(dtype)
 }
 
+/// The weight `[out, in]` in `dtype` through [`KernelBackend::dequantize_weight`] (one kernel on
+/// CUDA for bf16; [`dequantize`]'s tensor operations otherwise, with the same values).
+pub fn dequantize_weight<B: KernelBackend>(
+    packed: Tensor<B, 1, Int>,
+    absmax: Tensor<B, 1>,
+    shape: Nf4Shape,
+    dtype: DType,
+) -> Tensor<B, 2> {
+    Tensor::from_primitive(TensorPrimitive::Float(B::dequantize_weight(
+        packed.into_primitive(),
+        absmax.into_primitive().tensor(),
+        shape,
+        dtype,
+    )))
+}
+
+/// The default [`KernelBackend::dequantize_weight`]: [`dequantize`].
+pub(crate) fn dequantize_default<B: Backend>(
+    packed: IntTensor<B>,
+    absmax: FloatTensor<B>,
+    shape: Nf4Shape,
+    dtype: DType,
+) -> FloatTensor<B> {
+    dequantize_primitives::<B>(packed, absmax, shape, dtype).into_primitive().tensor()
+}
+
 /// `x·Wᵀ` for a quantized `W` through [`KernelBackend::nf4_linear`]; `x` is `[rows, in]`.
 pub fn nf4_linear<B: KernelBackend>(
     x: Tensor<B, 2>,
@@ -212,7 +238,8 @@ pub(crate) fn nf4_linear_default<B: KernelBackend>(
     shape: Nf4Shape,
 ) -> FloatTensor<B> {
     let x = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(x));
-    let w = dequantize_primitives::<B>(packed, absmax, shape, x.dtype());
+    let w =
+        Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(B::dequantize_weight(packed, absmax, shape, x.dtype())));
     crate::dense_matmul(x, w.transpose()).into_primitive().tensor()
 }
 
@@ -258,7 +285,8 @@ pub(crate) fn autodiff_nf4_linear<
             let (packed, absmax, shape) = ops.state;
             if let Some(node) = node_x {
                 let grad = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(grad));
-                let w = dequantize_primitives::<B>(packed, absmax, shape, grad.dtype());
+                let w = B::dequantize_weight(packed, absmax, shape, grad.dtype());
+                let w = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(w));
                 grads.register::<B>(node.id, crate::dense_matmul(grad, w).into_primitive().tensor());
             }
         }
@@ -271,6 +299,88 @@ pub(crate) fn autodiff_nf4_linear<
             prep.finish((packed, absmax, shape), out)
         }
         OpsKind::UnTracked(prep) => prep.finish(B::nf4_linear(x.primitive, packed, absmax, shape)),
+    }
+}
+
+/// The CUDA kernels of `kernels/cuda/nf4.cu`: codes and scales to bf16 in one pass.
+pub(crate) mod cuda {
+    use burn::tensor::ops::{FloatTensor, IntTensor};
+    use burn::tensor::{DType, Shape};
+    use burn_cubecl::FloatElement;
+    use burn_cubecl::tensor::CubeTensor;
+    use cubecl_cuda::CudaRuntime;
+
+    use super::{Nf4Shape, QuantCode};
+    use crate::cuda_op::{Fus, custom_op, empty};
+    use crate::flash_cuda::{Args, functions, launch_block};
+
+    const THREADS: u32 = 256;
+
+    /// Whether the kernels take a call: i32 codes, f32 scales, a bf16 weight wanted, unless
+    /// `NEWT_DEQUANT=burn` (the same values either way: for measuring one against the other).
+    pub(crate) fn takes(packed: DType, absmax: DType, dtype: DType) -> bool {
+        static BURN_ONLY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let burn_only = crate::env_switch(&BURN_ONLY, "NEWT_DEQUANT", "burn");
+        !burn_only && packed == DType::I32 && absmax == DType::F32 && dtype == DType::BF16
+    }
+
+    /// The arguments of `newt_dequant_nf4` / `newt_dequant_int8`: packed, absmax, out, weights.
+    pub(crate) fn args(ptrs: [u64; 3], n: usize) -> Args {
+        let mut args = Args::default();
+        for p in ptrs {
+            args.ptr(p);
+        }
+        args.i64(n as i64);
+        args
+    }
+
+    fn cube_dequantize(
+        packed: CubeTensor<CudaRuntime>,
+        absmax: CubeTensor<CudaRuntime>,
+        shape: Nf4Shape,
+    ) -> CubeTensor<CudaRuntime> {
+        let packed = burn_cubecl::kernel::into_contiguous(packed);
+        let absmax = burn_cubecl::kernel::into_contiguous(absmax);
+        let n = shape.out_features * shape.in_features;
+        assert!(
+            packed.meta.shape().num_elements() * shape.code.per_word() >= n
+                && absmax.meta.shape().num_elements() * super::NF4_BLOCK >= n,
+            "codes and scales for {n} weights"
+        );
+        let w = empty(&absmax, &[shape.out_features, shape.in_features], DType::BF16);
+        let words = n.div_ceil(shape.code.per_word());
+        let grid = (words.div_ceil(THREADS as usize).clamp(1, 65_535) as u32, 1, 1);
+        let code = shape.code;
+        let buffers = [&packed, &absmax, &w].map(|t| t.handle.clone().binding()).to_vec();
+        cubecl_cuda::external::launch_external(
+            &w.client,
+            buffers,
+            Box::new(move |ptrs: &[u64], stream| {
+                let mut args = args(ptrs.try_into().expect("three dequantize buffers"), n);
+                let f = match code {
+                    QuantCode::Nf4 => functions().dequant_nf4,
+                    QuantCode::Int8 => functions().dequant_int8,
+                };
+                launch_block(f, grid, THREADS, &mut args, stream, "dequantize");
+            }),
+        );
+        w
+    }
+
+    /// [`crate::KernelBackend::dequantize_weight`] for `Cuda<F>` (see [`takes`]).
+    pub(crate) fn fusion_dequantize<F: FloatElement>(
+        packed: IntTensor<Fus<F>>,
+        absmax: FloatTensor<Fus<F>>,
+        shape: Nf4Shape,
+    ) -> FloatTensor<Fus<F>> {
+        let outputs = vec![(Shape::from(vec![shape.out_features, shape.in_features]), DType::BF16)];
+        custom_op::<F>("newt_dequantize", vec![packed, absmax], outputs, move |ins| {
+            let [packed, absmax] = <[_; 2]>::try_from(ins).unwrap_or_else(|_| unreachable!("two inputs"));
+            vec![cube_dequantize(packed, absmax, shape)]
+        })
+        .into_iter()
+        .next()
+        .expect("w")
     }
 }
 
@@ -371,5 +481,62 @@ mod tests {
         let v = |t: Tensor<TestBackend, 2>| t.into_data().to_vec::<f32>().unwrap();
         assert!(max_abs_diff(&v(y0.inner()), &v(y1.inner())) < 1e-5);
         assert!(max_abs_diff(&v(x0.grad(&g0).unwrap()), &v(x1.grad(&g1).unwrap())) < 1e-5);
+    }
+
+    /// The CUDA launcher's argument list matches both kernels' signatures in the source.
+    #[test]
+    fn cuda_dequantize_arguments_match_the_kernel_signatures() {
+        let args = cuda::args([16, 32, 48], 1000);
+        for name in ["newt_dequant_nf4", "newt_dequant_int8"] {
+            assert_eq!(args.1, crate::flash_cuda::tests::signature(name), "{name}");
+        }
+    }
+
+    /// The kernels give the tensor operations' bf16 weights bit for bit (a tail shorter than a
+    /// word, blocks of 64, an 8B model's MLP shape) and say how much faster they are.
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn cuda_dequantization_equals_the_tensor_operations_bit_for_bit() {
+        type B = burn::backend::Cuda<burn::tensor::bf16, i32>;
+        let dev = Default::default();
+        for code in [QuantCode::Nf4, QuantCode::Int8] {
+            for (out, input) in [(3, 70), (5, 64), (64, 128), (4096, 14336)] {
+                let w: Vec<f32> = (0..out * input).map(|i| ((i as f32) * 0.37).sin() * 0.05).collect();
+                let q = quantize_with(&w, code);
+                let packed = Tensor::<B, 1, Int>::from_data(TensorData::new(q.packed.clone(), [q.packed.len()]), &dev);
+                let absmax =
+                    Tensor::<B, 1>::from_data(TensorData::new(q.absmax.clone(), [q.absmax.len()]), (&dev, DType::F32));
+                assert!(cuda::takes(packed.dtype(), absmax.dtype(), DType::BF16), "the kernel takes the call");
+                let shape = Nf4Shape { out_features: out, in_features: input, code };
+                let fast = || dequantize_weight::<B>(packed.clone(), absmax.clone(), shape, DType::BF16);
+                let ops = || dequantize::<B>(packed.clone(), absmax.clone(), shape, DType::BF16);
+                let bits = |t: Tensor<B, 2>| -> Vec<u16> {
+                    t.into_data().to_vec::<burn::tensor::bf16>().unwrap().iter().map(|v| v.to_bits()).collect()
+                };
+                let (got, want) = (bits(fast()), bits(ops()));
+                let host: Vec<u16> =
+                    dequantize_host(&q).iter().map(|v| burn::tensor::bf16::from_f32(*v).to_bits()).collect();
+                assert_eq!(got.len(), out * input);
+                let differ = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+                assert_eq!(differ, 0, "{code:?} {out}x{input}: {differ} weights differ from the tensor operations");
+                assert_eq!(got, host, "{code:?} {out}x{input}: the host dequantization rounded to bf16");
+                if out * input > 1 << 20 {
+                    let time = |f: &dyn Fn() -> Tensor<B, 2>| {
+                        let _ = f().sum().into_scalar();
+                        let t0 = std::time::Instant::now();
+                        let mut acc = f().sum();
+                        for _ in 1..20 {
+                            acc = acc + f().sum();
+                        }
+                        let _ = acc.into_scalar();
+                        t0.elapsed().as_secs_f64() / 20.0 * 1e3
+                    };
+                    // Twice each, the second kept: the first grows the memory pool.
+                    let _ = (time(&fast), time(&ops));
+                    let (k, o) = (time(&fast), time(&ops));
+                    println!("{code:?} {out}x{input}: kernel {k:.3} ms, tensor operations {o:.3} ms (with a sum each)");
+                }
+            }
+        }
     }
 }
