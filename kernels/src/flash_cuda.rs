@@ -9,10 +9,11 @@
 //! `launch_external` hook as the cuBLASLt matmul ([`crate::matmul`]) — nothing waits on the
 //! host. Each call is one fusion custom operation, so Burn's fusion sees it as an opaque op.
 //!
-//! It takes bf16 q/k/v with head_dim 64 and i32 segment ids; anything else (and
-//! `NEWT_FLASH=burn`) takes the Burn-op path. Its log-sum-exp is `[batch, q_heads, seq]` f32 in
-//! log2 units (the Burn path's is `[batch, kv_heads, rep, seq, 1]`, natural log): the backward
-//! pass tells the two apart by rank, so a forward and its backward always take the same path.
+//! It takes bf16 q/k/v with head_dim 64 or 128 (one instantiation of each kernel per head dim,
+//! [`VARIANTS`]) and i32 segment ids; anything else (and `NEWT_FLASH=burn`) takes the Burn-op
+//! path. Its log-sum-exp is `[batch, q_heads, seq]` f32 in log2 units (the Burn path's is
+//! `[batch, kv_heads, rep, seq, 1]`, natural log): the backward pass tells the two apart by rank,
+//! so a forward and its backward always take the same path.
 //!
 //! The kernels are CUDA C++, not CubeCL: FlashAttention keeps the scores in registers between
 //! its two products by reusing the accumulator fragments of `q·kᵀ` as the A operand of `p·v`,
@@ -57,17 +58,77 @@ pub const SOURCE: &str = concat!(
     include_str!("../cuda/multi_tensor.cu"),
     include_str!("../cuda/nf4.cu")
 );
-/// The head dimension the kernels are compiled for.
-pub const HEAD_DIM: usize = 64;
-/// Queries per forward block and keys per backward block (`BM`, `BN` in the source).
+/// Queries per forward block (every head dim), of 128 threads.
 const BLOCK: usize = 64;
 const THREADS: u32 = 128;
+
+/// One head dim's instantiation of the flash kernels in the source.
+#[derive(Debug, Clone, Copy)]
+struct Variant {
+    head_dim: usize,
+    /// Appended to `newt_flash_fwd`, `newt_flash_bwd_delta` and `newt_flash_bwd`.
+    suffix: &'static str,
+    backward: Backward,
+}
+
+/// Which backward kernel a head dim instantiates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backward {
+    /// `flash_bwd<HD, BM, KV_REGS, NW>`: NW warps of 16 keys (a block takes 16·NW keys), BM queries
+    /// a step, K/V fragments in registers or not.
+    Rows { queries: usize, kv_in_registers: bool, warps: usize },
+    /// `flash_bwd_tiles<HD>`: 64 keys a block, 4 warps of 2-D tiles, 64 queries a step.
+    Tiles,
+}
+
+impl Backward {
+    /// Keys a block (the grid's x dimension divides the tokens by it).
+    const fn keys(self) -> usize {
+        match self {
+            Backward::Rows { warps, .. } => 16 * warps,
+            Backward::Tiles => 64,
+        }
+    }
+    const fn threads(self) -> u32 {
+        match self {
+            Backward::Rows { warps, .. } => 32 * warps as u32,
+            Backward::Tiles => 128,
+        }
+    }
+}
+
+/// The head dims the kernels are compiled for, and how (a test checks these against the source).
+const VARIANTS: [Variant; 2] = [
+    Variant { head_dim: 64, suffix: "", backward: Backward::Rows { queries: 64, kv_in_registers: true, warps: 4 } },
+    Variant { head_dim: 128, suffix: "_hd128", backward: Backward::Tiles },
+];
+
+fn variant(head_dim: usize) -> Option<usize> {
+    VARIANTS.iter().position(|v| v.head_dim == head_dim)
+}
+
+/// Dynamic shared memory of the backward kernel, in bytes (rows padded by 8 bf16):
+/// `flash_bwd_smem<HD, BM, KV_REGS, NW>()` of the source (the K tile of 16·NW keys, the V tile
+/// unless its fragments live in registers, q and dO tiles of BM rows; dSᵀ of 16·NW × BM; lse, delta
+/// and segment ids of BM rows) or `flash_bwd_tiles_smem<HD>()` (K, V, q, dO tiles of 64 rows; Pᵀ
+/// and dSᵀ of 64 × 64; the row values of 64 queries).
+const fn backward_smem(v: Variant) -> u32 {
+    let hd = v.head_dim + 8;
+    let bytes = match v.backward {
+        Backward::Rows { queries: bm, kv_in_registers, warps } => {
+            let (bn, tiles) = (16 * warps, if kv_in_registers { 1 } else { 2 });
+            2 * (tiles * bn * hd + 2 * bm * hd + bn * (bm + 8)) + 12 * bm
+        }
+        Backward::Tiles => 2 * (4 * 64 * hd + 2 * 64 * (64 + 8)) + 12 * 64,
+    };
+    bytes as u32
+}
 
 /// Whether the CUDA kernels take a call with these inputs.
 pub(crate) fn takes(q: DType, k: DType, v: DType, segments: DType, head_dim: usize) -> bool {
     static BURN_ONLY: OnceLock<bool> = OnceLock::new();
     let burn_only = crate::env_switch(&BURN_ONLY, "NEWT_FLASH", "burn");
-    !burn_only && q == DType::BF16 && k == q && v == q && segments == DType::I32 && head_dim == HEAD_DIM
+    !burn_only && q == DType::BF16 && k == q && v == q && segments == DType::I32 && variant(head_dim).is_some()
 }
 
 /// Forward on `Cuda<F>`: `(out [b, hq, t, d] bf16, lse [b, hq, t] f32)`.
@@ -202,6 +263,9 @@ fn strides3(t: &CubeTensor<CudaRuntime>) -> [i64; 3] {
 /// The scalar arguments both passes share.
 #[derive(Debug, Clone, Copy)]
 struct Dims {
+    /// Index into [`VARIANTS`] (the head dim).
+    variant: usize,
+    head_dim: usize,
     batch: usize,
     q_heads: usize,
     kv_heads: usize,
@@ -222,10 +286,12 @@ fn dims(
     options: FlashOptions,
 ) -> Dims {
     let shape = q.meta.shape();
-    assert_eq!(shape[3], HEAD_DIM, "the CUDA flash kernels are compiled for head_dim {HEAD_DIM}");
+    let variant = variant(shape[3]).unwrap_or_else(|| panic!("no CUDA flash kernels for head_dim {}", shape[3]));
     assert_eq!(segments.dtype, DType::I32, "the CUDA flash kernels read i32 segment ids");
     let ss = segments.meta.strides();
     Dims {
+        variant,
+        head_dim: shape[3],
         batch: shape[0],
         q_heads: shape[1],
         kv_heads: k.meta.shape()[1],
@@ -250,14 +316,14 @@ fn cube_forward(
 ) -> (CubeTensor<CudaRuntime>, CubeTensor<CudaRuntime>) {
     let (q, k, v) = (readable(q), readable(k), readable(v));
     let d = dims(&q, &k, &v, &segments, options);
-    let out = empty(&q, &[d.batch, d.q_heads, d.tokens, HEAD_DIM], DType::BF16);
+    let out = empty(&q, &[d.batch, d.q_heads, d.tokens, d.head_dim], DType::BF16);
     let lse = empty(&q, &[d.batch, d.q_heads, d.tokens], DType::F32);
     let buffers = [&q, &k, &v, &segments, &out, &lse].map(|t| t.handle.clone().binding()).to_vec();
     cubecl_cuda::external::launch_external(
         &q.client,
         buffers,
         Box::new(move |ptrs: &[u64], stream| {
-            let f = functions();
+            let f = functions().flash[d.variant];
             let mut args = forward_args(ptrs.try_into().expect("six flash forward buffers"), &d);
             let grid = (d.tokens.div_ceil(BLOCK) as u32, d.q_heads as u32, d.batch as u32);
             launch(f.forward, grid, &mut args, stream, "forward");
@@ -284,25 +350,28 @@ fn cube_backward(
     let gs = strides3(&grad);
     let rows = d.batch * d.q_heads * d.tokens;
     let delta = empty(&q, &[d.batch, d.q_heads, d.tokens], DType::F32);
-    let dq = empty(&q, &[d.batch, d.q_heads, d.tokens, HEAD_DIM], DType::F32);
-    let dk = empty(&q, &[d.batch, d.kv_heads, d.tokens, HEAD_DIM], DType::BF16);
-    let dv = empty(&q, &[d.batch, d.kv_heads, d.tokens, HEAD_DIM], DType::BF16);
+    let dq = empty(&q, &[d.batch, d.q_heads, d.tokens, d.head_dim], DType::F32);
+    let dk = empty(&q, &[d.batch, d.kv_heads, d.tokens, d.head_dim], DType::BF16);
+    let dv = empty(&q, &[d.batch, d.kv_heads, d.tokens, d.head_dim], DType::BF16);
     let buffers =
         [&q, &k, &v, &segments, &grad, &out, &lse, &delta, &dq, &dk, &dv].map(|t| t.handle.clone().binding()).to_vec();
     cubecl_cuda::external::launch_external(
         &q.client,
         buffers,
         Box::new(move |ptrs: &[u64], stream| {
-            let f = functions();
+            let f = functions().flash[d.variant];
             let [q, k, v, seg, grad, out, lse, delta, dq, dk, dv] =
                 <[u64; 11]>::try_from(ptrs).expect("eleven flash backward buffers");
-            // SAFETY: dq is a live buffer of `rows × HEAD_DIM` f32, queued on its stream.
-            unsafe { cudarc::driver::result::memset_d8_async(dq, 0, rows * HEAD_DIM * 4, stream) }.expect("zeroing dq");
+            // SAFETY: dq is a live buffer of `rows × head_dim` f32, queued on its stream.
+            unsafe { cudarc::driver::result::memset_d8_async(dq, 0, rows * d.head_dim * 4, stream) }
+                .expect("zeroing dq");
             let mut args = delta_args([out, grad, delta], &d, gs);
             launch(f.delta, (rows.div_ceil(4) as u32, 1, 1), &mut args, stream, "backward (delta)");
             let mut args = backward_args([q, k, v, seg, grad, lse, delta, dq, dk, dv], &d, gs);
-            let grid = (d.tokens.div_ceil(BLOCK) as u32, d.kv_heads as u32, d.batch as u32);
-            launch(f.backward, grid, &mut args, stream, "backward");
+            let var = VARIANTS[d.variant];
+            let grid = (d.tokens.div_ceil(var.backward.keys()) as u32, d.kv_heads as u32, d.batch as u32);
+            let (threads, smem) = (var.backward.threads(), backward_smem(var));
+            launch_shared(f.backward, grid, threads, smem, &mut args, stream, "flash attention backward");
         }),
     );
     (dq, dk, dv)
@@ -395,23 +464,44 @@ pub(crate) fn launch_block(
     stream: sys::CUstream,
     what: &str,
 ) {
+    launch_shared(f, grid, block, 0, args, stream, what)
+}
+
+/// [`launch_block`] with `smem` bytes of dynamic shared memory (within the function's limit,
+/// raised in [`load`] where above the default 48 KiB).
+fn launch_shared(
+    f: usize,
+    grid: (u32, u32, u32),
+    block: u32,
+    smem: u32,
+    args: &mut Args,
+    stream: sys::CUstream,
+    what: &str,
+) {
     let mut params: Vec<*mut c_void> = args.0.iter_mut().map(|s| s as *mut u64 as *mut c_void).collect();
     // SAFETY: `f` is a kernel of the module loaded in this (the device thread's) context; the
     // parameters match its signature in SOURCE, slot by slot, and point at live buffers.
     let result = unsafe {
-        cudarc::driver::result::launch_kernel(f as sys::CUfunction, grid, (block, 1, 1), 0, stream, &mut params)
+        cudarc::driver::result::launch_kernel(f as sys::CUfunction, grid, (block, 1, 1), smem, stream, &mut params)
     };
     if let Err(e) = result {
         panic!("{what} kernel launch failed: {e:?}");
     }
 }
 
-/// The module's kernels, loaded in one CUDA context.
+/// One head dim's flash kernels.
 #[derive(Clone, Copy)]
-pub(crate) struct Functions {
+pub(crate) struct FlashFunctions {
     forward: usize,
     delta: usize,
     backward: usize,
+}
+
+/// The module's kernels, loaded in one CUDA context.
+#[derive(Clone, Copy)]
+pub(crate) struct Functions {
+    /// The flash kernels, by [`VARIANTS`] index.
+    flash: [FlashFunctions; VARIANTS.len()],
     /// `newt_rms_fwd`.
     pub(crate) rms_forward: usize,
     /// `newt_rms_bwd`.
@@ -469,10 +559,24 @@ fn load() -> Result<Functions, String> {
                 .map(|f| f as usize)
                 .map_err(|e| format!("{name}: {e:?}"))
         };
+        let mut flash = Vec::with_capacity(VARIANTS.len());
+        for v in VARIANTS {
+            let f = FlashFunctions {
+                forward: get(&format!("newt_flash_fwd{}", v.suffix))?,
+                delta: get(&format!("newt_flash_bwd_delta{}", v.suffix))?,
+                backward: get(&format!("newt_flash_bwd{}", v.suffix))?,
+            };
+            // The backward kernel's shared memory is dynamic; above 48 KiB a function must ask.
+            cudarc::driver::result::function::set_function_attribute(
+                f.backward as sys::CUfunction,
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                backward_smem(v) as i32,
+            )
+            .map_err(|e| format!("newt_flash_bwd{}: shared memory limit: {e:?}", v.suffix))?;
+            flash.push(f);
+        }
         Ok(Functions {
-            forward: get("newt_flash_fwd")?,
-            delta: get("newt_flash_bwd_delta")?,
-            backward: get("newt_flash_bwd")?,
+            flash: flash.try_into().unwrap_or_else(|_| unreachable!()),
             rms_forward: get("newt_rms_fwd")?,
             rms_backward: get("newt_rms_bwd")?,
             rope: get("newt_rope")?,
@@ -489,7 +593,7 @@ fn compile(arch: &str) -> Result<Vec<u8>, String> {
     use cudarc::nvrtc::{result as nvrtc, sys as nv};
     let source = CString::new(SOURCE).unwrap();
     let program = nvrtc::create_program(source.as_c_str(), None).map_err(|e| format!("NVRTC: {e:?}"))?;
-    let options = [format!("--gpu-architecture={arch}"), format!("-DHD={HEAD_DIM}"), "-std=c++17".to_string()];
+    let options = [format!("--gpu-architecture={arch}"), "-std=c++17".to_string()];
     // SAFETY: `program` is live until destroyed below; the buffers are sized by NVRTC.
     unsafe {
         if nvrtc::compile_program(program, &options).is_err() {
@@ -546,6 +650,8 @@ pub(crate) mod tests {
 
     fn dims() -> Dims {
         Dims {
+            variant: 0,
+            head_dim: 64,
             batch: 2,
             q_heads: 4,
             kv_heads: 2,
@@ -562,12 +668,15 @@ pub(crate) mod tests {
     #[test]
     fn launchers_pass_what_the_kernels_declare_slot_by_slot() {
         let d = dims();
-        let cases = [
-            ("newt_flash_fwd", forward_args([16; 6], &d)),
-            ("newt_flash_bwd_delta", delta_args([16; 3], &d, [12, 13, 14])),
-            ("newt_flash_bwd", backward_args([16; 10], &d, [12, 13, 14])),
-        ];
+        let cases = VARIANTS.iter().flat_map(|v| {
+            [
+                (format!("newt_flash_fwd{}", v.suffix), forward_args([16; 6], &d)),
+                (format!("newt_flash_bwd_delta{}", v.suffix), delta_args([16; 3], &d, [12, 13, 14])),
+                (format!("newt_flash_bwd{}", v.suffix), backward_args([16; 10], &d, [12, 13, 14])),
+            ]
+        });
         for (name, args) in cases {
+            let name = name.as_str();
             let want = signature(name);
             assert!(want.len() > 5, "{name}: parsed only {want:?}");
             assert_eq!(args.1, want, "{name}: launcher and kernel disagree");
@@ -588,38 +697,84 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn only_bf16_head_dim_64_with_i32_segments_takes_the_kernels() {
+    fn only_bf16_head_dim_64_or_128_with_i32_segments_takes_the_kernels() {
         let bf = DType::BF16;
         assert!(takes(bf, bf, bf, DType::I32, 64));
+        assert!(takes(bf, bf, bf, DType::I32, 128));
         assert!(!takes(DType::F32, DType::F32, DType::F32, DType::I32, 64));
-        assert!(!takes(bf, bf, bf, DType::I64, 64));
-        assert!(!takes(bf, bf, bf, DType::I32, 128));
+        assert!(!takes(DType::F32, DType::F32, DType::F32, DType::I32, 128));
+        assert!(!takes(bf, bf, bf, DType::I64, 128));
+        for other in [32, 80, 96, 256] {
+            assert!(!takes(bf, bf, bf, DType::I32, other), "head_dim {other}");
+        }
     }
 
+    /// Each variant's backward kernel and block shape are the ones the source instantiates (the
+    /// grid, threads and shared memory the launcher gives it follow from them).
     #[test]
-    #[should_panic(expected = "not 16-byte aligned")]
-    fn misaligned_buffers_are_refused() {
-        Args::default().ptr(8);
+    fn backward_variants_match_the_source_instantiations() {
+        // `#define NAME VALUE` of the source, for template arguments given as macros.
+        let define = |name: &str| {
+            let at = SOURCE.find(&format!("#define {name} ")).unwrap_or_else(|| panic!("no #define {name}"));
+            let line = SOURCE[at..].lines().next().unwrap();
+            line.split_whitespace().nth(2).unwrap().to_string()
+        };
+        for v in VARIANTS {
+            let hd = v.head_dim;
+            let wrapper = format!("newt_flash_bwd{}(", v.suffix);
+            let body = &SOURCE[SOURCE.find(&wrapper).expect("the wrapper")..];
+            let body = &body[..body.find("\n}").expect("the wrapper's end")];
+            // A wrapper with `#if FA_BWD<hd>_TILES` calls flash_bwd_tiles when that is 1.
+            let tiles_switch = format!("#if FA_BWD{hd}_TILES");
+            let tiles = body.contains(&tiles_switch) && define(&format!("FA_BWD{hd}_TILES")) == "1";
+            match v.backward {
+                Backward::Tiles => {
+                    assert!(tiles || !body.contains(&tiles_switch), "{wrapper}: FA_BWD{hd}_TILES is not 1");
+                    assert!(body.contains(&format!("flash_bwd_tiles<{hd}>(")), "{wrapper}: no flash_bwd_tiles<{hd}>");
+                }
+                Backward::Rows { queries, kv_in_registers, warps } => {
+                    assert!(!tiles, "{wrapper} takes flash_bwd_tiles");
+                    let call = &body[body.find("flash_bwd<").expect("the wrapper's call") + "flash_bwd<".len()..];
+                    let args: Vec<String> = call[..call.find('>').unwrap()]
+                        .split(',')
+                        .map(|a| a.trim())
+                        .map(|a| if a.starts_with("FA_") { define(a) } else { a.to_string() })
+                        .collect();
+                    let want = [hd.to_string(), queries.to_string(), kv_in_registers.to_string(), warps.to_string()];
+                    assert_eq!(args, want, "{wrapper} instantiates flash_bwd<{}>", args.join(", "));
+                }
+            }
+        }
+        // head_dim 64: the size the kernel declared statically before it took dynamic memory.
+        assert_eq!(backward_smem(VARIANTS[0]), 37_632);
+        assert_eq!(backward_smem(VARIANTS[1]), 88_832);
+        assert!(SOURCE.contains("if (dynamic_smem_size() < (u32)flash_bwd_smem<HD, BM, KV_REGS, NW>()) asm volatile"));
+        assert!(SOURCE.contains("if (dynamic_smem_size() < (u32)flash_bwd_tiles_smem<HD>()) asm volatile"));
     }
 
-    /// The kernels through Burn and the Rust launcher against the Burn-op path on CUDA and, as
-    /// the judge, the Burn-op path on the CPU in f32 (where it equals plain attention): packed
-    /// with padding or not, strided or contiguous, 1000 tokens (not a multiple of the 64-token
-    /// block) and 1024. On an H100 (2026-12-05) every case was within 3.6e-3 of the judge (Burn's
-    /// CUDA ops within 1.2e-3); the head_dim-128 kernels of bench/results/flash_hd128.md fail it
-    /// at 1000 tokens.
+    /// On a machine with a CUDA GPU (`cargo test -p newt-kernels -- --ignored cuda_ --nocapture`):
+    /// the kernels through Burn and this launcher against the Burn-op path on the CPU in f32 (where
+    /// it equals plain attention) from the same bf16 inputs, at both head dims, 1000 and 1024
+    /// tokens, packed rows (300-token samples, the last 100 tokens padding, dO zero there as in
+    /// training) or one causal row, GQA 4:1, q/k/v/dO strided as a reshaped projection gives them or
+    /// contiguous, with and without a sliding window. Every error is printed before the test fails
+    /// on any above 3e-2.
+    ///
+    /// The judge is on the CPU because the Burn-op path on CUDA is not one: in the runs of
+    /// bench/results/flash_hd128.md it gave dk off by up to 1.0 (relative) and inf in dv at 1000
+    /// tokens, where these kernels, fed the very inputs it was fed, are within 5e-3 of PyTorch.
     #[test]
     #[ignore = "needs a CUDA GPU"]
-    fn cuda_kernels_match_the_burn_op_path() {
+    fn cuda_kernels_match_plain_attention_at_both_head_dims() {
         use crate::flash::{default_flash_backward, default_flash_forward};
         use burn::tensor::{Distribution, Int, TensorData};
         type B = burn::backend::Cuda<burn::tensor::bf16, i32>;
-        let device = Default::default();
+        type C = burn::backend::Flex;
+        let (device, cpu) = (Default::default(), Default::default());
         let (batch, hq, hkv, pad) = (2, 8, 2, 100);
         let mut failures = Vec::new();
-        let configs = [(64, None)].into_iter().flat_map(|dw| [1000, 1024].map(|t| (dw, t)));
-        type C = burn::backend::Flex;
-        let cpu = Default::default();
+        let configs =
+            [(64, None), (128, None), (128, Some(250))].into_iter().flat_map(|dw| [1000, 1024].map(|t| (dw, t)));
         let host_vec = |t: Tensor<B, 4>| t.into_data().convert::<f32>().into_vec::<f32>().unwrap();
         // max |got - want| / max |want| on the host (NaN where either has a NaN).
         let host_rel = |got: &[f32], want: &[f32]| {
@@ -630,10 +785,9 @@ pub(crate) mod tests {
                 / scale
         };
         for ((d, window), t) in configs {
-            // `quiet`: dO is zero at the padding queries, as in training (the loss never reads a
-            // padding position); otherwise dO is random there too.
-            let cases = [(true, true, true), (false, true, false), (false, false, false)];
-            for (packed, strided, quiet) in cases {
+            // (packed, strided): packed rows have dO zero at the padding queries (the loss never
+            // reads a padding position).
+            for (packed, strided) in [(true, true), (false, true), (false, false)] {
                 let ids: Vec<i64> = (0..batch * t)
                     .map(|i| match (packed, i % t) {
                         (false, _) => 1,
@@ -663,35 +817,25 @@ pub(crate) mod tests {
                     }
                 };
                 let (q, k, v) = (make(hq, None), make(hkv, None), make(hkv, None));
-                let grad = make(hq, quiet.then_some(&real));
+                let grad = make(hq, packed.then_some(&real));
                 assert!(takes(q.dtype(), k.dtype(), v.dtype(), DType::I32, d), "head_dim {d} takes the kernels");
                 let options = FlashOptions { window, ..FlashOptions::new(1.0 / (d as f64).sqrt()) };
                 let prim = |t: &Tensor<B, 4>| t.clone().into_primitive().tensor();
-                let tensor = |t| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(t)).cast(DType::F32);
-                let run = |fast: bool| {
-                    let seg = segments.clone().into_primitive();
-                    let (out, lse) = if fast {
-                        fusion_forward::<burn::tensor::bf16>(prim(&q), prim(&k), prim(&v), seg.clone(), options)
-                    } else {
-                        let f32 = |t: &Tensor<B, 4>| t.clone().cast(DType::F32).into_primitive().tensor();
-                        default_flash_forward::<B>(f32(&q), f32(&k), f32(&v), seg.clone(), options)
-                    };
-                    let (q, k, v, g) = if fast {
-                        (prim(&q), prim(&k), prim(&v), prim(&grad))
-                    } else {
-                        let f32 = |t: &Tensor<B, 4>| t.clone().cast(DType::F32).into_primitive().tensor();
-                        (f32(&q), f32(&k), f32(&v), f32(&grad))
-                    };
-                    let (dq, dk, dv) = if fast {
-                        fusion_backward::<burn::tensor::bf16>(q, k, v, seg, out.clone(), lse, g, options)
-                    } else {
-                        default_flash_backward::<B>(q, k, v, seg, out.clone(), lse, g, options)
-                    };
-                    [out, dq, dk, dv].map(tensor)
-                };
-                let (fast, reference) = (run(true), run(false));
-                // The Burn-op path once more, on the CPU in f32 (where it equals plain attention):
-                // the judge, so that a fault of Burn's CUDA ops is told apart from one of the kernels.
+                let seg = segments.clone().into_primitive();
+                let (out, lse) =
+                    fusion_forward::<burn::tensor::bf16>(prim(&q), prim(&k), prim(&v), seg.clone(), options);
+                let (dq, dk, dv) = fusion_backward::<burn::tensor::bf16>(
+                    prim(&q),
+                    prim(&k),
+                    prim(&v),
+                    seg,
+                    out.clone(),
+                    lse,
+                    prim(&grad),
+                    options,
+                );
+                let fast = [out, dq, dk, dv]
+                    .map(|t| host_vec(Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(t)).cast(DType::F32)));
                 let to_cpu = |x: &Tensor<B, 4>| {
                     Tensor::<C, 4>::from_data(x.clone().cast(DType::F32).into_data().convert::<f32>(), &cpu)
                         .into_primitive()
@@ -710,25 +854,14 @@ pub(crate) mod tests {
                     to_cpu(&grad),
                     options,
                 );
-                let judge: Vec<Vec<f32>> = [co, cdq, cdk, cdv]
-                    .into_iter()
-                    .map(|p| {
-                        Tensor::<C, 4>::from_primitive(TensorPrimitive::Float(p)).into_data().into_vec::<f32>().unwrap()
-                    })
-                    .collect();
-                let case = format!(
-                    "head_dim {d}, {t} tokens, window {window:?}, packed {packed}, strided {strided}, dO zero at padding {quiet}"
-                );
+                let judge = [co, cdq, cdk, cdv].map(|p| {
+                    Tensor::<C, 4>::from_primitive(TensorPrimitive::Float(p)).into_data().into_vec::<f32>().unwrap()
+                });
+                let case = format!("head_dim {d}, {t} tokens, window {window:?}, packed {packed}, strided {strided}");
                 let mut line = Vec::new();
                 for (i, name) in ["out", "dq", "dk", "dv"].into_iter().enumerate() {
-                    let (f, r) = (host_vec(fast[i].clone()), host_vec(reference[i].clone()));
-                    let nan = |x: &[f32]| x.iter().filter(|v| v.is_nan()).count();
-                    let (err, burn_err) = (host_rel(&f, &judge[i]), host_rel(&r, &judge[i]));
-                    line.push(format!(
-                        "{name}: kernels {err:.2e}, Burn ops on CUDA {burn_err:.2e} (NaNs {} / {})",
-                        nan(&f),
-                        nan(&r)
-                    ));
+                    let err = host_rel(&fast[i], &judge[i]);
+                    line.push(format!("{name} {err:.2e}"));
                     if err >= 3e-2 || err.is_nan() {
                         failures.push(format!("{case}: {name} {err:.2e}"));
                     }
@@ -737,5 +870,11 @@ pub(crate) mod tests {
             }
         }
         assert!(failures.is_empty(), "{failures:#?}");
+    }
+
+    #[test]
+    #[should_panic(expected = "not 16-byte aligned")]
+    fn misaligned_buffers_are_refused() {
+        Args::default().ptr(8);
     }
 }
