@@ -1,80 +1,8 @@
 #!/usr/bin/env bash
-# On the GPU machine: newt's QLoRA train stage twice on the same random-weight model and data, once
-# with the frozen NF4 base dequantized by tensor operations (NEWT_DEQUANT=burn) and once by the
-# CUDA kernel (kernels/cuda/nf4.cu), in one call, on one GPU:
+# The QLoRA dequantization A/B of bench/results/nf4_dequant.md: newt's QLoRA train stage with the
+# frozen NF4 base dequantized by tensor operations (NEWT_DEQUANT=burn) and by the CUDA kernel
+# (kernels/cuda/nf4.cu), same model and data, one call:
 #   bash bench/gpu_qlora_dequant.sh llama-3.2-1b        (expects .dev/gpu/newt.xz)
 # The two give the same weights bit for bit, so their losses differ only by CUDA training's own
-# run-to-run noise (atomics in the attention backward); the script prints both runs' steady tokens/s (median after the first 3 steps), whole-process peak GPU memory
-# (nvidia-smi, sampled every 250 ms) and the losses. Logs under $OUT.
-set -uo pipefail
-shape=${1:-llama-3.2-1b}
-OUT=${OUT:-/tmp/newt-gpu-out}; mkdir -p "$OUT" /tmp/aux
-python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('.dev/gpu/newt.xz'), open('/tmp/newt','wb'))" && chmod +x /tmp/newt
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 bench/random_model.py --shape "$shape" --out /tmp/model-$shape --tokenizer stages/data/tests/fixtures/smollm2 > /tmp/aux/model.log 2>&1 || { cat /tmp/aux/model.log; exit 1; }
-python3 - <<'PY'
-import random
-r = random.Random(0)
-words = [f"w{i}" for i in range(3000)]
-with open("/tmp/text.txt", "w") as f:
-    for _ in range(600):
-        f.write(" ".join(r.choice(words) for _ in range(700)) + "\n")
-PY
-cat > /tmp/qlora.yml <<YML
-base_model: /tmp/model-$shape
-datasets:
-  - path: /tmp/text.txt
-    type: completion
-sequence_len: 2048
-sample_packing: true
-adapter: qlora
-load_in_4bit: true
-lora_r: 32
-lora_alpha: 64
-lora_target_linear: true
-micro_batch_size: 4
-gradient_accumulation_steps: 1
-max_steps: ${STEPS:-12}
-learning_rate: 0.0002
-warmup_steps: 0
-backend: cuda
-output_dir: /tmp/qlora-out
-YML
-mkdir -p /tmp/kc/cubecl
-for mode in burn kernel; do
-  # NEWT_DEQUANT is not part of the train key (the results are the same): one cache per mode,
-  # sharing the CubeCL kernel cache.
-  cache=/tmp/cache-$mode; mkdir -p $cache; ln -sfn /tmp/kc/cubecl $cache/cubecl
-  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 250 > /tmp/aux/mem-$mode.log &
-  smi=$!
-  if [ $mode = burn ]; then export NEWT_DEQUANT=burn; else unset NEWT_DEQUANT; fi
-  NEWT_CACHE_DIR=$cache timeout ${NEWT_TIMEOUT:-240} /tmp/newt run /tmp/qlora.yml --only train > "$OUT/newt-$mode.out" 2> /tmp/aux/newt-$mode.err
-  echo "exit $?" >> "$OUT/newt-$mode.out"
-  kill $smi
-  echo "peak MiB used (incl. context): $(sort -n /tmp/aux/mem-$mode.log | tail -1)" >> "$OUT/newt-$mode.out"
-  m=$(find $cache/ -name metrics.jsonl -printf '%T@ %p\n' 2>/dev/null | sort -n | tail -1 | cut -d' ' -f2-)
-  [ -n "$m" ] && cp "$m" "$OUT/metrics-$mode.jsonl"
-  tail -5 /tmp/aux/newt-$mode.err >> "$OUT/newt-$mode.out"
-done
-python3 - "$OUT" <<'PY'
-import json, pathlib, re, statistics, sys
-out = pathlib.Path(sys.argv[1])
-rows = {}
-for mode in ["burn", "kernel"]:
-    f = out / f"metrics-{mode}.jsonl"
-    steps = [json.loads(l) for l in f.read_text().splitlines() if l.strip()] if f.exists() else []
-    steps = [s for s in steps if s.get("kind") == "train"]
-    peak = re.search(r"peak MiB used \(incl\. context\): (\d+)", (out / f"newt-{mode}.out").read_text())
-    rows[mode] = dict(
-        steps=len(steps),
-        tokens_per_s=statistics.median(s["tokens_per_s"] for s in steps[3:]) if len(steps) > 4 else None,
-        peak_gib=int(peak.group(1)) / 1024 if peak else None,
-        losses=[s.get("loss") for s in steps],
-    )
-print(json.dumps(rows, indent=1))
-b, k = rows["burn"], rows["kernel"]
-if b["tokens_per_s"] and k["tokens_per_s"]:
-    print(f"kernel / tensor operations: {k['tokens_per_s'] / b['tokens_per_s']:.3f}x tokens/s; "
-          f"peak {b['peak_gib']:.1f} -> {k['peak_gib']:.1f} GiB; largest loss difference "
-          f"{max(abs(x - y) for x, y in zip(b['losses'], k['losses'])):.2e}")
-PY
+# run-to-run noise (atomics in the attention backward).
+exec bash "$(dirname "$0")/gpu_ab.sh" "${1:-llama-3.2-1b}" qlora NEWT_DEQUANT=burn

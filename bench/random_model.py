@@ -13,6 +13,11 @@ SHAPES = {
                          num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0, tie_word_embeddings=True),
     "llama-3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                          num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0, tie_word_embeddings=True),
+    # head_dim 128 from here on.
+    "llama-3.2-3b": dict(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                         num_attention_heads=24, num_key_value_heads=8, rope_theta=500000.0, tie_word_embeddings=True),
+    "llama-3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0, tie_word_embeddings=False),
 }
 
 p = argparse.ArgumentParser()
@@ -22,7 +27,10 @@ p.add_argument("--tokenizer", required=True)
 a = p.parse_args()
 torch.manual_seed(0)
 cfg = LlamaConfig(max_position_embeddings=8192, **SHAPES[a.shape])
-LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(a.out, safe_serialization=True)
+# Built on the GPU when there is one (a 3B/8B model's random init takes minutes on the CPU).
+with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+model.save_pretrained(a.out, safe_serialization=True)
 for f in ["tokenizer.json", "tokenizer_config.json"]:
     shutil.copy(Path(a.tokenizer) / f, Path(a.out) / f)
 print(json.dumps({"shape": a.shape, "out": a.out}))
