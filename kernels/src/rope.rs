@@ -20,27 +20,7 @@ use burn::tensor::{DType, FloatDType, Int, Tensor, TensorData, TensorPrimitive, 
 
 use crate::{KernelBackend, in_dtype};
 
-/// A `rope_scaling` / `rope_parameters` frequency adjustment.
-#[derive(Debug, Clone, PartialEq)]
-pub enum RopeScaling {
-    /// Position interpolation: every frequency divided by `factor`.
-    Linear {
-        /// Divisor of every frequency.
-        factor: f64,
-    },
-    /// Llama 3.1's piecewise scaling: long wavelengths divided by `factor`, short ones kept,
-    /// the band between interpolated smoothly.
-    Llama3 {
-        /// Divisor of the low frequencies.
-        factor: f64,
-        /// Wavelengths above `original_max_position_embeddings / low_freq_factor` are scaled.
-        low_freq_factor: f64,
-        /// Wavelengths below `original_max_position_embeddings / high_freq_factor` are kept.
-        high_freq_factor: f64,
-        /// Context length the model was pre-trained with.
-        original_max_position_embeddings: f64,
-    },
-}
+pub use newt_formats::config::RopeScaling;
 
 /// The `head_dim / 2` inverse frequencies `1 / theta^(2i/head_dim)`, adjusted by `scaling`.
 ///

@@ -16,9 +16,7 @@ use crate::llama::Llama;
 use crate::tensors::{Dtype, ShardedWriter, TensorError, encode_f32};
 use crate::train::params::PathStack;
 
-/// Files of a tokenizer that travel with a model folder.
-pub const TOKENIZER_FILES: &[&str] =
-    &["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "added_tokens.json"];
+pub use newt_formats::hf::TOKENIZER_FILES;
 
 /// Why a full fine-tune cannot be set up or saved.
 #[derive(Debug, thiserror::Error)]

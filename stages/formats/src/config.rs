@@ -7,8 +7,29 @@
 
 use std::path::{Path, PathBuf};
 
-use newt_kernels::RopeScaling;
 use serde_json::{Map, Value};
+
+/// A `rope_scaling` / `rope_parameters` frequency adjustment.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// Position interpolation: every frequency divided by `factor`.
+    Linear {
+        /// Divisor of every frequency.
+        factor: f64,
+    },
+    /// Llama 3.1's piecewise scaling: long wavelengths divided by `factor`, short ones kept,
+    /// the band between interpolated smoothly.
+    Llama3 {
+        /// Divisor of the low frequencies.
+        factor: f64,
+        /// Wavelengths above `original_max_position_embeddings / low_freq_factor` are scaled.
+        low_freq_factor: f64,
+        /// Wavelengths below `original_max_position_embeddings / high_freq_factor` are kept.
+        high_freq_factor: f64,
+        /// Context length the model was pre-trained with.
+        original_max_position_embeddings: f64,
+    },
+}
 
 /// Architectures newt implements, by their `architectures[0]` name in `config.json`.
 pub const SUPPORTED_ARCHITECTURES: &[&str] =

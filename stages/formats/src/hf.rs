@@ -11,6 +11,10 @@ use serde_json::Value;
 
 use crate::tensors::{INDEX_FILE, SINGLE_FILE};
 
+/// Files of a tokenizer that travel with a model folder.
+pub const TOKENIZER_FILES: &[&str] =
+    &["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "added_tokens.json"];
+
 /// Files a model folder must have for newt to load it (weights are checked separately: either
 /// `model.safetensors` or the index with every shard it names).
 pub const REQUIRED_FILES: &[&str] = &["config.json", "tokenizer.json", "tokenizer_config.json"];

@@ -435,7 +435,7 @@ pub fn merge_lora(
         Ok(())
     };
     copy(base_dir, "generation_config.json")?;
-    for f in crate::full::TOKENIZER_FILES {
+    for f in crate::hf::TOKENIZER_FILES {
         copy(tok_src, f)?;
     }
     Ok(MergeSummary {
