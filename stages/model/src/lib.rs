@@ -1,7 +1,8 @@
 //! newt-model: the model side of newt, with no knowledge of YAML or the cache.
 //!
 //! ```text
-//!  newt-formats: config, gguf/, hf, tensors, weights_ref, merge, tiny (no Burn; re-exported here)
+//!  newt-formats: config, gguf/, hf, tensors, weights_ref, merge, tiny, adapter (no Burn; re-exported
+//!  here, adapter's items through lora and peft)
 //!        │
 //!        └─> llama (Burn) + lora ─┬─ generate (KV cache, sampling)
 //!                                 └─ train/ (AdamW, schedule, checkpoints) ─> peft (adapter out)
