@@ -3,7 +3,7 @@
 //!
 //! The weights train in the type the model is loaded in: f32 on the CPU, bf16 on CUDA (what
 //! transformers' Trainer does with a bf16 model and `bf16: true`); the optimizer keeps its
-//! moments in f32 either way ([`crate::train`]'s flat AdamW), so a bf16 parameter costs 2 bytes
+//! moments in f32 either way (the training loop's flat AdamW), so a bf16 parameter costs 2 bytes
 //! of weight, 2 of gradient and 8 of optimizer state.
 
 use std::path::{Path, PathBuf};
@@ -12,9 +12,9 @@ use burn::module::{Module, ModuleMapper, Param};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, FloatDType, Tensor};
 
+use crate::grads::PathStack;
 use crate::llama::Llama;
 use crate::tensors::{Dtype, ShardedWriter, TensorError, encode_f32};
-use crate::train::params::PathStack;
 
 pub use newt_formats::hf::TOKENIZER_FILES;
 

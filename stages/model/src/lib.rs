@@ -4,16 +4,20 @@
 //!  newt-formats: config, gguf/, hf, tensors, weights_ref, merge, tiny, adapter (no Burn; re-exported
 //!  here, adapter's items through lora and peft)
 //!        │
-//!        └─> llama (Burn) + lora ─┬─ generate (KV cache, sampling)
-//!                                 └─ train/ (AdamW, schedule, checkpoints) ─> peft (adapter out)
+//!        └─> llama (Burn) + lora + grads (ParamGrads, SelfBackward) + rng (dropout seeds)
+//!                 ├─ generate (KV cache, sampling)
+//!                 └─ train/ (AdamW, schedule, checkpoints) ─> peft (adapter out)
+//!  The arrows point one way: train/ uses the model; nothing outside train/ uses train/.
 //! ```
 pub use newt_formats::{config, gguf, hf, merge, tensors, tiny, weights_ref};
 
 pub mod backend;
 pub mod full;
 pub mod generate;
+pub mod grads;
 pub mod llama;
 pub mod lora;
 pub mod memory;
 pub mod peft;
+pub(crate) mod rng;
 pub mod train;

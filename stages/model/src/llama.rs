@@ -300,7 +300,7 @@ pub struct Llama<B: Backend> {
     /// Tokens per chunk of the loss's logits (bounds its memory to `chunk × vocab` floats).
     pub loss_chunk_tokens: usize,
     /// Training keeps only each decoder layer's input and recomputes the layer in the backward
-    /// pass (`gradient_checkpointing`; see [`crate::train::SelfBackward`]).
+    /// pass (`gradient_checkpointing`; see [`crate::grads::SelfBackward`]).
     pub gradient_checkpointing: bool,
     inv_freq: Vec<f32>,
 }
@@ -478,12 +478,12 @@ impl<B: KernelBackend> Llama<B> {
             LayerContext { config: &self.config, rope: &rope, attend: &attend, cache_at: (offset, capacity, span) };
         // In training, layers with dropout seed their masks from the micro-batch's seed, as
         // gradient checkpointing's recomputation does (`self_backward`).
-        let seed = crate::train::rng::batch_seed().filter(|_| cache.is_none() && self.has_dropout());
+        let seed = crate::rng::batch_seed().filter(|_| cache.is_none() && self.has_dropout());
         let device = x.device();
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             x = match seed {
-                Some(s) => crate::train::rng::seeded_layer::<B, _>(&device, s, i, || layer.forward(x, &ctx, slot)),
+                Some(s) => crate::rng::seeded_layer::<B, _>(&device, s, i, || layer.forward(x, &ctx, slot)),
                 None => layer.forward(x, &ctx, slot),
             };
         }
@@ -562,7 +562,7 @@ impl<B: KernelBackend> Llama<B> {
     }
 }
 
-impl<B> crate::train::SelfBackward<B> for Llama<B>
+impl<B> crate::grads::SelfBackward<B> for Llama<B>
 where
     B: AutodiffBackend + KernelBackend,
     B::InnerBackend: KernelBackend,
@@ -584,11 +584,11 @@ where
     /// A trained embedding (full fine-tuning, `lora_modules_to_save`) gets its gradient last:
     /// the lookup is run again with autodiff and back-propagated with the first layer's input
     /// gradient; a tied embedding adds that to the share the head gave it.
-    fn self_backward(&self, batch: &TrainBatch<B>) -> Option<crate::train::SelfBackwardOut<B::InnerBackend>> {
-        use crate::train::ParamGrads;
-        use crate::train::rng::seeded_layer;
+    fn self_backward(&self, batch: &TrainBatch<B>) -> Option<crate::grads::SelfBackwardOut<B::InnerBackend>> {
+        use crate::grads::ParamGrads;
+        use crate::rng::seeded_layer;
         let dropout = self.has_dropout();
-        let seed = crate::train::rng::batch_seed().filter(|_| dropout);
+        let seed = crate::rng::batch_seed().filter(|_| dropout);
         let device = batch.input_ids.device();
         if !self.gradient_checkpointing || (dropout && seed.is_none()) {
             return None;
@@ -644,7 +644,7 @@ where
             let mut g = (x * Tensor::from_inner(grad_out)).sum().backward();
             grads.accumulate(ParamGrads::collect::<B, _>(&mut g, self));
         }
-        Some(crate::train::SelfBackwardOut { loss_sum: out.sum.inner(), tokens: out.tokens, grads })
+        Some(crate::grads::SelfBackwardOut { loss_sum: out.sum.inner(), tokens: out.tokens, grads })
     }
 }
 

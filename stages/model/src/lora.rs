@@ -250,7 +250,7 @@ thread_local! {
 /// Runs `f` as gradient checkpointing's forward pass: without autodiff, but with the dropout of
 /// training, so the recomputation (with autodiff, same seed) draws the same masks.
 pub(crate) fn with_training_dropout<T>(f: impl FnOnce() -> T) -> T {
-    crate::train::rng::scoped(&CHECKPOINT_FORWARD, true, f)
+    crate::rng::scoped(&CHECKPOINT_FORWARD, true, f)
 }
 
 /// Whether adapters apply their dropout here: training (gradients recorded), or inside

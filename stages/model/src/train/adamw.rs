@@ -23,8 +23,8 @@ use burn::tensor::{Tensor, TensorData};
 use newt_kernels::{KernelBackend, in_dtype};
 
 use super::config::AdamWParams;
-use super::grads::ParamGrads;
 use super::params::PathStack;
+use crate::grads::ParamGrads;
 
 /// Host copy of one parameter's optimizer state (for checkpoints).
 #[derive(Debug, Clone, PartialEq)]
@@ -341,5 +341,21 @@ impl<AB: AutodiffBackend> ModuleMapper<AB> for Scatter<AB> {
         let p: Tensor<AB::InnerBackend, D> = in_dtype(piece.reshape(shape), dtype);
         let tensor = Tensor::from_inner(p).require_grad();
         Param::from_mapped_value(id, tensor, mapper)
+    }
+}
+
+impl<B: Backend> ParamGrads<B> {
+    /// All gradients as one flat vector, in path order, with the layout (path, size) that says
+    /// where each lies (`None` without gradients). One concatenation; a step's scaling,
+    /// clipping and AdamW update then run on the flat vector ([`AdamW::step_flat`]).
+    pub fn flatten(self) -> Option<(Layout, Tensor<B, 1>)>
+    where
+        B: newt_kernels::KernelBackend,
+    {
+        if self.by_path.is_empty() {
+            return None;
+        }
+        let layout = self.by_path.iter().map(|(path, g)| (path.clone(), g.shape().num_elements())).collect();
+        Some((layout, newt_kernels::flat_gather(self.by_path.into_values().collect())))
     }
 }

@@ -20,12 +20,11 @@ mod batch;
 pub mod checkpoint;
 mod config;
 mod data;
-mod grads;
 mod metrics;
 mod parallel;
 pub(crate) mod params;
 mod plot;
-pub(crate) mod rng;
+pub(crate) use crate::rng;
 mod schedule;
 mod trainer;
 
@@ -34,12 +33,11 @@ use std::path::{Path, PathBuf};
 use burn::module::AutodiffModule;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 
+pub use crate::grads::{ParamGrads, SelfBackward, SelfBackwardOut};
 pub use adamw::{AdamW, MomentsHost, decays};
 pub use batch::{LossOutput, TrainBatch};
-use burn::tensor::Tensor;
 pub use config::{ACCEPTED_OPTIMIZERS, ACCEPTED_SCHEDULERS, AdamWParams, TrainConfig, TrainPlan};
 pub use data::{BatchStats, IGNORE_INDEX, PackedRow, TrainData};
-pub use grads::ParamGrads;
 pub use metrics::{EvalReport, FlopsModel, MetricsLog, MetricsRecord, StepReport};
 pub use parallel::{Contribution, DeviceReducer, GradReducer, HostReducer};
 pub use params::{HostTensor, ParamCounts, count_params, load_params, trainable_params};
@@ -54,27 +52,6 @@ pub use trainer::{
 pub trait CausalLoss<B: Backend> {
     /// Σ token losses over labels != -100 (shifted inside the model) and their count.
     fn loss(&self, batch: &TrainBatch<B>) -> LossOutput<B>;
-}
-
-/// The summed loss of a batch, its token count and the trainable parameters' gradients (not yet
-/// divided by the token count), as a model that runs its own backward pass returns them.
-pub struct SelfBackwardOut<B: Backend> {
-    /// Σ token losses.
-    pub loss_sum: Tensor<B, 1>,
-    /// Trained tokens.
-    pub tokens: usize,
-    /// Gradients by parameter path.
-    pub grads: ParamGrads<B>,
-}
-
-/// A model that can run its own backward pass for a batch — gradient checkpointing: it keeps
-/// only each layer's input in the forward pass and recomputes one layer at a time in the
-/// backward. `None` (the default): the loop runs Burn's backward on [`CausalLoss::loss`].
-pub trait SelfBackward<B: AutodiffBackend> {
-    /// The loss and gradients of `batch`, or `None` to use the ordinary path.
-    fn self_backward(&self, _batch: &TrainBatch<B>) -> Option<SelfBackwardOut<B::InnerBackend>> {
-        None
-    }
 }
 
 /// A trainable causal LM: an autodiff module with a summed loss. Implemented for every such type.

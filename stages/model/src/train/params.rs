@@ -21,21 +21,7 @@ pub struct HostTensor {
     pub values: Vec<f32>,
 }
 
-/// Tracks the current module path during a visit or a map.
-#[derive(Debug, Default)]
-pub(crate) struct PathStack(Vec<String>);
-
-impl PathStack {
-    pub(crate) fn enter(&mut self, name: &str) {
-        self.0.push(name.to_string());
-    }
-    pub(crate) fn exit(&mut self) {
-        self.0.pop();
-    }
-    pub(crate) fn path(&self) -> String {
-        self.0.join(".")
-    }
-}
+pub(crate) use crate::grads::PathStack;
 
 /// Counts of trainable (requires grad) and frozen float parameters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -12,13 +12,13 @@ use super::adamw::{AdamW, Layout};
 use super::checkpoint::{self, CHECKPOINT_FORMAT, CheckpointState};
 use super::config::{TrainConfig, TrainPlan};
 use super::data::TrainData;
-use super::grads::ParamGrads;
 use super::metrics::{EvalReport, MetricsLog, MetricsRecord, StepReport};
 use super::parallel::{GradReducer, Rank};
 use super::params::{count_params, load_params, trainable_params, trainable_sizes};
 use super::plot::write_loss_curve;
 use super::rng::SplitMix64;
 use super::{CausalLm, CausalLoss, NoHooks, TrainError, TrainHooks, TrainRun, TrainSummary};
+use crate::grads::ParamGrads;
 
 /// Where the data stream stands: steps done, and the next micro-batch.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -552,7 +552,7 @@ where
     };
     clock.mark::<B>("norm", device);
     // Applied even when it is 1, so clipped and unclipped steps run the same operations.
-    let grad = grad.mul_scalar(super::grads::clip_coefficient(grad_norm, max_grad_norm));
+    let grad = grad.mul_scalar(crate::grads::clip_coefficient(grad_norm, max_grad_norm));
     let loss = loss_sum / trained_tokens as f64;
     if !loss.is_finite() || !grad_norm.is_finite() {
         return Err(TrainError::NonFinite { step: 0, loss, grad_norm });

@@ -1,5 +1,7 @@
 //! Gradients of the trainable parameters keyed by module path, in f32: collected after each
-//! backward pass, accumulated over micro-batches, scaled, and clipped by their global norm.
+//! backward pass, accumulated over micro-batches, scaled, and clipped by their global norm; and the
+//! contract of a model that runs its own backward pass ([`SelfBackward`]). The model side: the
+//! training loop (`crate::train`) uses these, and nothing here uses it.
 
 use std::collections::BTreeMap;
 
@@ -7,12 +9,12 @@ use burn::module::{AutodiffModule, ModuleVisitor, Param};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{FloatDType, Tensor};
 
-use super::params::PathStack;
+use crate::llama::TrainBatch;
 
 /// Flattened f32 gradients by parameter path.
 #[derive(Debug, Clone)]
 pub struct ParamGrads<B: Backend> {
-    by_path: BTreeMap<String, Tensor<B, 1>>,
+    pub(crate) by_path: BTreeMap<String, Tensor<B, 1>>,
 }
 
 impl<B: Backend> Default for ParamGrads<B> {
@@ -105,20 +107,6 @@ impl<B: Backend> ParamGrads<B> {
         }
     }
 
-    /// All gradients as one flat vector, in path order, with the layout (path, size) that says
-    /// where each lies (`None` without gradients). One concatenation; a step's scaling,
-    /// clipping and AdamW update then run on the flat vector ([`super::AdamW::step_flat`]).
-    pub fn flatten(self) -> Option<(super::adamw::Layout, Tensor<B, 1>)>
-    where
-        B: newt_kernels::KernelBackend,
-    {
-        if self.by_path.is_empty() {
-            return None;
-        }
-        let layout = self.by_path.iter().map(|(path, g)| (path.clone(), g.shape().num_elements())).collect();
-        Some((layout, newt_kernels::flat_gather(self.by_path.into_values().collect())))
-    }
-
     /// L2 norm over all gradients together (one host sync).
     pub fn global_norm(&self) -> f64 {
         self.global_norm_sq().map(|t| newt_kernels::read_f64(t).sqrt()).unwrap_or(0.0)
@@ -162,4 +150,41 @@ impl<B: Backend> ParamGrads<B> {
 /// torch's clipping factor `min(1, max_norm / (total + 1e-6))`; 1 when `max_norm <= 0`.
 pub fn clip_coefficient(total: f64, max_norm: f64) -> f64 {
     if max_norm > 0.0 { (max_norm / (total + 1e-6)).min(1.0) } else { 1.0 }
+}
+
+/// Tracks the current module path during a visit or a map.
+#[derive(Debug, Default)]
+pub(crate) struct PathStack(Vec<String>);
+
+impl PathStack {
+    pub(crate) fn enter(&mut self, name: &str) {
+        self.0.push(name.to_string());
+    }
+    pub(crate) fn exit(&mut self) {
+        self.0.pop();
+    }
+    pub(crate) fn path(&self) -> String {
+        self.0.join(".")
+    }
+}
+
+/// The summed loss of a batch, its token count and the trainable parameters' gradients (not yet
+/// divided by the token count), as a model that runs its own backward pass returns them.
+pub struct SelfBackwardOut<B: Backend> {
+    /// Σ token losses.
+    pub loss_sum: Tensor<B, 1>,
+    /// Trained tokens.
+    pub tokens: usize,
+    /// Gradients by parameter path.
+    pub grads: ParamGrads<B>,
+}
+
+/// A model that can run its own backward pass for a batch — gradient checkpointing: it keeps
+/// only each layer's input in the forward pass and recomputes one layer at a time in the
+/// backward. `None` (the default): the training loop runs Burn's backward on the model's loss.
+pub trait SelfBackward<B: AutodiffBackend> {
+    /// The loss and gradients of `batch`, or `None` to use the ordinary path.
+    fn self_backward(&self, _batch: &TrainBatch<B>) -> Option<SelfBackwardOut<B::InnerBackend>> {
+        None
+    }
 }
