@@ -50,10 +50,3 @@ for f in sorted(glob.glob(f"{d0}/*_q.f32")):
         rf = load(pfx, "fast_" + n, shape)
         rr = ref[n]
         print(f"  {n}: rust kernels vs PyTorch f32 {rel(rf, rr)}, python kernels vs PyTorch f32 {rel(py[n], rr)}, rust vs python kernels {rel(rf, py[n])}", flush=True)
-        if False:  # (per-token detail, off)
-            e = torch.nan_to_num((rf - rr).abs(), nan=1e9).amax(dim=(0, 1, 3))  # per token
-            scale_ = rr.abs().max()
-            bad = (e > 0.02 * scale_).nonzero().flatten().tolist()
-            print(f"    rust bad tokens ({len(bad)}): {bad[:40]}", flush=True)
-            eb = torch.nan_to_num((rf - rr).abs(), nan=1e9).amax(dim=(2, 3))
-            print(f"    per (batch, kv head) max err: {eb.tolist()}", flush=True)

@@ -17,14 +17,7 @@ OUT=${OUT:-/tmp/newt-gpu-out}; mkdir -p "$OUT" /tmp/aux
 python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('.dev/gpu/newt.xz'), open('/tmp/newt','wb'))" && chmod +x /tmp/newt
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 bench/random_model.py --shape "$shape" --out /tmp/model-$shape --tokenizer stages/data/tests/fixtures/smollm2 > /tmp/aux/model.log 2>&1 || { cat /tmp/aux/model.log; exit 1; }
-python3 - <<'PY'
-import random
-r = random.Random(0)
-words = [f"w{i}" for i in range(3000)]
-with open("/tmp/text.txt", "w") as f:
-    for _ in range(600):
-        f.write(" ".join(r.choice(words) for _ in range(700)) + "\n")
-PY
+python3 bench/synthetic_text.py /tmp/text.txt
 quant=; [ "$adapter" = qlora ] && quant="load_in_4bit: true"
 cat > /tmp/ab.yml <<YML
 base_model: /tmp/model-$shape

@@ -22,14 +22,7 @@ tail -3 /tmp/aux/peer.err >> "$OUT/peer.jsonl"
 # 2. newt: the same rows' shape, `adapter` unset. `type: completion` cuts each line (~92k
 # tokens) into sequence_len pieces, so 1800 of the 1809 packed rows are one full 2048-token
 # sequence, as the peer's rows are (newt_metrics.jsonl's `tokens` per step shows any short one).
-python3 - <<'PY'
-import random
-r = random.Random(0)
-words = [f"w{i}" for i in range(3000)]
-with open("/tmp/text.txt", "w") as f:
-    for _ in range(40):
-        f.write(" ".join(r.choice(words) for _ in range(20000)) + "\n")
-PY
+python3 bench/synthetic_text.py /tmp/text.txt 40 20000
 cat > /tmp/full.yml <<YML
 base_model: /tmp/model-$shape
 datasets:

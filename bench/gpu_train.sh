@@ -24,14 +24,7 @@ if [ "${PEER:-1}" = 1 ]; then
 fi
 # 2. A random model of that shape as a HF folder, with the SmolLM2 tokenizer fixture.
 python3 bench/random_model.py --shape "$shape" --out /tmp/model-$shape --tokenizer stages/data/tests/fixtures/smollm2 > /tmp/aux/model.log 2>&1
-python3 - <<'PY'
-import random
-r = random.Random(0)
-words = [f"w{i}" for i in range(3000)]
-with open("/tmp/text.txt", "w") as f:
-    for _ in range(600):
-        f.write(" ".join(r.choice(words) for _ in range(700)) + "\n")
-PY
+python3 bench/synthetic_text.py /tmp/text.txt
 cat > /tmp/gpu.yml <<YML
 base_model: /tmp/model-$shape
 datasets:
