@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # On the GPU machine: newt's train stage twice on the same random-weight model and data, once with a
-# fast path switched off by an environment setting and once as newt runs by default, in one call,
-# on one GPU:
-#   bash bench/gpu_ab.sh SHAPE ADAPTER SWITCH        (expects .dev/gpu/newt.xz)
-#   bash bench/gpu_ab.sh llama-3.2-3b lora NEWT_FLASH=burn     # head_dim-128 flash kernels vs Burn ops
-#   bash bench/gpu_ab.sh llama-3.2-1b qlora NEWT_DEQUANT=burn  # NF4 dequantization kernel vs tensor ops
+# fast path set aside for its Burn-op reference (`kernels: {reference: [KERNEL]}`) and once as newt
+# runs by default, in one call, on one GPU:
+#   bash bench/gpu_ab.sh SHAPE ADAPTER KERNEL        (expects .dev/gpu/newt.xz)
+#   bash bench/gpu_ab.sh llama-3.2-3b lora flash_attention   # head_dim-128 flash kernels vs Burn ops
+#   bash bench/gpu_ab.sh llama-3.2-1b qlora nf4_dequant      # NF4 dequantization kernel vs tensor ops
+# (Before 2026-12-05 the third argument was an environment switch, NEWT_FLASH=burn or
+# NEWT_DEQUANT=burn, which newt no longer reads.)
 # SHAPE: a bench/random_model.py shape; ADAPTER: lora or qlora; 4×2048 packed rows, LoRA r 32 on
 # every linear, STEPS (default 12) steps. Prints both runs' steady tokens/s (median after the first
 # 3 steps; trained, non-padding tokens: this synthetic text fills about 6.3k of a batch's 8,192
 # positions, the same batches in both runs), whole-process peak GPU memory (nvidia-smi, sampled
 # every 250 ms) and the losses. Logs under $OUT.
 set -uo pipefail
-shape=${1:?shape}; adapter=${2:?lora or qlora}; switch=${3:?NAME=VALUE}
-name=${switch%%=*}; value=${switch#*=}
+shape=${1:?shape}; adapter=${2:?lora or qlora}; kernel=${3:?a kernels.reference name}; switch="reference: $kernel"
 OUT=${OUT:-/tmp/newt-gpu-out}; mkdir -p "$OUT" /tmp/aux
 python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('.dev/gpu/newt.xz'), open('/tmp/newt','wb'))" && chmod +x /tmp/newt
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
@@ -40,14 +41,15 @@ backend: cuda
 output_dir: /tmp/ab-out
 YML
 mkdir -p /tmp/kc/cubecl
+{ cat /tmp/ab.yml; echo "kernels: {reference: [$kernel]}"; } > /tmp/ab-off.yml
 for mode in off on; do
-  # The switches are not part of the train key (the results agree): one cache per mode, sharing
-  # the CubeCL kernel cache.
-  cache=/tmp/cache-$mode; mkdir -p $cache; ln -sfn /tmp/kc/cubecl $cache/cubecl
+  # kernels.reference is part of the train key: the two runs share one cache (the data stages
+  # run once), and the CubeCL kernel cache.
+  cache=/tmp/cache-ab; mkdir -p $cache; ln -sfn /tmp/kc/cubecl $cache/cubecl
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 250 > /tmp/aux/mem-$mode.log &
   smi=$!
-  if [ $mode = off ]; then export "$name=$value"; else unset "$name"; fi
-  NEWT_CACHE_DIR=$cache timeout ${NEWT_TIMEOUT:-240} /tmp/newt run /tmp/ab.yml --only train > "$OUT/newt-$mode.out" 2> /tmp/aux/newt-$mode.err
+  yml=/tmp/ab.yml; [ $mode = off ] && yml=/tmp/ab-off.yml
+  NEWT_CACHE_DIR=$cache timeout ${NEWT_TIMEOUT:-240} /tmp/newt run $yml --only train > "$OUT/newt-$mode.out" 2> /tmp/aux/newt-$mode.err
   echo "exit $?" >> "$OUT/newt-$mode.out"
   kill $smi
   echo "peak MiB used (incl. context): $(sort -n /tmp/aux/mem-$mode.log | tail -1)" >> "$OUT/newt-$mode.out"

@@ -4,9 +4,11 @@
 # 200), three times in one call: the fast path (the LoRA linears as one cuBLASLt operation each,
 # adapter matmuls in bf16 as under autocast, attention through the CUDA flash kernels), the
 # fast path again (its noise floor: the flash backward's atomics sum in another order), and the
-# reference path (NEWT_FLASH=burn: the Burn-op flash attention; `kernels: {lora_f32: true}`: the
-# adapters op by op in f32, as PEFT without autocast; REFERENCE_MATMUL=cubecl also swaps cuBLASLt for
-# CubeCL's matmul, which on 2026-11-29 gave an infinite gradient norm at step 7), then
+# reference path (`kernels: {lora_f32: true, reference: [flash_attention]}`: the Burn-op flash
+# attention, the adapters op by op in f32 as PEFT without autocast; REFERENCE_MATMUL=cubecl also
+# sets dense_matmul aside, swapping cuBLASLt for CubeCL's matmul, which on 2026-11-29 gave an
+# infinite gradient norm at step 7; before 2026-12-05 these were NEWT_FLASH=burn and
+# NEWT_DENSE_MATMUL=cubecl), then
 # bench/curve_compare.py prints the curves side by side (curve.md). PATHS picks the runs.
 # The GGUF travels in two parts as for bench/gpu_finetune.sh (see its header); the binary comes
 # from /root/keep/newt when an earlier call left it there, else from .dev/gpu/newt.xz.
@@ -23,14 +25,15 @@ mkdir -p /tmp/newt-cache/cubecl && [ -f "$KERNEL_CACHE" ] && tar xf "$KERNEL_CAC
 # the original so its relative data path still resolves.
 sed -e "s|^output_dir: .*|output_dir: /tmp/curve-out|" pipelines/smollm2-chat-lora.yml > pipelines/.curve.yml
 echo "max_steps: ${STEPS:-200}" >> pipelines/.curve.yml
-{ cat pipelines/.curve.yml; echo "kernels: {lora_f32: true}"; } > pipelines/.curve-reference.yml
+ref=flash_attention; [ "${REFERENCE_MATMUL:-}" = cubecl ] && ref="flash_attention, dense_matmul"
+{ cat pipelines/.curve.yml; echo "kernels: {lora_f32: true, reference: [$ref]}"; } > pipelines/.curve-reference.yml
 for path in ${PATHS:-fast again reference}; do
-  # The env var is not part of the train stage's key: each path gets its own artifact cache,
-  # sharing the kernel cache.
+  # fast and again have the same key: each path gets its own artifact cache, sharing the kernel
+  # cache.
   cache=/tmp/curve-cache-$path; mkdir -p $cache; ln -sfn /tmp/newt-cache/cubecl $cache/cubecl
-  mm=; fl=; yml=pipelines/.curve.yml; limit=${TIMEOUT_FAST:-300}
-  [ $path = reference ] && mm=${REFERENCE_MATMUL:-} && fl=burn && yml=pipelines/.curve-reference.yml && limit=${TIMEOUT_REFERENCE:-300}
-  NEWT_DENSE_MATMUL=$mm NEWT_FLASH=$fl NEWT_DATA_THREADS=2 NEWT_CACHE_DIR=$cache CUBECL_AUTOTUNE_LEVEL=${CUBECL_AUTOTUNE_LEVEL:-minimal} \
+  yml=pipelines/.curve.yml; limit=${TIMEOUT_FAST:-300}
+  [ $path = reference ] && yml=pipelines/.curve-reference.yml && limit=${TIMEOUT_REFERENCE:-300}
+  NEWT_DATA_THREADS=2 NEWT_CACHE_DIR=$cache CUBECL_AUTOTUNE_LEVEL=${CUBECL_AUTOTUNE_LEVEL:-minimal} \
     bash bench/timeout_with_stacks.sh $limit "$OUT/$path.stacks" /tmp/newt run $yml --only train > /tmp/aux/$path.out 2> /tmp/aux/$path.err
   echo "newt exit $?" >> /tmp/aux/$path.out
   m=$(find $cache -name metrics.jsonl -printf '%T@ %p\n' 2>/dev/null | sort -n | tail -1 | cut -d' ' -f2-)

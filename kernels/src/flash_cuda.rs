@@ -10,7 +10,7 @@
 //! host. Each call is one fusion custom operation, so Burn's fusion sees it as an opaque op.
 //!
 //! It takes bf16 q/k/v with head_dim 64 or 128 (one instantiation of each kernel per head dim,
-//! [`VARIANTS`]) and i32 segment ids; anything else (and `NEWT_FLASH=burn`) takes the Burn-op
+//! [`VARIANTS`]) and i32 segment ids; anything else (and `kernels: {reference: [flash_attention]}`) takes the Burn-op
 //! path. Its log-sum-exp is `[batch, q_heads, seq]` f32 in log2 units (the Burn path's is
 //! `[batch, kv_heads, rep, seq, 1]`, natural log): the backward pass tells the two apart by rank,
 //! so a forward and its backward always take the same path.
@@ -28,7 +28,7 @@
 
 use std::collections::HashMap;
 use std::ffi::{CString, c_void};
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{DType, Shape, Tensor, TensorPrimitive};
@@ -126,8 +126,7 @@ const fn backward_smem(v: Variant) -> u32 {
 
 /// Whether the CUDA kernels take a call with these inputs.
 pub(crate) fn takes(q: DType, k: DType, v: DType, segments: DType, head_dim: usize) -> bool {
-    static BURN_ONLY: OnceLock<bool> = OnceLock::new();
-    let burn_only = crate::env_switch(&BURN_ONLY, "NEWT_FLASH", "burn");
+    let burn_only = crate::uses_reference(crate::FastPath::FlashAttention);
     !burn_only && q == DType::BF16 && k == q && v == q && segments == DType::I32 && variant(head_dim).is_some()
 }
 

@@ -60,10 +60,37 @@ pub fn in_dtype<B: burn::tensor::backend::Backend, const D: usize>(
     if x.dtype() == dtype { x } else { x.cast(dtype) }
 }
 
-/// Whether the environment variable `var` is `value`, read once into `cell`: the switches that
-/// set a fast path aside (`NEWT_FLASH=burn`, `NEWT_ROPE=burn`, `NEWT_LORA_F32=1`, ...).
-pub fn env_switch(cell: &'static std::sync::OnceLock<bool>, var: &str, value: &str) -> bool {
-    *cell.get_or_init(|| std::env::var(var).is_ok_and(|v| v == value))
+/// A fast path of newt's kernels that a pipeline can set aside for its reference in Burn's tensor
+/// operations (`kernels: {reference: [...]}`, part of the train key): to measure one against the
+/// other, or to rule a kernel out when results look wrong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FastPath {
+    /// The CUDA flash-attention kernels ([`flash_cuda`]).
+    FlashAttention,
+    /// The fused RMSNorm passes ([`norm`]).
+    RmsNorm,
+    /// The fused rotary embedding ([`rope`]).
+    Rope,
+    /// The multi-tensor gather and scatter of the optimizer ([`multi`]).
+    MultiTensor,
+    /// cuBLASLt for the dense matmuls ([`matmul`]); the reference is CubeCL's matmul.
+    DenseMatmul,
+    /// The NF4/int8 dequantization kernel ([`nf4`]).
+    Nf4Dequant,
+}
+
+static REFERENCE_PATHS: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Sets, for this process, which fast paths run as their Burn-op reference instead (none by
+/// default). The stages that build a model call it from their params before they do.
+pub fn set_reference_paths(paths: &[FastPath]) {
+    let bits = paths.iter().fold(0u8, |bits, &p| bits | 1 << p as u8);
+    REFERENCE_PATHS.store(bits, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether `path` is set aside for its reference ([`set_reference_paths`]).
+pub fn uses_reference(path: FastPath) -> bool {
+    REFERENCE_PATHS.load(std::sync::atomic::Ordering::Relaxed) & (1 << path as u8) != 0
 }
 
 /// Kernel compilations and module loads of the CUDA backend so far in this process (zeros when
@@ -108,6 +135,48 @@ pub(crate) mod test_util {
 
 #[cfg(test)]
 mod tests {
+    use super::{FastPath, set_reference_paths, uses_reference};
+
+    #[test]
+    fn no_kernel_reads_the_environment() {
+        // Kernel choices come from the pipeline (`kernels:`, part of the keys), never from hidden
+        // environment switches; the walk is checked to have seen this very file.
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut seen = Vec::new();
+        let mut dirs = vec![src];
+        while let Some(dir) = dirs.pop() {
+            for e in std::fs::read_dir(dir).unwrap() {
+                let path = e.unwrap().path();
+                if path.is_dir() {
+                    dirs.push(path);
+                } else if path.extension().is_some_and(|x| x == "rs") {
+                    let text = std::fs::read_to_string(&path).unwrap();
+                    let needle = ["env::", "var("].concat();
+                    assert!(!text.contains(&needle), "{} reads the environment", path.display());
+                    seen.push(path.file_name().unwrap().to_string_lossy().into_owned());
+                }
+            }
+        }
+        assert!(seen.iter().any(|f| f == "lib.rs") && seen.iter().any(|f| f == "flash_cuda.rs"), "{seen:?}");
+    }
+
+    #[test]
+    fn reference_paths_are_set_per_path_and_cleared() {
+        let all = [
+            FastPath::FlashAttention,
+            FastPath::RmsNorm,
+            FastPath::Rope,
+            FastPath::MultiTensor,
+            FastPath::DenseMatmul,
+            FastPath::Nf4Dequant,
+        ];
+        set_reference_paths(&[FastPath::Rope, FastPath::Nf4Dequant]);
+        let on: Vec<_> = all.into_iter().filter(|&p| uses_reference(p)).collect();
+        set_reference_paths(&[]);
+        assert_eq!(on, [FastPath::Rope, FastPath::Nf4Dequant]);
+        assert!(all.into_iter().all(|p| !uses_reference(p)));
+    }
+
     use super::test_util::*;
     use super::*;
     use burn::tensor::{DType, TensorData};

@@ -9,7 +9,7 @@
 //! waits. Transposed views (`w.transpose()` of a `[out, in]` weight) are read in place as
 //! cuBLASLt's `T` operand. Under autodiff it is one operation whose backward pass is two more
 //! `dense_matmul`s (`dA = dC·Bᵀ`, `dB = Aᵀ·dC`), each computed only for an input that needs it: a
-//! frozen weight gets no gradient matmul at all. `NEWT_DENSE_MATMUL=cubecl` turns cuBLASLt off
+//! frozen weight gets no gradient matmul at all. `kernels: {reference: [dense_matmul]}` turns cuBLASLt off
 //! (to compare in the same binary).
 //!
 //! The part that can be wrong without a GPU — which operand, transpose flag and leading
@@ -246,9 +246,8 @@ pub(crate) mod cuda {
         alpha: f32,
         acc: Option<&CubeTensor<CudaRuntime>>,
     ) -> Option<CubeTensor<CudaRuntime>> {
-        static CUBECL_ONLY: OnceLock<bool> = OnceLock::new();
-        // `NEWT_DENSE_MATMUL=cubecl` measures CubeCL's matmul in the same binary.
-        if crate::env_switch(&CUBECL_ONLY, "NEWT_DENSE_MATMUL", "cubecl") {
+        // `kernels: {reference: [dense_matmul]}` measures CubeCL's matmul in the same binary.
+        if crate::uses_reference(crate::FastPath::DenseMatmul) {
             return None;
         }
         if lhs.dtype != rhs.dtype || lhs.qparams.is_some() || rhs.qparams.is_some() {

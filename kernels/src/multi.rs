@@ -7,7 +7,7 @@
 //! [`KernelBackend::flat_scatter`] default to exactly that; on CUDA each is one fusion custom
 //! operation launching `kernels/cuda/multi_tensor.cu` once per [`MAX_PER_LAUNCH`] tensors, their
 //! addresses passed by value in the kernel's parameter (as PyTorch's `multi_tensor_apply` does);
-//! `NEWT_FLAT=burn` keeps Burn's operations.
+//! `kernels: {reference: [multi_tensor]}` keeps Burn's operations.
 
 use burn::tensor::ops::FloatTensor;
 use burn::tensor::{Tensor, TensorPrimitive, backend::Backend};
@@ -108,10 +108,9 @@ pub(crate) mod cuda {
 
     const THREADS: u32 = 256;
 
-    /// Whether the kernels take these tensors: all f32, unless `NEWT_FLAT=burn`.
+    /// Whether the kernels take these tensors: all f32, unless `kernels: {reference: [multi_tensor]}`.
     pub(crate) fn takes(dtypes: impl IntoIterator<Item = DType>) -> bool {
-        static BURN_ONLY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let burn_only = crate::env_switch(&BURN_ONLY, "NEWT_FLAT", "burn");
+        let burn_only = crate::uses_reference(crate::FastPath::MultiTensor);
         !burn_only && dtypes.into_iter().all(|d| d == DType::F32)
     }
 

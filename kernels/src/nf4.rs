@@ -317,10 +317,9 @@ pub(crate) mod cuda {
     const THREADS: u32 = 256;
 
     /// Whether the kernels take a call: i32 codes, f32 scales, a bf16 weight wanted, unless
-    /// `NEWT_DEQUANT=burn` (the same values either way: for measuring one against the other).
+    /// `kernels: {reference: [nf4_dequant]}` (the same values either way: for measuring one against the other).
     pub(crate) fn takes(packed: DType, absmax: DType, dtype: DType) -> bool {
-        static BURN_ONLY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let burn_only = crate::env_switch(&BURN_ONLY, "NEWT_DEQUANT", "burn");
+        let burn_only = crate::uses_reference(crate::FastPath::Nf4Dequant);
         !burn_only && packed == DType::I32 && absmax == DType::F32 && dtype == DType::BF16
     }
 

@@ -5,7 +5,7 @@
 //! [`KernelBackend::rms_norm_backward`]), where written out it is ten operations and autodiff
 //! differentiates them one by one (about twenty more): on CUDA, for bf16, each pass is one kernel
 //! (`kernels/cuda/rms_norm.cu`, compiled with the flash attention kernels), one warp per row.
-//! Everywhere else, and with `NEWT_RMSNORM=burn`, the passes are [`default_rms_norm_forward`]
+//! Everywhere else, and with `kernels: {reference: [rms_norm]}`, the passes are [`default_rms_norm_forward`]
 //! and [`default_rms_norm_backward`] in Burn operations. [`rms_norm_reference`] is the formula
 //! written out, which the tests and `newt kernels` compare against.
 
@@ -126,8 +126,6 @@ pub(crate) fn autodiff_rms_norm<B: KernelBackend, C: CheckpointStrategy>(
 
 /// The CUDA passes (`newt_rms_fwd`, `newt_rms_bwd`): bf16 rows and weight.
 pub(crate) mod cuda {
-    use std::sync::OnceLock;
-
     use burn::tensor::ops::FloatTensor;
     use burn::tensor::{DType, Shape};
     use burn_cubecl::FloatElement;
@@ -140,10 +138,9 @@ pub(crate) mod cuda {
     /// Rows per block of 128 threads (one warp each; `RN_ROWS_PER_BLOCK` in the source).
     const ROWS_PER_BLOCK: usize = 4;
 
-    /// Whether the kernels take a call: bf16 rows and weight, unless `NEWT_RMSNORM=burn`.
+    /// Whether the kernels take a call: bf16 rows and weight, unless `kernels: {reference: [rms_norm]}`.
     pub(crate) fn takes(x: DType, weight: DType) -> bool {
-        static BURN_ONLY: OnceLock<bool> = OnceLock::new();
-        let burn_only = crate::env_switch(&BURN_ONLY, "NEWT_RMSNORM", "burn");
+        let burn_only = crate::uses_reference(crate::FastPath::RmsNorm);
         !burn_only && x == DType::BF16 && weight == DType::BF16
     }
 

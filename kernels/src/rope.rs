@@ -7,7 +7,7 @@
 //!
 //! [`rope`] is one operation forward and one backward ([`KernelBackend::rope`]; the backward pass
 //! is the rotation by the opposite angle). On CUDA, in bf16, it is `kernels/cuda/rope.cu`;
-//! elsewhere, and with `NEWT_ROPE=burn`, [`default_rope`] in Burn operations. [`apply_rope`] is the
+//! elsewhere, and with `kernels: {reference: [rope]}`, [`default_rope`] in Burn operations. [`apply_rope`] is the
 //! formula written out, which the tests compare against.
 
 use burn::backend::Autodiff;
@@ -174,8 +174,6 @@ pub(crate) fn autodiff_rope<B: KernelBackend, C: CheckpointStrategy>(
 
 /// The CUDA pass (`newt_rope`): bf16 `x` with a contiguous last dimension, bf16 tables.
 pub(crate) mod cuda {
-    use std::sync::OnceLock;
-
     use burn::tensor::DType;
     use burn::tensor::ops::FloatTensor;
     use burn_cubecl::FloatElement;
@@ -188,10 +186,9 @@ pub(crate) mod cuda {
     const THREADS: u32 = 256;
 
     /// Whether the kernel takes a call: bf16 throughout and an even head_dim, unless
-    /// `NEWT_ROPE=burn`.
+    /// `kernels: {reference: [rope]}`.
     pub(crate) fn takes(x: DType, cos: DType, sin: DType, head_dim: usize) -> bool {
-        static BURN_ONLY: OnceLock<bool> = OnceLock::new();
-        let burn_only = crate::env_switch(&BURN_ONLY, "NEWT_ROPE", "burn");
+        let burn_only = crate::uses_reference(crate::FastPath::Rope);
         !burn_only && x == DType::BF16 && cos == DType::BF16 && sin == DType::BF16 && head_dim.is_multiple_of(2)
     }
 

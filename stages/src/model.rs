@@ -540,7 +540,7 @@ impl WithAutodiffBackend for TrainWork<'_> {
             Some(code) => format!("loading model, quantizing it ({code:?})"),
             None => "loading model".into(),
         });
-        newt_model::lora::set_lora_f32(cfg.lora_f32);
+        set_kernel_options(cfg.lora_f32, &cfg.reference_kernels);
         // The tokenizer the data was tokenized with: `tokens` and `special_tokens` new to the
         // vocabulary grow the model to its size.
         let tok = newt_data::HfTokenizer::load_for(model_dir, &cfg.special_tokens, &cfg.tokens)?;
@@ -950,7 +950,7 @@ impl WithBackend for EvalWork<'_> {
         let val = read_data(&ctx.input("pack")?.join("val.parquet"), cfg.pad_to, batch)?;
         let prompting = Prompting::of(model_dir, cfg)?;
         let quantize = quant_code(cfg.quantization);
-        newt_model::lora::set_lora_f32(cfg.lora_f32);
+        set_kernel_options(cfg.lora_f32, &cfg.reference_kernels);
         let mut metrics = serde_json::Map::new();
         for (name, with_adapter) in [("base", false), ("tuned", true)] {
             ctx.check_cancelled()?;
@@ -1083,6 +1083,26 @@ pub fn merge_external(model: &Path, adapter: &Path, out: &Path, p: &MergeParams)
     merge_into(model, adapter, out, p).map(|_| ())
 }
 
+/// Sets this process's kernel choices from a stage's params (`kernels:`) before it builds a model:
+/// the adapters' compute type and the fast paths set aside for their Burn-op reference.
+pub(crate) fn set_kernel_options(lora_f32: bool, reference: &[newt_config::ReferenceKernel]) {
+    use newt_config::ReferenceKernel as R;
+    use newt_kernels::FastPath as F;
+    newt_model::lora::set_lora_f32(lora_f32);
+    let paths: Vec<F> = reference
+        .iter()
+        .map(|r| match r {
+            R::FlashAttention => F::FlashAttention,
+            R::RmsNorm => F::RmsNorm,
+            R::Rope => F::Rope,
+            R::MultiTensor => F::MultiTensor,
+            R::DenseMatmul => F::DenseMatmul,
+            R::Nf4Dequant => F::Nf4Dequant,
+        })
+        .collect();
+    newt_kernels::set_reference_paths(&paths);
+}
+
 struct ChatWork<'a> {
     model: &'a Path,
     adapter: Option<&'a Path>,
@@ -1096,7 +1116,7 @@ impl WithBackend for ChatWork<'_> {
     type Output = anyhow::Result<()>;
     fn run<B: KernelBackend>(self, device: B::Device) -> Self::Output {
         let quantize = quant_code(self.params.quantization);
-        newt_model::lora::set_lora_f32(self.params.lora_f32);
+        set_kernel_options(self.params.lora_f32, &self.params.reference_kernels);
         let model = load_model::<B>(self.model, self.adapter, quantize, &device)?;
         let prompting = Prompting::of(self.model, self.params)?;
         if let Some(p) = self.prompt {

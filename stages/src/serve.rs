@@ -58,7 +58,7 @@ impl WithBackend for ServeWork<'_> {
     fn run<B: KernelBackend>(self, device: B::Device) {
         let m = &self.models;
         let loaded = (|| -> anyhow::Result<BurnEngine<B>> {
-            newt_model::lora::set_lora_f32(m.params.lora_f32);
+            crate::model::set_kernel_options(m.params.lora_f32, &m.params.reference_kernels);
             let base = load_model::<B>(m.model, None, quant_code(m.params.quantization), &device)?;
             let mut models = Vec::new();
             if let Some(dir) = m.adapter {

@@ -325,6 +325,31 @@ chat_template: chatml
     }
 
     #[test]
+    fn reference_kernels_key_train_and_evaluate_in_any_order_and_leave_default_keys_as_they_were() {
+        let base_tree: Value = serde_yaml::from_str(BASE).unwrap();
+        let base = load(&base_tree);
+        let with = |reference: Value| {
+            let mut tree = base_tree.clone();
+            tree["kernels"] = json!({ "reference": reference });
+            stage_values(&load(&tree), false)
+        };
+        let a = with(json!(["rope", "flash_attention", "rope"]));
+        let b = with(json!(["flash_attention", "rope"]));
+        let plain = stage_values(&base, false);
+        let differ: BTreeSet<&str> = a.keys().filter(|k| a[*k] != plain[*k]).copied().collect();
+        assert_eq!(differ, BTreeSet::from([TRAIN, EVALUATE]));
+        assert_eq!(a, b, "the order and repeats of kernels.reference are not part of a key");
+        assert_eq!(a[TRAIN]["reference_kernels"], json!(["flash_attention", "rope"]));
+        // Keys written before the option existed stay valid: an empty list adds no field.
+        assert!(plain[TRAIN].get("reference_kernels").is_none() && plain[EVALUATE].get("reference_kernels").is_none());
+        let mut tree = base_tree.clone();
+        tree["kernels"] = json!({ "reference": ["flash"] });
+        let yaml = serde_yaml::to_string(&tree).unwrap();
+        let err = parse(&yaml, Path::new("p.yml")).err().expect("an unknown kernel is refused").to_string();
+        assert!(err.contains("flash") && err.contains("flash_attention"), "{err}");
+    }
+
+    #[test]
     fn ignored_keys_change_no_params() {
         let base_tree: Value = serde_yaml::from_str(BASE).unwrap();
         let base = load(&base_tree);

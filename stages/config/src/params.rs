@@ -305,6 +305,10 @@ pub struct TrainParams {
     pub pad_to: Option<usize>,
     /// LoRA products in f32 instead of the activations' dtype.
     pub lora_f32: bool,
+    /// Fast paths run as their Burn-op reference (`kernels: {reference: [...]}`), sorted; absent
+    /// from the key when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reference_kernels: Vec<ReferenceKernel>,
     /// Tokens added to the vocabulary (the embedding and LM head grow to match).
     pub tokens: Vec<String>,
     /// Special-token overrides (added to the vocabulary when missing).
@@ -363,6 +367,7 @@ impl TrainParams {
             eval_steps: c.eval_steps,
             pad_to: pad_to(c),
             lora_f32: c.kernels.lora_f32,
+            reference_kernels: reference_kernels(c),
             tokens: c.tokens.to_vec(),
             special_tokens: c.special_tokens.clone(),
         }
@@ -446,6 +451,9 @@ pub struct EvaluateParams {
     pub eot_tokens: Vec<String>,
     /// LoRA products in f32 (as in training).
     pub lora_f32: bool,
+    /// Fast paths run as their Burn-op reference (as in training); absent from the key when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub reference_kernels: Vec<ReferenceKernel>,
     /// Tokens added to the vocabulary in training (the prompts are tokenized with them).
     pub tokens: Vec<String>,
 }
@@ -464,6 +472,7 @@ impl EvaluateParams {
             special_tokens: c.special_tokens.clone(),
             eot_tokens: c.eot_tokens.clone(),
             lora_f32: c.kernels.lora_f32,
+            reference_kernels: reference_kernels(c),
             tokens: c.tokens.to_vec(),
         }
     }
@@ -491,4 +500,13 @@ impl MergeParams {
             export_only: c.is_full_fine_tune(),
         }
     }
+}
+
+/// `kernels.reference`, sorted and without repeats, so that its order in the file is not part of
+/// a key.
+fn reference_kernels(c: &Config) -> Vec<ReferenceKernel> {
+    let mut v = c.kernels.reference.clone();
+    v.sort();
+    v.dedup();
+    v
 }

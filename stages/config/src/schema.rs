@@ -821,12 +821,36 @@ impl<'de> Deserialize<'de> for TrainOnEos {
     }
 }
 
-/// `kernels:` — newt's kernel choices that change numbers, so they are part of the train key
-/// (choices that change only speed are picked by newt and never keyed).
+/// `kernels:` — newt's kernel choices. Each changes numbers (if only in the last bits), so each is
+/// part of the keys of the stages that build a model (train, evaluate); left at their defaults
+/// they add nothing to a key. There are no environment switches besides these.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct KernelOptions {
     /// LoRA adapter products in f32 (PEFT without autocast) instead of the activations' dtype
     /// (Axolotl's `bf16: true` autocast). Replaces the `NEWT_LORA_F32` environment variable.
     pub lora_f32: bool,
+    /// Fast paths to run as their reference in Burn's tensor operations instead (to measure one
+    /// against the other, or to rule a kernel out): `[flash_attention, rms_norm, rope,
+    /// multi_tensor, dense_matmul, nf4_dequant]`. Replaces the `NEWT_FLASH=burn`-style
+    /// environment variables.
+    pub reference: Vec<ReferenceKernel>,
+}
+
+/// A fast path of newt's kernels (`kernels: {reference: [...]}`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ReferenceKernel {
+    /// The CUDA flash-attention kernels (reference: attention in Burn operations, still tiled).
+    FlashAttention,
+    /// The fused RMSNorm passes.
+    RmsNorm,
+    /// The fused rotary embedding.
+    Rope,
+    /// The optimizer's multi-tensor gather and scatter.
+    MultiTensor,
+    /// cuBLASLt for the dense matmuls (reference: CubeCL's matmul).
+    DenseMatmul,
+    /// The NF4/int8 dequantization kernel.
+    Nf4Dequant,
 }
