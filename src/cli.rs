@@ -44,11 +44,21 @@ pub enum Command {
         /// Stages run at once at most.
         #[arg(long, short = 'j', default_value_t = 4)]
         jobs: usize,
+        /// Where stages run: `local` (this process) or `dora` (one node per stage on a dora
+        /// cluster's daemons; see `newt cluster up`). Default: the pipeline's `executor:`.
+        #[arg(long, value_parser = ["local", "dora"])]
+        executor: Option<String>,
+        /// The dora coordinator, IP:PORT (default: $NEWT_DORA_COORDINATOR, then 127.0.0.1:6013).
+        #[arg(long, env = "NEWT_DORA_COORDINATOR", value_name = "IP:PORT")]
+        coordinator: Option<String>,
     },
     /// Show what `run` would do, and why, without doing it.
     Plan {
         /// The pipeline file.
         pipeline: PathBuf,
+        /// `dora`: print the dora dataflow `newt run --executor dora` would start, instead.
+        #[arg(long, value_parser = ["local", "dora"])]
+        executor: Option<String>,
         /// Check the train stage's memory estimate against a GPU of this size (`24GiB`, `80GB`,
         /// `16000MiB`) instead of the one detected; the estimate is then for CUDA (bf16).
         #[arg(long = "gpu-memory", value_name = "SIZE", value_parser = parse_size)]
@@ -156,6 +166,25 @@ pub enum Command {
     },
     /// Print the JSON Schema of the pipeline file.
     ConfigSchema,
+    /// Run a dora-rs coordinator and daemons for the dora executor (`newt run --executor dora`).
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+    /// The dora executor's collector node (what the daemons start beside the stage nodes).
+    #[command(hide = true)]
+    CollectNode {
+        /// How many stage nodes send to it.
+        stages: usize,
+    },
+    /// One stage of a pipeline as a dora node (what the dora executor's daemons start).
+    #[command(hide = true)]
+    StageNode {
+        /// The pipeline file.
+        pipeline: PathBuf,
+        /// The stage id.
+        stage: String,
+    },
     /// Check newt's fast kernels against their Burn references on this machine, and time them.
     Kernels {
         /// auto, cuda or cpu.
@@ -168,6 +197,56 @@ pub enum Command {
         /// Timed calls per measurement.
         #[arg(long, default_value_t = 20)]
         reps: usize,
+    },
+}
+
+/// `newt cluster ...`: dora-rs coordinator and daemons inside the newt binary.
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// A coordinator and daemons on this machine (loopback only, zenoh multicast off), until
+    /// Ctrl-C: for trying the dora executor and for tests. Real clusters run `newt cluster
+    /// coordinator` on one machine and `newt cluster daemon` on each.
+    Up {
+        /// Coordinator port.
+        #[arg(long, default_value_t = newt_dora::cluster::COORDINATOR_PORT)]
+        port: u16,
+        /// One daemon per flag, with its labels (`cpu`, `gpu`, `cpu,gpu`, `zone=eu`); default one
+        /// daemon labelled `cpu,gpu`.
+        #[arg(long = "daemon", value_name = "LABELS")]
+        daemons: Vec<String>,
+    },
+    /// A coordinator (what daemons and `newt run --executor dora` connect to).
+    Coordinator {
+        /// Address to bind.
+        #[arg(long, default_value = "0.0.0.0")]
+        bind: std::net::IpAddr,
+        /// Port.
+        #[arg(long, default_value_t = newt_dora::cluster::COORDINATOR_PORT)]
+        port: u16,
+    },
+    /// A daemon: runs the nodes the coordinator places on this machine.
+    Daemon {
+        /// The coordinator, IP:PORT.
+        #[arg(long, default_value = "127.0.0.1:6013")]
+        coordinator: std::net::SocketAddr,
+        /// This machine's id (what `deploy: {STAGE: {machine: ...}}` names).
+        #[arg(long)]
+        machine_id: String,
+        /// Labels (`gpu`, `cpu`, `zone=eu`; a bare name means `=true`).
+        #[arg(long, default_value = "")]
+        labels: String,
+        /// Port its nodes connect to (distinct per daemon on one machine).
+        #[arg(long, default_value_t = 53291)]
+        local_port: u16,
+        /// Where its zenoh listener binds, IP:PORT (default: derived from the coordinator's address).
+        #[arg(long)]
+        zenoh_listen: Option<std::net::SocketAddr>,
+        /// Other daemons' zenoh endpoints to dial (`tcp/10.0.0.2:5000`, repeatable).
+        #[arg(long)]
+        zenoh_connect: Vec<String>,
+        /// Zenoh without multicast scouting.
+        #[arg(long)]
+        no_multicast: bool,
     },
 }
 

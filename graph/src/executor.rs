@@ -138,6 +138,10 @@ pub struct LocalExecutor {
     /// The shared remote cache: looked up after a local miss, and (read-write) given every
     /// result this run publishes.
     pub remote: Option<Arc<Remote>>,
+    /// The stages this executor may run (`None`: all). Any other wanted stage must be found in
+    /// the cache (local or remote), or it fails without running: how a dora node runs its one
+    /// stage over results other nodes produced, and how the dora driver reads them back.
+    pub runs_only: Option<HashSet<String>>,
 }
 
 /// The key inputs of a node given its upstream output digests.
@@ -253,6 +257,7 @@ impl Executor for LocalExecutor {
                     let input_dirs: BTreeMap<String, PathBuf> =
                         node.inputs.iter().map(|i| (i.clone(), outputs[i].2.clone())).collect();
                     let task = StageTask {
+                        may_run: self.runs_only.as_ref().is_none_or(|r| r.contains(id)),
                         cache: self.cache.clone(),
                         reporter: self.reporter.clone(),
                         cancel: self.cancel.clone(),
@@ -315,6 +320,7 @@ impl Executor for LocalExecutor {
 }
 
 struct StageTask {
+    may_run: bool,
     cache: Arc<Cache>,
     reporter: Arc<dyn Reporter>,
     cancel: CancelToken,
@@ -426,6 +432,17 @@ impl StageTask {
                 }
                 Err(e) => warnings.push(format!("{id}: remote cache lookup failed ({e}); the stage runs")),
             }
+        }
+        if !self.may_run {
+            let where_ = match &self.remote {
+                Some(r) => format!("the local cache or {}", r.url()),
+                None => "the local cache".to_string(),
+            };
+            return fail(
+                format!("no result for key {} in {where_}, and this run may not run the stage", key.short()),
+                Some(key),
+                warnings,
+            );
         }
         let _device = if stage.uses_device(&node) {
             Some(self.device.clone().acquire_owned().await.expect("semaphore open"))

@@ -76,6 +76,7 @@ impl Harness {
             pipeline_path: "test.yml".into(),
             max_parallel: 4,
             remote: None,
+            runs_only: None,
         }
     }
     fn run(&self, nodes: Vec<StageNode>, fail_on: Option<&str>) -> Vec<(String, Outcome)> {
@@ -300,4 +301,38 @@ fn materialize_refuses_an_object_damaged_after_the_lookup() {
     let err = materialize(&p, &h.executor(None).registry, &r, &out).unwrap_err().to_string();
     assert!(err.contains("corrupt") && err.contains("newt cache verify --repair"), "{err}");
     assert!(!out.join("a.txt").exists(), "damaged bytes never reach output_dir");
+}
+
+#[test]
+fn an_executor_that_runs_only_some_stages_uses_the_cache_for_the_rest_and_never_runs_them() {
+    let h = Harness::new();
+    let run_only = |nodes: Vec<StageNode>, only: &[&str]| {
+        let p = build(nodes).unwrap();
+        let mut ex = h.executor(None);
+        ex.runs_only = Some(only.iter().map(|s| s.to_string()).collect());
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let r = rt.block_on(ex.run(&p, None)).unwrap();
+        r.stages.into_iter().map(|s| (s.id, s.outcome)).collect::<Vec<_>>()
+    };
+    // An empty cache: `a` may not run, so it fails naming what is missing, and nothing below it runs.
+    let r = run_only(diamond("B"), &["b"]);
+    assert!(matches!(outcome(&r, "a"), Outcome::Failed(m) if m.contains("may not run")), "{r:?}");
+    assert!(r.iter().filter(|(id, _)| id != "a").all(|(_, o)| *o == Outcome::Skipped), "{r:?}");
+    assert_eq!(h.runs("a") + h.runs("b"), 0);
+    // With `a` and `c` in the cache, a run allowed only `b` and `d` runs exactly those.
+    h.run(vec![node("a", "A", &[]), node("c", "C", &["a"])], None);
+    let r: BTreeMap<String, Outcome> = run_only(diamond("B"), &["b", "d"]).into_iter().collect();
+    assert_eq!(
+        r,
+        BTreeMap::from([
+            ("a".into(), Outcome::Hit),
+            ("b".into(), Outcome::Ran),
+            ("c".into(), Outcome::Hit),
+            ("d".into(), Outcome::Ran)
+        ])
+    );
+    assert_eq!((h.runs("a"), h.runs("b"), h.runs("c"), h.runs("d")), (1, 1, 1, 1));
+    // Lookup only (nothing may run): everything is found now.
+    let r = run_only(diamond("B"), &[]);
+    assert!(r.iter().all(|(_, o)| *o == Outcome::Hit), "{r:?}");
 }

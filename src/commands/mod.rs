@@ -1,6 +1,8 @@
 //! One function per subcommand; shared loading of pipelines and the cache.
 
 mod cache;
+mod cluster;
+mod dora;
 mod kernels;
 mod run;
 mod serve;
@@ -16,11 +18,16 @@ use crate::cli::{Cli, Command};
 /// Runs the chosen subcommand; returns the exit code.
 pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     match &cli.command {
-        Command::Run { pipeline, only, jobs } => run::run(&cli, pipeline, only, *jobs),
+        Command::Run { pipeline, only, jobs, executor, coordinator } => {
+            run::run(&cli, pipeline, only, *jobs, executor.as_deref(), coordinator.as_deref())
+        }
         Command::Fetch { pipeline } => run::fetch(&cli, pipeline),
-        Command::Preprocess { pipeline } => run::run(&cli, pipeline, &["pack".to_string()], 4),
-        Command::Train { pipeline } => run::run(&cli, pipeline, &["train".to_string()], 4),
-        Command::Plan { pipeline, gpu_memory } => run::plan(&cli, pipeline, *gpu_memory),
+        Command::Preprocess { pipeline } => run::run(&cli, pipeline, &["pack".to_string()], 4, None, None),
+        Command::Train { pipeline } => run::run(&cli, pipeline, &["train".to_string()], 4, None, None),
+        Command::Plan { pipeline, gpu_memory, executor } => run::plan(&cli, pipeline, *gpu_memory, executor.as_deref()),
+        Command::Cluster { command } => cluster::cluster(&cli, command),
+        Command::StageNode { pipeline, stage } => dora::stage_node(&cli, pipeline, stage),
+        Command::CollectNode { stages } => dora::collect_node(*stages),
         Command::Why { pipeline, stage } => run::why(&cli, pipeline, stage),
         Command::Cache { command } => cache::cache(&cli, command),
         Command::Inspect { target, pipeline, n } => cache::inspect(&cli, target, pipeline.as_deref(), *n),

@@ -55,11 +55,27 @@ pub fn fetch(cli: &Cli, pipeline: &Path) -> anyhow::Result<i32> {
 }
 
 /// Runs the pipeline (or the stages `only` needs) and prints the end-of-run table.
-pub fn run(cli: &Cli, pipeline: &Path, only: &[String], jobs: usize) -> anyhow::Result<i32> {
+pub fn run(
+    cli: &Cli,
+    pipeline: &Path,
+    only: &[String],
+    jobs: usize,
+    executor: Option<&str>,
+    coordinator: Option<&str>,
+) -> anyhow::Result<i32> {
     let s = session(cli, pipeline)?;
     let p = compiled(&s)?;
     print_downloads(&s, false, cli.json)?;
-    let report = execute(cli, &s, &p, only, jobs)?;
+    let report = if uses_dora(&s, executor) {
+        let mut report = super::dora::execute(cli, &s, &p, only, super::dora::coordinator_addr(coordinator)?)?;
+        for w in &report.warnings {
+            eprintln!("{} {w}", console::style("warning:").yellow().bold());
+        }
+        super::dora::finish(&s, &p, &mut report)?;
+        report
+    } else {
+        execute(cli, &s, &p, only, jobs)?
+    };
     print_report(cli, &report)?;
     let code = report_code(&report);
     if code == exit::TERMINATED || code == exit::INTERRUPTED {
@@ -70,6 +86,14 @@ pub fn run(cli: &Cli, pipeline: &Path, only: &[String], jobs: usize) -> anyhow::
         );
     }
     Ok(code)
+}
+
+/// Whether this run goes to a dora cluster: `--executor`, else the pipeline's `executor:`.
+fn uses_dora(s: &Session, executor: Option<&str>) -> bool {
+    match executor {
+        Some(e) => e == "dora",
+        None => s.loaded.config.executor == newt_config::ExecutorKind::Dora,
+    }
 }
 
 /// The exit code a report means: 128 + the signal's number when a signal stopped the run
@@ -105,6 +129,7 @@ pub fn execute(cli: &Cli, s: &Session, p: &Pipeline, only: &[String], jobs: usiz
             .to_string(),
         max_parallel: jobs,
         remote: s.remote.clone(),
+        runs_only: None,
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let targets = if only.is_empty() { None } else { Some(only) };
@@ -179,9 +204,12 @@ fn print_report(cli: &Cli, report: &RunReport) -> anyhow::Result<()> {
 }
 
 /// `newt plan`: each stage, key prefix, hit or miss, and why.
-pub fn plan(cli: &Cli, pipeline: &Path, gpu_memory: Option<u64>) -> anyhow::Result<i32> {
+pub fn plan(cli: &Cli, pipeline: &Path, gpu_memory: Option<u64>, executor: Option<&str>) -> anyhow::Result<i32> {
     let s = session(cli, pipeline)?;
     let p = compiled(&s)?;
+    if executor == Some("dora") {
+        return super::dora::plan(cli, &s, &p);
+    }
     let registry = newt_stages::registry();
     // The remote cache, when there is one, is asked for each key the local cache lacks.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -436,7 +464,7 @@ pub fn merge_lora(cli: &Cli, pipeline: &Path, lora_model_dir: Option<&Path>) -> 
             "this pipeline trains no adapter (`adapter:` is unset) or `merge.enabled` is false: nothing to merge"
         );
     }
-    run(cli, pipeline, &["merge".to_string()], 4)
+    run(cli, pipeline, &["merge".to_string()], 4, None, None)
 }
 
 /// `newt inference`: generation with the base model and, unless `--base`, the cached adapter.

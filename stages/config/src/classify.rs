@@ -125,6 +125,8 @@ pub const KEYS: &[(&str, Class)] = &[
     ("gpus", Class::Read(&[TRAIN])),
     ("cache_dir", Class::Out("where the cache lives, not an input")),
     ("cache", Class::Out("where results are shared, not an input")),
+    ("executor", Class::Out("where stages run, not what they compute")),
+    ("deploy", Class::Out("which machine runs a stage, not what it computes")),
     ("eval_prompts", Class::Read(&[EVALUATE])),
     ("eval_max_new_tokens", Class::Read(&[EVALUATE])),
     ("merge", Class::Read(&[MERGE])),

@@ -190,6 +190,13 @@ pub struct Config {
     pub cache_dir: Option<String>,
     /// A shared remote cache (S3-compatible) used beside the local one.
     pub cache: CacheConfig,
+    /// Where stages run: `local` (this process, the default) or `dora` (one dora-rs node per
+    /// stage, on the daemons of a dora coordinator; `newt run --executor` overrides it).
+    pub executor: ExecutorKind,
+    /// Per-stage placement for the dora executor: `{train: {labels: {gpu: "true"}}, pack:
+    /// {machine: node-a}}`; stages not named go by their kind (train, evaluate and merge to a
+    /// daemon labelled `gpu=true`, the others to one labelled `cpu=true`).
+    pub deploy: std::collections::BTreeMap<String, DeployConfig>,
     /// Prompts answered by the evaluate stage, before and after training.
     pub eval_prompts: Vec<String>,
     /// Tokens generated per eval prompt.
@@ -292,6 +299,8 @@ impl Default for Config {
             gpus: None,
             cache_dir: None,
             cache: CacheConfig::default(),
+            executor: ExecutorKind::Local,
+            deploy: Default::default(),
             eval_prompts: Vec::new(),
             eval_max_new_tokens: 64,
             merge: MergeConfig::default(),
@@ -819,6 +828,27 @@ impl<'de> Deserialize<'de> for TrainOnEos {
             },
         }
     }
+}
+
+/// `executor:`.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ExecutorKind {
+    /// Every stage in this process (tokio).
+    #[default]
+    Local,
+    /// One dora-rs node per stage, placed on a dora cluster's daemons.
+    Dora,
+}
+
+/// One entry of `deploy:` (dora's `deploy` of a node).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeployConfig {
+    /// The daemon's machine id.
+    pub machine: Option<String>,
+    /// Labels the daemon must carry.
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// `kernels:` — newt's kernel choices. Each changes numbers (if only in the last bits), so each is
