@@ -265,3 +265,46 @@ fn walk(dir: &std::path::Path) -> Vec<String> {
     }
     out
 }
+
+#[test]
+fn a_failing_stage_skips_its_dependents_with_the_reason_and_deploy_places_a_stage_by_machine() {
+    let Some(moto) = moto() else { return };
+    let p = project(&moto, 1, "ci");
+    let yaml = std::fs::read_to_string(p.path("p.yml")).unwrap();
+    let extra = "stages:\n  - name: check\n    kind: command\n    inputs: [pack]\n    run: \"echo the data is bad >&2; exit 3\"\n    \
+                 outputs: [ok.txt]\n  - name: after\n    kind: command\n    inputs: [check]\n    run: \"touch $NEWT_OUT/x\"\n    \
+                 outputs: [x]\ndeploy:\n  check: {machine: gpu}\n";
+    std::fs::write(p.path("p.yml"), format!("{yaml}{extra}")).unwrap();
+    let plan = newt(&p, &["plan", "p.yml", "--executor", "dora"]).output().unwrap();
+    assert!(plan.status.success(), "{}", String::from_utf8_lossy(&plan.stderr));
+    let dataflow: Value = serde_yaml::from_slice(&plan.stdout).unwrap();
+    let node = |id: &str| dataflow["nodes"].as_array().unwrap().iter().find(|n| n["id"] == id).unwrap().clone();
+    assert_eq!(node("check")["deploy"]["machine"], "gpu");
+    assert_eq!(node("after")["deploy"]["labels"]["cpu"], "true");
+
+    let cluster = Cluster::up(&["cpu", "gpu"]);
+    let out = newt(
+        &p,
+        &[
+            "run",
+            "p.yml",
+            "--only",
+            "after",
+            "--executor",
+            "dora",
+            "--coordinator",
+            &cluster.coordinator(),
+            "--json",
+            "--quiet",
+        ],
+    )
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    let r = stages(&out);
+    assert!(r["check"].0.contains("failed"), "{:?}\n{stderr}", r["check"]);
+    assert_eq!(r["after"].0, "skipped", "{:?}", r["after"]);
+    assert!(r["after"].2.contains("upstream stage `check` failed"), "{:?}", r["after"]);
+    assert_eq!(r["pack"].0, "ran", "{:?}", r["pack"]);
+}

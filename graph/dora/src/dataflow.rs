@@ -109,3 +109,56 @@ pub fn dataflow(
 pub fn descriptor(yaml: &serde_yaml::Value) -> anyhow::Result<dora_message::descriptor::Descriptor> {
     serde_yaml::from_value(yaml.clone()).map_err(|e| anyhow::anyhow!("the dataflow is not one dora accepts: {e}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use newt_graph::compile::{StageNode, build};
+
+    fn node(id: &str, kind: &str, inputs: &[&str]) -> StageNode {
+        StageNode {
+            id: id.into(),
+            kind: kind.into(),
+            params: serde_json::json!({}),
+            settings: serde_json::json!({}),
+            inputs: inputs.iter().map(|s| s.to_string()).collect(),
+            external: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn stages_become_nodes_placed_by_kind_or_by_override_with_a_collector_dora_accepts() {
+        let p = build(vec![
+            node("fetch.0", "fetch_dataset", &[]),
+            node("pack", "pack", &["fetch.0"]),
+            node("train", "train", &["pack"]),
+            node("evaluate", "evaluate", &["train", "pack"]),
+        ])
+        .unwrap();
+        let program = NodeProgram {
+            path: "/opt/newt".into(),
+            pipeline: "/work/p.yml".into(),
+            env: BTreeMap::from([("NEWT_CACHE_DIR".to_string(), "/cache".to_string())]),
+        };
+        let overrides =
+            BTreeMap::from([("pack".to_string(), Deploy { machine: Some("big-cpu".into()), labels: BTreeMap::new() })]);
+        let yaml = dataflow(&p, None, &program, &overrides);
+        descriptor(&yaml).expect("dora parses the dataflow");
+        let nodes = yaml["nodes"].as_sequence().unwrap();
+        let by_id = |id: &str| nodes.iter().find(|n| n["id"].as_str() == Some(id)).unwrap().clone();
+        assert_eq!(by_id("fetch.0")["deploy"]["labels"]["cpu"].as_str(), Some("true"));
+        assert_eq!(by_id("pack")["deploy"]["machine"].as_str(), Some("big-cpu"));
+        assert!(by_id("pack")["deploy"].get("labels").is_none());
+        assert_eq!(by_id("train")["deploy"]["labels"]["gpu"].as_str(), Some("true"));
+        assert_eq!(by_id("evaluate")["inputs"]["pack"].as_str(), Some("pack/done"));
+        assert_eq!(by_id("evaluate")["args"].as_str(), Some("stage-node /work/p.yml evaluate"));
+        assert_eq!(by_id("train")["env"]["NEWT_CACHE_DIR"].as_str(), Some("/cache"));
+        let collector = by_id(COLLECTOR);
+        assert_eq!(collector["args"].as_str(), Some("collect-node 4"));
+        assert_eq!(collector["inputs"].as_mapping().unwrap().len(), 4);
+        // Only the wanted stages, when asked.
+        let want: HashSet<String> = ["fetch.0".to_string(), "pack".to_string()].into();
+        let some = dataflow(&p, Some(&want), &program, &BTreeMap::new());
+        assert_eq!(some["nodes"].as_sequence().unwrap().len(), 3);
+    }
+}
