@@ -190,7 +190,8 @@ struct Done {
 }
 
 impl LocalExecutor {
-    fn wanted(pipeline: &Pipeline, targets: Option<&[String]>) -> anyhow::Result<HashSet<String>> {
+    /// The stages a run of `targets` (all when `None`) needs: the targets and everything upstream.
+    pub fn wanted(pipeline: &Pipeline, targets: Option<&[String]>) -> anyhow::Result<HashSet<String>> {
         let Some(targets) = targets else { return Ok(pipeline.order.iter().cloned().collect()) };
         let mut want = HashSet::new();
         let mut stack: Vec<String> = Vec::new();

@@ -44,21 +44,7 @@ fn program(cli: &Cli, s: &Session) -> anyhow::Result<NodeProgram> {
 }
 
 fn wanted(p: &Pipeline, only: &[String]) -> anyhow::Result<Option<HashSet<String>>> {
-    if only.is_empty() {
-        return Ok(None);
-    }
-    let mut want = HashSet::new();
-    let mut stack = Vec::new();
-    for t in only {
-        anyhow::ensure!(p.node(t).is_some(), "no stage `{t}` in this pipeline (stages: {})", p.order.join(", "));
-        stack.push(t.clone());
-    }
-    while let Some(id) = stack.pop() {
-        if want.insert(id.clone()) {
-            stack.extend(p.node(&id).expect("known").inputs.iter().cloned());
-        }
-    }
-    Ok(Some(want))
+    if only.is_empty() { Ok(None) } else { LocalExecutor::wanted(p, Some(only)).map(Some) }
 }
 
 /// The pipeline's `deploy:` placements (each must name a stage of the pipeline).
