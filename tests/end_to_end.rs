@@ -325,6 +325,38 @@ fn qlora_trains_on_a_quantized_base() {
     assert!(rel8 < 0.05, "int8 should cost less than NF4: LoRA {lora:?}, int8 {int8:?}");
 }
 
+/// A QLoRA base is quantized once, by its own stage: train and evaluate read the cached
+/// artifact, a change to training alone reruns neither the fetch nor the quantization, and a
+/// change of code book (`load_in_8bit`) quantizes again. A LoRA pipeline has no such stage.
+#[test]
+fn a_qlora_base_is_quantized_once_into_a_cached_artifact() {
+    let p = Project::new();
+    assert!(!p.run_pipeline().iter().any(|(id, _)| id == "quantize.model"), "LoRA quantizes nothing");
+    p.edit("p.yml", "adapter: lora", "adapter: qlora");
+    let first = p.run_pipeline();
+    assert_eq!(first.iter().find(|(id, _)| id == "quantize.model").map(|(_, o)| o.as_str()), Some("ran"), "{first:?}");
+    let dir = p.stage_path("quantize.model");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("quantized.json")).unwrap()).unwrap();
+    assert_eq!((meta["code"].as_str(), meta["double_quant"].as_bool()), (Some("nf4"), Some(true)), "{meta}");
+    let store = newt_model::tensors::TensorStore::open(&dir).unwrap();
+    let codes = "model.layers.0.mlp.down_proj.weight.codes";
+    assert_eq!(store.info(codes).map(|(d, _)| d), Some(newt_model::tensors::Dtype::I32), "{:?}", store.names());
+    p.edit("p.yml", "learning_rate: ", "learning_rate: 0.0009 #");
+    let second = p.run_pipeline();
+    let outcome = |v: &[(String, String)], id: &str| v.iter().find(|(i, _)| i == id).unwrap().1.clone();
+    assert_eq!(outcome(&second, "quantize.model"), "hit", "{second:?}");
+    assert_eq!(outcome(&second, "fetch.model"), "hit");
+    assert_eq!(outcome(&second, "train"), "ran");
+    p.edit("p.yml", "adapter: qlora", "adapter: lora\nload_in_8bit: true");
+    let third = p.run_pipeline();
+    assert_eq!(outcome(&third, "quantize.model"), "ran", "{third:?}");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(p.stage_path("quantize.model").join("quantized.json")).unwrap())
+            .unwrap();
+    assert_eq!((meta["code"].as_str(), meta["double_quant"].as_bool()), (Some("int8"), Some(false)), "{meta}");
+}
+
 /// PEFT, vLLM and the Hub read `base_model_name_or_path`; it was empty.
 #[test]
 fn adapter_config_names_its_base_model() {

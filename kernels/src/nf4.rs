@@ -116,35 +116,120 @@ pub fn quantize(values: &[f32]) -> Nf4Host {
 
 /// Quantizes `values` (row-major) with `code` in blocks of [`NF4_BLOCK`].
 pub fn quantize_with(values: &[f32], code: QuantCode) -> Nf4Host {
-    let padded = values.len().next_multiple_of(NF4_BLOCK);
-    let mut codes = vec![code.zero(); padded];
-    let mut absmax = Vec::with_capacity(padded / NF4_BLOCK);
-    for (b, block) in values.chunks(NF4_BLOCK).enumerate() {
-        let m = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-        absmax.push(m);
+    quantize_blocks(values, code, NF4_BLOCK)
+}
+
+/// Values per thread below which quantizing stays on one thread.
+const PARALLEL_MIN: usize = 1 << 20;
+
+/// Quantizes `values` with `code` in blocks of `block` (a multiple of the codes per word), on
+/// every core for a large matrix: the blocks are independent, so the result does not depend on
+/// the number of threads.
+pub fn quantize_blocks(values: &[f32], code: QuantCode, block: usize) -> Nf4Host {
+    assert!(block > 0 && block.is_multiple_of(code.per_word()), "a block holds whole words of codes");
+    let padded = values.len().next_multiple_of(block);
+    let blocks = padded / block;
+    if blocks == 0 {
+        return Nf4Host { code, packed: Vec::new(), absmax: Vec::new(), len: 0 };
+    }
+    let mut packed = vec![0i32; padded / code.per_word()];
+    let mut absmax = vec![0f32; blocks];
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(values.len() / PARALLEL_MIN).max(1);
+    // Whole blocks per thread.
+    let per = blocks.div_ceil(threads);
+    let words_per_block = block / code.per_word();
+    std::thread::scope(|s| {
+        for ((scales, words), b0) in
+            absmax.chunks_mut(per).zip(packed.chunks_mut(per * words_per_block)).zip((0..).step_by(per))
+        {
+            s.spawn(move || quantize_range(values, code, block, b0, scales, words));
+        }
+    });
+    Nf4Host { code, packed, absmax, len: values.len() }
+}
+
+/// Quantizes blocks `b0..b0 + scales.len()` of `values` into `scales` and `words`.
+fn quantize_range(values: &[f32], code: QuantCode, block: usize, b0: usize, scales: &mut [f32], words: &mut [i32]) {
+    let (bits, per) = (code.bits(), code.per_word());
+    let mut codes = vec![code.zero(); block];
+    for (i, scale) in scales.iter_mut().enumerate() {
+        let start = ((b0 + i) * block).min(values.len());
+        let blk = &values[start..(start + block).min(values.len())];
+        let m = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
+        *scale = m;
+        codes.fill(code.zero());
         if m > 0.0 {
-            for (i, v) in block.iter().enumerate() {
-                codes[b * NF4_BLOCK + i] = code.nearest(v / m);
+            for (c, v) in codes.iter_mut().zip(blk) {
+                *c = code.nearest(v / m);
             }
         }
+        for (w, g) in words[i * (block / per)..(i + 1) * (block / per)].iter_mut().zip(codes.chunks(per)) {
+            *w = g.iter().enumerate().fold(0u32, |acc, (j, c)| acc | (c << (bits * j))) as i32;
+        }
     }
-    absmax.resize(padded / NF4_BLOCK, 0.0);
-    let bits = code.bits();
-    let packed = codes
-        .chunks(code.per_word())
-        .map(|g| g.iter().enumerate().fold(0u32, |acc, (j, c)| acc | (c << (bits * j))) as i32)
-        .collect();
-    Nf4Host { code, packed, absmax, len: values.len() }
+}
+
+/// First-level scales per second-level scale in double quantization (bitsandbytes' 256).
+pub const DQ_BLOCK: usize = 256;
+
+/// Double quantization of a quantized matrix's scales (QLoRA's, as bitsandbytes'
+/// `bnb_4bit_use_double_quant`): the f32 scales less their mean are stored as 8-bit codes in
+/// blocks of [`DQ_BLOCK`], each block with one f32 scale, so a weight's scale costs 8.125 bits
+/// per 64 weights instead of 32 (0.127 bits a weight instead of 0.5). bitsandbytes uses its
+/// dynamic 8-bit map for the codes; here they are [`QuantCode::Int8`]'s linear ones.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DoubleQuant {
+    /// The scales' codes (less `offset`), four per `i32`.
+    pub codes: Vec<i32>,
+    /// One f32 scale per [`DQ_BLOCK`] first-level scales.
+    pub scales: Vec<f32>,
+    /// The first-level scales' mean, added back when they are restored.
+    pub offset: f32,
+    /// First-level scales.
+    pub len: usize,
+}
+
+/// [`DoubleQuant`] of `absmax` (a quantized matrix's first-level scales).
+pub fn double_quantize(absmax: &[f32]) -> DoubleQuant {
+    let offset = (absmax.iter().map(|&v| v as f64).sum::<f64>() / absmax.len().max(1) as f64) as f32;
+    let centred: Vec<f32> = absmax.iter().map(|v| v - offset).collect();
+    let q = quantize_blocks(&centred, QuantCode::Int8, DQ_BLOCK);
+    DoubleQuant { codes: q.packed, scales: q.absmax, offset, len: absmax.len() }
+}
+
+impl DoubleQuant {
+    /// The first-level scales it stands for.
+    pub fn absmax(&self) -> Vec<f32> {
+        let q =
+            Nf4Host { code: QuantCode::Int8, packed: self.codes.clone(), absmax: self.scales.clone(), len: self.len };
+        dequantize_blocks_host(&q, DQ_BLOCK).into_iter().map(|v| v + self.offset).collect()
+    }
+}
+
+/// The first-level scales of a [`DoubleQuant`] on a device, in tensor operations: `codes`
+/// (int8, four per word), one scale per [`DQ_BLOCK`], plus `offset`; `len` scales, f32.
+pub fn dequantize_scales<B: Backend>(
+    codes: Tensor<B, 1, Int>,
+    scales: Tensor<B, 1>,
+    offset: f32,
+    len: usize,
+) -> Tensor<B, 1> {
+    dequantize_flat(codes, scales, QuantCode::Int8, len, DQ_BLOCK, DType::F32) + offset
 }
 
 /// The values a quantized matrix stands for, on the host.
 pub fn dequantize_host(q: &Nf4Host) -> Vec<f32> {
+    dequantize_blocks_host(q, NF4_BLOCK)
+}
+
+/// The values a matrix quantized in blocks of `block` stands for, on the host.
+pub fn dequantize_blocks_host(q: &Nf4Host, block: usize) -> Vec<f32> {
     let (book, bits, per) = (q.code.book(), q.code.bits(), q.code.per_word());
     let mask = (1u32 << bits) - 1;
     (0..q.len)
         .map(|i| {
             let c = (q.packed[i / per] as u32 >> (bits * (i % per))) & mask;
-            book[c as usize] * q.absmax[i / NF4_BLOCK]
+            book[c as usize] * q.absmax[i / block]
         })
         .collect()
 }
@@ -167,9 +252,22 @@ pub fn dequantize<B: Backend>(
     shape: Nf4Shape,
     dtype: DType,
 ) -> Tensor<B, 2> {
+    let n = shape.out_features * shape.in_features;
+    dequantize_flat(packed, absmax, shape.code, n, NF4_BLOCK, dtype).reshape([shape.out_features, shape.in_features])
+}
+
+/// The first `n` values of codes quantized with `code` in blocks of `block`, in tensor operations.
+fn dequantize_flat<B: Backend>(
+    packed: Tensor<B, 1, Int>,
+    absmax: Tensor<B, 1>,
+    code: QuantCode,
+    n: usize,
+    block: usize,
+    dtype: DType,
+) -> Tensor<B, 1> {
     let device = packed.device();
     let groups = packed.dims()[0];
-    let (bits, per) = (shape.code.bits() as i32, shape.code.per_word());
+    let (bits, per) = (code.bits() as i32, code.per_word());
     let mask = (1i32 << bits) - 1;
     let codes: Vec<Tensor<B, 2, Int>> = (0..per as i32)
         .map(|j| {
@@ -181,12 +279,11 @@ pub fn dequantize<B: Backend>(
         })
         .collect();
     let codes = Tensor::cat(codes, 1).reshape([groups * per]);
-    let values = shape.code.book();
+    let values = code.book();
     let book = Tensor::<B, 1>::from_data(TensorData::new(values.clone(), [values.len()]), (&device, DType::F32));
     let blocks = absmax.dims()[0];
-    let values = book.select(0, codes).reshape([blocks, NF4_BLOCK]) * absmax.cast(DType::F32).reshape([blocks, 1]);
-    let n = shape.out_features * shape.in_features;
-    values.reshape([blocks * NF4_BLOCK]).narrow(0, 0, n).reshape([shape.out_features, shape.in_features]).cast(dtype)
+    let values = book.select(0, codes).reshape([blocks, block]) * absmax.cast(DType::F32).reshape([blocks, 1]);
+    values.reshape([blocks * block]).narrow(0, 0, n).cast(dtype)
 }
 
 /// The weight `[out, in]` in `dtype` through [`KernelBackend::dequantize_weight`] (one kernel on
@@ -403,6 +500,52 @@ mod tests {
         let d = dequantize_host(&quantize(&w));
         assert_eq!(d[0], 0.01);
         assert_eq!(d[NF4_BLOCK], 100.0);
+    }
+
+    #[test]
+    fn quantizing_on_many_threads_gives_the_one_thread_result() {
+        // Past PARALLEL_MIN the blocks are split over threads; each block alone is the same
+        // quantization as a matrix of that one block.
+        let w: Vec<f32> = values(3 * PARALLEL_MIN + 100, 5);
+        let q = quantize(&w);
+        assert_eq!(q.absmax.len(), w.len().div_ceil(NF4_BLOCK));
+        for b in [0, 1, PARALLEL_MIN / NF4_BLOCK + 3, w.len() / NF4_BLOCK] {
+            let blk = &w[b * NF4_BLOCK..((b + 1) * NF4_BLOCK).min(w.len())];
+            let one = quantize(blk);
+            assert_eq!(q.absmax[b], one.absmax[0], "block {b}");
+            assert_eq!(q.packed[b * 8..b * 8 + one.packed.len()], one.packed[..], "block {b}");
+        }
+        assert!(quantize(&[]).packed.is_empty());
+    }
+
+    #[test]
+    fn double_quantized_scales_are_within_an_int8_step_of_the_scales() {
+        // Scales of a realistic spread: positive, around 0.02, a few large.
+        let mut absmax: Vec<f32> = values(3 * DQ_BLOCK + 17, 9).iter().map(|v| 0.02 + 0.005 * v).collect();
+        absmax[40] = 0.4;
+        let dq = double_quantize(&absmax);
+        assert_eq!(dq.scales.len(), 4);
+        assert_eq!(dq.codes.len(), 4 * DQ_BLOCK / 4);
+        let back = dq.absmax();
+        assert_eq!(back.len(), absmax.len());
+        for (b, (blk, got)) in absmax.chunks(DQ_BLOCK).zip(back.chunks(DQ_BLOCK)).enumerate() {
+            let range = blk.iter().fold(0f32, |m, v| m.max((v - dq.offset).abs()));
+            for (a, g) in blk.iter().zip(got) {
+                assert!((a - g).abs() <= range / 254.0 + 1e-6, "block {b}: {a} came back as {g}");
+            }
+        }
+        // The large scale lands in block 0, whose step it widens; block 1 keeps a fine step.
+        assert!(dq.scales[0] > 10.0 * dq.scales[1]);
+        // The same scales from tensor operations.
+        let device = Default::default();
+        let codes =
+            Tensor::<TestBackend, 1, Int>::from_data(TensorData::new(dq.codes.clone(), [dq.codes.len()]), &device);
+        let scales =
+            Tensor::<TestBackend, 1>::from_data(TensorData::new(dq.scales.clone(), [dq.scales.len()]), &device);
+        let on_device = dequantize_scales(codes, scales, dq.offset, dq.len).into_data().into_vec::<f32>().unwrap();
+        for (a, b) in on_device.iter().zip(&back) {
+            assert!((a - b).abs() <= 1e-7, "{a} vs {b}");
+        }
     }
 
     #[test]

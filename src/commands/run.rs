@@ -478,21 +478,31 @@ pub fn inference(
     temperature: f32,
 ) -> anyhow::Result<i32> {
     let s = session(cli, pipeline)?;
-    let (model, adapter) = model_and_adapter(cli, &s, base, lora_model_dir)?;
+    let (model, quantized, adapter) = model_and_adapter(cli, &s, base, lora_model_dir)?;
     let c = &s.loaded.config;
     let params = newt_config::params::EvaluateParams::from_config(c);
-    newt_stages::evaluate::chat(&model, adapter.as_deref(), &params, c.backend, prompt, max_new_tokens, temperature)?;
+    newt_stages::evaluate::chat(
+        &model,
+        quantized.as_deref(),
+        adapter.as_deref(),
+        &params,
+        c.backend,
+        prompt,
+        max_new_tokens,
+        temperature,
+    )?;
     Ok(0)
 }
 
-/// The base model's folder (fetched when not cached) and the adapter to use with it: the
-/// pipeline's trained adapter (which must be in the cache), `lora_model_dir`, or none (`base`).
+/// The base model's folder (fetched when not cached), its quantized base when the pipeline has
+/// one (quantized when not cached), and the adapter to use with them: the pipeline's trained
+/// adapter (which must be in the cache), `lora_model_dir`, or none (`base`).
 pub fn model_and_adapter(
     cli: &Cli,
     s: &Session,
     base: bool,
     lora_model_dir: Option<&Path>,
-) -> anyhow::Result<(PathBuf, Option<PathBuf>)> {
+) -> anyhow::Result<(PathBuf, Option<PathBuf>, Option<PathBuf>)> {
     let p = compiled(s)?;
     if let Some(dir) = lora_model_dir
         && !dir.join("adapter_config.json").is_file()
@@ -502,6 +512,10 @@ pub fn model_and_adapter(
     // The pipeline's own adapter unless the base model or another adapter was asked for.
     let own_adapter = !base && lora_model_dir.is_none();
     let mut targets = vec!["fetch.model".to_string()];
+    // A quantized base is loaded from its artifact (quantized now if it is not cached).
+    if p.node("quantize.model").is_some() {
+        targets.push("quantize.model".into());
+    }
     if own_adapter {
         targets.push("train".into());
     }
@@ -527,5 +541,5 @@ pub fn model_and_adapter(
         None if base => None,
         None => dir("train"),
     };
-    Ok((model, adapter))
+    Ok((model, dir("quantize.model"), adapter))
 }

@@ -77,7 +77,7 @@ pub fn serve(
         anyhow::bail!("--queue must be at least 1");
     }
     let port = args.port.or(g.server_port).unwrap_or(8000);
-    let (model, adapter) = model_and_adapter(cli, &s, base, lora_model_dir)?;
+    let (model, quantized, adapter) = model_and_adapter(cli, &s, base, lora_model_dir)?;
     let c = &s.loaded.config;
 
     // Model names: the adapter (the default) and the base model.
@@ -105,8 +105,13 @@ pub fn serve(
         let stats = stats.clone();
         let backend = c.backend;
         std::thread::Builder::new().name("newt-generate".into()).spawn(move || {
-            let models =
-                newt_stages::serve::Models { model: &model, adapter: adapter.as_deref(), params: &params, backend };
+            let models = newt_stages::serve::Models {
+                model: &model,
+                quantized: quantized.as_deref(),
+                adapter: adapter.as_deref(),
+                params: &params,
+                backend,
+            };
             newt_stages::serve::run_worker(models, jobs_rx, stats, ready_tx)
         })?
     };

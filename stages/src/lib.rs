@@ -31,6 +31,7 @@ pub fn registry() -> Registry {
     r.register(Arc::new(data::Pack));
     r.register(Arc::new(data::Sql));
     r.register(Arc::new(model::FetchModel));
+    r.register(Arc::new(model::QuantizeModel));
     r.register(Arc::new(model::Train));
     r.register(Arc::new(model::Evaluate));
     r.register(Arc::new(model::Merge));

@@ -7,9 +7,10 @@ use std::sync::Arc;
 
 use burn::module::AutodiffModule;
 use burn::tensor::backend::{AutodiffBackend, Backend};
+use newt_config::classify::kind::QUANTIZE_MODEL;
 use newt_config::params::{
     BaseQuantization, DeviceSettings, EvaluateParams, FetchModelParams, FullParams, LoraParams, MergeParams,
-    TrainParams, TrainSettings,
+    QuantizeParams, TrainParams, TrainSettings,
 };
 use newt_config::{Backend as BackendChoiceKey, SpecialTokens, TargetModules};
 use newt_graph::compile::StageNode;
@@ -20,7 +21,7 @@ use crate::hub::{self, HubModelRef};
 use newt_kernels::nf4::QuantCode;
 use newt_model::backend::{self, BackendChoice, KernelBackend, ResolvedBackend, WithAutodiffBackend, WithBackend};
 use newt_model::generate::{ChatMessage, ChatTemplate, SamplingConfig};
-use newt_model::llama::Llama;
+use newt_model::llama::{Linears, Llama};
 use newt_model::lora::LoraConfig;
 use newt_model::train::{EvalReport, FlopsModel, StepReport, TrainConfig, TrainData, TrainHooks, TrainRun};
 
@@ -324,6 +325,7 @@ pub fn memory_estimate(
         trained,
         bytes_per_value: if on_cuda { 2 } else { 4 },
         quantized_bits: quant_code(cfg.quantization).map(|c| c.bits() as u64),
+        double_quant: cfg.quantization.double_quant(),
         micro_batch_size: cfg.micro_batch_size as u64,
         sequence_len: cfg.pad_to.unwrap_or(sequence_len) as u64,
         gradient_checkpointing: settings.gradient_checkpointing,
@@ -536,9 +538,11 @@ impl WithAutodiffBackend for TrainWork<'_> {
         let val = read_data(&pack.join("val.parquet"), cfg.pad_to, eval_batch)?;
         let method = Method::of(cfg)?;
         let quantize = quant_code(cfg.quantization);
-        ctx.progress.set_message(match quantize {
-            Some(code) => format!("loading model, quantizing it ({code:?})"),
-            None => "loading model".into(),
+        let quantized = ctx.inputs.get("quantize.model").map(PathBuf::as_path);
+        ctx.progress.set_message(match (quantize, quantized) {
+            (Some(code), Some(_)) => format!("loading model, its base in {code:?}"),
+            (Some(code), None) => format!("loading model, quantizing it ({code:?})"),
+            (None, _) => "loading model".into(),
         });
         set_kernel_options(cfg.lora_f32, &cfg.reference_kernels);
         // The tokenizer the data was tokenized with: `tokens` and `special_tokens` new to the
@@ -547,7 +551,8 @@ impl WithAutodiffBackend for TrainWork<'_> {
         let base_config = newt_model::config::ModelConfig::from_dir(model_dir)?;
         let grown_from = check_vocab_growth(&base_config, &tok, &method)?;
         let load_replica = |device: &B::Device| -> anyhow::Result<Llama<B>> {
-            let mut model = load_model::<B>(model_dir, None, quantize, device)?.resize_vocab(tok.vocab_size());
+            let mut model =
+                load_model::<B>(model_dir, None, quantize, quantized, device)?.resize_vocab(tok.vocab_size());
             model = match &method {
                 Method::Lora(lora) => model.with_lora(lora)?,
                 Method::Full(unfrozen, _, shrink) => {
@@ -788,12 +793,14 @@ pub(crate) fn quant_code(q: BaseQuantization) -> Option<QuantCode> {
 }
 
 /// Loads the base model (quantized for QLoRA and 8-bit loading) with the adapter of a train
-/// artifact (when given). A full fine-tune's train artifact holds the whole model instead: that
-/// model is loaded, and the base is not read.
+/// artifact (when given). A quantized base comes from `quantized` (the `quantize.model` stage's
+/// artifact) when given, else it is quantized on the host as it is read. A full fine-tune's
+/// train artifact holds the whole model instead: that model is loaded, and the base is not read.
 pub(crate) fn load_model<B: Backend>(
     model_dir: &Path,
     adapter: Option<&Path>,
     quantize: Option<QuantCode>,
+    quantized: Option<&Path>,
     device: &B::Device,
 ) -> anyhow::Result<Llama<B>> {
     if let Some(tuned) = adapter.and_then(newt_model::full::trained_model_dir) {
@@ -801,10 +808,25 @@ pub(crate) fn load_model<B: Backend>(
         return Ok(Llama::<B>::from_hf_dir(&tuned, device)?);
     }
     check_host_memory::<B>(model_dir, device)?;
-    let mut model = Llama::<B>::from_hf_dir(model_dir, device)?;
-    if let Some(code) = quantize {
-        model = model.quantize_base(code);
-    }
+    let stored = match (quantize, quantized) {
+        (Some(code), Some(dir)) => {
+            let base = newt_model::quantized::QuantizedBase::open(dir)?;
+            anyhow::ensure!(
+                base.code() == code,
+                "{}: the quantized base is {:?}, the stage asks for {code:?}",
+                dir.display(),
+                base.code()
+            );
+            Some(base)
+        }
+        _ => None,
+    };
+    let linears = match (&stored, quantize) {
+        (Some(base), _) => Linears::Stored(base),
+        (None, Some(code)) => Linears::Quantize(code, code == QuantCode::Nf4),
+        (None, None) => Linears::Full,
+    };
+    let model = Llama::<B>::from_hf_dir_with(model_dir, linears, device)?;
     Ok(match adapter {
         Some(dir) => newt_model::peft::load_adapter(model, dir)?.0,
         None => model,
@@ -931,6 +953,47 @@ fn answer<B: KernelBackend>(
     Ok(out)
 }
 
+/// `quantize.model`: the base's decoder linears quantized once (NF4 with double-quantized
+/// scales, or int8), streamed weight by weight into a cached artifact
+/// ([`newt_model::quantized`]) that train and evaluate load instead of quantizing again.
+pub struct QuantizeModel;
+
+impl Stage for QuantizeModel {
+    fn kind(&self) -> &'static str {
+        QUANTIZE_MODEL
+    }
+    fn version(&self) -> u32 {
+        1
+    }
+    fn required_outputs(&self, _: &StageNode) -> Vec<String> {
+        vec![newt_model::quantized::META_FILE.into()]
+    }
+    fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<serde_json::Value> {
+        let p: QuantizeParams = ctx.node.params_as()?;
+        let code = quant_code(p.quantization)
+            .ok_or_else(|| anyhow::anyhow!("quantize.model: no code book to quantize with (nf4 or int8)"))?;
+        let model_dir = ctx.input("fetch.model")?;
+        let t0 = std::time::Instant::now();
+        let s = newt_model::quantized::write(model_dir, &ctx.out_dir, code, p.double_quant, |done, total| {
+            ctx.progress.set_message(format!("quantizing the base ({code:?}): weight {done} of {total}"));
+        })?;
+        ctx.progress.log(format!(
+            "quantized {} weights ({:.2}B values) to {:.2} GiB in {:.1} s",
+            s.weights,
+            s.values as f64 / 1e9,
+            s.bytes as f64 / (1u64 << 30) as f64,
+            t0.elapsed().as_secs_f64()
+        ));
+        Ok(serde_json::json!({
+            "code": format!("{code:?}").to_lowercase(),
+            "double_quant": p.double_quant,
+            "weights": s.weights,
+            "values": s.values,
+            "bytes": s.bytes,
+        }))
+    }
+}
+
 /// Eval loss, perplexity and answers to `eval_prompts`, base and base+adapter.
 pub struct Evaluate;
 
@@ -950,6 +1013,7 @@ impl WithBackend for EvalWork<'_> {
         let val = read_data(&ctx.input("pack")?.join("val.parquet"), cfg.pad_to, batch)?;
         let prompting = Prompting::of(model_dir, cfg)?;
         let quantize = quant_code(cfg.quantization);
+        let quantized = ctx.inputs.get("quantize.model").map(PathBuf::as_path);
         set_kernel_options(cfg.lora_f32, &cfg.reference_kernels);
         let mut metrics = serde_json::Map::new();
         for (name, with_adapter) in [("base", false), ("tuned", true)] {
@@ -957,7 +1021,7 @@ impl WithBackend for EvalWork<'_> {
             ctx.progress.set_message(format!("evaluating {name}"));
             // With `tokens` new to the vocabulary, the base gets the rows training started from
             // (the adapter carries its trained ones), so the validation data's new ids fit both.
-            let model = load_model::<B>(model_dir, with_adapter.then_some(adapter), quantize, &device)?
+            let model = load_model::<B>(model_dir, with_adapter.then_some(adapter), quantize, quantized, &device)?
                 .resize_vocab(prompting.tokenizer.get_vocab_size(true));
             let mut m = serde_json::Map::new();
             if let Some(val) = &val {
@@ -1105,6 +1169,7 @@ pub(crate) fn set_kernel_options(lora_f32: bool, reference: &[newt_config::Refer
 
 struct ChatWork<'a> {
     model: &'a Path,
+    quantized: Option<&'a Path>,
     adapter: Option<&'a Path>,
     params: &'a EvaluateParams,
     prompt: Option<&'a str>,
@@ -1117,7 +1182,7 @@ impl WithBackend for ChatWork<'_> {
     fn run<B: KernelBackend>(self, device: B::Device) -> Self::Output {
         let quantize = quant_code(self.params.quantization);
         set_kernel_options(self.params.lora_f32, &self.params.reference_kernels);
-        let model = load_model::<B>(self.model, self.adapter, quantize, &device)?;
+        let model = load_model::<B>(self.model, self.adapter, quantize, self.quantized, &device)?;
         let prompting = Prompting::of(self.model, self.params)?;
         if let Some(p) = self.prompt {
             answer(&model, &prompting, &[p.to_string()], self.max_new_tokens, self.temperature, true)?;
@@ -1143,6 +1208,7 @@ impl WithBackend for ChatWork<'_> {
 /// the pipeline's evaluate stage formats them.
 pub fn chat(
     model: &Path,
+    quantized: Option<&Path>,
     adapter: Option<&Path>,
     params: &EvaluateParams,
     backend: BackendChoiceKey,
@@ -1150,5 +1216,8 @@ pub fn chat(
     max_new_tokens: usize,
     temperature: f32,
 ) -> anyhow::Result<()> {
-    backend::dispatch(backend_of(backend)?, ChatWork { model, adapter, params, prompt, max_new_tokens, temperature })
+    backend::dispatch(
+        backend_of(backend)?,
+        ChatWork { model, quantized, adapter, params, prompt, max_new_tokens, temperature },
+    )
 }

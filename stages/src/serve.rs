@@ -20,6 +20,8 @@ use crate::model::{Prompting, backend_of, load_model, quant_code};
 pub struct Models<'a> {
     /// The base model's folder.
     pub model: &'a Path,
+    /// The pipeline's quantized base (`quantize.model`), when it has one.
+    pub quantized: Option<&'a Path>,
     /// A PEFT adapter folder, served as a second model (listed first, the default).
     pub adapter: Option<&'a Path>,
     /// Prompt format and quantization, as the pipeline's evaluate stage has them.
@@ -59,12 +61,12 @@ impl WithBackend for ServeWork<'_> {
         let m = &self.models;
         let loaded = (|| -> anyhow::Result<BurnEngine<B>> {
             crate::model::set_kernel_options(m.params.lora_f32, &m.params.reference_kernels);
-            let base = load_model::<B>(m.model, None, quant_code(m.params.quantization), &device)?;
+            let base = load_model::<B>(m.model, None, quant_code(m.params.quantization), m.quantized, &device)?;
             let mut models = Vec::new();
             if let Some(dir) = m.adapter {
                 models.push(match newt_model::full::trained_model_dir(dir) {
                     // A full fine-tune: a model of its own beside the base.
-                    Some(_) => load_model::<B>(m.model, Some(dir), None, &device)?,
+                    Some(_) => load_model::<B>(m.model, Some(dir), None, None, &device)?,
                     None => newt_model::peft::load_adapter(base.clone(), dir)?.0,
                 });
             }

@@ -1,7 +1,8 @@
 //! The built-in pipeline shape: which stages a validated config compiles into, each with its
 //! kind's typed params (the key) and settings (never hashed).
 //!
-//! `fetch.model`; per dataset `fetch.<i>` → `tokenize.<i>` (and `fetch.test.<i>` →
+//! `fetch.model` (and `quantize.model` after it for a QLoRA or `load_in_8bit` base, read by
+//! train and evaluate); per dataset `fetch.<i>` → `tokenize.<i>` (and `fetch.test.<i>` →
 //! `tokenize.test.<i>` for `test_datasets`); `pack` over all tokenize stages; `train`;
 //! `evaluate`; `merge` unless `merge.enabled: false` (a full fine-tune has no merge: its
 //! `export` node writes GGUF files when `merge.gguf` asks for them). Custom stages declared under `stages:`
@@ -71,6 +72,13 @@ pub fn compile(config: &Config) -> Result<Pipeline, CompileError> {
     let model_inputs =
         if tiny { fetch_ids.iter().filter(|f| !f.starts_with("fetch.test.")).cloned().collect() } else { Vec::new() };
     nodes.push(node("fetch.model", FETCH_MODEL, &FetchModelParams::from_config(config), &none, model_inputs));
+    // A quantized base (QLoRA, `load_in_8bit`) is quantized once, into its own artifact.
+    let quantize = QuantizeParams::from_config(config);
+    let mut model_ids = vec!["fetch.model".to_string()];
+    if quantize.quantization != BaseQuantization::None && !config.is_full_fine_tune() {
+        nodes.push(node("quantize.model", QUANTIZE_MODEL, &quantize, &none, vec!["fetch.model".into()]));
+        model_ids.push("quantize.model".into());
+    }
     let mut pack_inputs = tokenize_train.clone();
     pack_inputs.extend(tokenize_test.iter().cloned());
     let pack = PackParams::from_config(config, tokenize_train, tokenize_test);
@@ -80,7 +88,7 @@ pub fn compile(config: &Config) -> Result<Pipeline, CompileError> {
         TRAIN,
         &TrainParams::on_replicas(config, world),
         &TrainSettings::on_replicas(config, world),
-        vec!["pack".into(), "fetch.model".into()],
+        [vec!["pack".to_string()], model_ids.clone()].concat(),
     );
     if let Some(dir) = &config.lora_model_dir {
         train.external.push(PathBuf::from(dir));
@@ -91,7 +99,7 @@ pub fn compile(config: &Config) -> Result<Pipeline, CompileError> {
         EVALUATE,
         &EvaluateParams::from_config(config),
         &DeviceSettings { backend: config.backend },
-        vec!["train".into(), "pack".into(), "fetch.model".into()],
+        [vec!["train".to_string(), "pack".to_string()], model_ids].concat(),
     ));
     // A full fine-tune's train stage writes the whole model: nothing to merge, and an `export`
     // node (the merge kind, GGUF only) only when GGUF files are asked for.

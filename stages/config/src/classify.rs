@@ -22,6 +22,8 @@ pub mod kind {
     pub const EVALUATE: &str = "evaluate";
     /// `merge`.
     pub const MERGE: &str = "merge";
+    /// `quantize.model` (QLoRA and `load_in_8bit` only).
+    pub const QUANTIZE_MODEL: &str = "quantize_model";
 }
 
 use kind::*;
@@ -72,7 +74,7 @@ pub const KEYS: &[(&str, Class)] = &[
     ("pretraining_dataset", Class::Read(&[FETCH_DATASET, TOKENIZE])),
     ("shrink_embeddings", Class::Read(&[TRAIN])),
     ("skip_invalid_rows", Class::Read(&[FETCH_DATASET, TOKENIZE])),
-    ("adapter", Class::Read(&[TRAIN, EVALUATE])),
+    ("adapter", Class::Read(&[QUANTIZE_MODEL, TRAIN, EVALUATE])),
     ("unfrozen_parameters", Class::Read(&[TRAIN])),
     ("lora_model_dir", Class::Read(&[TRAIN])),
     ("lora_r", Class::Read(&[TRAIN])),
@@ -83,8 +85,8 @@ pub const KEYS: &[(&str, Class)] = &[
     ("lora_modules_to_save", Class::Read(&[TRAIN])),
     ("peft_use_rslora", Class::Read(&[TRAIN])),
     ("lora_fan_in_fan_out", Class::Out("validated to be false; Llama-family linears are not Conv1D")),
-    ("load_in_8bit", Class::Read(&[TRAIN, EVALUATE])),
-    ("load_in_4bit", Class::Read(&[TRAIN, EVALUATE])),
+    ("load_in_8bit", Class::Read(&[QUANTIZE_MODEL, TRAIN, EVALUATE])),
+    ("load_in_4bit", Class::Read(&[QUANTIZE_MODEL, TRAIN, EVALUATE])),
     ("micro_batch_size", Class::Read(&[TRAIN])),
     ("gradient_accumulation_steps", Class::Read(&[TRAIN])),
     ("batch_size", Class::Read(&[TRAIN])),
@@ -286,6 +288,7 @@ chat_template: chatml
         m.insert(TRAIN, v(serde_json::to_value(TrainParams::from_config(c))));
         m.insert(EVALUATE, v(serde_json::to_value(EvaluateParams::from_config(c))));
         m.insert(MERGE, v(serde_json::to_value(MergeParams::from_config(c))));
+        m.insert(QUANTIZE_MODEL, v(serde_json::to_value(QuantizeParams::from_config(c))));
         m
     }
 

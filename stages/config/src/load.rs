@@ -562,8 +562,19 @@ pub const GGUF_TYPES: &[&str] = &["f32", "f16", "q8_0"];
 
 /// Chat templates built into newt by name (besides `tokenizer_default`, its `_fallback_` form
 /// and `jinja`); newt-data holds their sources and a test keeps the two lists equal.
-pub const CHAT_TEMPLATES: &[&str] =
-    &["chatml", "llama3", "qwen_25", "qwen2_5", "qwen3", "mistral_v1", "mistral_v2v3", "mistral_v3_tekken", "phi_3"];
+pub const CHAT_TEMPLATES: &[&str] = &[
+    "chatml",
+    "llama3",
+    "qwen_25",
+    "qwen2_5",
+    "qwen3",
+    "mistral_v1",
+    "mistral_v2v3",
+    "mistral_v3_tekken",
+    "mistral_v7_tekken",
+    "phi_3",
+    "alpaca",
+];
 
 fn check_template_name(name: Option<&str>, has_jinja: bool, key: &str, file: &File<'_>) -> Result<(), ConfigError> {
     let Some(name) = name else { return Ok(()) };

@@ -213,6 +213,32 @@ impl BaseQuantization {
     }
 }
 
+impl BaseQuantization {
+    /// Whether the scales are double-quantized: for NF4, as Axolotl's default
+    /// `bnb_4bit_use_double_quant: true` has it; 8-bit has no second level (bitsandbytes').
+    pub fn double_quant(self) -> bool {
+        self == BaseQuantization::Nf4
+    }
+}
+
+/// `quantize.model`: the frozen base's decoder linears quantized once and kept (a QLoRA or
+/// `load_in_8bit` pipeline's train and evaluate read them from its artifact).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct QuantizeParams {
+    /// The code book (never `none` in a pipeline: the stage exists only for a quantized base).
+    pub quantization: BaseQuantization,
+    /// The scales double-quantized.
+    pub double_quant: bool,
+}
+
+impl QuantizeParams {
+    /// From the validated config.
+    pub fn from_config(c: &Config) -> Self {
+        let quantization = BaseQuantization::from_config(c);
+        QuantizeParams { quantization, double_quant: quantization.double_quant() }
+    }
+}
+
 /// The adapter's hyper-parameters.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct LoraParams {

@@ -22,8 +22,13 @@ use minijinja::{Environment, Error, ErrorKind, Value};
 use crate::DataError;
 
 /// Built-in templates by name (`chat_template: chatml`, `llama3`, `qwen_25`, `qwen3`,
-/// `mistral_v1`, `mistral_v2v3`, `mistral_v3_tekken`, `phi_3`): they render the same text as
-/// Axolotl's built-ins of the same name (`qwen2_5` is a spelling some of its examples use).
+/// `mistral_v1`, `mistral_v2v3`, `mistral_v3_tekken`, `mistral_v7_tekken`, `phi_3`, `alpaca`):
+/// they render the same text as Axolotl's built-ins of the same name (`qwen2_5` is a spelling
+/// some of its examples use), with one exception: `mistral_v7_tekken` (Mistral Small 3) renders
+/// a system message only when the conversation has one, where Axolotl's inserts Mistral's
+/// default one with *today's date* in it — a rendered text that changes every day would make
+/// every tokenize result stale at midnight. `alpaca` is the Alpaca prompt format as a chat
+/// template (system text, `### Instruction:`, `### Response:`, turns apart by a blank line).
 /// `qwen_25` inserts Qwen's default system message; `qwen3` drops the `<think>` part of
 /// assistant turns before the last user turn. The three Mistral ones differ only in the spaces
 /// around `[INST]`/`[/INST]` (the tokenizer generations of Mistral's models) and take alternating
@@ -38,7 +43,9 @@ pub const BUILTIN: &[(&str, &str)] = &[
     ("mistral_v1", include_str!("templates/mistral_v1.jinja")),
     ("mistral_v2v3", include_str!("templates/mistral_v2v3.jinja")),
     ("mistral_v3_tekken", include_str!("templates/mistral_v3_tekken.jinja")),
+    ("mistral_v7_tekken", include_str!("templates/mistral_v7_tekken.jinja")),
     ("phi_3", include_str!("templates/phi_3.jinja")),
+    ("alpaca", include_str!("templates/alpaca.jinja")),
 ];
 
 /// The most template instructions one render may run (minijinja's fuel). Real templates use a
@@ -426,6 +433,11 @@ mod tests {
             ("mistral_v1", "<s> [INST] Hi [/INST] Hello</s> [INST] Again [/INST] Sure</s>"),
             ("mistral_v2v3", "<s>[INST] Hi[/INST] Hello</s>[INST] Again[/INST] Sure</s>"),
             ("mistral_v3_tekken", "<s>[INST]Hi[/INST]Hello</s>[INST]Again[/INST]Sure</s>"),
+            ("mistral_v7_tekken", "<s>[INST]Hi[/INST]Hello</s>[INST]Again[/INST]Sure</s>"),
+            (
+                "alpaca",
+                "<s>### Instruction:\nHi\n\n### Response:\nHello</s>\n\n### Instruction:\nAgain\n\n### Response:\nSure</s>",
+            ),
             (
                 "phi_3",
                 "<s><|user|>\nHi<|end|>\n<|assistant|>\nHello<|end|>\n<|user|>\nAgain<|end|>\n<|assistant|>\nSure<|end|>\n",
@@ -453,6 +465,16 @@ mod tests {
             builtin("phi_3").render(&system).unwrap(),
             "<s><|system|>\nBe brief<|end|>\n<|user|>\nHi<|end|>\n<|assistant|>\n"
         );
+        // Mistral Small 3's template takes a system message, in its own tags.
+        assert_eq!(
+            builtin("mistral_v7_tekken").render(&system).unwrap(),
+            "<s>[SYSTEM_PROMPT]Be brief[/SYSTEM_PROMPT][INST]Hi[/INST]"
+        );
+        let tool = [Message { role: "tool", content: "x" }];
+        let e = builtin("mistral_v7_tekken").render(&tool).unwrap_err().to_string();
+        assert!(e.contains("system, user and assistant"), "{e}");
+        assert_eq!(builtin("mistral_v7_tekken").text_after_assistant().as_deref(), Some("</s>"));
+        assert_eq!(builtin("alpaca").render(&system).unwrap(), "<s>Be brief\n\n### Instruction:\nHi");
     }
 
     fn chatml() -> ChatTemplate {

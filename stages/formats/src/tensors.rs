@@ -28,6 +28,9 @@ pub enum Dtype {
     F32,
     F16,
     BF16,
+    /// 32-bit signed integers: packed quantization codes (the `quantize` stage's artifact);
+    /// never a model weight.
+    I32,
 }
 
 impl Dtype {
@@ -37,6 +40,7 @@ impl Dtype {
             "F32" => Some(Dtype::F32),
             "F16" => Some(Dtype::F16),
             "BF16" => Some(Dtype::BF16),
+            "I32" => Some(Dtype::I32),
             _ => None,
         }
     }
@@ -47,13 +51,14 @@ impl Dtype {
             Dtype::F32 => "F32",
             Dtype::F16 => "F16",
             Dtype::BF16 => "BF16",
+            Dtype::I32 => "I32",
         }
     }
 
     /// Bytes per element.
     pub fn size(self) -> usize {
         match self {
-            Dtype::F32 => 4,
+            Dtype::F32 | Dtype::I32 => 4,
             Dtype::F16 | Dtype::BF16 => 2,
         }
     }
@@ -74,6 +79,7 @@ impl Dtype {
             Dtype::F32 => "float32",
             Dtype::F16 => "float16",
             Dtype::BF16 => "bfloat16",
+            Dtype::I32 => "int32",
         }
     }
 }
@@ -243,11 +249,14 @@ impl TensorStore {
         self.shards.iter().map(|s| s.path.clone()).collect()
     }
 
-    /// A tensor's values as f32 (f16 and bf16 are widened exactly). The mapped pages are
+    /// A float tensor's values as f32 (f16 and bf16 are widened exactly; I32 is refused). The mapped pages are
     /// released afterwards (see [`TensorStore::release`]), so reading a model tensor by tensor
     /// keeps only the returned copy resident.
     pub fn read_f32(&self, name: &str) -> Result<Vec<f32>, TensorError> {
         let (dtype, _, bytes) = self.read_raw(name)?;
+        if dtype == Dtype::I32 {
+            return Err(TensorError::BadTensor { name: name.into(), reason: "is I32, not a float tensor".into() });
+        }
         let v = decode_f32(dtype, bytes);
         self.release(name);
         Ok(v)
@@ -270,6 +279,17 @@ impl TensorStore {
                 )
             };
         }
+    }
+
+    /// A tensor of i32 values (quantization codes).
+    pub fn read_i32(&self, name: &str) -> Result<Vec<i32>, TensorError> {
+        let (dtype, _, bytes) = self.read_raw(name)?;
+        if dtype != Dtype::I32 {
+            return Err(TensorError::BadTensor { name: name.into(), reason: format!("is {dtype}, not I32") });
+        }
+        let v = bytes.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        self.release(name);
+        Ok(v)
     }
 
     /// A tensor's dtype, shape and little-endian bytes, borrowed from the mapping.
@@ -337,9 +357,10 @@ fn parse_header(path: &Path, bytes: &[u8]) -> Result<Vec<HeaderEntry>, TensorErr
     Ok(out)
 }
 
-/// Widens little-endian f32/f16/bf16 bytes to f32.
+/// Widens little-endian f32/f16/bf16 bytes to f32 (i32 values are converted, rounding past 2^24).
 pub fn decode_f32(dtype: Dtype, bytes: &[u8]) -> Vec<f32> {
     match dtype {
+        Dtype::I32 => bytes.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32).collect(),
         Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
         Dtype::F16 => {
             bytes.chunks_exact(2).map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect()
@@ -355,6 +376,7 @@ pub fn encode_f32(dtype: Dtype, values: &[f32]) -> Vec<u8> {
     let mut out = Vec::with_capacity(values.len() * dtype.size());
     match dtype {
         Dtype::F32 => values.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        Dtype::I32 => values.iter().for_each(|v| out.extend_from_slice(&(*v as i32).to_le_bytes())),
         Dtype::F16 => {
             values.iter().for_each(|v| out.extend_from_slice(&half::f16::from_f32(*v).to_bits().to_le_bytes()))
         }

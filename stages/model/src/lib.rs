@@ -19,5 +19,6 @@ pub mod llama;
 pub mod lora;
 pub mod memory;
 pub mod peft;
+pub mod quantized;
 pub(crate) mod rng;
 pub mod train;

@@ -19,8 +19,9 @@ use newt_kernels::{
 };
 
 use crate::config::{ConfigError, ModelConfig};
-use crate::lora::{LoraLinear, frozen_param};
+use crate::lora::{LoraLinear, Nf4Weight, frozen_param};
 use crate::tensors::{TensorError, TensorStore};
+use newt_kernels::nf4::QuantCode;
 
 /// Why a model folder could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +52,26 @@ pub enum LoadError {
         /// What the file holds.
         found: Vec<usize>,
     },
+    /// A quantized base ([`crate::quantized`]) is unusable.
+    #[error("{dir}: {reason}")]
+    Quantized {
+        /// The artifact's folder.
+        dir: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Where a loaded model's decoder linears (their frozen weights) come from.
+#[derive(Debug, Clone, Copy)]
+pub enum Linears<'a> {
+    /// The checkpoint's weights, in the backend's float type.
+    Full,
+    /// The checkpoint's weights quantized on the host as each is read (with their scales
+    /// double-quantized when asked), so a full-precision copy never reaches the device.
+    Quantize(QuantCode, bool),
+    /// A quantized base written before ([`crate::quantized::write`]).
+    Stored(&'a crate::quantized::QuantizedBase),
 }
 
 /// A training micro-batch of packed rows, `[batch, seq]` each.
@@ -314,11 +335,29 @@ impl<B: Backend> Llama<B> {
         Self::from_store(config, &store, dir, device)
     }
 
+    /// Loads `dir` with its decoder linears from `linears`.
+    pub fn from_hf_dir_with(dir: &Path, linears: Linears<'_>, device: &B::Device) -> Result<Self, LoadError> {
+        let config = ModelConfig::from_dir(dir)?;
+        let store = TensorStore::open(dir)?;
+        Self::from_store_with(config, &store, dir, linears, device)
+    }
+
     /// Builds the model from an open checkpoint; `dir` only names it in errors.
     pub fn from_store(
         config: ModelConfig,
         store: &TensorStore,
         dir: &Path,
+        device: &B::Device,
+    ) -> Result<Self, LoadError> {
+        Self::from_store_with(config, store, dir, Linears::Full, device)
+    }
+
+    /// [`Llama::from_store`] with the decoder linears from `linears`.
+    pub fn from_store_with(
+        config: ModelConfig,
+        store: &TensorStore,
+        dir: &Path,
+        linears: Linears<'_>,
         device: &B::Device,
     ) -> Result<Self, LoadError> {
         let loader = Loader { store, dir, device };
@@ -342,9 +381,17 @@ impl<B: Backend> Llama<B> {
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let linear = |name: &str, out: usize, input: usize| -> Result<LoraLinear<B>, LoadError> {
-                let w = loader.tensor::<2>(&format!("{p}.{name}.weight"), [out, input])?;
+                let weight = format!("{p}.{name}.weight");
                 let bias = loader.optional::<1>(&format!("{p}.{name}.bias"), [out])?;
-                Ok(LoraLinear::frozen(w, bias))
+                let (q, dq) = match linears {
+                    Linears::Full => return Ok(LoraLinear::frozen(loader.tensor::<2>(&weight, [out, input])?, bias)),
+                    Linears::Quantize(code, double_quant) => {
+                        let values = loader.host(&weight, [out, input])?;
+                        crate::quantized::quantize_weight(&values, code, double_quant)
+                    }
+                    Linears::Stored(base) => base.weight(&weight, [out, input])?,
+                };
+                Ok(LoraLinear::from_nf4(Nf4Weight::from_host(q, dq, [out, input], device), bias, device))
             };
             let qk_norm = |name: &str| -> Result<Option<Param<Tensor<B, 1>>>, LoadError> {
                 if !c.qk_norm {
@@ -753,6 +800,22 @@ impl<B: Backend> Loader<'_, B> {
         }
         let values = self.store.read_f32(name)?;
         Ok(Some(Tensor::from_data(TensorData::new(values, shape), self.device)))
+    }
+
+    /// A tensor's values on the host, its shape checked.
+    fn host<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Vec<f32>, LoadError> {
+        let Some((_, found)) = self.store.info(name) else {
+            return Err(LoadError::Missing { dir: self.dir.to_path_buf(), name: name.into() });
+        };
+        if found != shape {
+            return Err(LoadError::Shape {
+                dir: self.dir.to_path_buf(),
+                name: name.into(),
+                expected: shape.to_vec(),
+                found,
+            });
+        }
+        Ok(self.store.read_f32(name)?)
     }
 
     fn tensor<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Tensor<B, D>, LoadError> {

@@ -123,14 +123,20 @@ pub struct LoraLinear<B: Backend> {
     pub nf4: Option<Nf4Weight<B>>,
 }
 
-/// A frozen `[out, in]` weight in NF4 ([`newt_kernels::nf4`]): 4 bits a weight and one f32 scale
-/// per 64.
+/// A frozen `[out, in]` weight in NF4 ([`newt_kernels::nf4`]): 4 bits a weight and one scale
+/// per 64, the scales either f32 or double-quantized ([`newt_kernels::nf4::DoubleQuant`]: 8 bits
+/// each, plus one f32 per 256).
 #[derive(Module, Debug)]
 pub struct Nf4Weight<B: Backend> {
     /// Codes, eight per `i32`.
     pub packed: Param<Tensor<B, 1, Int>>,
-    /// One scale per block of [`newt_kernels::nf4::NF4_BLOCK`] weights, f32.
+    /// One f32 scale per block of [`newt_kernels::nf4::NF4_BLOCK`] weights; with double
+    /// quantization, one f32 per [`newt_kernels::nf4::DQ_BLOCK`] of those scales instead.
     pub absmax: Param<Tensor<B, 1>>,
+    /// Double quantization: the scales' 8-bit codes, four per `i32`.
+    pub absmax_codes: Option<Param<Tensor<B, 1, Int>>>,
+    /// Double quantization: the scales' mean, added back.
+    pub absmax_offset: f32,
     /// Rows of the weight.
     pub out_features: usize,
     /// Columns of the weight.
@@ -148,19 +154,50 @@ impl<B: Backend> Nf4Weight<B> {
     /// Quantizes `weight` `[out, in]` with `code` (read back to the host once).
     pub fn quantize_with(weight: &Tensor<B, 2>, code: QuantCode) -> Self {
         let [out, input] = weight.dims();
-        let device = weight.device();
         let values = weight.clone().into_data().convert::<f32>().into_vec::<f32>().expect("weights convert to f32");
-        let q = newt_kernels::nf4::quantize_with(&values, code);
-        let (packed_len, absmax_len) = (q.packed.len(), q.absmax.len());
-        Nf4Weight {
-            packed: Param::initialized(
+        Self::from_host(newt_kernels::nf4::quantize_with(&values, code), None, [out, input], &weight.device())
+    }
+
+    /// The weight `[out, in]` from its codes and scales quantized on the host (`dq`: the
+    /// scales double-quantized, in place of `q.absmax`).
+    pub fn from_host(
+        q: newt_kernels::nf4::Nf4Host,
+        dq: Option<newt_kernels::nf4::DoubleQuant>,
+        [out, input]: [usize; 2],
+        device: &B::Device,
+    ) -> Self {
+        let int = |v: Vec<i32>| {
+            let n = v.len();
+            Param::initialized(
                 burn::module::ParamId::new(),
-                Tensor::<B, 1, Int>::from_data(TensorData::new(q.packed, [packed_len]), &device),
-            ),
-            absmax: frozen_param(Tensor::from_data(TensorData::new(q.absmax, [absmax_len]), (&device, DType::F32))),
-            out_features: out,
-            in_features: input,
-            bits: code.bits(),
+                Tensor::<B, 1, Int>::from_data(TensorData::new(v, [n]), device),
+            )
+        };
+        let float = |v: Vec<f32>| {
+            let n = v.len();
+            frozen_param(Tensor::from_data(TensorData::new(v, [n]), (device, DType::F32)))
+        };
+        let bits = q.code.bits();
+        let packed = int(q.packed);
+        match dq {
+            Some(dq) => Nf4Weight {
+                packed,
+                absmax: float(dq.scales),
+                absmax_codes: Some(int(dq.codes)),
+                absmax_offset: dq.offset,
+                out_features: out,
+                in_features: input,
+                bits,
+            },
+            None => Nf4Weight {
+                packed,
+                absmax: float(q.absmax),
+                absmax_codes: None,
+                absmax_offset: 0.0,
+                out_features: out,
+                in_features: input,
+                bits,
+            },
         }
     }
 
@@ -169,9 +206,21 @@ impl<B: Backend> Nf4Weight<B> {
         newt_kernels::nf4::Nf4Shape { out_features: self.out_features, in_features: self.in_features, code }
     }
 
+    /// One f32 scale per block of weights (restored from their codes when double-quantized:
+    /// a transient `[out·in / 64]` f32 vector, the only full-precision scales ever on the device).
+    pub fn scales(&self) -> Tensor<B, 1> {
+        match &self.absmax_codes {
+            Some(codes) => {
+                let n = (self.out_features * self.in_features).div_ceil(newt_kernels::nf4::NF4_BLOCK);
+                newt_kernels::nf4::dequantize_scales(codes.val(), self.absmax.val(), self.absmax_offset, n)
+            }
+            None => self.absmax.val(),
+        }
+    }
+
     /// The weight it stands for, `[out, in]`, in `dtype`.
     pub fn dequantize(&self, dtype: DType) -> Tensor<B, 2> {
-        newt_kernels::nf4::dequantize(self.packed.val(), self.absmax.val(), self.shape(), dtype)
+        newt_kernels::nf4::dequantize(self.packed.val(), self.scales(), self.shape(), dtype)
     }
 }
 
@@ -179,6 +228,16 @@ impl<B: Backend> LoraLinear<B> {
     /// A frozen layer over the given weights.
     pub fn frozen(weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Self {
         LoraLinear { weight: frozen_param(weight), bias: bias.map(frozen_param), lora: None, nf4: None }
+    }
+
+    /// A frozen layer over a quantized weight (the full-precision weight is a 1×1 placeholder).
+    pub fn from_nf4(q: Nf4Weight<B>, bias: Option<Tensor<B, 1>>, device: &B::Device) -> Self {
+        LoraLinear {
+            weight: frozen_param(Tensor::zeros([1, 1], device)),
+            bias: bias.map(frozen_param),
+            lora: None,
+            nf4: Some(q),
+        }
     }
 
     /// `[out, in]`.
@@ -228,7 +287,7 @@ impl<B: newt_kernels::KernelBackend> LoraLinear<B> {
             return y.reshape(shape);
         }
         let mut y = match &self.nf4 {
-            Some(q) => newt_kernels::nf4::nf4_linear(x.clone(), q.packed.val(), q.absmax.val(), q.shape()),
+            Some(q) => newt_kernels::nf4::nf4_linear(x.clone(), q.packed.val(), q.scales(), q.shape()),
             None => newt_kernels::dense_matmul(x.clone(), self.weight.val().transpose()),
         };
         if let Some(bias) = &self.bias {

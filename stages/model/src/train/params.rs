@@ -70,11 +70,17 @@ pub fn count_params<B: Backend, M: Module<B>>(model: &M) -> ParamCounts {
     struct Count<'a> {
         counts: &'a mut ParamCounts,
         in_nf4: usize,
+        /// The codes of the NF4 weight being visited are still to come (its first integer
+        /// tensor; a double-quantized weight's scale codes follow them and are not counted).
+        codes_next: bool,
     }
     impl<B: Backend> ModuleVisitor<B> for Count<'_> {
         fn enter_module(&mut self, name: &str, _container: &str) {
             if name == "nf4" || self.in_nf4 > 0 {
                 self.in_nf4 += 1;
+            }
+            if name == "nf4" {
+                self.codes_next = true;
             }
         }
         fn exit_module(&mut self, _name: &str, _container: &str) {
@@ -92,13 +98,14 @@ pub fn count_params<B: Backend, M: Module<B>>(model: &M) -> ParamCounts {
             }
         }
         fn visit_int<const D: usize>(&mut self, param: &Param<Tensor<B, D, burn::tensor::Int>>) {
-            if self.in_nf4 > 0 {
+            if self.in_nf4 > 0 && self.codes_next {
+                self.codes_next = false;
                 self.counts.frozen += 8 * param.val().shape().num_elements();
             }
         }
     }
     let mut counts = ParamCounts::default();
-    model.visit(&mut Count { counts: &mut counts, in_nf4: 0 });
+    model.visit(&mut Count { counts: &mut counts, in_nf4: 0, codes_next: false });
     counts
 }
 
