@@ -325,7 +325,8 @@ pub fn memory_estimate(
         trained,
         bytes_per_value: if on_cuda { 2 } else { 4 },
         quantized_bits: quant_code(cfg.quantization).map(|c| c.bits() as u64),
-        double_quant: cfg.quantization.double_quant(),
+        // As Axolotl's default (`bnb_config_kwargs` can turn it off: 0.3 GB more for an 8B).
+        double_quant: cfg.quantization == BaseQuantization::Nf4,
         micro_batch_size: cfg.micro_batch_size as u64,
         sequence_len: cfg.pad_to.unwrap_or(sequence_len) as u64,
         gradient_checkpointing: settings.gradient_checkpointing,

@@ -92,7 +92,6 @@ const IGNORED: &[(&str, &str)] = &[
     ("gpu_memory_limit", MEMORY),
     ("device_map", MEMORY),
     ("low_cpu_mem_usage", MEMORY),
-    ("bnb_config_kwargs", MEMORY),
     ("torch_dtype", MEMORY),
     ("push_dataset_to_hub", HUB),
     ("hf_use_auth_token", HUB),

@@ -87,6 +87,8 @@ pub const KEYS: &[(&str, Class)] = &[
     ("lora_fan_in_fan_out", Class::Out("validated to be false; Llama-family linears are not Conv1D")),
     ("load_in_8bit", Class::Read(&[QUANTIZE_MODEL, TRAIN, EVALUATE])),
     ("load_in_4bit", Class::Read(&[QUANTIZE_MODEL, TRAIN, EVALUATE])),
+    // Train, evaluate and the memory estimate see it through quantize.model's artifact.
+    ("bnb_config_kwargs", Class::Read(&[QUANTIZE_MODEL])),
     ("micro_batch_size", Class::Read(&[TRAIN])),
     ("gradient_accumulation_steps", Class::Read(&[TRAIN])),
     ("batch_size", Class::Read(&[TRAIN])),
@@ -191,6 +193,8 @@ chat_template: chatml
 
     /// Keys that only a full fine-tune accepts.
     const FULL_ONLY: &[&str] = &["unfrozen_parameters", "shrink_embeddings"];
+    /// Keys of a quantized base, compared on a QLoRA pipeline.
+    const QLORA_ONLY: &[&str] = &["bnb_config_kwargs"];
 
     /// A different valid value for every key the stages read.
     fn perturbations() -> BTreeMap<&'static str, Value> {
@@ -231,6 +235,7 @@ chat_template: chatml
             ("peft_use_rslora", json!(true)),
             ("load_in_4bit", json!(true)),
             ("load_in_8bit", json!(true)),
+            ("bnb_config_kwargs", json!({"bnb_4bit_use_double_quant": false, "llm_int8_threshold": 6.0})),
             ("micro_batch_size", json!(2)),
             ("gradient_accumulation_steps", json!(4)),
             ("batch_size", json!(8)),
@@ -312,6 +317,9 @@ chat_template: chatml
             let mut base_tree = base_tree.clone();
             if FULL_ONLY.contains(key) {
                 base_tree["adapter"] = json!("full");
+            }
+            if QLORA_ONLY.contains(key) {
+                base_tree["adapter"] = json!("qlora");
             }
             let base = load(&base_tree);
             let mut tree = base_tree.clone();

@@ -214,10 +214,11 @@ impl BaseQuantization {
 }
 
 impl BaseQuantization {
-    /// Whether the scales are double-quantized: for NF4, as Axolotl's default
-    /// `bnb_4bit_use_double_quant: true` has it; 8-bit has no second level (bitsandbytes').
-    pub fn double_quant(self) -> bool {
-        self == BaseQuantization::Nf4
+    /// Whether a base quantized this way has double-quantized scales: NF4 unless
+    /// `bnb_config_kwargs: {bnb_4bit_use_double_quant: false}` (Axolotl's default is on); 8-bit
+    /// has no second level (bitsandbytes').
+    pub fn double_quant(self, c: &Config) -> bool {
+        self == BaseQuantization::Nf4 && c.bnb_config_kwargs.double_quant()
     }
 }
 
@@ -235,7 +236,7 @@ impl QuantizeParams {
     /// From the validated config.
     pub fn from_config(c: &Config) -> Self {
         let quantization = BaseQuantization::from_config(c);
-        QuantizeParams { quantization, double_quant: quantization.double_quant() }
+        QuantizeParams { quantization, double_quant: quantization.double_quant(c) }
     }
 }
 

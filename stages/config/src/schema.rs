@@ -107,6 +107,10 @@ pub struct Config {
     pub load_in_8bit: bool,
     /// bitsandbytes 4-bit loading (QLoRA).
     pub load_in_4bit: bool,
+    /// Axolotl's extra bitsandbytes settings: `bnb_4bit_use_double_quant` (default on, as
+    /// Axolotl has it) and `bnb_4bit_quant_type` (`nf4`) are read; the others (compute and
+    /// storage dtypes, int8 threshold and fp16-weight switch) are accepted and do not apply.
+    pub bnb_config_kwargs: BnbConfigKwargs,
 
     // ---- training ----
     /// Sequences per micro-batch.
@@ -261,6 +265,7 @@ impl Default for Config {
             lora_fan_in_fan_out: false,
             load_in_8bit: false,
             load_in_4bit: false,
+            bnb_config_kwargs: BnbConfigKwargs::default(),
             micro_batch_size: 1,
             gradient_accumulation_steps: 1,
             batch_size: None,
@@ -849,6 +854,35 @@ pub struct DeployConfig {
     pub machine: Option<String>,
     /// Labels the daemon must carry.
     pub labels: std::collections::BTreeMap<String, String>,
+}
+
+/// `bnb_config_kwargs:` (Axolotl passes them to bitsandbytes' `BitsAndBytesConfig`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
+#[serde(default)]
+pub struct BnbConfigKwargs {
+    /// Double quantization of the NF4 scales (unset: on, Axolotl's default).
+    pub bnb_4bit_use_double_quant: Option<bool>,
+    /// The 4-bit code book: `nf4` (bitsandbytes' `fp4` is refused at load).
+    pub bnb_4bit_quant_type: Option<QuantType>,
+    /// Other `BitsAndBytesConfig` settings (compute and storage dtypes, `llm_int8_threshold`,
+    /// `llm_int8_has_fp16_weight`, ...): newt computes in bf16 and keeps its own storage.
+    #[serde(flatten)]
+    pub other: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
+impl BnbConfigKwargs {
+    /// Whether NF4 scales are double-quantized.
+    pub fn double_quant(&self) -> bool {
+        self.bnb_4bit_use_double_quant.unwrap_or(true)
+    }
+}
+
+/// A 4-bit code book.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, schemars::JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum QuantType {
+    /// 4-bit NormalFloat.
+    Nf4,
 }
 
 /// `kernels:` — newt's kernel choices. Each changes numbers (if only in the last bits), so each is

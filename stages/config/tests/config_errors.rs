@@ -221,3 +221,20 @@ fn deep_yaml_nesting_is_refused_before_parsing() {
     assert!(msg.contains("nested deeper"), "{msg}");
     assert!(t.elapsed().as_secs() < 2);
 }
+
+#[test]
+fn bnb_config_kwargs_switch_double_quantization_and_refuse_fp4() {
+    use newt_config::params::QuantizeParams;
+    let qlora = OK.replace("adapter: lora", "adapter: qlora");
+    let dq = |extra: &str| {
+        let loaded = parse(&format!("{qlora}{extra}"), Path::new("p.yml")).unwrap();
+        QuantizeParams::from_config(&loaded.config).double_quant
+    };
+    assert!(dq(""), "double quantization is Axolotl's default");
+    assert!(!dq("bnb_config_kwargs:\n  bnb_4bit_use_double_quant: false\n  llm_int8_has_fp16_weight: false\n"));
+    assert!(dq("bnb_config_kwargs:\n  bnb_4bit_quant_type: nf4\n  bnb_4bit_compute_dtype: bfloat16\n"));
+    let msg = parse(&format!("{qlora}bnb_config_kwargs:\n  bnb_4bit_quant_type: fp4\n"), Path::new("p.yml"))
+        .unwrap_err()
+        .to_string();
+    assert!(msg.starts_with("p.yml:") && msg.contains("fp4"), "{msg}");
+}
