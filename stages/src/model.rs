@@ -986,7 +986,7 @@ impl Stage for QuantizeModel {
             t0.elapsed().as_secs_f64()
         ));
         Ok(serde_json::json!({
-            "code": format!("{code:?}").to_lowercase(),
+            "code": newt_model::quantized::code_name(code),
             "double_quant": p.double_quant,
             "weights": s.weights,
             "values": s.values,

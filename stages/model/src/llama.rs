@@ -785,37 +785,33 @@ struct Loader<'a, B: Backend> {
     device: &'a B::Device,
 }
 
+/// The values of tensor `name` of `store` as f32 when it is there, after checking it has
+/// `shape`; `dir` names the checkpoint in errors.
+pub(crate) fn read_checked(
+    store: &TensorStore,
+    dir: &Path,
+    name: &str,
+    shape: &[usize],
+) -> Result<Option<Vec<f32>>, LoadError> {
+    let Some((_, found)) = store.info(name) else {
+        return Ok(None);
+    };
+    if found != shape {
+        return Err(LoadError::Shape { dir: dir.to_path_buf(), name: name.into(), expected: shape.to_vec(), found });
+    }
+    Ok(Some(store.read_f32(name)?))
+}
+
 impl<B: Backend> Loader<'_, B> {
     fn optional<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Option<Tensor<B, D>>, LoadError> {
-        let Some((_, found)) = self.store.info(name) else {
-            return Ok(None);
-        };
-        if found != shape {
-            return Err(LoadError::Shape {
-                dir: self.dir.to_path_buf(),
-                name: name.into(),
-                expected: shape.to_vec(),
-                found,
-            });
-        }
-        let values = self.store.read_f32(name)?;
-        Ok(Some(Tensor::from_data(TensorData::new(values, shape), self.device)))
+        let values = read_checked(self.store, self.dir, name, &shape)?;
+        Ok(values.map(|v| Tensor::from_data(TensorData::new(v, shape), self.device)))
     }
 
     /// A tensor's values on the host, its shape checked.
     fn host<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Vec<f32>, LoadError> {
-        let Some((_, found)) = self.store.info(name) else {
-            return Err(LoadError::Missing { dir: self.dir.to_path_buf(), name: name.into() });
-        };
-        if found != shape {
-            return Err(LoadError::Shape {
-                dir: self.dir.to_path_buf(),
-                name: name.into(),
-                expected: shape.to_vec(),
-                found,
-            });
-        }
-        Ok(self.store.read_f32(name)?)
+        read_checked(self.store, self.dir, name, &shape)?
+            .ok_or_else(|| LoadError::Missing { dir: self.dir.to_path_buf(), name: name.into() })
     }
 
     fn tensor<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Tensor<B, D>, LoadError> {

@@ -46,7 +46,8 @@ pub struct QuantizedMeta {
     pub weights: Vec<String>,
 }
 
-fn code_name(code: QuantCode) -> &'static str {
+/// The code book's name in [`META_FILE`] (`nf4`, `int8`).
+pub fn code_name(code: QuantCode) -> &'static str {
     match code {
         QuantCode::Nf4 => "nf4",
         QuantCode::Int8 => "int8",
@@ -118,20 +119,8 @@ pub fn write(
     let mut writer = ShardedWriter::new(out, SHARD_BYTES)?;
     let mut values_total = 0u64;
     for (i, (name, shape)) in linears.iter().enumerate() {
-        let found = store.info(name).map(|(_, s)| s);
-        match found {
-            None => return Err(LoadError::Missing { dir: model_dir.to_path_buf(), name: name.clone() }),
-            Some(s) if s != shape.to_vec() => {
-                return Err(LoadError::Shape {
-                    dir: model_dir.to_path_buf(),
-                    name: name.clone(),
-                    expected: shape.to_vec(),
-                    found: s,
-                });
-            }
-            Some(_) => {}
-        }
-        let values = store.read_f32(name)?;
+        let values = crate::llama::read_checked(&store, model_dir, name, shape)?
+            .ok_or_else(|| LoadError::Missing { dir: model_dir.to_path_buf(), name: name.clone() })?;
         values_total += values.len() as u64;
         let (q, dq) = quantize_weight(&values, code, double_quant);
         drop(values);
