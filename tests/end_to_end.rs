@@ -357,6 +357,53 @@ fn a_qlora_base_is_quantized_once_into_a_cached_artifact() {
     assert_eq!((meta["code"].as_str(), meta["double_quant"].as_bool()), (Some("int8"), Some(false)), "{meta}");
 }
 
+/// `newt plan` estimates an 8B run from the model's config.json alone, before any weight is
+/// downloaded: the production LoRA does not fit a 16 GiB card and plan says QLoRA would; the QLoRA
+/// estimate follows `bnb_config_kwargs` (without double quantization the scales cost more).
+#[test]
+fn plan_estimates_an_8b_run_from_its_config_before_any_download() {
+    let p = Project::new();
+    std::fs::create_dir_all(p.path("llama8b")).unwrap();
+    let config = r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "vocab_size": 128256, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+        "max_position_embeddings": 131072, "tie_word_embeddings": false}"#;
+    std::fs::write(p.path("llama8b/config.json"), config).unwrap();
+    p.edit("p.yml", "base_model: newt:tiny", "base_model: llama8b");
+    p.edit("p.yml", "sequence_len: 256", "sequence_len: 4096\ngradient_checkpointing: true");
+    p.edit("p.yml", "micro_batch_size: 4", "micro_batch_size: 2");
+    p.edit("p.yml", "lora_r: 16\nlora_alpha: 32", "lora_r: 32\nlora_alpha: 64");
+    let weights = |text: &str| -> f64 {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("train memory (estimate, per GPU)"))
+            .unwrap_or_else(|| panic!("{text}"));
+        let w = line.split("weights ").nth(1).and_then(|r| r.split(" GiB").next()).unwrap_or_else(|| panic!("{line}"));
+        w.parse().unwrap_or_else(|_| panic!("{line}"))
+    };
+    let plan = |p: &Project| {
+        let out = p.run(&["plan", "p.yml", "--gpu-memory", "16GiB"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let lora = plan(&p);
+    assert!(lora.contains("will not fit a GPU of 16.0 GiB"), "{lora}");
+    let qlora_remedy =
+        lora.lines().find(|l| l.trim_start().starts_with("adapter: qlora")).unwrap_or_else(|| panic!("{lora}"));
+    assert!(qlora_remedy.ends_with("(fits)"), "{qlora_remedy}");
+    assert!(!p.path("cache/objects").exists() || std::fs::read_dir(p.path("cache/objects")).unwrap().next().is_none());
+    // 8.0B weights in bf16 (14.96 GiB) and the adapter's 84M in f32.
+    assert!((weights(&lora) - 15.3).abs() < 0.1, "{lora}");
+    p.edit("p.yml", "adapter: lora", "adapter: qlora\nload_in_4bit: true");
+    let dq = plan(&p);
+    assert!(dq.contains("fits a GPU of 16.0 GiB"), "{dq}");
+    p.edit("p.yml", "load_in_4bit: true", "load_in_4bit: true\nbnb_config_kwargs:\n  bnb_4bit_use_double_quant: false");
+    let plain = plan(&p);
+    // 7.0B linear weights: a f32 scale per 64 is 0.44 GB, 8-bit codes 0.11 GB (+ one f32 per 256).
+    let more = weights(&plain) - weights(&dq);
+    assert!((0.25..0.4).contains(&more), "double quantization should save ~0.3 GiB: {dq}\n{plain}");
+}
+
 /// PEFT, vLLM and the Hub read `base_model_name_or_path`; it was empty.
 #[test]
 fn adapter_config_names_its_base_model() {

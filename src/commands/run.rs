@@ -333,7 +333,8 @@ fn print_memory(s: &Session, p: &Pipeline, entries: &[newt_graph::why::PlanEntry
             .is_ok_and(|b| b != newt_model::backend::ResolvedBackend::Cpu);
     let seq = s.loaded.config.sequence_len;
     let estimate = |params: &TrainParams, settings: &TrainSettings, seq: usize| {
-        newt_stages::model::memory_estimate(&model, params, settings, seq, on_cuda).ok()
+        let double_quant = params.quantization.double_quant(&s.loaded.config);
+        newt_stages::model::memory_estimate(&model, params, settings, seq, on_cuda, double_quant).ok()
     };
     let Some(e) = estimate(&params, &settings, seq) else { return };
     println!(

@@ -314,6 +314,7 @@ pub fn memory_estimate(
     settings: &TrainSettings,
     sequence_len: usize,
     on_cuda: bool,
+    double_quant: bool,
 ) -> anyhow::Result<newt_model::memory::MemoryEstimate> {
     use newt_model::memory::{MemorySpec, Trained};
     let method = Method::of(cfg)?;
@@ -325,8 +326,8 @@ pub fn memory_estimate(
         trained,
         bytes_per_value: if on_cuda { 2 } else { 4 },
         quantized_bits: quant_code(cfg.quantization).map(|c| c.bits() as u64),
-        // As Axolotl's default (`bnb_config_kwargs` can turn it off: 0.3 GB more for an 8B).
-        double_quant: cfg.quantization == BaseQuantization::Nf4,
+        // NF4's scales as 8-bit codes (Axolotl's default; `bnb_config_kwargs` turns it off).
+        double_quant: double_quant && cfg.quantization == BaseQuantization::Nf4,
         micro_batch_size: cfg.micro_batch_size as u64,
         sequence_len: cfg.pad_to.unwrap_or(sequence_len) as u64,
         gradient_checkpointing: settings.gradient_checkpointing,
@@ -344,13 +345,14 @@ fn with_estimate(
     settings: &TrainSettings,
     data: &TrainData,
     on_cuda: bool,
+    double_quant: bool,
 ) -> anyhow::Error {
     use newt_model::memory::gib;
     if !matches!(e, newt_model::train::TrainError::OutOfMemory { .. }) {
         return e.into();
     }
     let width = (0..data.len()).map(|i| data.row(i).0.len()).max().unwrap_or(0);
-    let Ok(est) = memory_estimate(model, cfg, settings, width, on_cuda) else { return e.into() };
+    let Ok(est) = memory_estimate(model, cfg, settings, width, on_cuda, double_quant) else { return e.into() };
     let device = if on_cuda { backend::cuda_device_memory() } else { None };
     anyhow::anyhow!(
         "{e}\nnewt's estimate for this run: weights {} + gradients {} + AdamW state {} + activations {} = {}{}",
@@ -540,6 +542,12 @@ impl WithAutodiffBackend for TrainWork<'_> {
         let method = Method::of(cfg)?;
         let quantize = quant_code(cfg.quantization);
         let quantized = ctx.inputs.get("quantize.model").map(PathBuf::as_path);
+        // Whether the base's NF4 scales are 8-bit codes: as the stored base says, else as a base
+        // quantized while it is read (`load_model`).
+        let double_quant = match quantized.map(newt_model::quantized::QuantizedBase::open) {
+            Some(Ok(base)) => base.meta().double_quant,
+            _ => quantize == Some(QuantCode::Nf4),
+        };
         ctx.progress.set_message(match (quantize, quantized) {
             (Some(code), Some(_)) => format!("loading model, its base in {code:?}"),
             (Some(code), None) => format!("loading model, quantizing it ({code:?})"),
@@ -644,10 +652,10 @@ impl WithAutodiffBackend for TrainWork<'_> {
                 tcfg.micro_batch_size * tcfg.gradient_accumulation_steps
             ));
             newt_model::train::train_data_parallel::<B, _>(replicas, &data, &tcfg, &run, &mut hooks, reducer.as_ref())
-                .map_err(|e| with_estimate(e, &mc_owned, cfg, &self.settings, &data, on_cuda))?
+                .map_err(|e| with_estimate(e, &mc_owned, cfg, &self.settings, &data, on_cuda, double_quant))?
         } else {
             newt_model::train::train(model, &data, &tcfg, &run, &mut hooks, &device)
-                .map_err(|e| with_estimate(e, &mc_owned, cfg, &self.settings, &data, on_cuda))?
+                .map_err(|e| with_estimate(e, &mc_owned, cfg, &self.settings, &data, on_cuda, double_quant))?
         };
         for w in &summary.warnings {
             ctx.progress.println(format!("warning: {w}"));
