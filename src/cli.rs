@@ -336,6 +336,10 @@ pub struct ServeArgs {
     /// Requests that may wait for the generation worker; more get 503 with Retry-After.
     #[arg(long, default_value_t = 16)]
     pub queue: usize,
+    /// Requests decoded together, one token each per step (a request arriving meanwhile joins
+    /// at the next step); 1 answers them one after another.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
 }
 
 /// A memory size: a number with an optional unit (B, KB, MB, GB, TB in powers of 1000; KiB, MiB,

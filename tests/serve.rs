@@ -336,10 +336,39 @@ fn start_stream(s: &Server, body: Value) -> TcpStream {
     c
 }
 
+/// With room for two sequences, a request arriving while a long one streams joins it at the
+/// next step: its answer comes back while the first is still generating, and it is the answer
+/// the request gets alone (greedy).
+#[test]
+fn a_request_joins_one_already_generating_and_gets_its_own_answer() {
+    let p = Project::new();
+    let s = p.serve(&["--base", "--batch", "2"]);
+    let short = json!({"prompt": "The capital of", "max_tokens": 12, "temperature": 0, "ignore_eos": true});
+    let alone = post(&s, "/v1/completions", short.clone());
+    assert_eq!(alone.status, 200, "{}", alone.body);
+    let long = json!({"prompt": "Paris", "max_tokens": 100000, "temperature": 0, "ignore_eos": true, "stream": true});
+    let a = start_stream(&s, long);
+    let joined = post(&s, "/v1/completions", short);
+    assert_eq!(joined.status, 200, "{}", joined.body);
+    let h = health(&s);
+    // The long answer (up to the 4,096-token context) is still running: only the two short
+    // ones have completed.
+    assert_eq!((h["completed"].as_u64(), h["cancelled"].as_u64()), (Some(2), Some(0)), "{h}");
+    assert_eq!(joined.json()["usage"]["completion_tokens"], 12);
+    assert_eq!(joined.json()["choices"][0]["text"], alone.json()["choices"][0]["text"]);
+    drop(a);
+    let t = Instant::now();
+    while health(&s)["cancelled"] != 1 {
+        assert!(t.elapsed() < Duration::from_secs(30), "the long answer did not stop: {}", health(&s));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 #[test]
 fn a_full_queue_answers_503_and_a_client_that_leaves_stops_its_generation() {
     let p = Project::new();
-    let s = p.serve(&["--base", "--queue", "1"]);
+    // One request at a time (`--batch 1`), so that a second one waits in the queue.
+    let s = p.serve(&["--base", "--queue", "1", "--batch", "1"]);
     let long = json!({"prompt": "Paris", "max_tokens": 100000, "temperature": 0, "ignore_eos": true, "stream": true});
     let a = start_stream(&s, long);
     // B waits in the queue (its handler blocks until the worker takes it).

@@ -5,7 +5,7 @@
 //! (0 for padding). A query sees a key only when the key is not in its future and both carry the
 //! same segment id, so a packed batch computes exactly what the samples would compute alone.
 
-use burn::tensor::{DType, Int, Tensor, activation::softmax, backend::Backend};
+use burn::tensor::{DType, Int, Tensor, TensorData, activation::softmax, backend::Backend};
 
 /// Added to the score of a masked key. Finite (as transformers' `finfo.min`) so that no
 /// `-inf - -inf` can appear; every row keeps at least its own diagonal, so no row is all masked.
@@ -52,6 +52,23 @@ impl<B: Backend> AttentionMask<B> {
         let bias = Tensor::<B, 3>::zeros(shape, (&device, DType::F32))
             .mask_fill(blocked, MASKED)
             .reshape([batch, 1, q_len, k_len]);
+        AttentionMask { bias }
+    }
+}
+
+impl<B: Backend> AttentionMask<B> {
+    /// The mask of one decoding step over a cache whose rows hold different lengths: row `r`'s
+    /// new token sits at key index `lens[r]` and sees keys `0..=lens[r]` (the last
+    /// `sliding_window` of them with a window); the mask spans `span` keys. Built on the host and
+    /// uploaded once a step, for every layer.
+    pub fn decode_rows(lens: &[usize], span: usize, sliding_window: Option<usize>, device: &B::Device) -> Self {
+        let mut bias = vec![MASKED; lens.len() * span];
+        for (r, &len) in lens.iter().enumerate() {
+            assert!(len < span, "decode_rows: row {r} writes key {len}, past the span of {span}");
+            let first = sliding_window.map_or(0, |w| (len + 1).saturating_sub(w));
+            bias[r * span + first..=r * span + len].fill(0.0);
+        }
+        let bias = Tensor::<B, 4>::from_data(TensorData::new(bias, [lens.len(), 1, 1, span]), (device, DType::F32));
         AttentionMask { bias }
     }
 }

@@ -81,6 +81,28 @@ impl<B: Backend> RopeTables<B> {
         RopeTables { cos: emb.clone().cos(), sin: emb.sin() }
     }
 
+    /// The tables of one new token per row at `positions` (decoding), computed on the host in
+    /// f32 as [`RopeTables::new`] computes them and uploaded in `dtype`: two transfers instead
+    /// of a chain of small device operations per step.
+    pub fn for_positions(positions: &[usize], inv_freq: &[f32], device: &B::Device, dtype: DType) -> Self {
+        let (rows, half) = (positions.len(), inv_freq.len());
+        let mut cos = Vec::with_capacity(rows * 2 * half);
+        let mut sin = Vec::with_capacity(rows * 2 * half);
+        for &p in positions {
+            for _ in 0..2 {
+                for &f in inv_freq {
+                    let angle = p as f32 * f;
+                    cos.push(angle.cos());
+                    sin.push(angle.sin());
+                }
+            }
+        }
+        let table = |v: Vec<f32>| {
+            Tensor::<B, 3>::from_data(TensorData::new(v, [rows, 1, 2 * half]), (device, DType::F32)).cast(dtype)
+        };
+        RopeTables { cos: table(cos), sin: table(sin) }
+    }
+
     /// The tables in `dtype`, the activations' type (computed in f32, then cast, as transformers'
     /// rotary embedding returns them): cast once per forward pass rather than once per layer.
     pub fn cast(self, dtype: DType) -> Self {

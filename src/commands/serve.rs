@@ -76,6 +76,9 @@ pub fn serve(
     if args.queue == 0 {
         anyhow::bail!("--queue must be at least 1");
     }
+    if args.batch == 0 {
+        anyhow::bail!("--batch must be at least 1");
+    }
     let port = args.port.or(g.server_port).unwrap_or(8000);
     let (model, quantized, adapter) = model_and_adapter(cli, &s, base, lora_model_dir)?;
     let c = &s.loaded.config;
@@ -103,7 +106,7 @@ pub fn serve(
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let worker = {
         let stats = stats.clone();
-        let backend = c.backend;
+        let (backend, max_sequences) = (c.backend, args.batch);
         std::thread::Builder::new().name("newt-generate".into()).spawn(move || {
             let models = newt_stages::serve::Models {
                 model: &model,
@@ -111,6 +114,7 @@ pub fn serve(
                 adapter: adapter.as_deref(),
                 params: &params,
                 backend,
+                max_sequences,
             };
             newt_stages::serve::run_worker(models, jobs_rx, stats, ready_tx)
         })?

@@ -2,16 +2,16 @@
 //! share the frozen weights: the adapter model is a clone of the base, whose tensors are
 //! reference-counted, with the adapter attached), prompted as the pipeline trained them.
 
-use std::ops::ControlFlow;
 use std::path::Path;
 use std::sync::Arc;
 
+use burn::tensor::{Int, TensorData};
 use newt_config::Backend as BackendChoiceKey;
 use newt_config::params::EvaluateParams;
 use newt_model::backend::{self, KernelBackend, WithBackend};
-use newt_model::generate::{ChatMessage, SamplingConfig, StopReason, TextStream};
-use newt_model::llama::Llama;
-use newt_serve::{Engine, Finish, FinishReason, GenParams, Job, Prompt, Stats};
+use newt_model::generate::{ChatMessage, Sampler, SamplingConfig, TextPieces};
+use newt_model::llama::{BatchKvCache, KvCache, Llama};
+use newt_serve::{Engine, GenParams, Job, Prompt, Stats, Step};
 use tokio::sync::mpsc;
 
 use crate::model::{Prompting, backend_of, load_model, quant_code};
@@ -28,6 +28,8 @@ pub struct Models<'a> {
     pub params: &'a EvaluateParams,
     /// The pipeline's backend.
     pub backend: BackendChoiceKey,
+    /// Requests decoded together (`newt serve --batch`).
+    pub max_sequences: usize,
 }
 
 /// Loads the models, sends the context length (or the loading error) through `ready`, then
@@ -72,7 +74,11 @@ impl WithBackend for ServeWork<'_> {
             }
             models.push(base);
             let prompting = Prompting::of(m.model, m.params)?;
-            Ok(BurnEngine { models, prompting })
+            let batches = models
+                .iter()
+                .map(|l| Batch { cache: BatchKvCache::new(l.config.num_hidden_layers), rows: Vec::new() })
+                .collect();
+            Ok(BurnEngine { models, prompting, batches, max_sequences: m.max_sequences })
         })();
         match loaded {
             Err(e) => {
@@ -90,6 +96,44 @@ struct BurnEngine<B: KernelBackend> {
     /// Adapter model first when there is one, the base last (the server's name order).
     models: Vec<Llama<B>>,
     prompting: Prompting,
+    /// The sequences being decoded, one batch per model (an adapter's rows cannot share a
+    /// pass with the base's).
+    batches: Vec<Batch<B>>,
+    max_sequences: usize,
+}
+
+/// The sequences of one model decoding together.
+struct Batch<B: KernelBackend> {
+    cache: BatchKvCache<B>,
+    /// Row `r` of the cache.
+    rows: Vec<Row>,
+}
+
+/// One sequence: how it samples, what it has produced, and the logits its next token comes from.
+struct Row {
+    id: u64,
+    sampler: Sampler,
+    history: Vec<u32>,
+    logits: Vec<f32>,
+    generated: usize,
+    max_tokens: usize,
+    stop_token_ids: Vec<u32>,
+    text: TextPieces,
+}
+
+/// Runs `f`, turning a panic inside the backend into an error: a failure must not take the
+/// server down with it.
+fn catch<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
+        p.downcast_ref::<String>()
+            .cloned()
+            .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "the backend panicked".into())
+    })
+}
+
+fn host_logits<B: KernelBackend>(logits: burn::tensor::Tensor<B, 2>) -> Vec<f32> {
+    logits.into_data().convert::<f32>().into_vec().expect("f32 logits")
 }
 
 impl<B: KernelBackend> Engine for BurnEngine<B> {
@@ -113,41 +157,101 @@ impl<B: KernelBackend> Engine for BurnEngine<B> {
         }
     }
 
-    fn generate(
-        &mut self,
-        model: usize,
-        prompt: &[u32],
-        params: &GenParams,
-        on_token: &mut dyn FnMut(&str) -> bool,
-    ) -> Result<Finish, String> {
+    fn max_sequences(&self) -> usize {
+        self.max_sequences
+    }
+
+    fn start(&mut self, id: u64, model: usize, prompt: &[u32], params: &GenParams) -> Result<(), String> {
+        let llama = self.models.get(model).ok_or_else(|| format!("no model {model}"))?;
+        let (cache, logits) = catch(|| {
+            let device = llama.embed_tokens.device();
+            let ids: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
+            let ids = burn::tensor::Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, prompt.len()]), &device);
+            let mut cache = KvCache::new(llama.config.num_hidden_layers);
+            let logits = llama.forward_next(ids, &mut cache);
+            (cache, host_logits(logits))
+        })?;
         let sampling = SamplingConfig {
             max_new_tokens: params.max_tokens,
             temperature: params.temperature,
             top_p: params.top_p,
             seed: params.seed,
-            stop_token_ids: if params.ignore_eos { Vec::new() } else { self.prompting.stop_token_ids.clone() },
             ..Default::default()
         };
-        let llama = self.models.get(model).ok_or_else(|| format!("no model {model}"))?;
+        let batch = &mut self.batches[model];
+        batch.cache.join(cache);
+        batch.rows.push(Row {
+            id,
+            sampler: Sampler::new(sampling),
+            history: prompt.to_vec(),
+            logits,
+            generated: 0,
+            max_tokens: params.max_tokens,
+            stop_token_ids: if params.ignore_eos { Vec::new() } else { self.prompting.stop_token_ids.clone() },
+            text: TextPieces::default(),
+        });
+        Ok(())
+    }
+
+    fn step(&mut self) -> Vec<(u64, Step)> {
+        let context = self.context_len();
         let tok = self.prompting.tokenizer.as_ref();
-        let mut stream = TextStream::new(tok);
-        // A failure inside the backend must not take the server down with it.
-        let g = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            newt_model::generate::generate(llama, prompt, &sampling, |t| {
-                let piece = stream.push(t).unwrap_or_default();
-                if on_token(&piece) { ControlFlow::Continue(()) } else { ControlFlow::Break(()) }
-            })
-        }))
-        .map_err(|p| {
-            p.downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "the backend panicked".into())
-        })?;
-        let reason = match g.stop {
-            StopReason::StopToken(_) | StopReason::Interrupted => FinishReason::Stop,
-            StopReason::MaxNewTokens | StopReason::ContextFull => FinishReason::Length,
-        };
-        Ok(Finish { completion_tokens: g.tokens.len(), reason })
+        let mut out = Vec::new();
+        for (llama, batch) in self.models.iter().zip(&mut self.batches) {
+            // Each row's next token, from the logits of its last step.
+            let mut next = Vec::new();
+            let mut ended = Vec::new();
+            for (r, row) in batch.rows.iter_mut().enumerate() {
+                let token = row.sampler.sample(&mut row.logits, &row.history);
+                if row.stop_token_ids.contains(&token) {
+                    out.push((row.id, Step::Stop));
+                    ended.push(r);
+                    continue;
+                }
+                row.history.push(token);
+                row.generated += 1;
+                let text = row.text.push(tok, token).unwrap_or_default();
+                let last = row.generated >= row.max_tokens || row.history.len() >= context;
+                out.push((row.id, Step::Token { text, last }));
+                if last {
+                    ended.push(r);
+                } else {
+                    next.push(token);
+                }
+            }
+            for &r in ended.iter().rev() {
+                batch.cache.leave(r);
+                batch.rows.remove(r);
+            }
+            if batch.rows.is_empty() {
+                continue;
+            }
+            // The rows that go on, one pass for all of them.
+            match catch(|| host_logits(llama.forward_rows(&next, &mut batch.cache))) {
+                Ok(logits) => {
+                    let vocab = logits.len() / batch.rows.len();
+                    for (row, l) in batch.rows.iter_mut().zip(logits.chunks_exact(vocab)) {
+                        row.logits = l.to_vec();
+                    }
+                }
+                Err(e) => {
+                    // The cache may be half written: every row of the batch fails.
+                    for row in batch.rows.drain(..) {
+                        out.push((row.id, Step::Failed(e.clone())));
+                    }
+                    batch.cache = BatchKvCache::new(llama.config.num_hidden_layers);
+                }
+            }
+        }
+        out
+    }
+
+    fn finish(&mut self, id: u64) {
+        for batch in &mut self.batches {
+            if let Some(r) = batch.rows.iter().position(|row| row.id == id) {
+                batch.cache.leave(r);
+                batch.rows.remove(r);
+            }
+        }
     }
 }

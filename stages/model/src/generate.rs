@@ -225,20 +225,34 @@ pub fn stop_token_ids(model_dir: &Path, config: &ModelConfig) -> Vec<u32> {
 /// ends inside a multi-byte character.
 pub struct TextStream<'a> {
     tokenizer: &'a tokenizers::Tokenizer,
-    ids: Vec<u32>,
-    emitted: usize,
+    pieces: TextPieces,
 }
 
 impl<'a> TextStream<'a> {
     /// A stream over `tokenizer`, special tokens skipped.
     pub fn new(tokenizer: &'a tokenizers::Tokenizer) -> Self {
-        TextStream { tokenizer, ids: Vec::new(), emitted: 0 }
+        TextStream { tokenizer, pieces: TextPieces::default() }
     }
 
     /// Adds a token; returns the text it completes, if any.
     pub fn push(&mut self, id: u32) -> Option<String> {
+        self.pieces.push(self.tokenizer, id)
+    }
+}
+
+/// [`TextStream`]'s state without the tokenizer, for a holder that keeps many streams over one
+/// tokenizer (`newt serve`'s sequences).
+#[derive(Debug, Clone, Default)]
+pub struct TextPieces {
+    ids: Vec<u32>,
+    emitted: usize,
+}
+
+impl TextPieces {
+    /// Adds a token; returns the text it completes, if any.
+    pub fn push(&mut self, tokenizer: &tokenizers::Tokenizer, id: u32) -> Option<String> {
         self.ids.push(id);
-        let text = self.tokenizer.decode(&self.ids, true).ok()?;
+        let text = tokenizer.decode(&self.ids, true).ok()?;
         if text.ends_with('\u{FFFD}') || text.len() <= self.emitted || !text.is_char_boundary(self.emitted) {
             return None;
         }

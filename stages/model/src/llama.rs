@@ -166,6 +166,107 @@ impl<B: Backend> KvCache<B> {
     }
 }
 
+/// Keys and values of several sequences decoded together, one row each, every row at its own
+/// length (`newt serve`'s concurrent requests): a row joins with the [`KvCache`] its prompt
+/// filled and leaves when its answer ends, and [`Llama::forward_rows`] advances every row by
+/// one token in one pass. Each row writes its new position at its own length, so a row's slots
+/// are its positions and a sliding window stays exact. The buffers hold the same capacity for
+/// every row (doubled when a row fills it).
+#[derive(Debug, Clone)]
+pub struct BatchKvCache<B: Backend> {
+    layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    lens: Vec<usize>,
+    capacity: usize,
+}
+
+impl<B: Backend> BatchKvCache<B> {
+    /// No rows yet, for a model of `layers` layers.
+    pub fn new(layers: usize) -> Self {
+        Self::with_capacity(layers, KV_BLOCK)
+    }
+
+    /// No rows yet; the buffers start with room for `capacity` positions.
+    pub fn with_capacity(layers: usize, capacity: usize) -> Self {
+        BatchKvCache { layers: vec![None; layers], lens: Vec::new(), capacity: capacity.max(1) }
+    }
+
+    /// Positions each row's buffers hold before they must grow.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Rows held.
+    pub fn rows(&self) -> usize {
+        self.lens.len()
+    }
+
+    /// Each row's length (the position its next token takes).
+    pub fn lens(&self) -> &[usize] {
+        &self.lens
+    }
+
+    /// Adds the one sequence `cache` holds (its prompt's keys and values) as the last row;
+    /// returns that row's index.
+    pub fn join(&mut self, cache: KvCache<B>) -> usize {
+        assert_eq!(cache.layers.len(), self.layers.len(), "join: a cache of another model");
+        assert!(cache.len > 0, "join: an empty cache");
+        self.capacity = self.capacity.max(cache.capacity);
+        while cache.len >= self.capacity {
+            self.capacity *= 2;
+        }
+        let capacity = self.capacity;
+        for (mine, theirs) in self.layers.iter_mut().zip(cache.layers) {
+            let (k, v) = theirs.expect("a filled cache holds every layer");
+            assert_eq!(k.dims()[0], 1, "join: a cache of one sequence");
+            let (k, v) = (fit(k, capacity), fit(v, capacity));
+            *mine = Some(match mine.take() {
+                None => (k, v),
+                Some((pk, pv)) => {
+                    (Tensor::cat(vec![fit(pk, capacity), k], 0), Tensor::cat(vec![fit(pv, capacity), v], 0))
+                }
+            });
+        }
+        self.lens.push(cache.len);
+        self.lens.len() - 1
+    }
+
+    /// Drops row `row`; the rows after it move up by one.
+    pub fn leave(&mut self, row: usize) {
+        assert!(row < self.lens.len(), "leave: no row {row}");
+        self.lens.remove(row);
+        let keep: Vec<i64> = (0..=self.lens.len()).filter(|&r| r != row).map(|r| r as i64).collect();
+        for layer in &mut self.layers {
+            let Some((k, v)) = layer.take() else { continue };
+            if keep.is_empty() {
+                continue;
+            }
+            let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(keep.clone(), [keep.len()]), &k.device());
+            *layer = Some((k.select(0, idx.clone()), v.select(0, idx)));
+        }
+    }
+
+    /// Doubles the buffers when a row's next position would not fit.
+    fn make_room(&mut self) {
+        let need = self.lens.iter().max().map_or(0, |l| l + 1);
+        if need <= self.capacity {
+            return;
+        }
+        while need > self.capacity {
+            self.capacity *= 2;
+        }
+        for layer in &mut self.layers {
+            if let Some((k, v)) = layer.take() {
+                *layer = Some((grow(k, 2, self.capacity), grow(v, 2, self.capacity)));
+            }
+        }
+    }
+}
+
+/// `[rows, heads, positions, head_dim]` cut or padded with zeros to `capacity` positions.
+fn fit<B: Backend>(t: Tensor<B, 4>, capacity: usize) -> Tensor<B, 4> {
+    if t.dims()[2] > capacity { t.narrow(2, 0, capacity) } else { grow(t, 2, capacity) }
+}
+
 /// Pads `t` with zeros along `dim` up to `size`.
 fn grow<B: Backend, const D: usize, K>(t: Tensor<B, D, K>, dim: usize, size: usize) -> Tensor<B, D, K>
 where
@@ -237,9 +338,18 @@ struct LayerContext<'a, B: Backend> {
     config: &'a ModelConfig,
     rope: &'a RopeTables<B>,
     attend: &'a Attend<B>,
-    /// With a KV cache: where the new positions go, the buffers' capacity, and how many
-    /// positions of them attention reads.
-    cache_at: (usize, usize, usize),
+    /// With a KV cache: where the new positions go and how much of it attention reads.
+    cache_at: CacheAt,
+}
+
+/// Where a forward pass with a KV cache writes its keys and values, and what attention reads.
+enum CacheAt {
+    /// One length for every row ([`KvCache`]): the new positions go at `at` of buffers of
+    /// `capacity` positions; attention reads the first `span`.
+    Whole { at: usize, capacity: usize, span: usize },
+    /// One new token per row at the row's own length ([`BatchKvCache`]); attention reads the
+    /// first `span` positions of every row.
+    Rows { lens: Vec<usize>, span: usize },
 }
 
 impl<B: KernelBackend> DecoderLayer<B> {
@@ -263,7 +373,7 @@ impl<B: KernelBackend> SelfAttention<B> {
         &self,
         x: Tensor<B, 3>,
         ctx: &LayerContext<'_, B>,
-        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+        mut cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
     ) -> Tensor<B, 3> {
         let c = ctx.config;
         let [b, t, _] = x.dims();
@@ -278,8 +388,17 @@ impl<B: KernelBackend> SelfAttention<B> {
         let q = rope(q, ctx.rope).swap_dims(1, 2);
         let mut k = rope(k, ctx.rope).swap_dims(1, 2);
         let mut v = v;
-        if let Some(slot) = cache {
-            let (at, capacity, span) = ctx.cache_at;
+        if let (Some(slot), CacheAt::Rows { lens, span }) = (cache.as_deref_mut(), &ctx.cache_at) {
+            let (mut past_k, mut past_v) = slot.take().expect("a batch cache holds every layer of its rows");
+            for (r, &len) in lens.iter().enumerate() {
+                let at = [r..r + 1, 0..hkv, len..len + 1, 0..hd];
+                past_k = past_k.slice_assign(at.clone(), k.clone().narrow(0, r, 1));
+                past_v = past_v.slice_assign(at, v.clone().narrow(0, r, 1));
+            }
+            *slot = Some((past_k.clone(), past_v.clone()));
+            k = past_k.narrow(2, 0, *span);
+            v = past_v.narrow(2, 0, *span);
+        } else if let (Some(slot), &CacheAt::Whole { at, capacity, span }) = (cache, &ctx.cache_at) {
             let (past_k, past_v) = match slot.take() {
                 Some((pk, pv)) => (grow(pk, 2, capacity), grow(pv, 2, capacity)),
                 None => {
@@ -521,8 +640,12 @@ impl<B: KernelBackend> Llama<B> {
         } else {
             Attend::Flash(segment_ids)
         };
-        let ctx =
-            LayerContext { config: &self.config, rope: &rope, attend: &attend, cache_at: (offset, capacity, span) };
+        let ctx = LayerContext {
+            config: &self.config,
+            rope: &rope,
+            attend: &attend,
+            cache_at: CacheAt::Whole { at: offset, capacity, span },
+        };
         // In training, layers with dropout seed their masks from the micro-batch's seed, as
         // gradient checkpointing's recomputation does (`self_backward`).
         let seed = crate::rng::batch_seed().filter(|_| cache.is_none() && self.has_dropout());
@@ -571,6 +694,34 @@ impl<B: KernelBackend> Llama<B> {
         let hidden = self.forward_hidden(input_ids, positions, segments, Some(cache));
         let last = hidden.narrow(1, t - 1, 1);
         self.logits(last).reshape([b, self.config.vocab_size]).cast(DType::F32)
+    }
+
+    /// Feeds one next token for every row of `cache` (`tokens[r]` to row `r`, at the row's own
+    /// position) and returns each row's logits, `[rows, vocab]`, in f32: the decoding step of
+    /// several sequences at once. The linears read their weights once for all rows.
+    pub fn forward_rows(&self, tokens: &[u32], cache: &mut BatchKvCache<B>) -> Tensor<B, 2> {
+        let n = tokens.len();
+        assert_eq!(n, cache.rows(), "forward_rows: one token per row of the cache");
+        assert!(n > 0, "forward_rows: no rows");
+        cache.make_room();
+        let device = self.embed_tokens.device();
+        let hidden = self.config.hidden_size;
+        let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
+        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [n]), &device);
+        let mut x: Tensor<B, 3> = self.embed_tokens.val().select(0, ids).reshape([n, 1, hidden]);
+        let lens = cache.lens.clone();
+        let rope = RopeTables::for_positions(&lens, &self.inv_freq, &device, x.dtype());
+        let longest = lens.iter().max().copied().unwrap_or(0) + 1;
+        let span = longest.next_multiple_of(ATTN_BLOCK).min(cache.capacity);
+        let attend = Attend::Mask(AttentionMask::decode_rows(&lens, span, self.config.sliding_window, &device));
+        let ctx =
+            LayerContext { config: &self.config, rope: &rope, attend: &attend, cache_at: CacheAt::Rows { lens, span } };
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(x, &ctx, Some(&mut cache.layers[i]));
+        }
+        cache.lens.iter_mut().for_each(|l| *l += 1);
+        let x = rms_norm(x, self.norm.val(), self.config.rms_norm_eps);
+        self.logits(x).reshape([n, self.config.vocab_size]).cast(DType::F32)
     }
 
     /// Summed next-token cross-entropy of a packed batch and its token count.
@@ -649,7 +800,12 @@ where
         let dtype = inner.embed_tokens.val().dtype();
         let rope = RopeTables::new(inner_pos, &inner.inv_freq).cast(dtype);
         let attend = Attend::Flash(inner_seg);
-        let ctx = LayerContext { config: &inner.config, rope: &rope, attend: &attend, cache_at: (0, t, t) };
+        let ctx = LayerContext {
+            config: &inner.config,
+            rope: &rope,
+            attend: &attend,
+            cache_at: CacheAt::Whole { at: 0, capacity: t, span: t },
+        };
         let mut x = inner.embed_tokens.val().select(0, inner_ids.reshape([b * t])).reshape([b, t, hidden]);
         let mut inputs = Vec::with_capacity(inner.layers.len());
         let inner_device = x.device();
@@ -674,7 +830,12 @@ where
 
         let rope = RopeTables::new(batch.position_ids.clone(), &self.inv_freq).cast(dtype);
         let attend = Attend::Flash(batch.segment_ids.clone());
-        let ctx = LayerContext { config: &self.config, rope: &rope, attend: &attend, cache_at: (0, t, t) };
+        let ctx = LayerContext {
+            config: &self.config,
+            rope: &rope,
+            attend: &attend,
+            cache_at: CacheAt::Whole { at: 0, capacity: t, span: t },
+        };
         for (i, (layer, input)) in self.layers.iter().zip(inputs).enumerate().rev() {
             let input = Tensor::<B, 3>::from_inner(input).require_grad();
             let y = match seed {

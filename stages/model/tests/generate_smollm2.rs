@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use model_support::*;
 use newt_model::generate::{ChatMessage, ChatTemplate, SamplingConfig, TextStream, generate, stop_token_ids};
-use newt_model::llama::Llama;
+use newt_model::llama::{BatchKvCache, KvCache, Llama};
 
 /// The imported model folder, or `None` (with the reason printed) when the GGUF is unavailable.
 fn smollm2_dir() -> Option<tempfile::TempDir> {
@@ -105,4 +105,29 @@ fn smollm2_cpu_throughput() {
         (out.tokens.len() - 1) as f64 / (total - first),
         out.tokens.len()
     );
+    // Several sequences decoded together (`newt serve --batch`): the same prompt in every row,
+    // 32 steps after its prefill; tokens/s over all rows.
+    for rows in [1usize, 2, 4, 8] {
+        let mut batch = BatchKvCache::new(model.config.num_hidden_layers);
+        for _ in 0..rows {
+            let mut one = KvCache::new(model.config.num_hidden_layers);
+            let _ = floats(
+                model.forward_next(ints(&ids.iter().map(|&t| t as i64).collect::<Vec<_>>(), 1, ids.len()), &mut one),
+            );
+            batch.join(one);
+        }
+        let next = vec![ids[ids.len() - 1]; rows];
+        let _ = floats(model.forward_rows(&next, &mut batch)); // warm-up
+        let steps = 32;
+        let t = Instant::now();
+        for _ in 0..steps {
+            let _ = floats(model.forward_rows(&next, &mut batch));
+        }
+        let secs = t.elapsed().as_secs_f64();
+        eprintln!(
+            "generate: {rows} rows decoded together: {:.1} ms a step, {:.1} tokens/s in all",
+            secs * 1e3 / steps as f64,
+            (rows * steps) as f64 / secs
+        );
+    }
 }

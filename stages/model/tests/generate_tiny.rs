@@ -7,7 +7,7 @@ use std::ops::ControlFlow;
 use burn::tensor::{Int, Tensor};
 use model_support::*;
 use newt_model::generate::{ChatMessage, ChatTemplate, SamplingConfig, StopReason, generate, stop_token_ids};
-use newt_model::llama::KvCache;
+use newt_model::llama::{BatchKvCache, KvCache};
 
 #[test]
 fn tiny_model_is_deterministic() {
@@ -59,6 +59,70 @@ fn kv_cache_logits_equal_no_cache_logits() {
         assert!(rel_diff(&got, want) < 1e-5, "after {at} tokens: {}", rel_diff(&got, want));
     }
     assert_eq!((cache.len(), cache.capacity()), (ids.len(), 16));
+}
+
+/// Several sequences decoded together, each at its own length, joining and leaving at
+/// different steps: every row's logits are those of its sequence computed alone without a
+/// cache, with and without a sliding window, while the buffers grow.
+#[test]
+fn batched_rows_decode_as_each_sequence_alone() {
+    let dir = tiny_model_dir(2);
+    for window in [None, Some(5)] {
+        let mut model = load::<B>(dir.path());
+        model.config.sliding_window = window;
+        let v = model.config.vocab_size;
+        let layers = model.config.num_hidden_layers;
+        let argmax = |l: &[f32]| (0..l.len()).max_by(|&a, &b| l[a].total_cmp(&l[b]).then(b.cmp(&a))).unwrap() as i64;
+        // Start a sequence: its prompt through a cache of its own, then into the batch.
+        let start = |batch: &mut BatchKvCache<B>, prompt: &[i64]| -> Vec<i64> {
+            let mut one = KvCache::with_capacity(layers, 4);
+            let l = floats(model.forward_next(ints(prompt, 1, prompt.len()), &mut one));
+            batch.join(one);
+            let mut seq = prompt.to_vec();
+            seq.push(argmax(&l));
+            seq
+        };
+        let mut batch = BatchKvCache::with_capacity(layers, 8);
+        let mut seqs: Vec<Vec<i64>> = vec![start(&mut batch, &[4, 8, 15])];
+        let mut step = |batch: &mut BatchKvCache<B>, seqs: &mut Vec<Vec<i64>>| {
+            let next: Vec<u32> = seqs.iter().map(|s| *s.last().unwrap() as u32).collect();
+            let got = floats(model.forward_rows(&next, batch));
+            for (r, seq) in seqs.iter_mut().enumerate() {
+                let row = &got[r * v..(r + 1) * v];
+                let alone = logits(&model, seq, 1);
+                let want = &alone[(seq.len() - 1) * v..];
+                assert!(
+                    rel_diff(row, want) < 1e-5,
+                    "window {window:?}, row {r} at {}: {}",
+                    seq.len(),
+                    rel_diff(row, want)
+                );
+                seq.push(argmax(row));
+            }
+            assert_eq!(batch.lens(), seqs.iter().map(|s| s.len() - 1).collect::<Vec<_>>());
+        };
+        step(&mut batch, &mut seqs);
+        step(&mut batch, &mut seqs);
+        seqs.push(start(&mut batch, &[1, 2, 3, 5, 8, 13, 21, 34, 55, 89]));
+        for _ in 0..3 {
+            step(&mut batch, &mut seqs);
+        }
+        // The first leaves; a third joins behind the second.
+        batch.leave(0);
+        seqs.remove(0);
+        seqs.push(start(&mut batch, &[7, 7]));
+        for _ in 0..4 {
+            step(&mut batch, &mut seqs);
+        }
+        assert_eq!(batch.rows(), 2);
+        assert!(batch.capacity() >= 16, "the buffers grew past 8: {}", batch.capacity());
+        batch.leave(1);
+        batch.leave(0);
+        assert_eq!(batch.rows(), 0);
+        seqs.clear();
+        seqs.push(start(&mut batch, &[3, 1, 4, 1, 5]));
+        step(&mut batch, &mut seqs);
+    }
 }
 
 #[test]

@@ -17,7 +17,7 @@ use axum::Router;
 use axum::routing::{get, post};
 use tokio::sync::mpsc;
 
-pub use worker::{Engine, Event, Finish, FinishReason, GenParams, Job, Message, Prompt, Stats, run_worker};
+pub use worker::{Engine, Event, Finish, FinishReason, GenParams, Job, Message, Prompt, Stats, Step, run_worker};
 
 /// What the chat page starts with (Axolotl's `gradio_*` keys).
 #[derive(Debug, Clone, serde::Serialize)]

@@ -1,7 +1,8 @@
-//! The generation worker: one thread owns the model and takes jobs from a bounded queue, one at
-//! a time; each job streams its events back to the request that queued it. A request whose
-//! client went away (its receiver dropped) is skipped if still queued and stopped at the next
-//! token if running.
+//! The generation worker: one thread owns the model and takes jobs from a bounded queue; up to
+//! the engine's number of sequences decode together, one token each per step, and a job queued
+//! meanwhile joins them at the next step. Each job streams its events back to the request that
+//! queued it. A request whose client went away (its receiver dropped) is skipped if still queued
+//! and stopped at the next token if running.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -70,22 +71,35 @@ pub struct Finish {
     pub reason: FinishReason,
 }
 
-/// The model behind the server.
+/// What one decoding step gave a sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    /// A token and its text (empty while a character is incomplete); `last` when the sequence
+    /// ends with it (its `max_tokens` reached).
+    Token { text: String, last: bool },
+    /// The model's stop token (end of turn): the sequence ends without it.
+    Stop,
+    /// The sequence failed; the message says why.
+    Failed(String),
+}
+
+/// The model behind the server: it decodes the sequences it was given together, one token
+/// each per step.
 pub trait Engine {
     /// The model's context length in tokens (prompt and answer together).
     fn context_len(&self) -> usize;
     /// The prompt's tokens for model `model` (an index into the server's model names); an
     /// error is the client's (a template that refuses the messages, say).
     fn tokenize(&self, model: usize, prompt: &Prompt) -> Result<Vec<u32>, String>;
-    /// Generates after `prompt`, calling `on_token` with each token's text (empty while a
-    /// character is incomplete) until it returns false, a stop token, or `params.max_tokens`.
-    fn generate(
-        &mut self,
-        model: usize,
-        prompt: &[u32],
-        params: &GenParams,
-        on_token: &mut dyn FnMut(&str) -> bool,
-    ) -> Result<Finish, String>;
+    /// How many sequences may be decoding at once (1: one request after another).
+    fn max_sequences(&self) -> usize;
+    /// Starts sequence `id` of model `model`: reads `prompt` now; its tokens come from the
+    /// following [`Engine::step`]s. `params.max_tokens` already fits the context.
+    fn start(&mut self, id: u64, model: usize, prompt: &[u32], params: &GenParams) -> Result<(), String>;
+    /// Advances every started sequence by one token.
+    fn step(&mut self) -> Vec<(u64, Step)>;
+    /// Forgets sequence `id` (it ended, or its client left); an unknown id is ignored.
+    fn finish(&mut self, id: u64);
 }
 
 /// What the worker tells the request.
@@ -143,23 +157,131 @@ impl Stats {
     }
 }
 
-/// Serves jobs until every sender of `jobs` is gone.
+/// Serves jobs until every sender of `jobs` is gone. Up to [`Engine::max_sequences`] jobs
+/// decode together: a job queued while others run joins them at the next step.
 pub fn run_worker(engine: &mut dyn Engine, mut jobs: mpsc::Receiver<Job>, stats: &Stats) {
-    while let Some(job) = jobs.blocking_recv() {
-        stats.queued.fetch_sub(1, Ordering::Relaxed);
-        run_job(engine, job, stats);
+    let mut live: Vec<Live> = Vec::new();
+    let mut next_id = 0u64;
+    let mut open = true;
+    loop {
+        // New jobs: wait for one when idle, else take those already queued.
+        while open && live.len() < engine.max_sequences().max(1) {
+            let job = if live.is_empty() {
+                jobs.blocking_recv()
+            } else {
+                match jobs.try_recv() {
+                    Ok(job) => Some(job),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => None,
+                }
+            };
+            let Some(job) = job else {
+                open = false;
+                break;
+            };
+            stats.queued.fetch_sub(1, Ordering::Relaxed);
+            next_id += 1;
+            live.extend(admit(engine, next_id, job, stats));
+        }
+        if live.is_empty() {
+            if open {
+                continue;
+            }
+            return;
+        }
+        let steps = engine.step();
+        if steps.is_empty() {
+            // An engine that advances nothing would spin for ever: its sequences fail.
+            for l in live.drain(..) {
+                engine.finish(l.id);
+                l.fail("the engine stopped advancing this answer");
+            }
+            continue;
+        }
+        for (id, step) in steps {
+            let Some(i) = live.iter().position(|l| l.id == id) else { continue };
+            if live[i].take(step, stats) {
+                engine.finish(id);
+                live.remove(i);
+            }
+        }
+        // A client that left while its text was held back (a stop string's possible start).
+        live.retain(|l| {
+            let gone = l.events.is_closed();
+            if gone {
+                stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                engine.finish(l.id);
+            }
+            !gone
+        });
     }
 }
 
-fn run_job(engine: &mut dyn Engine, job: Job, stats: &Stats) {
-    let events = &job.events;
+/// A job being answered.
+struct Live {
+    id: u64,
+    events: mpsc::UnboundedSender<Event>,
+    stops: StopStrings,
+    tokens: usize,
+}
+
+impl Live {
+    /// Handles one step's outcome; true when the job has ended.
+    fn take(&mut self, step: Step, stats: &Stats) -> bool {
+        match step {
+            Step::Token { text, last } => {
+                stats.tokens.fetch_add(1, Ordering::Relaxed);
+                self.tokens += 1;
+                let (text, hit) = self.stops.push(&text);
+                if (!text.is_empty() && self.events.send(Event::Text(text)).is_err()) || self.events.is_closed() {
+                    stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                    return true;
+                }
+                if hit {
+                    self.done(FinishReason::Stop, stats);
+                } else if last {
+                    self.done(FinishReason::Length, stats);
+                }
+                hit || last
+            }
+            Step::Stop => {
+                self.done(FinishReason::Stop, stats);
+                true
+            }
+            Step::Failed(e) => {
+                self.fail(&e);
+                true
+            }
+        }
+    }
+
+    /// Sends what the stop strings held back (unless one was hit) and the end.
+    fn done(&mut self, reason: FinishReason, stats: &Stats) {
+        // Empty after a stop string (the text ends before it).
+        let rest = self.stops.finish();
+        if !rest.is_empty() {
+            let _ = self.events.send(Event::Text(rest));
+        }
+        stats.completed.fetch_add(1, Ordering::Relaxed);
+        let _ = self.events.send(Event::Done(Finish { completion_tokens: self.tokens, reason }));
+    }
+
+    fn fail(&self, e: &str) {
+        let _ = self.events.send(Event::Error { status: 500, message: format!("generation failed: {e}") });
+    }
+}
+
+/// Checks a job and starts its sequence; `None` when it was refused or its client is gone.
+fn admit(engine: &mut dyn Engine, id: u64, job: Job, stats: &Stats) -> Option<Live> {
+    let events = job.events;
     if events.is_closed() {
         stats.cancelled.fetch_add(1, Ordering::Relaxed);
-        return;
+        return None;
     }
     let refuse = |status: u16, message: String| {
         stats.refused.fetch_add(1, Ordering::Relaxed);
         let _ = events.send(Event::Error { status, message });
+        None
     };
     let prompt = match engine.tokenize(job.model, &job.prompt) {
         Ok(p) => p,
@@ -179,44 +301,23 @@ fn run_job(engine: &mut dyn Engine, job: Job, stats: &Stats) {
             ),
         );
     }
-    let mut params = job.params.clone();
+    let mut params = job.params;
     params.max_tokens = params.max_tokens.min(context - prompt.len());
     if events.send(Event::Started { prompt_tokens: prompt.len() }).is_err() {
         stats.cancelled.fetch_add(1, Ordering::Relaxed);
-        return;
+        return None;
     }
-    let mut stops = StopStrings::new(params.stop.clone());
-    let mut gone = false;
-    let mut stopped = false;
-    let result = engine.generate(job.model, &prompt, &params, &mut |piece: &str| {
-        stats.tokens.fetch_add(1, Ordering::Relaxed);
-        let (text, hit) = stops.push(piece);
-        if (!text.is_empty() && events.send(Event::Text(text)).is_err()) || events.is_closed() {
-            gone = true;
-            return false;
-        }
-        stopped = hit;
-        !hit
-    });
-    if gone {
-        stats.cancelled.fetch_add(1, Ordering::Relaxed);
-        return;
+    let live = Live { id, events, stops: StopStrings::new(params.stop.clone()), tokens: 0 };
+    if params.max_tokens == 0 {
+        let mut live = live;
+        live.done(FinishReason::Length, stats);
+        return None;
     }
-    match result {
-        Ok(mut finish) => {
-            if stopped {
-                finish.reason = FinishReason::Stop;
-            } else {
-                let rest = stops.finish();
-                if !rest.is_empty() {
-                    let _ = events.send(Event::Text(rest));
-                }
-            }
-            stats.completed.fetch_add(1, Ordering::Relaxed);
-            let _ = events.send(Event::Done(finish));
-        }
+    match engine.start(id, job.model, &prompt, &params) {
+        Ok(()) => Some(live),
         Err(e) => {
-            let _ = events.send(Event::Error { status: 500, message: format!("generation failed: {e}") });
+            live.fail(&e);
+            None
         }
     }
 }
@@ -287,9 +388,19 @@ mod tests {
         assert_eq!(s.finish(), "é");
     }
 
-    /// Counts up from the prompt's last token, one character a token.
+    /// Counts up from the prompt's last token, one character a token, every started sequence
+    /// a step; records how many steps it ran.
     struct Counter {
         context: usize,
+        max_sequences: usize,
+        seqs: Vec<(u64, u32, usize, usize)>,
+        steps: usize,
+    }
+
+    impl Counter {
+        fn new(context: usize, max_sequences: usize) -> Self {
+            Counter { context, max_sequences, seqs: Vec::new(), steps: 0 }
+        }
     }
 
     impl Engine for Counter {
@@ -302,83 +413,136 @@ mod tests {
                 Prompt::Chat(_) => Err("no template".into()),
             }
         }
-        fn generate(
-            &mut self,
-            _: usize,
-            prompt: &[u32],
-            params: &GenParams,
-            on_token: &mut dyn FnMut(&str) -> bool,
-        ) -> Result<Finish, String> {
-            let mut n = 0;
-            while n < params.max_tokens {
-                n += 1;
-                let c = char::from(b'0' + ((prompt[prompt.len() - 1] as usize + n) % 10) as u8);
-                if !on_token(&c.to_string()) {
-                    return Ok(Finish { completion_tokens: n, reason: FinishReason::Stop });
-                }
-            }
-            Ok(Finish { completion_tokens: n, reason: FinishReason::Length })
+        fn max_sequences(&self) -> usize {
+            self.max_sequences
+        }
+        fn start(&mut self, id: u64, _: usize, prompt: &[u32], params: &GenParams) -> Result<(), String> {
+            assert!(self.seqs.len() < self.max_sequences, "more sequences than the engine takes");
+            self.seqs.push((id, prompt[prompt.len() - 1], 0, params.max_tokens));
+            Ok(())
+        }
+        fn step(&mut self) -> Vec<(u64, Step)> {
+            self.steps += 1;
+            self.seqs
+                .iter_mut()
+                .map(|(id, last, n, max)| {
+                    *n += 1;
+                    let c = char::from(b'0' + ((*last as usize + *n) % 10) as u8);
+                    (*id, Step::Token { text: c.to_string(), last: *n >= *max })
+                })
+                .collect()
+        }
+        fn finish(&mut self, id: u64) {
+            self.seqs.retain(|s| s.0 != id);
         }
     }
 
-    fn run(engine: &mut Counter, prompt: Prompt, max_tokens: usize, stop: &[&str]) -> Vec<Event> {
-        let (tx, rx) = mpsc::channel(4);
-        let (etx, mut erx) = mpsc::unbounded_channel();
-        let params = GenParams {
+    fn params(max_tokens: usize, stop: &[&str]) -> GenParams {
+        GenParams {
             max_tokens,
             temperature: 0.0,
             top_p: 1.0,
             seed: 0,
             stop: stop.iter().map(|s| s.to_string()).collect(),
             ignore_eos: false,
-        };
+        }
+    }
+
+    /// Queues every job, then runs the worker until the queue is closed; each job's events.
+    fn run_all(engine: &mut dyn Engine, jobs: Vec<(Prompt, GenParams)>) -> Vec<Vec<Event>> {
+        let (tx, rx) = mpsc::channel(jobs.len().max(1));
         let stats = Stats::default();
-        stats.queued.fetch_add(1, Ordering::Relaxed);
-        tx.try_send(Job { model: 0, prompt, params, events: etx }).unwrap();
+        let mut receivers = Vec::new();
+        for (prompt, params) in jobs {
+            let (etx, erx) = mpsc::unbounded_channel();
+            stats.queued.fetch_add(1, Ordering::Relaxed);
+            tx.try_send(Job { model: 0, prompt, params, events: etx }).unwrap();
+            receivers.push(erx);
+        }
         drop(tx);
         run_worker(engine, rx, &stats);
-        let mut out = Vec::new();
-        while let Ok(e) = erx.try_recv() {
-            out.push(e);
-        }
-        out
+        assert_eq!(stats.queued.load(Ordering::Relaxed), 0);
+        receivers
+            .into_iter()
+            .map(|mut erx| {
+                let mut out = Vec::new();
+                while let Ok(e) = erx.try_recv() {
+                    out.push(e);
+                }
+                out
+            })
+            .collect()
+    }
+
+    fn run(engine: &mut Counter, prompt: Prompt, max_tokens: usize, stop: &[&str]) -> Vec<Event> {
+        run_all(engine, vec![(prompt, params(max_tokens, stop))]).remove(0)
+    }
+
+    fn text(events: &[Event]) -> String {
+        events.iter().filter_map(|e| if let Event::Text(t) = e { Some(t.as_str()) } else { None }).collect()
     }
 
     #[test]
     fn the_worker_streams_cuts_at_stop_strings_and_bounds_by_the_context() {
-        let mut e = Counter { context: 8 };
+        let mut e = Counter::new(8, 1);
         let ev = run(&mut e, Prompt::Text("0".into()), 100, &[]);
         // '0' is byte 48: tokens continue from 8 % 10; the context leaves 7 tokens.
-        let text: String =
-            ev.iter().filter_map(|e| if let Event::Text(t) = e { Some(t.as_str()) } else { None }).collect();
-        assert_eq!(text, "9012345");
+        assert_eq!(text(&ev), "9012345");
         assert_eq!(ev[0], Event::Started { prompt_tokens: 1 });
         assert_eq!(ev.last().unwrap(), &Event::Done(Finish { completion_tokens: 7, reason: FinishReason::Length }));
         let ev = run(&mut e, Prompt::Text("0".into()), 100, &["23"]);
-        let text: String =
-            ev.iter().filter_map(|e| if let Event::Text(t) = e { Some(t.as_str()) } else { None }).collect();
-        assert_eq!(text, "901");
+        assert_eq!(text(&ev), "901");
         assert!(matches!(ev.last().unwrap(), Event::Done(Finish { reason: FinishReason::Stop, .. })));
+        // A possible start of a stop string that never completes is sent at the end.
+        let ev = run(&mut e, Prompt::Text("0".into()), 3, &["12"]);
+        assert_eq!(text(&ev), "901");
         let ev = run(&mut e, Prompt::Text("01234567".into()), 100, &[]);
         assert!(
             matches!(&ev[..], [Event::Error { status: 400, message }] if message.contains("maximum context length is 8"))
         );
         let ev = run(&mut e, Prompt::Chat(vec![]), 100, &[]);
         assert_eq!(ev, vec![Event::Error { status: 400, message: "no template".into() }]);
+        assert!(e.seqs.is_empty(), "every sequence was finished: {:?}", e.seqs);
+    }
+
+    /// Three jobs, two decoding at a time: the first two advance together, the third joins when
+    /// the first ends; every answer is what it is alone, in fewer steps than one by one.
+    #[test]
+    fn queued_jobs_decode_together_and_join_as_others_end() {
+        let jobs = || {
+            vec![
+                (Prompt::Text("0".into()), params(3, &[])),
+                (Prompt::Text("5".into()), params(5, &[])),
+                (Prompt::Text("2".into()), params(2, &[])),
+            ]
+        };
+        let mut alone = Counter::new(100, 1);
+        let one_by_one = run_all(&mut alone, jobs());
+        assert_eq!(alone.steps, 10);
+        let mut two = Counter::new(100, 2);
+        let together = run_all(&mut two, jobs());
+        assert_eq!(together, one_by_one);
+        assert_eq!(two.steps, 5, "3 steps for the first two, then the third beside the second");
+        assert_eq!(
+            together.iter().map(|ev| text(ev)).collect::<Vec<_>>(),
+            vec!["901".to_string(), "45678".into(), "12".into()]
+        );
+        let mut eight = Counter::new(100, 8);
+        assert_eq!(run_all(&mut eight, jobs()), one_by_one);
+        assert_eq!(eight.steps, 5);
     }
 
     #[test]
     fn a_job_whose_client_left_is_skipped_or_stopped() {
         let (tx, rx) = mpsc::channel(4);
         let stats = Stats::default();
-        let params =
-            GenParams { max_tokens: 1000, temperature: 0.0, top_p: 1.0, seed: 0, stop: vec![], ignore_eos: false };
+        let params = params(1000, &[]);
         // Left while queued.
         let (etx, erx) = mpsc::unbounded_channel();
         drop(erx);
         stats.queued.fetch_add(1, Ordering::Relaxed);
         tx.try_send(Job { model: 0, prompt: Prompt::Text("a".into()), params: params.clone(), events: etx }).unwrap();
-        // Leaves after the fifth token: the engine is told to stop at the next one.
+        // Leaves after the fifth token: the engine is told to forget it at once.
         struct Leaving {
             inner: Counter,
             seen: usize,
@@ -391,33 +555,76 @@ mod tests {
             fn tokenize(&self, m: usize, p: &Prompt) -> Result<Vec<u32>, String> {
                 self.inner.tokenize(m, p)
             }
-            fn generate(
-                &mut self,
-                m: usize,
-                p: &[u32],
-                params: &GenParams,
-                on_token: &mut dyn FnMut(&str) -> bool,
-            ) -> Result<Finish, String> {
-                let seen = &mut self.seen;
-                let rx = &mut self.rx;
-                self.inner.generate(m, p, params, &mut |t| {
-                    *seen += 1;
-                    if *seen == 5 {
-                        *rx = None;
-                    }
-                    on_token(t)
-                })
+            fn max_sequences(&self) -> usize {
+                self.inner.max_sequences()
+            }
+            fn start(&mut self, id: u64, m: usize, p: &[u32], params: &GenParams) -> Result<(), String> {
+                self.inner.start(id, m, p, params)
+            }
+            fn step(&mut self) -> Vec<(u64, Step)> {
+                let steps = self.inner.step();
+                self.seen += steps.len();
+                if self.seen == 5 {
+                    self.rx = None;
+                }
+                steps
+            }
+            fn finish(&mut self, id: u64) {
+                self.inner.finish(id)
             }
         }
         let (etx, erx) = mpsc::unbounded_channel();
         stats.queued.fetch_add(1, Ordering::Relaxed);
         tx.try_send(Job { model: 0, prompt: Prompt::Text("a".into()), params, events: etx }).unwrap();
         drop(tx);
-        let mut leaving = Leaving { inner: Counter { context: 1 << 20 }, seen: 0, rx: Some(erx) };
+        let mut leaving = Leaving { inner: Counter::new(1 << 20, 4), seen: 0, rx: Some(erx) };
         run_worker(&mut leaving, rx, &stats);
         assert_eq!(leaving.seen, 5, "generation stops at the token after the client left");
+        assert!(leaving.inner.seqs.is_empty());
         assert_eq!(stats.cancelled.load(Ordering::Relaxed), 2);
         assert_eq!(stats.completed.load(Ordering::Relaxed), 0);
         assert_eq!(stats.queued.load(Ordering::Relaxed), 0);
+    }
+
+    /// An engine that fails a sequence, or advances none, fails its requests with a 500 rather
+    /// than hanging the worker.
+    #[test]
+    fn a_failing_engine_fails_its_requests() {
+        struct Broken(Counter, bool);
+        impl Engine for Broken {
+            fn context_len(&self) -> usize {
+                100
+            }
+            fn tokenize(&self, m: usize, p: &Prompt) -> Result<Vec<u32>, String> {
+                self.0.tokenize(m, p)
+            }
+            fn max_sequences(&self) -> usize {
+                2
+            }
+            fn start(&mut self, id: u64, m: usize, p: &[u32], params: &GenParams) -> Result<(), String> {
+                self.0.start(id, m, p, params)
+            }
+            fn step(&mut self) -> Vec<(u64, Step)> {
+                if self.1 {
+                    Vec::new()
+                } else {
+                    self.0.seqs.iter().map(|s| (s.0, Step::Failed("boom".into()))).collect()
+                }
+            }
+            fn finish(&mut self, id: u64) {
+                self.0.finish(id)
+            }
+        }
+        for silent in [false, true] {
+            let mut e = Broken(Counter::new(100, 2), silent);
+            let out = run_all(&mut e, vec![(Prompt::Text("0".into()), params(4, &[])); 3]);
+            for ev in out {
+                assert!(
+                    matches!(&ev[..], [Event::Started { .. }, Event::Error { status: 500, message }] if message.starts_with("generation failed")),
+                    "{ev:?}"
+                );
+            }
+            assert!(e.0.seqs.is_empty());
+        }
     }
 }
