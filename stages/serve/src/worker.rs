@@ -164,8 +164,11 @@ pub fn run_worker(engine: &mut dyn Engine, mut jobs: mpsc::Receiver<Job>, stats:
     let mut next_id = 0u64;
     let mut open = true;
     loop {
-        // New jobs: wait for one when idle, else take those already queued.
-        while open && live.len() < engine.max_sequences().max(1) {
+        // New jobs: wait for one when idle, else take one already queued (each prompt is read
+        // before the next step, so one a step lets the running answers go on meanwhile).
+        let mut taken = 0;
+        while open && live.len() < engine.max_sequences().max(1) && (live.is_empty() || taken == 0) {
+            taken += 1;
             let job = if live.is_empty() {
                 jobs.blocking_recv()
             } else {
@@ -522,14 +525,16 @@ mod tests {
         let mut two = Counter::new(100, 2);
         let together = run_all(&mut two, jobs());
         assert_eq!(together, one_by_one);
-        assert_eq!(two.steps, 5, "3 steps for the first two, then the third beside the second");
+        // One job joins a step: the first alone for a step, the second beside it for two, the
+        // third beside the second once the first is done, the second alone at the end.
+        assert_eq!(two.steps, 6);
         assert_eq!(
             together.iter().map(|ev| text(ev)).collect::<Vec<_>>(),
             vec!["901".to_string(), "45678".into(), "12".into()]
         );
         let mut eight = Counter::new(100, 8);
         assert_eq!(run_all(&mut eight, jobs()), one_by_one);
-        assert_eq!(eight.steps, 5);
+        assert_eq!(eight.steps, 6, "joined at steps 1, 2 and 3; the second (5 tokens) ends at 6");
     }
 
     #[test]
