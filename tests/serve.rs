@@ -250,6 +250,22 @@ fn the_api_answers_as_openai_does_and_the_page_chats_in_chromium() {
     assert_eq!(v["usage"]["prompt_tokens"].as_u64().unwrap(), prompt_tokens, "one prompt format for both");
     assert_ne!(v["choices"][0]["message"]["content"].as_str().unwrap(), adapter_text);
 
+    // Both models at once, twice each: the adapter's rows and the base's decode in their own
+    // batches of one step, and every answer is the one its model gives alone.
+    let base_text = v["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    let both: Vec<_> = ["p", "newt:tiny", "p", "newt:tiny"]
+        .into_iter()
+        .map(|m| {
+            let (addr, body) = (s.addr.clone(), chat(q, json!({"max_tokens": 24, "ignore_eos": true, "model": m})));
+            std::thread::spawn(move || (m, http(&addr, "POST", "/v1/chat/completions", Some(&body.to_string()), &[])))
+        })
+        .collect();
+    for h in both {
+        let (m, r) = h.join().unwrap();
+        let want = if m == "p" { &adapter_text } else { &base_text };
+        assert_eq!(r.json()["choices"][0]["message"]["content"].as_str().unwrap(), want, "{m} beside the other");
+    }
+
     // A stop string cuts the answer before it.
     let chars: Vec<char> = adapter_text.chars().collect();
     if let Some(at) = (3..chars.len().saturating_sub(2)).find(|&i| !chars[i].is_whitespace()) {
