@@ -84,7 +84,7 @@ fn batched_rows_decode_as_each_sequence_alone() {
         };
         let mut batch = BatchKvCache::with_capacity(layers, 8);
         let mut seqs: Vec<Vec<i64>> = vec![start(&mut batch, &[4, 8, 15])];
-        let mut step = |batch: &mut BatchKvCache<B>, seqs: &mut Vec<Vec<i64>>| {
+        let step = |batch: &mut BatchKvCache<B>, seqs: &mut Vec<Vec<i64>>| {
             let next: Vec<u32> = seqs.iter().map(|s| *s.last().unwrap() as u32).collect();
             let got = floats(model.forward_rows(&next, batch));
             for (r, seq) in seqs.iter_mut().enumerate() {
