@@ -542,10 +542,11 @@ impl WithAutodiffBackend for TrainWork<'_> {
         let method = Method::of(cfg)?;
         let quantize = quant_code(cfg.quantization);
         let quantized = ctx.inputs.get("quantize.model").map(PathBuf::as_path);
-        // Whether the base's NF4 scales are 8-bit codes: as the stored base says, else as a base
-        // quantized while it is read (`load_model`).
-        let double_quant = match quantized.map(newt_model::quantized::QuantizedBase::open) {
-            Some(Ok(base)) => base.meta().double_quant,
+        // Whether the base's NF4 scales are 8-bit codes: as the stored base's description says
+        // (its tensors are opened once, by `load_model`), else as a base quantized while it is
+        // read.
+        let double_quant = match quantized.map(newt_model::quantized::QuantizedMeta::read) {
+            Some(Ok(meta)) => meta.double_quant,
             _ => quantize == Some(QuantCode::Nf4),
         };
         ctx.progress.set_message(match (quantize, quantized) {

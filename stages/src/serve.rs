@@ -219,8 +219,8 @@ impl<B: KernelBackend> Engine for BurnEngine<B> {
                     next.push(token);
                 }
             }
+            batch.cache.leave_all(&ended);
             for &r in ended.iter().rev() {
-                batch.cache.leave(r);
                 batch.rows.remove(r);
             }
             if batch.rows.is_empty() {

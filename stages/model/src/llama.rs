@@ -232,9 +232,18 @@ impl<B: Backend> BatchKvCache<B> {
 
     /// Drops row `row`; the rows after it move up by one.
     pub fn leave(&mut self, row: usize) {
-        assert!(row < self.lens.len(), "leave: no row {row}");
-        self.lens.remove(row);
-        let keep: Vec<i64> = (0..=self.lens.len()).filter(|&r| r != row).map(|r| r as i64).collect();
+        self.leave_all(&[row]);
+    }
+
+    /// Drops every row in `rows` in one copy of the buffers; the others keep their order.
+    pub fn leave_all(&mut self, rows: &[usize]) {
+        if rows.is_empty() {
+            return;
+        }
+        let held = self.lens.len();
+        assert!(rows.iter().all(|&r| r < held), "leave: no row {rows:?} of {held}");
+        let keep: Vec<i64> = (0..held).filter(|r| !rows.contains(r)).map(|r| r as i64).collect();
+        self.lens = keep.iter().map(|&r| self.lens[r as usize]).collect();
         for layer in &mut self.layers {
             let Some((k, v)) = layer.take() else { continue };
             if keep.is_empty() {

@@ -164,9 +164,10 @@ impl std::fmt::Debug for QuantizedBase {
     }
 }
 
-impl QuantizedBase {
-    /// Opens the artifact in `dir`, checking its description.
-    pub fn open(dir: &Path) -> Result<Self, LoadError> {
+impl QuantizedMeta {
+    /// The description of the artifact in `dir`, checked to be one this newt reads; the tensors
+    /// are not opened.
+    pub fn read(dir: &Path) -> Result<Self, LoadError> {
         let bad = |reason: String| LoadError::Quantized { dir: dir.to_path_buf(), reason };
         let text = std::fs::read_to_string(dir.join(META_FILE)).map_err(|e| bad(format!("{META_FILE}: {e}")))?;
         let meta: QuantizedMeta = serde_json::from_str(&text).map_err(|e| bad(format!("{META_FILE}: {e}")))?;
@@ -180,6 +181,14 @@ impl QuantizedBase {
                 meta.format, meta.code, meta.block, meta.dq_block
             )));
         }
+        Ok(meta)
+    }
+}
+
+impl QuantizedBase {
+    /// Opens the artifact in `dir`, checking its description.
+    pub fn open(dir: &Path) -> Result<Self, LoadError> {
+        let meta = QuantizedMeta::read(dir)?;
         Ok(QuantizedBase { dir: dir.to_path_buf(), store: TensorStore::open(dir)?, meta })
     }
 
