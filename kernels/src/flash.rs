@@ -116,6 +116,14 @@ pub trait KernelBackend: Backend {
         crate::rope::default_rope::<Self>(x, cos, sin, sign)
     }
 
+    /// What the backend's device allocator holds now: `(bytes in live tensors, bytes reserved
+    /// from the device)`, where it keeps pools (CUDA); `None` elsewhere. What a process shows in
+    /// nvidia-smi beyond the reserved bytes is the CUDA context and memory allocated outside the
+    /// pools (cuBLASLt workspaces, NCCL).
+    fn memory_usage(_device: &Self::Device) -> Option<(u64, u64)> {
+        None
+    }
+
     /// Whether [`KernelBackend::all_reduce_sum`] runs on this backend (NCCL on CUDA).
     fn has_collectives() -> bool {
         false
@@ -286,6 +294,12 @@ macro_rules! cuda_kernel_backend {
 
             fn has_collectives() -> bool {
                 true
+            }
+
+            fn memory_usage(device: &Self::Device) -> Option<(u64, u64)> {
+                use burn_cubecl::cubecl::Runtime;
+                let usage = cubecl_cuda::CudaRuntime::client(device).memory_usage().ok()?;
+                Some((usage.bytes_in_use, usage.bytes_reserved))
             }
 
             fn dequantize_weight(
@@ -595,6 +609,10 @@ pub fn backward<B: Backend>(
 impl<B: KernelBackend, C: CheckpointStrategy> KernelBackend for Autodiff<B, C> {
     fn dense_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
         crate::matmul::autodiff_dense_matmul::<B, C>(lhs, rhs)
+    }
+
+    fn memory_usage(device: &Self::Device) -> Option<(u64, u64)> {
+        B::memory_usage(device)
     }
 
     fn lora_linear(

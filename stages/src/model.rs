@@ -332,6 +332,7 @@ pub fn memory_estimate(
         sequence_len: cfg.pad_to.unwrap_or(sequence_len) as u64,
         gradient_checkpointing: settings.gradient_checkpointing,
         loss_chunk_tokens: newt_model::llama::default_chunk_tokens(model.vocab_size) as u64,
+        cuda: on_cuda,
     };
     Ok(newt_model::memory::estimate(model, &spec))
 }
@@ -355,11 +356,12 @@ fn with_estimate(
     let Ok(est) = memory_estimate(model, cfg, settings, width, on_cuda, double_quant) else { return e.into() };
     let device = if on_cuda { backend::cuda_device_memory() } else { None };
     anyhow::anyhow!(
-        "{e}\nnewt's estimate for this run: weights {} + gradients {} + AdamW state {} + activations {} = {}{}",
+        "{e}\nnewt's estimate for this run: weights {} + gradients {} + AdamW state {} + activations {}{} = {}{}",
         gib(est.weights),
         gib(est.gradients),
         gib(est.optimizer),
         gib(est.activations),
+        newt_model::memory::runtime_part(&est),
         gib(est.total()),
         device.map(|d| format!(", on a GPU of {}", gib(d))).unwrap_or_default()
     )

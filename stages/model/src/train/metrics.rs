@@ -78,6 +78,14 @@ pub struct StepReport {
     /// Seconds of this step spent compiling kernels and loading them into the device.
     #[serde(default)]
     pub kernel_jit_s: f64,
+    /// Bytes the device allocator held reserved at the end of the step (CUDA: CubeCL's memory
+    /// pools, which keep what they reserved), and the bytes in live tensors then; absent on the
+    /// CPU. Beside the process's nvidia-smi figure they show what lies outside the pools.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_reserved_bytes: Option<u64>,
+    /// See `device_reserved_bytes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_in_use_bytes: Option<u64>,
     /// True every `logging_steps` steps (for the CLI to print a line).
     pub log_line: bool,
 }

@@ -296,6 +296,7 @@ where
         model = new_model;
         let step_s = t0.elapsed().as_secs_f64();
         let jit = newt_kernels::jit_stats().since(&jit0);
+        let memory = <B::InnerBackend as newt_kernels::KernelBackend>::memory_usage(device);
 
         next.step += 1;
         if next.micro >= plan.micro_batches_per_epoch {
@@ -324,6 +325,8 @@ where
             elapsed_s: started.elapsed().as_secs_f64(),
             kernel_compiles: jit.compiles,
             kernel_jit_s: (jit.compile + jit.load).as_secs_f64(),
+            device_in_use_bytes: memory.map(|m| m.0),
+            device_reserved_bytes: memory.map(|m| m.1),
             log_line: pos.step % plan.log_every == 0 || pos.step == plan.total_steps,
         };
         summary.tokens += tokens as u64;
