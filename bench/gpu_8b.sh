@@ -5,7 +5,9 @@
 # LoRA and QLoRA, every row a full 4,096-token sequence on both sides (no padding, no packing).
 #
 #   bash bench/gpu_8b.sh [ROW...]
-#     rows: peer-lora peer-lora-liger newt-lora peer-qlora peer-qlora-liger newt-qlora (default: all)
+#     rows: peer-lora peer-lora-liger newt-lora peer-qlora peer-qlora-liger newt-qlora (2×4096,
+#     checkpointing; the default); a suffix -BxS sets the rows and sequence length, -nockpt turns
+#     checkpointing off: newt-lora-4x2048, peer-lora-liger-4x2048-nockpt.
 #
 # Expects (carried, or left by an earlier call on the same warm machine): .dev/gpu/newt.xz (the
 # stripped newt binary, xz), .dev/gpu/peft_baseline.py, and the peers' wheels in .dev/gpu/wheels/
@@ -24,9 +26,12 @@
 # beside its measured peak.
 set -uo pipefail
 rows=("$@"); [ ${#rows[@]} = 0 ] && rows=(peer-lora peer-lora-liger newt-lora peer-qlora peer-qlora-liger newt-qlora)
-OUT=${OUT:-/tmp/newt-gpu-out}; R=/tmp/bench8b; mkdir -p "$OUT" "$R"
+# SHAPE=llama-3.2-1b or smollm2-135m runs the same rows on that shape (random_model.py's shapes).
+SHAPE=${SHAPE:-llama-3.1-8b}
+R=/tmp/bench8b; [ "$SHAPE" = llama-3.1-8b ] || R=/tmp/bench-$SHAPE
+OUT=${OUT:-/tmp/newt-gpu-out}; mkdir -p "$OUT" "$R"
 steps=${STEPS:-12}
-model=/tmp/model-llama-3.1-8b
+model=/tmp/model-$SHAPE
 if [ -f .dev/gpu/newt.xz ] && { [ ! -x /tmp/newt ] || [ .dev/gpu/newt.xz -nt /tmp/newt ]; }; then
   python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('.dev/gpu/newt.xz'), open('/tmp/newt','wb'))" && chmod +x /tmp/newt
 fi
@@ -35,18 +40,32 @@ ls .dev/gpu/wheels/*.whl >/dev/null 2>&1 && pip install -q --no-index --no-deps 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$R/gpu.txt"
 # The model: random bf16 weights of the shape (throughput does not depend on them), written once.
 if [ ! -f $model/config.json ]; then
-  python3 bench/random_model.py --shape llama-3.1-8b --out $model --tokenizer stages/data/tests/fixtures/smollm2 > "$R/model.log" 2>&1 || { cat "$R/model.log"; exit 1; }
+  python3 bench/random_model.py --shape $SHAPE --out $model --tokenizer stages/data/tests/fixtures/smollm2 > "$R/model.log" 2>&1 || { cat "$R/model.log"; exit 1; }
 fi
-# newt's data: lines of 819 five-token words, which the completion strategy (BOS + text + EOS)
-# makes exactly 4,096 tokens: one full row each, no padding (checked with `newt query` on pack).
-[ -f /tmp/text8b.txt ] || python3 bench/synthetic_text.py /tmp/text8b.txt 64 819 fixed
-for adapter in lora qlora; do
-  cat > /tmp/8b-$adapter.yml <<YML
+# newt's data (text + EOS, five tokens a word with SmolLM2's tokenizer): lines of exactly SEQ
+# tokens, one full row each, no padding (checked with `newt query` on pack): 819 words make
+# 4,096; other lengths end with a shorter word (" w1" is two tokens, " w12" three) where the
+# five-token words do not fit exactly (a longer line would be cut into a full row and a short one).
+text_for() {  # text_for SEQ: the file (made once)
+  local seq=$1 f=/tmp/text8b-$1.txt
+  [ "$seq" = 4096 ] && f=/tmp/text8b.txt
+  if [ ! -f $f ]; then
+    local words=$(( (seq - 1) / 5 )) rest=$(( (seq - 1) % 5 )) tail=
+    case $rest in 1) tail=" w" ;; 2) tail=" w1" ;; 3) tail=" w12" ;; 4) tail=" w123" ;; esac
+    python3 bench/synthetic_text.py $f.tmp $(( 131072 / seq )) $words fixed && sed "s/\$/$tail/" $f.tmp > $f
+  fi
+  echo $f
+}
+# config ADAPTER BATCH SEQ CKPT: the pipeline file of one newt row (printed: its path).
+config() {
+  local adapter=$1 batch=$2 seq=$3 ckpt=$4 f=/tmp/$SHAPE-$1-$2x$3-$4.yml text
+  text=$(text_for $seq)
+  cat > $f <<YML
 base_model: $model
 datasets:
-  - path: /tmp/text8b.txt
+  - path: $text
     type: completion
-sequence_len: 4096
+sequence_len: $seq
 sample_packing: false
 excess_length_strategy: truncate
 adapter: $adapter
@@ -55,9 +74,9 @@ lora_r: 32
 lora_alpha: 64
 lora_dropout: 0.0
 lora_target_linear: true
-micro_batch_size: 2
+micro_batch_size: $batch
 gradient_accumulation_steps: 1
-gradient_checkpointing: true
+gradient_checkpointing: $ckpt
 flash_attention: true
 max_steps: $steps
 learning_rate: 0.0002
@@ -65,8 +84,16 @@ warmup_steps: 0
 backend: cuda
 output_dir: /tmp/8b-out-$adapter
 YML
-done
-
+  echo $f
+}
+# shape ROW: "BATCH SEQ CKPT" of a row, from its suffix (-BxS, -nockpt; default 2×4096 with
+# checkpointing).
+shape() {
+  local b=2 s=4096 ck=true
+  [[ $1 =~ -([0-9]+)x([0-9]+) ]] && { b=${BASH_REMATCH[1]}; s=${BASH_REMATCH[2]}; }
+  [[ $1 == *-nockpt ]] && ck=false
+  echo "$b $s $ck"
+}
 # row NAME COMMAND...: runs it with nvidia-smi sampling; keeps stdout, stderr's tail and the peak.
 row() {
   local name=$1; shift
@@ -80,14 +107,19 @@ row() {
 }
 peer() {  # peer NAME ARGS...
   local name=$1; shift
+  local b s ck; read -r b s ck <<< "$(shape "$name")"
   row "$name" env PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 timeout ${PEER_TIMEOUT:-400} python3 /tmp/peft_baseline.py \
-    --shape llama-3.1-8b --model-dir $model --batch 2 --seq 4096 --rank 32 --grad-ckpt "$@"
+    --shape $SHAPE --model-dir $model --batch $b --seq $s --rank 32 $([ $ck = true ] && echo --grad-ckpt) "$@"
 }
 newt() {  # newt NAME ADAPTER
-  local name=$1 adapter=$2 cache=/tmp/bench8b-cache-$2
+  # A cache of its own for each row: gradient checkpointing does not change what training
+  # computes, so it is not part of the train stage's key and a second row would be a cache hit.
+  local name=$1 adapter=$2 cache=$R-cache-$1
+  local b s ck; read -r b s ck <<< "$(shape "$name")"
+  local yml; yml=$(config $adapter $b $s $ck)
   mkdir -p $cache /tmp/kc/cubecl; ln -sfn /tmp/kc/cubecl $cache/cubecl
-  NEWT_CACHE_DIR=$cache /tmp/newt plan /tmp/8b-$adapter.yml --gpu-memory "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)MiB" > "$R/$name.plan" 2>&1
-  row "$name" env NEWT_CACHE_DIR=$cache timeout ${NEWT_TIMEOUT:-450} /tmp/newt run /tmp/8b-$adapter.yml --only train
+  NEWT_CACHE_DIR=$cache /tmp/newt plan $yml --gpu-memory "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)MiB" > "$R/$name.plan" 2>&1
+  row "$name" env NEWT_CACHE_DIR=$cache timeout ${NEWT_TIMEOUT:-450} /tmp/newt run $yml --only train
   local m; m=$(find $cache/ -name metrics.jsonl -printf '%T@ %p\n' 2>/dev/null | sort -n | tail -1 | cut -d' ' -f2-)
   [ -n "$m" ] && cp "$m" "$R/$name.metrics.jsonl"
 }
@@ -95,16 +127,16 @@ for r in "${rows[@]}"; do
   [ -f "$R/$r.done" ] && { echo "$r: kept from an earlier call"; continue; }
   echo "$r: $(date +%T)"
   case $r in
-    peer-lora) peer $r ;;
-    peer-lora-liger) peer $r --liger ;;
-    peer-qlora) peer $r --qlora ;;
-    peer-qlora-liger) peer $r --qlora --liger ;;
-    newt-lora) newt $r lora ;;
-    newt-qlora) newt $r qlora ;;
+    peer-lora-liger*) peer $r --liger ;;
+    peer-lora*) peer $r ;;
+    peer-qlora-liger*) peer $r --qlora --liger ;;
+    peer-qlora*) peer $r --qlora ;;
+    newt-lora*) newt $r lora ;;
+    newt-qlora*) newt $r qlora ;;
     *) echo "unknown row $r"; exit 2 ;;
   esac
   cat "$R/$r.done"
 done
 for f in "$R"/*; do case $f in *.mem) ;; *) cp "$f" "$OUT/" ;; esac; done
 for f in "$R"/*.err; do tail -c 3000 "$f" > "$OUT/$(basename "$f")"; done
-python3 bench/gpu_8b_summary.py "$R" | tee "$OUT/summary.md"
+SHAPE=$SHAPE python3 bench/gpu_8b_summary.py "$R" | tee "$OUT/summary.md"
