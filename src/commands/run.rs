@@ -360,14 +360,8 @@ fn print_memory(s: &Session, p: &Pipeline, entries: &[newt_graph::why::PlanEntry
     };
     if e.total() <= device {
         println!("train memory: fits a GPU of {} ({} left)", gib(device), gib(device - e.total()));
-        // bench/results/gpu_8b.md: an 8B run whose pools reached 78.6 of 79.6 GiB trained on
-        // wrong gradients without any error; the same model with room to spare did not.
-        if e.total() > device / 10 * 9 {
-            println!(
-                "train memory: warning: within 10% of the GPU's memory; a run that filled the GPU trained on wrong \
-                 gradients without an error (bench/results/gpu_8b.md): gradient_checkpointing or a smaller \
-                 micro_batch_size leaves room"
-            );
+        if newt_model::memory::nearly_full(e.total(), device) {
+            println!("train memory: warning: within 10% of the GPU's memory; {}", newt_model::memory::NEARLY_FULL);
         }
         return;
     }

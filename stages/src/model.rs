@@ -337,6 +337,29 @@ pub fn memory_estimate(
     Ok(newt_model::memory::estimate(model, &spec))
 }
 
+/// On CUDA, a warning when newt's estimate for this run comes within 10 % of the GPU's memory
+/// (what `newt plan` warns about too, see [`newt_model::memory::nearly_full`]).
+fn nearly_full(
+    model: &newt_model::config::ModelConfig,
+    cfg: &TrainParams,
+    settings: &TrainSettings,
+    data: &TrainData,
+    double_quant: bool,
+) -> Option<String> {
+    use newt_model::memory::gib;
+    let width = (0..data.len()).map(|i| data.row(i).0.len()).max().unwrap_or(0);
+    let est = memory_estimate(model, cfg, settings, width, true, double_quant).ok()?;
+    let device = backend::cuda_device_memory()?;
+    newt_model::memory::nearly_full(est.total(), device).then(|| {
+        format!(
+            "warning: newt estimates this run at {} of the GPU's {}; {}",
+            gib(est.total()),
+            gib(device),
+            newt_model::memory::NEARLY_FULL
+        )
+    })
+}
+
 /// A run out of device memory also says what newt estimated this run needs (the estimate
 /// `newt plan` prints), beside the remedies the loop lists.
 fn with_estimate(
@@ -610,6 +633,9 @@ impl WithAutodiffBackend for TrainWork<'_> {
         };
         let tcfg = train_config(cfg, &self.settings);
         let (mc_owned, on_cuda) = (model.config.clone(), backend::on_cuda::<B>(&device));
+        if on_cuda && let Some(w) = nearly_full(&mc_owned, cfg, &self.settings, &data, double_quant) {
+            ctx.progress.println(w);
+        }
         let mut hooks = Hooks { ctx, val: val.as_ref(), eval_batch, first_step: None };
         let world = self.settings.world_size;
         // `NEWT_REDUCER`: how replicas sum their gradients — `nccl` (the default on CUDA with

@@ -178,6 +178,17 @@ pub fn estimate(c: &ModelConfig, spec: &MemorySpec<'_>) -> MemoryEstimate {
     }
 }
 
+/// Whether an estimate of `total` bytes comes within 10 % of a device of `device` bytes: an 8B
+/// run whose pools reached 78.6 of 79.6 GiB trained on wrong gradients without any error, while
+/// the same model with room to spare did not (`bench/results/gpu_8b.md`).
+pub fn nearly_full(total: u64, device: u64) -> bool {
+    total > device / 10 * 9
+}
+
+/// What to say about a run that [`nearly_full`] flags.
+pub const NEARLY_FULL: &str = "a run that filled the GPU trained on wrong gradients without an error \
+     (bench/results/gpu_8b.md); gradient_checkpointing or a smaller micro_batch_size leaves room";
+
 /// The runtime's share as `newt plan` prints it after the activations: " + CUDA runtime and
 /// allocator X", or nothing on the CPU.
 pub fn runtime_part(e: &MemoryEstimate) -> String {
