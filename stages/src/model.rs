@@ -337,6 +337,19 @@ pub fn memory_estimate(
     Ok(newt_model::memory::estimate(model, &spec))
 }
 
+/// [`memory_estimate`] for the rows `data` holds (its widest row's width).
+fn estimate_for(
+    model: &newt_model::config::ModelConfig,
+    cfg: &TrainParams,
+    settings: &TrainSettings,
+    data: &TrainData,
+    on_cuda: bool,
+    double_quant: bool,
+) -> Option<newt_model::memory::MemoryEstimate> {
+    let width = (0..data.len()).map(|i| data.row(i).0.len()).max().unwrap_or(0);
+    memory_estimate(model, cfg, settings, width, on_cuda, double_quant).ok()
+}
+
 /// On CUDA, a warning when newt's estimate for this run comes within 10 % of the GPU's memory
 /// (what `newt plan` warns about too, see [`newt_model::memory::nearly_full`]).
 fn nearly_full(
@@ -347,8 +360,7 @@ fn nearly_full(
     double_quant: bool,
 ) -> Option<String> {
     use newt_model::memory::gib;
-    let width = (0..data.len()).map(|i| data.row(i).0.len()).max().unwrap_or(0);
-    let est = memory_estimate(model, cfg, settings, width, true, double_quant).ok()?;
+    let est = estimate_for(model, cfg, settings, data, true, double_quant)?;
     let device = backend::cuda_device_memory()?;
     newt_model::memory::nearly_full(est.total(), device).then(|| {
         format!(
@@ -375,8 +387,7 @@ fn with_estimate(
     if !matches!(e, newt_model::train::TrainError::OutOfMemory { .. }) {
         return e.into();
     }
-    let width = (0..data.len()).map(|i| data.row(i).0.len()).max().unwrap_or(0);
-    let Ok(est) = memory_estimate(model, cfg, settings, width, on_cuda, double_quant) else { return e.into() };
+    let Some(est) = estimate_for(model, cfg, settings, data, on_cuda, double_quant) else { return e.into() };
     let device = if on_cuda { backend::cuda_device_memory() } else { None };
     anyhow::anyhow!(
         "{e}\nnewt's estimate for this run: weights {} + gradients {} + AdamW state {} + activations {}{} = {}{}",

@@ -210,13 +210,12 @@ mod tests {
     use super::*;
 
     fn llama_8b() -> ModelConfig {
-        let text = r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+        config(
+            r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
             "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
             "num_key_value_heads": 8, "vocab_size": 128256, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-            "max_position_embeddings": 131072, "tie_word_embeddings": false}"#;
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("config.json"), text).unwrap();
-        ModelConfig::from_dir(dir.path()).unwrap()
+            "max_position_embeddings": 131072, "tie_word_embeddings": false}"#,
+        )
     }
 
     fn spec<'a>(trained: Trained<'a>, quantized_bits: Option<u64>) -> MemorySpec<'a> {
