@@ -197,6 +197,14 @@ pub enum Command {
         /// Timed calls per measurement.
         #[arg(long, default_value_t = 20)]
         reps: usize,
+        /// Only the decoding step (`newt serve`'s): as one operation against the model's layers
+        /// in Burn operations, on two small random models with LoRA adapters (head_dim 64 and
+        /// 128), or on `--model`.
+        #[arg(long)]
+        decode: bool,
+        /// With `--decode`: a model folder (config.json + safetensors) to check and time instead.
+        #[arg(long, value_name = "DIR", requires = "decode")]
+        model: Option<std::path::PathBuf>,
     },
 }
 

@@ -116,6 +116,20 @@ pub trait KernelBackend: Backend {
         crate::rope::default_rope::<Self>(x, cos, sin, sign)
     }
 
+    /// Whether [`KernelBackend::decode_step`] may run here: callers skip building a step when
+    /// it cannot.
+    fn has_decode_step() -> bool {
+        false
+    }
+
+    /// One decoding step of a Llama-family model as one operation (see [`crate::decode`]):
+    /// `[rows, vocab]` f32 logits, each row's new key and value written into its cache in
+    /// place; `None` where the backend has no such step or does not take this one (the caller
+    /// then runs the layers in Burn operations).
+    fn decode_step(_step: crate::decode::DecodeStep<Self>) -> Option<FloatTensor<Self>> {
+        None
+    }
+
     /// What the backend's device allocator holds now: `(bytes in live tensors, bytes reserved
     /// from the device)`, where it keeps pools (CUDA); `None` elsewhere. What a process shows in
     /// nvidia-smi beyond the reserved bytes is the CUDA context and memory allocated outside the
@@ -294,6 +308,15 @@ macro_rules! cuda_kernel_backend {
 
             fn has_collectives() -> bool {
                 true
+            }
+
+            fn has_decode_step() -> bool {
+                !crate::uses_reference(crate::FastPath::DecodeStep)
+            }
+
+            fn decode_step(step: crate::decode::DecodeStep<Self>) -> Option<FloatTensor<Self>> {
+                (Self::has_decode_step() && crate::decode::cuda::takes::<$f>(&step))
+                    .then(|| crate::decode::cuda::fusion_decode_step::<$f>(step))
             }
 
             fn memory_usage(device: &Self::Device) -> Option<(u64, u64)> {

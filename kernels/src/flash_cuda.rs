@@ -49,14 +49,16 @@ type Fus<F> = Fusion<Cube<F>>;
 type Grads3<F> = (FloatTensor<Fus<F>>, FloatTensor<Fus<F>>, FloatTensor<Fus<F>>);
 
 /// The kernels' source, compiled at run time as one module: the flash attention kernels, the
-/// RMSNorm ones ([`crate::norm`]), RoPE ([`mod@crate::rope`]) and the optimizer's flat vector
-/// ([`crate::multi`]).
+/// RMSNorm ones ([`crate::norm`]), RoPE ([`mod@crate::rope`]), the optimizer's flat vector
+/// ([`crate::multi`]), NF4 dequantization ([`crate::nf4`]) and the decoding step
+/// ([`crate::decode`]).
 pub const SOURCE: &str = concat!(
     include_str!("../cuda/flash_attn.cu"),
     include_str!("../cuda/rms_norm.cu"),
     include_str!("../cuda/rope.cu"),
     include_str!("../cuda/multi_tensor.cu"),
-    include_str!("../cuda/nf4.cu")
+    include_str!("../cuda/nf4.cu"),
+    include_str!("../cuda/decode.cu")
 );
 /// Queries per forward block (every head dim), of 128 threads.
 const BLOCK: usize = 64;
@@ -515,6 +517,8 @@ pub(crate) struct Functions {
     pub(crate) dequant_nf4: usize,
     /// `newt_dequant_int8`.
     pub(crate) dequant_int8: usize,
+    /// The decoding step's kernels ([`crate::decode`]).
+    pub(crate) decode: crate::decode::cuda::DecodeFunctions,
 }
 
 /// Modules by context (CubeCL keeps one context per device).
@@ -583,6 +587,16 @@ fn load() -> Result<Functions, String> {
             flat_scatter: get("newt_flat_scatter")?,
             dequant_nf4: get("newt_dequant_nf4")?,
             dequant_int8: get("newt_dequant_int8")?,
+            decode: crate::decode::cuda::DecodeFunctions {
+                gemv_bf16: get("newt_dec_gemv_bf16")?,
+                gemv_f32: get("newt_dec_gemv_f32")?,
+                embed: get("newt_dec_embed")?,
+                rms: get("newt_dec_rms")?,
+                rope_cache: get("newt_dec_rope_cache")?,
+                attn: get("newt_dec_attn")?,
+                attn_hd128: get("newt_dec_attn_hd128")?,
+                swiglu: get("newt_dec_swiglu")?,
+            },
         })
     }
 }

@@ -9,7 +9,8 @@
 //! backward pass and a default written in Burn tensor operations: [`flash`] (attention; on CUDA
 //! the FlashAttention-2 kernels of [`flash_cuda`]), [`matmul`] (cuBLASLt on CUDA), [`lora`] (a
 //! LoRA linear as one operation, its products cuBLASLt calls on CUDA), [`norm`] and [`mod@rope`]
-//! (one CUDA kernel per pass), and [`multi`] (the optimizer's flat vector, a few CUDA launches).
+//! (one CUDA kernel per pass), [`multi`] (the optimizer's flat vector, a few CUDA launches), and
+//! [`decode`] (a whole decoding step of `newt serve` as one operation).
 //! [`check`] compares them with their references on the machine at hand (`newt kernels`).
 //!
 //! ```text
@@ -22,6 +23,7 @@ pub mod check;
 pub mod collective;
 mod cpu_matmul;
 mod cuda_op;
+pub mod decode;
 pub mod flash;
 pub mod flash_cuda;
 pub mod lora;
@@ -77,6 +79,9 @@ pub enum FastPath {
     DenseMatmul,
     /// The NF4/int8 dequantization kernel ([`nf4`]).
     Nf4Dequant,
+    /// The decoding step as one operation ([`decode`]); the reference runs the model's layers
+    /// in Burn operations.
+    DecodeStep,
 }
 
 static REFERENCE_PATHS: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
@@ -169,6 +174,7 @@ mod tests {
             FastPath::MultiTensor,
             FastPath::DenseMatmul,
             FastPath::Nf4Dequant,
+            FastPath::DecodeStep,
         ];
         set_reference_paths(&[FastPath::Rope, FastPath::Nf4Dequant]);
         let on: Vec<_> = all.into_iter().filter(|&p| uses_reference(p)).collect();

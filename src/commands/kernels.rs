@@ -133,3 +133,103 @@ fn print_matmul_calls() {
         println!("CUDA dense_matmul calls: {lt} through cuBLASLt, {fallback} fell back to CubeCL's matmul");
     }
 }
+
+/// `newt kernels --decode`: the decoding step as one operation against the layers in Burn
+/// operations (`newt_model::decode_check`), 3 rows at different lengths, 24 steps; a `--model`
+/// is checked as it is and with a LoRA adapter.
+pub fn decode(cli: &Cli, backend_name: &str, model: Option<&std::path::Path>) -> anyhow::Result<i32> {
+    let choice: BackendChoice = backend_name.parse()?;
+    let resolved = backend::resolve(choice)?;
+    if resolved != ResolvedBackend::Cpu {
+        let root = cli.cache_dir.clone().unwrap_or_else(newt_cache::Cache::default_root);
+        backend::configure_kernel_cache(&root)?;
+    }
+    println!("backend: {} ({})", resolved.name(), resolved.dtype_name());
+    let mut dirs = Vec::new();
+    let _keep;
+    match model {
+        Some(dir) => {
+            let name = dir.file_name().map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into_owned());
+            dirs.push((name.clone(), dir.to_path_buf(), false));
+            dirs.push((format!("{name} + LoRA r 8"), dir.to_path_buf(), true));
+        }
+        None => {
+            let tmp = tempfile::tempdir()?;
+            let texts: Vec<String> =
+                (0..64).map(|i| format!("line {i}: the quick brown fox jumps over {}", i * 7)).collect();
+            for (name, hidden, heads) in [("tiny-hd64", 256, 4), ("tiny-hd128", 512, 4)] {
+                let dir = tmp.path().join(name);
+                let spec = newt_model::tiny::TinySpec {
+                    seed: 7,
+                    vocab_size: 512,
+                    hidden_size: hidden,
+                    intermediate_size: 2 * hidden,
+                    num_hidden_layers: 3,
+                    num_attention_heads: heads,
+                    num_key_value_heads: 2,
+                    max_position_embeddings: 2048,
+                };
+                newt_model::tiny::write_tiny_model(&dir, &spec, &texts)?;
+                dirs.push((format!("{name} + LoRA r 8"), dir, true));
+            }
+            _keep = tmp;
+        }
+    }
+    backend::dispatch(resolved, DecodeCheck { dirs })
+}
+
+struct DecodeCheck {
+    /// (name, folder, attach a LoRA adapter with nonzero B).
+    dirs: Vec<(String, std::path::PathBuf, bool)>,
+}
+
+impl backend::WithBackend for DecodeCheck {
+    type Output = anyhow::Result<i32>;
+
+    fn run<B: KernelBackend>(self, device: B::Device) -> anyhow::Result<i32> {
+        println!(
+            "{:<34} {:>4} {:>5} {:>6} {:>11} {:>9} {:>10} {:>10} {:>10} {:>10}",
+            "decode step",
+            "rows",
+            "steps",
+            "fused",
+            "max rel err",
+            "argmax",
+            "fused ms",
+            "layers ms",
+            "launch us",
+            "gpu us"
+        );
+        for (name, dir, lora) in self.dirs {
+            let mut model = newt_model::llama::Llama::<B>::from_hf_dir(&dir, &device)?;
+            if lora {
+                let config = newt_model::lora::LoraConfig { r: 8, alpha: 16.0, ..Default::default() };
+                model = model.with_lora(&config)?.map_linears(|_, mut lin| {
+                    if let Some(ad) = lin.lora.as_mut() {
+                        // A trained-looking B (a fresh one is zero and would hide the adapter).
+                        ad.lora_b = burn::module::Param::from_tensor(
+                            ad.lora_b.val().random_like(burn::tensor::Distribution::Uniform(-0.05, 0.05)),
+                        );
+                    }
+                    Ok::<_, std::convert::Infallible>(lin)
+                })?;
+            }
+            let c = newt_model::decode_check::compare_decode(&model, &[5, 17, 40], 24);
+            println!(
+                "{:<34} {:>4} {:>5} {:>6} {:>11.2e} {:>4}/{:<4} {:>10.3} {:>10.3} {:>10} {:>10}",
+                name,
+                c.rows,
+                c.steps,
+                c.fused_steps,
+                c.max_rel_err,
+                c.argmax_agree,
+                c.rows * c.steps,
+                c.fused_ms,
+                c.reference_ms,
+                c.launch_us.map_or("-".into(), |v| format!("{v:.0}")),
+                c.gpu_us.map_or("-".into(), |v| format!("{v:.0}"))
+            );
+        }
+        Ok(0)
+    }
+}

@@ -50,7 +50,8 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Serve { pipeline, base, lora_model_dir, serve: args } => {
             serve::serve(&cli, pipeline, *base, lora_model_dir.as_deref(), args)
         }
-        Command::Kernels { backend, shapes, reps } => kernels::kernels(&cli, backend, shapes, *reps),
+        Command::Kernels { backend, shapes, reps, decode: false, .. } => kernels::kernels(&cli, backend, shapes, *reps),
+        Command::Kernels { backend, decode: true, model, .. } => kernels::decode(&cli, backend, model.as_deref()),
         Command::ConfigSchema => {
             let schema = schemars::schema_for!(newt_config::Config);
             println!("{}", serde_json::to_string_pretty(&schema)?);

@@ -896,7 +896,7 @@ pub struct KernelOptions {
     pub lora_f32: bool,
     /// Fast paths to run as their reference in Burn's tensor operations instead (to measure one
     /// against the other, or to rule a kernel out): `[flash_attention, rms_norm, rope,
-    /// multi_tensor, dense_matmul, nf4_dequant]`. Replaces the `NEWT_FLASH=burn`-style
+    /// multi_tensor, dense_matmul, nf4_dequant, decode_step]`. Replaces the `NEWT_FLASH=burn`-style
     /// environment variables.
     pub reference: Vec<ReferenceKernel>,
 }
@@ -917,4 +917,7 @@ pub enum ReferenceKernel {
     DenseMatmul,
     /// The NF4/int8 dequantization kernel.
     Nf4Dequant,
+    /// The decoding step of `newt serve`/`newt inference` as one operation (reference: the
+    /// model's layers in Burn operations).
+    DecodeStep,
 }

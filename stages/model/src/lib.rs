@@ -12,6 +12,7 @@
 pub use newt_formats::{config, gguf, hf, merge, tensors, tiny, weights_ref};
 
 pub mod backend;
+pub mod decode_check;
 pub mod full;
 pub mod generate;
 pub mod grads;

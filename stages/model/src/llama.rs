@@ -713,6 +713,10 @@ impl<B: KernelBackend> Llama<B> {
         assert_eq!(n, cache.rows(), "forward_rows: one token per row of the cache");
         assert!(n > 0, "forward_rows: no rows");
         cache.make_room();
+        if let Some(logits) = self.fused_rows(tokens, cache) {
+            cache.lens.iter_mut().for_each(|l| *l += 1);
+            return logits;
+        }
         let device = self.embed_tokens.device();
         let hidden = self.config.hidden_size;
         let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
@@ -731,6 +735,85 @@ impl<B: KernelBackend> Llama<B> {
         cache.lens.iter_mut().for_each(|l| *l += 1);
         let x = rms_norm(x, self.norm.val(), self.config.rms_norm_eps);
         self.logits(x).reshape([n, self.config.vocab_size]).cast(DType::F32)
+    }
+
+    /// [`Llama::forward_rows`] as one operation of the backend ([`newt_kernels::decode`]), when
+    /// it has one and takes this model (no NF4 base, no per-head norms, every layer's cache
+    /// filled); `None` otherwise. Does not advance the rows' lengths.
+    fn fused_rows(&self, tokens: &[u32], cache: &mut BatchKvCache<B>) -> Option<Tensor<B, 2>> {
+        use newt_kernels::decode::{DecodeDims, DecodeLayer, DecodeLinear, DecodeLora, DecodeStep};
+        if !B::has_decode_step() {
+            return None;
+        }
+        let c = &self.config;
+        let float = |t: Tensor<B, 2>| t.into_primitive().tensor();
+        let vector = |t: Tensor<B, 1>| t.into_primitive().tensor();
+        let linear = |l: &LoraLinear<B>| -> Option<DecodeLinear<B>> {
+            if l.nf4.is_some() {
+                return None;
+            }
+            Some(DecodeLinear {
+                weight: float(l.weight.val()),
+                bias: l.bias.as_ref().map(|b| vector(b.val())),
+                lora: l.lora.as_ref().map(|a| DecodeLora {
+                    a: float(a.lora_a.val()),
+                    b: float(a.lora_b.val()),
+                    scale: a.scale as f32,
+                }),
+            })
+        };
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for (layer, slot) in self.layers.iter().zip(&cache.layers) {
+            let (attn, mlp) = (&layer.self_attn, &layer.mlp);
+            if attn.q_norm.is_some() || attn.k_norm.is_some() {
+                return None;
+            }
+            let (k, v) = slot.as_ref()?;
+            let linears = [
+                linear(&attn.q_proj)?,
+                linear(&attn.k_proj)?,
+                linear(&attn.v_proj)?,
+                linear(&attn.o_proj)?,
+                linear(&mlp.gate_proj)?,
+                linear(&mlp.up_proj)?,
+                linear(&mlp.down_proj)?,
+            ];
+            layers.push(DecodeLayer {
+                input_norm: vector(layer.input_layernorm.val()),
+                post_norm: vector(layer.post_attention_layernorm.val()),
+                linears,
+                k_cache: k.clone().into_primitive().tensor(),
+                v_cache: v.clone().into_primitive().tensor(),
+            });
+        }
+        let device = self.embed_tokens.device();
+        let lens = &cache.lens;
+        let rows = tokens.len();
+        let meta = newt_kernels::decode::meta_values(tokens, lens);
+        let meta = Tensor::<B, 1, Int>::from_data(TensorData::new(meta, [2 * rows]), &device);
+        let rope = newt_kernels::decode::rope_table(lens, &self.inv_freq);
+        let rope = Tensor::<B, 2>::from_data(TensorData::new(rope, [rows, c.head_dim]), (&device, DType::F32));
+        let step = DecodeStep {
+            dims: DecodeDims {
+                rows,
+                hidden: c.hidden_size,
+                intermediate: c.intermediate_size,
+                q_heads: c.num_attention_heads,
+                kv_heads: c.num_key_value_heads,
+                head_dim: c.head_dim,
+                vocab: c.vocab_size,
+                capacity: cache.capacity,
+                eps: c.rms_norm_eps as f32,
+                window: c.sliding_window.unwrap_or(0),
+            },
+            meta: meta.into_primitive(),
+            rope: float(rope),
+            embed: float(self.embed_tokens.val()),
+            layers,
+            norm: vector(self.norm.val()),
+            lm_head: float(self.lm_head_weight()),
+        };
+        B::decode_step(step).map(|logits| Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(logits)))
     }
 
     /// Summed next-token cross-entropy of a packed batch and its token count.
