@@ -14,7 +14,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::config::ModelConfig;
-use crate::llama::{KvCache, Llama};
+use crate::llama::{BatchKvCache, KvCache, Llama};
 use newt_kernels::KernelBackend;
 
 /// How to pick each next token.
@@ -177,6 +177,10 @@ pub fn generate<B: KernelBackend>(
         Tensor::<B, 2, Int>::from_data(TensorData::new(v, [1, t.len()]), &device)
     };
     let mut logits = model.forward_next(ids(prompt), &mut cache);
+    // Decoding goes through the serving step (one row): on CUDA that is one operation a token
+    // (newt_kernels::decode) instead of the layers' operations.
+    let mut rows = BatchKvCache::new(model.config.num_hidden_layers);
+    rows.join(cache);
     let stop = loop {
         if tokens.len() >= config.max_new_tokens {
             break StopReason::MaxNewTokens;
@@ -195,7 +199,7 @@ pub fn generate<B: KernelBackend>(
             break StopReason::ContextFull;
         }
         if tokens.len() < config.max_new_tokens {
-            logits = model.forward_next(ids(&[token]), &mut cache);
+            logits = model.forward_rows(&[token], &mut rows);
         } else {
             break StopReason::MaxNewTokens;
         }
