@@ -7,6 +7,7 @@ use std::time::Instant;
 use burn::tensor::{Int, Tensor, TensorData};
 use newt_kernels::{FastPath, KernelBackend, set_reference_paths};
 
+use crate::generate::argmax;
 use crate::llama::{BatchKvCache, KvCache, Llama};
 
 /// What [`compare_decode`] found.
@@ -100,16 +101,6 @@ fn mean(v: impl ExactSizeIterator<Item = f64>) -> Option<f64> {
 
 fn host<B: KernelBackend>(t: Tensor<B, 2>) -> Vec<f32> {
     t.into_data().convert::<f32>().into_vec().expect("f32 logits")
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, x) in v.iter().enumerate() {
-        if *x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 #[cfg(test)]
