@@ -301,30 +301,21 @@ pub(crate) mod cuda {
 
     /// The arguments of `newt_dec_gemv_*`: x, w, bias, prev, res, out, rows, n, k, scale.
     pub(crate) fn gemv_args(ptrs: [u64; 6], rows: usize, n: usize, k: usize, scale: f32) -> Args {
-        let mut args = Args::default();
-        for p in ptrs {
-            args.ptr(p);
-        }
+        let mut args = Args::with_ptrs(&ptrs);
         args.i32(rows as i32).i32(n as i32).i32(k as i32).f32(scale);
         args
     }
 
     /// The arguments of `newt_dec_embed`: meta, embed, x, hidden.
     pub(crate) fn embed_args(ptrs: [u64; 3], hidden: usize) -> Args {
-        let mut args = Args::default();
-        for p in ptrs {
-            args.ptr(p);
-        }
+        let mut args = Args::with_ptrs(&ptrs);
         args.i32(hidden as i32);
         args
     }
 
     /// The arguments of `newt_dec_rms`: x, w, y, n, eps.
     pub(crate) fn rms_args(ptrs: [u64; 3], n: usize, eps: f32) -> Args {
-        let mut args = Args::default();
-        for p in ptrs {
-            args.ptr(p);
-        }
+        let mut args = Args::with_ptrs(&ptrs);
         args.i32(n as i32).f32(eps);
         args
     }
@@ -332,10 +323,7 @@ pub(crate) mod cuda {
     /// The arguments of `newt_dec_rope_cache`: q, k, v, meta, rope, k cache, v cache, rows, q
     /// heads, kv heads, head dim, capacity.
     pub(crate) fn rope_cache_args(ptrs: [u64; 7], d: &DecodeDims) -> Args {
-        let mut args = Args::default();
-        for p in ptrs {
-            args.ptr(p);
-        }
+        let mut args = Args::with_ptrs(&ptrs);
         args.i32(d.rows as i32).i32(d.q_heads as i32).i32(d.kv_heads as i32);
         args.i32(d.head_dim as i32).i32(d.capacity as i32);
         args
@@ -344,10 +332,7 @@ pub(crate) mod cuda {
     /// The arguments of `newt_dec_attn*`: q, meta, k cache, v cache, out, rows, q heads, kv
     /// heads, capacity, scale, window.
     pub(crate) fn attn_args(ptrs: [u64; 5], d: &DecodeDims) -> Args {
-        let mut args = Args::default();
-        for p in ptrs {
-            args.ptr(p);
-        }
+        let mut args = Args::with_ptrs(&ptrs);
         args.i32(d.rows as i32).i32(d.q_heads as i32).i32(d.kv_heads as i32).i32(d.capacity as i32);
         args.f32(1.0 / (d.head_dim as f32).sqrt()).i32(d.window as i32);
         args
@@ -355,10 +340,7 @@ pub(crate) mod cuda {
 
     /// The arguments of `newt_dec_swiglu`: gate, up, n.
     pub(crate) fn swiglu_args(ptrs: [u64; 2], n: usize) -> Args {
-        let mut args = Args::default();
-        for p in ptrs {
-            args.ptr(p);
-        }
+        let mut args = Args::with_ptrs(&ptrs);
         args.i32(n as i32);
         args
     }

@@ -393,6 +393,14 @@ pub(crate) enum Kind {
 pub(crate) struct Args(Vec<u64>, pub(crate) Vec<Kind>);
 
 impl Args {
+    /// Arguments that start with the buffers `ptrs`, in order.
+    pub(crate) fn with_ptrs(ptrs: &[u64]) -> Self {
+        let mut args = Args::default();
+        for &p in ptrs {
+            args.ptr(p);
+        }
+        args
+    }
     pub(crate) fn ptr(&mut self, p: u64) -> &mut Self {
         assert!(p.is_multiple_of(16), "CUDA kernels: a buffer is not 16-byte aligned ({p:#x})");
         self.push(p, Kind::Ptr)

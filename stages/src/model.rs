@@ -350,17 +350,10 @@ fn estimate_for(
     memory_estimate(model, cfg, settings, width, on_cuda, double_quant).ok()
 }
 
-/// On CUDA, a warning when newt's estimate for this run comes within 10 % of the GPU's memory
-/// (what `newt plan` warns about too, see [`newt_model::memory::nearly_full`]).
-fn nearly_full(
-    model: &newt_model::config::ModelConfig,
-    cfg: &TrainParams,
-    settings: &TrainSettings,
-    data: &TrainData,
-    double_quant: bool,
-) -> Option<String> {
+/// On CUDA, a warning when newt's estimate `est` for this run comes within 10 % of the GPU's
+/// memory (what `newt plan` warns about too, see [`newt_model::memory::nearly_full`]).
+fn nearly_full(est: &newt_model::memory::MemoryEstimate) -> Option<String> {
     use newt_model::memory::gib;
-    let est = estimate_for(model, cfg, settings, data, true, double_quant)?;
     let device = backend::cuda_device_memory()?;
     newt_model::memory::nearly_full(est.total(), device).then(|| {
         format!(
@@ -372,22 +365,18 @@ fn nearly_full(
     })
 }
 
-/// A run out of device memory also says what newt estimated this run needs (the estimate
+/// A run out of device memory also says what newt estimated this run needs (`est`, the estimate
 /// `newt plan` prints), beside the remedies the loop lists.
 fn with_estimate(
     e: newt_model::train::TrainError,
-    model: &newt_model::config::ModelConfig,
-    cfg: &TrainParams,
-    settings: &TrainSettings,
-    data: &TrainData,
+    est: Option<&newt_model::memory::MemoryEstimate>,
     on_cuda: bool,
-    double_quant: bool,
 ) -> anyhow::Error {
     use newt_model::memory::gib;
     if !matches!(e, newt_model::train::TrainError::OutOfMemory { .. }) {
         return e.into();
     }
-    let Some(est) = estimate_for(model, cfg, settings, data, on_cuda, double_quant) else { return e.into() };
+    let Some(est) = est else { return e.into() };
     let device = if on_cuda { backend::cuda_device_memory() } else { None };
     anyhow::anyhow!(
         "{e}\nnewt's estimate for this run: weights {} + gradients {} + AdamW state {} + activations {}{} = {}{}",
@@ -643,8 +632,10 @@ impl WithAutodiffBackend for TrainWork<'_> {
             }),
         };
         let tcfg = train_config(cfg, &self.settings);
-        let (mc_owned, on_cuda) = (model.config.clone(), backend::on_cuda::<B>(&device));
-        if on_cuda && let Some(w) = nearly_full(&mc_owned, cfg, &self.settings, &data, double_quant) {
+        let on_cuda = backend::on_cuda::<B>(&device);
+        // For the nearly-full warning now and the out-of-memory message if it comes to that.
+        let estimate = estimate_for(&model.config, cfg, &self.settings, &data, on_cuda, double_quant);
+        if on_cuda && let Some(w) = estimate.as_ref().and_then(nearly_full) {
             ctx.progress.println(w);
         }
         let mut hooks = Hooks { ctx, val: val.as_ref(), eval_batch, first_step: None };
@@ -692,10 +683,10 @@ impl WithAutodiffBackend for TrainWork<'_> {
                 tcfg.micro_batch_size * tcfg.gradient_accumulation_steps
             ));
             newt_model::train::train_data_parallel::<B, _>(replicas, &data, &tcfg, &run, &mut hooks, reducer.as_ref())
-                .map_err(|e| with_estimate(e, &mc_owned, cfg, &self.settings, &data, on_cuda, double_quant))?
+                .map_err(|e| with_estimate(e, estimate.as_ref(), on_cuda))?
         } else {
             newt_model::train::train(model, &data, &tcfg, &run, &mut hooks, &device)
-                .map_err(|e| with_estimate(e, &mc_owned, cfg, &self.settings, &data, on_cuda, double_quant))?
+                .map_err(|e| with_estimate(e, estimate.as_ref(), on_cuda))?
         };
         for w in &summary.warnings {
             ctx.progress.println(format!("warning: {w}"));
