@@ -33,15 +33,15 @@ PAD = 8
 # warps (16 keys each: a block takes 16 × warps keys), and whether it is flash_bwd_tiles (64 keys
 # and 64 queries a step, 4 warps of 2-D tiles) rather than flash_bwd. The forward kernel takes 64
 # queries a block, 128 threads and static shared memory at both head dims.
-BWD_CFG = {64: (64, True, 4, False), 128: (64, False, 4, True)}
+BWD_CFG = {64: (64, True, 4, False), 128: (64, False, 8, True)}
 BWD128_ROWS = (32, False, 4, False)  # flash_bwd<128, 32, false, 4>: -DFA_BWD128_TILES=0, and f97b4bd / 0727a94
 
 
 def bwd_smem(hd, bm, kv_regs, nw, tiles):
     """flash_bwd_smem<HD, BM, KV_REGS, NW>() or flash_bwd_tiles_smem<HD>() of the source."""
-    if tiles:
-        return 2 * (4 * 64 * (hd + PAD) + 2 * 64 * (64 + PAD)) + 12 * 64
     bn = 16 * nw
+    if tiles:  # flash_bwd_tiles_smem<HD, NW>(): K, V tiles of bn rows, q, dO of 64; Pᵀ, dSᵀ
+        return 2 * ((2 * bn + 2 * 64) * (hd + PAD) + 2 * bn * (64 + PAD)) + 12 * 64
     return 2 * ((1 if kv_regs else 2) * bn * (hd + PAD) + 2 * bm * (hd + PAD) + bn * (bm + PAD)) + 12 * bm
 
 
@@ -395,7 +395,9 @@ def main():
             mod = compile_module(SRC, *defines.split(","))
             rows = "-DFA_BWD128_TILES=0" in defines.split(",")
             tiles64 = (64, False, 4, True) if "-DFA_BWD64_TILES=1" in defines.split(",") else None
-            kerns = {64: Kernels(mod, 64, bwd=tiles64), 128: Kernels(mod, 128, bwd=BWD128_ROWS if rows else None)}
+            warps = [int(d.split("=")[1]) for d in defines.split(",") if d.startswith("-DFA_BWD128_TILE_WARPS=")]
+            bwd128 = BWD128_ROWS if rows else (64, False, warps[0], True) if warps else None
+            kerns = {64: Kernels(mod, 64, bwd=tiles64), 128: Kernels(mod, 128, bwd=bwd128)}
             variants.append((name, kerns))
         if arg == "--other":  # NAME=PATH: another version of the source (same launch shapes)
             name, path = sys.argv[i + 1].split("=", 1)

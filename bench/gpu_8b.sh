@@ -91,7 +91,7 @@ YML
 shape() {
   local b=2 s=4096 ck=true
   [[ $1 =~ -([0-9]+)x([0-9]+) ]] && { b=${BASH_REMATCH[1]}; s=${BASH_REMATCH[2]}; }
-  [[ $1 == *-nockpt ]] && ck=false
+  [[ $1 == *-nockpt* ]] && ck=false
   echo "$b $s $ck"
 }
 # row NAME COMMAND...: runs it with nvidia-smi sampling; keeps stdout, stderr's tail and the peak.

@@ -28,17 +28,18 @@
 //   backward, HD 64 (flash_bwd<64, 64, true, 4>): 64 keys a block, 4 warps of 16 keys that hold
 //             their K and V fragments and all 64 dims of their dK/dV in registers; 64 queries a
 //             step; dynamic shared memory of flash_bwd_smem<...>() bytes (37.6 KB).
-//   backward, HD 128 (flash_bwd_tiles<128>): 64 keys a block, 64 queries a step, 4 warps of 2-D
-//             tiles (32 keys × 32 queries of the scores, 32 keys × 64 dims of dK/dV, 32 queries ×
-//             64 dims of dQ), P and dS passed through shared memory; 88.8 KB of dynamic shared
-//             memory, above the 48 KB default, so the launcher raises the function's limit.
+//   backward, HD 128 (flash_bwd_tiles<128, 8>): 128 keys a block, 64 queries a step, 8 warps of
+//             2-D tiles (32 keys × 32 queries of the scores, 32 keys × 64 dims of dK/dV, 32 queries
+//             × 32 dims of dQ), P and dS passed through shared memory; 142 KB of dynamic shared
+//             memory, above the 48 KB default, so the launcher raises the function's limit. On
+//             GPUs that allow a block less, newt_flash_bwd_hd128_small: 4 warps, 64 keys, 88.8 KB.
 //             (flash_bwd<128, 32, false, 4>, 16 keys a warp, K/V fragments read from shared memory
 //             at every step, is the slower alternative: -DFA_BWD128_TILES=0.)
 //   Both backward kernels trap when launched with less dynamic shared memory than they use. The
 //   next step's q and dO tiles load while dQ is computed; dQ is accumulated in f32 with vector
 //   reductions (red.global.add.v4.f32 on sm_90). Segment ids (and lse, delta) are loaded two
 //   steps ahead and voted on (does a step have work, does it need segment masking) a step ahead.
-//   FA_BWD64_TILES, FA_BWD128_TILES, FA_BWD128_BM, FA_BWD128_NW, FA_DQ_GROUPS and FA_PRECISE_EXP2 exist for
+//   FA_BWD64_TILES, FA_BWD128_TILES, FA_BWD128_TILE_WARPS, FA_BWD128_BM, FA_BWD128_NW, FA_DQ_GROUPS and FA_PRECISE_EXP2 exist for
 //   bench/flash_check.py's --variant runs; newt compiles the defaults (a test in flash_cuda.rs
 //   checks them against its launch table).
 
@@ -787,19 +788,21 @@ __device__ __forceinline__ void flash_bwd(const bf16_t* __restrict__ q, const bf
 // Dynamic shared memory of flash_bwd_tiles, in bytes: K, V, q and dO tiles of 64 rows, Pᵀ and dSᵀ
 // of 64 × (64 + pad), lse / delta / segment ids of 64 queries. (kernels/src/flash_cuda.rs
 // `backward_smem` computes the same.)
-template <int HD>
+template <int HD, int NW = 4>
 __host__ __device__ constexpr int flash_bwd_tiles_smem() {
-    return 2 * (4 * 64 * (HD + FA_PAD) + 2 * 64 * (64 + FA_PAD)) + 12 * 64;
+    return 2 * ((2 * 16 * NW + 2 * 64) * (HD + FA_PAD) + 2 * 16 * NW * (64 + FA_PAD)) + 12 * 64;
 }
 
 // The backward pass with 2-D warp tiles (for HD 128, where a warp cannot hold the K/V fragments
-// and all dims of its keys' dK/dV): grid (key blocks of 64, kv_heads, batch), 128 threads, 64
-// queries a step. Warp w computes sᵀ and dpᵀ for keys 32·(w & 1) .. + 32 and queries 32·(w >> 1)
-// .. + 32 and puts Pᵀ and dSᵀ in shared memory; then it accumulates dV and dK for the same 32
-// keys and the dims HD/2·(w >> 1) .. + HD/2, and dQ for queries 32·(w & 1) .. + 32 and the same
-// dims. Each fragment read from shared memory feeds two to four products (one or two in
-// flash_bwd at HD 128). Same semantics, arguments and pipeline as flash_bwd.
-template <int HD>
+// and all dims of its keys' dK/dV): grid (key blocks of BN = 16·NW, kv_heads, batch), 32·NW
+// threads, 64 queries a step. With KG = NW / 2 groups of 32 keys, warp w computes sᵀ and dpᵀ for
+// keys 32·(w % KG) .. + 32 and queries 32·(w / KG) .. + 32 and puts Pᵀ and dSᵀ in shared memory;
+// then it accumulates dV and dK for the same 32 keys and the dims HD/2·(w / KG) .. + HD/2, and dQ
+// over the block's keys for queries 32·(w & 1) .. + 32 and HD / KG dims. Each fragment read from
+// shared memory feeds two to four products (one or two in flash_bwd at HD 128). More warps (a
+// longer key block) read each q and dO tile once for more keys and add each query's dQ fewer
+// times. Same semantics, arguments and pipeline as flash_bwd.
+template <int HD, int NW = 4>
 __device__ __forceinline__ void flash_bwd_tiles(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
                                                 const bf16_t* __restrict__ v, const int* __restrict__ seg,
                                                 const bf16_t* __restrict__ dout, const float* __restrict__ lse,
@@ -809,7 +812,10 @@ __device__ __forceinline__ void flash_bwd_tiles(const bf16_t* __restrict__ q, co
                                                 long long ksb, long long ksh, long long kst, long long vsb,
                                                 long long vsh, long long vst, long long dsb, long long dsh,
                                                 long long dst, long long ssb, long long sst, float scale, int window) {
-    constexpr int BM = 64, BN = 64, LDS = HD + FA_PAD, LDP = BM + FA_PAD, DW = HD / 2;
+    constexpr int BM = 64, BN = 16 * NW, LDS = HD + FA_PAD, LDP = BM + FA_PAD, DW = HD / 2;
+    constexpr int KG = NW / 2, NT = 32 * NW;
+    constexpr int DQW = HD / KG, QPW = DQW < 32 ? DQW : 32;  // dQ dims a warp, a pass
+    static_assert(NW % 2 == 0 && QPW % 16 == 0, "two query groups; whole pairs of 8-dim tiles");
     extern __shared__ __align__(16) unsigned char fa_smem[];
     bf16_t* const ks = (bf16_t*)fa_smem;  // [BN][LDS]
     bf16_t* const vs = ks + BN * LDS;     // [BN][LDS]
@@ -820,7 +826,7 @@ __device__ __forceinline__ void flash_bwd_tiles(const bf16_t* __restrict__ q, co
     float* const lse_s = (float*)(dss + BN * LDP);
     float* const delta_s = lse_s + BM;
     int* const qseg_s = (int*)(delta_s + BM);
-    if (dynamic_smem_size() < (u32)flash_bwd_tiles_smem<HD>()) asm volatile("trap;");
+    if (dynamic_smem_size() < (u32)flash_bwd_tiles_smem<HD, NW>()) asm volatile("trap;");
 
     int kb, hk, b;
     heavy_first(kb, hk, b);  // the first key blocks see the most queries
@@ -831,13 +837,14 @@ __device__ __forceinline__ void flash_bwd_tiles(const bf16_t* __restrict__ q, co
     const int mat = lane / 8, r = lane % 8;
     const float sl2 = scale * LOG2E;
     const int* sp = seg + b * ssb;
-    const int kw = (warp & 1) * 32;   // this warp's keys (sᵀ/dpᵀ rows, dK/dV rows)
-    const int qw = (warp >> 1) * 32;  // this warp's queries in sᵀ/dpᵀ
-    const int dw = (warp >> 1) * DW;  // this warp's dims of dK/dV and dQ
-    const int qd = (warp & 1) * 32;   // this warp's queries in dQ
+    const int kw = (warp % KG) * 32;   // this warp's keys (sᵀ/dpᵀ rows, dK/dV rows)
+    const int qw = (warp / KG) * 32;   // this warp's queries in sᵀ/dpᵀ
+    const int dw = (warp / KG) * DW;   // this warp's dims of dK/dV
+    const int qd = (warp & 1) * 32;    // this warp's queries in dQ
+    const int dqw = (warp >> 1) * DQW;  // and its dims of dQ
 
-    load_tile<HD, BN>(ks, k + b * ksb + hk * ksh, kst, k0, tokens);
-    load_tile<HD, BN>(vs, v + b * vsb + hk * vsh, vst, k0, tokens);
+    load_tile<HD, BN, NT>(ks, k + b * ksb + hk * ksh, kst, k0, tokens);
+    load_tile<HD, BN, NT>(vs, v + b * vsb + hk * vsh, vst, k0, tokens);
     cp_async_commit();
 
     int kj[2][2], kseg[2][2];  // this thread's keys: kw + 16t + g + 8hh
@@ -895,8 +902,8 @@ __device__ __forceinline__ void flash_bwd_tiles(const bf16_t* __restrict__ q, co
     };
     auto load_step = [&](int it) {
         const int h = hk * rep + it / n_qblocks, q0 = k0 + (it % n_qblocks) * BM;
-        load_tile<HD, BM>(qs, q + b * qsb + h * qsh, qst, q0, tokens);
-        load_tile<HD, BM>(dos, dout + b * dsb + h * dsh, dst, q0, tokens);
+        load_tile<HD, BM, NT>(qs, q + b * qsb + h * qsh, qst, q0, tokens);
+        load_tile<HD, BM, NT>(dos, dout + b * dsb + h * dsh, dst, q0, tokens);
         cp_async_commit();
     };
     fetch_rows(0);
@@ -1016,19 +1023,19 @@ __device__ __forceinline__ void flash_bwd_tiles(const bf16_t* __restrict__ q, co
         put_rows();
         fetch_rows(it + 2);
 
-        // dq (this warp's 32 queries × DW dims, in two halves) = ds·k over the block's 64 keys;
+        // dq (this warp's 32 queries × DQW dims, QPW at a time) = ds·k over the block's BN keys;
         // added to dq_acc with vector reductions (lanes c, c ^ 1 trade halves: even c adds row g,
         // columns 2c .. 2c + 3; odd c row g + 8, columns 2c - 2 .. 2c + 1).
         float* dqp = dq_acc + ((long long)(b * q_heads + h) * tokens) * HD;
         const bool odd = c & 1;
 #pragma unroll
-        for (int half = 0; half < 2; half++) {
-            const int cw = dw + half * (DW / 2);
-            float dqa[2][DW / 16][4];
+        for (int pass = 0; pass < DQW / QPW; pass++) {
+            const int cw = dqw + pass * QPW;
+            float dqa[2][QPW / 8][4];
 #pragma unroll
             for (int t = 0; t < 2; t++)
 #pragma unroll
-                for (int n = 0; n < DW / 16; n++) dqa[t][n][0] = dqa[t][n][1] = dqa[t][n][2] = dqa[t][n][3] = 0.f;
+                for (int n = 0; n < QPW / 8; n++) dqa[t][n][0] = dqa[t][n][1] = dqa[t][n][2] = dqa[t][n][3] = 0.f;
 #pragma unroll
             for (int kk = 0; kk < BN / 16; kk++) {
                 u32 af[2][4];
@@ -1036,7 +1043,7 @@ __device__ __forceinline__ void flash_bwd_tiles(const bf16_t* __restrict__ q, co
                 for (int t = 0; t < 2; t++)
                     ldmatrix_x4_trans(af[t], &dss[(kk * 16 + (mat >> 1) * 8 + r) * LDP + qd + 16 * t + (mat & 1) * 8]);
 #pragma unroll
-                for (int n = 0; n < DW / 16; n += 2) {
+                for (int n = 0; n < QPW / 8; n += 2) {
                     u32 bk[4];
                     ldmatrix_x4_trans(bk, &ks[(kk * 16 + (mat & 1) * 8 + r) * LDS + cw + n * 8 + (mat >> 1) * 8]);
 #pragma unroll
@@ -1050,7 +1057,7 @@ __device__ __forceinline__ void flash_bwd_tiles(const bf16_t* __restrict__ q, co
             for (int t = 0; t < 2; t++) {
                 const int qi = q0 + qd + 16 * t + g + (odd ? 8 : 0);
 #pragma unroll
-                for (int n = 0; n < DW / 16; n++) {
+                for (int n = 0; n < QPW / 8; n++) {
                     const float y0 = __shfl_xor_sync(0xffffffff, odd ? dqa[t][n][0] : dqa[t][n][2], 1);
                     const float y1 = __shfl_xor_sync(0xffffffff, odd ? dqa[t][n][1] : dqa[t][n][3], 1);
                     const int col = cw + n * 8 + 2 * (c & ~1);
@@ -1096,6 +1103,9 @@ __device__ __forceinline__ void flash_bwd_tiles(const bf16_t* __restrict__ q, co
 #ifndef FA_BWD128_TILES
 #define FA_BWD128_TILES 1  // HD 128 takes flash_bwd_tiles (0: flash_bwd<128, FA_BWD128_BM, false, FA_BWD128_NW>)
 #endif
+#ifndef FA_BWD128_TILE_WARPS
+#define FA_BWD128_TILE_WARPS 8  // warps of flash_bwd_tiles<128> (16 keys each); _small takes 4
+#endif
 
 extern "C" __global__ void __launch_bounds__(FA_THREADS) newt_flash_bwd(
     const bf16_t* __restrict__ q, const bf16_t* __restrict__ k, const bf16_t* __restrict__ v,
@@ -1113,7 +1123,7 @@ extern "C" __global__ void __launch_bounds__(FA_THREADS) newt_flash_bwd(
 #endif
 }
 
-extern "C" __global__ void __launch_bounds__(FA_BWD128_TILES ? FA_THREADS : 32 * FA_BWD128_NW) newt_flash_bwd_hd128(
+extern "C" __global__ void __launch_bounds__(FA_BWD128_TILES ? 32 * FA_BWD128_TILE_WARPS : 32 * FA_BWD128_NW) newt_flash_bwd_hd128(
     const bf16_t* __restrict__ q, const bf16_t* __restrict__ k, const bf16_t* __restrict__ v,
     const int* __restrict__ seg, const bf16_t* __restrict__ dout, const float* __restrict__ lse,
     const float* __restrict__ delta, float* __restrict__ dq_acc, bf16_t* __restrict__ dk, bf16_t* __restrict__ dv,
@@ -1121,11 +1131,26 @@ extern "C" __global__ void __launch_bounds__(FA_BWD128_TILES ? FA_THREADS : 32 *
     long long kst, long long vsb, long long vsh, long long vst, long long dsb, long long dsh, long long dst,
     long long ssb, long long sst, float scale, int window) {
 #if FA_BWD128_TILES
-    flash_bwd_tiles<128>(q, k, v, seg, dout, lse, delta, dq_acc, dk, dv, tokens, q_heads, kv_heads, qsb, qsh, qst, ksb,
-                         ksh, kst, vsb, vsh, vst, dsb, dsh, dst, ssb, sst, scale, window);
+    flash_bwd_tiles<128, FA_BWD128_TILE_WARPS>(q, k, v, seg, dout, lse, delta, dq_acc, dk, dv, tokens, q_heads,
+                                               kv_heads, qsb, qsh, qst, ksb, ksh, kst, vsb, vsh, vst, dsb, dsh, dst,
+                                               ssb, sst, scale, window);
 #else
     flash_bwd<128, FA_BWD128_BM, false, FA_BWD128_NW>(q, k, v, seg, dout, lse, delta, dq_acc, dk, dv, tokens, q_heads,
                                                       kv_heads, qsb, qsh, qst, ksb, ksh, kst, vsb, vsh, vst, dsb, dsh,
                                                       dst, ssb, sst, scale, window);
 #endif
+}
+
+// flash_bwd_tiles<128, 4> (64 keys a block, 88.8 KB of shared memory) for GPUs whose blocks may
+// not take the 142 KB of the 8-warp default (sm_86/sm_89: 99 KB); the launcher picks it by the
+// device's opt-in limit.
+extern "C" __global__ void __launch_bounds__(FA_THREADS) newt_flash_bwd_hd128_small(
+    const bf16_t* __restrict__ q, const bf16_t* __restrict__ k, const bf16_t* __restrict__ v,
+    const int* __restrict__ seg, const bf16_t* __restrict__ dout, const float* __restrict__ lse,
+    const float* __restrict__ delta, float* __restrict__ dq_acc, bf16_t* __restrict__ dk, bf16_t* __restrict__ dv,
+    int tokens, int q_heads, int kv_heads, long long qsb, long long qsh, long long qst, long long ksb, long long ksh,
+    long long kst, long long vsb, long long vsh, long long vst, long long dsb, long long dsh, long long dst,
+    long long ssb, long long sst, float scale, int window) {
+    flash_bwd_tiles<128, 4>(q, k, v, seg, dout, lse, delta, dq_acc, dk, dv, tokens, q_heads, kv_heads, qsb, qsh, qst,
+                            ksb, ksh, kst, vsb, vsh, vst, dsb, dsh, dst, ssb, sst, scale, window);
 }

@@ -71,6 +71,9 @@ struct Variant {
     /// Appended to `newt_flash_fwd`, `newt_flash_bwd_delta` and `newt_flash_bwd`.
     suffix: &'static str,
     backward: Backward,
+    /// A backward kernel that needs less shared memory (`newt_flash_bwd{suffix}_small`), for GPUs
+    /// whose blocks may not take `backward`'s.
+    small_backward: Option<Backward>,
 }
 
 /// Which backward kernel a head dim instantiates.
@@ -79,30 +82,39 @@ enum Backward {
     /// `flash_bwd<HD, BM, KV_REGS, NW>`: NW warps of 16 keys (a block takes 16·NW keys), BM queries
     /// a step, K/V fragments in registers or not.
     Rows { queries: usize, kv_in_registers: bool, warps: usize },
-    /// `flash_bwd_tiles<HD>`: 64 keys a block, 4 warps of 2-D tiles, 64 queries a step.
-    Tiles,
+    /// `flash_bwd_tiles<HD, NW>`: NW warps of 2-D tiles (a block takes 16·NW keys), 64 queries a
+    /// step.
+    Tiles { warps: usize },
 }
 
 impl Backward {
     /// Keys a block (the grid's x dimension divides the tokens by it).
     const fn keys(self) -> usize {
         match self {
-            Backward::Rows { warps, .. } => 16 * warps,
-            Backward::Tiles => 64,
+            Backward::Rows { warps, .. } | Backward::Tiles { warps } => 16 * warps,
         }
     }
     const fn threads(self) -> u32 {
         match self {
-            Backward::Rows { warps, .. } => 32 * warps as u32,
-            Backward::Tiles => 128,
+            Backward::Rows { warps, .. } | Backward::Tiles { warps } => 32 * warps as u32,
         }
     }
 }
 
 /// The head dims the kernels are compiled for, and how (a test checks these against the source).
 const VARIANTS: [Variant; 2] = [
-    Variant { head_dim: 64, suffix: "", backward: Backward::Rows { queries: 64, kv_in_registers: true, warps: 4 } },
-    Variant { head_dim: 128, suffix: "_hd128", backward: Backward::Tiles },
+    Variant {
+        head_dim: 64,
+        suffix: "",
+        backward: Backward::Rows { queries: 64, kv_in_registers: true, warps: 4 },
+        small_backward: None,
+    },
+    Variant {
+        head_dim: 128,
+        suffix: "_hd128",
+        backward: Backward::Tiles { warps: 8 },
+        small_backward: Some(Backward::Tiles { warps: 4 }),
+    },
 ];
 
 fn variant(head_dim: usize) -> Option<usize> {
@@ -112,18 +124,32 @@ fn variant(head_dim: usize) -> Option<usize> {
 /// Dynamic shared memory of the backward kernel, in bytes (rows padded by 8 bf16):
 /// `flash_bwd_smem<HD, BM, KV_REGS, NW>()` of the source (the K tile of 16·NW keys, the V tile
 /// unless its fragments live in registers, q and dO tiles of BM rows; dSᵀ of 16·NW × BM; lse, delta
-/// and segment ids of BM rows) or `flash_bwd_tiles_smem<HD>()` (K, V, q, dO tiles of 64 rows; Pᵀ
-/// and dSᵀ of 64 × 64; the row values of 64 queries).
-const fn backward_smem(v: Variant) -> u32 {
-    let hd = v.head_dim + 8;
-    let bytes = match v.backward {
+/// and segment ids of BM rows) or `flash_bwd_tiles_smem<HD, NW>()` (K and V tiles of 16·NW rows,
+/// q and dO tiles of 64; Pᵀ and dSᵀ of 16·NW × 64; the row values of 64 queries).
+const fn backward_smem(head_dim: usize, backward: Backward) -> u32 {
+    let hd = head_dim + 8;
+    let bytes = match backward {
         Backward::Rows { queries: bm, kv_in_registers, warps } => {
             let (bn, tiles) = (16 * warps, if kv_in_registers { 1 } else { 2 });
             2 * (tiles * bn * hd + 2 * bm * hd + bn * (bm + 8)) + 12 * bm
         }
-        Backward::Tiles => 2 * (4 * 64 * hd + 2 * 64 * (64 + 8)) + 12 * 64,
+        Backward::Tiles { warps } => {
+            let bn = 16 * warps;
+            2 * ((2 * bn + 2 * 64) * hd + 2 * bn * (64 + 8)) + 12 * 64
+        }
     };
     bytes as u32
+}
+
+/// The backward kernel of `v` for a GPU whose blocks may take `smem_limit` bytes of shared
+/// memory: its name and launch shape (the small one when the default does not fit and there is one).
+fn backward_for(v: Variant, smem_limit: u32) -> (String, Backward) {
+    match v.small_backward {
+        Some(small) if backward_smem(v.head_dim, v.backward) > smem_limit => {
+            (format!("newt_flash_bwd{}_small", v.suffix), small)
+        }
+        _ => (format!("newt_flash_bwd{}", v.suffix), v.backward),
+    }
 }
 
 /// Whether the CUDA kernels take a call with these inputs.
@@ -369,9 +395,9 @@ fn cube_backward(
             let mut args = delta_args([out, grad, delta], &d, gs);
             launch(f.delta, (rows.div_ceil(4) as u32, 1, 1), &mut args, stream, "backward (delta)");
             let mut args = backward_args([q, k, v, seg, grad, lse, delta, dq, dk, dv], &d, gs);
-            let var = VARIANTS[d.variant];
-            let grid = (d.tokens.div_ceil(var.backward.keys()) as u32, d.kv_heads as u32, d.batch as u32);
-            let (threads, smem) = (var.backward.threads(), backward_smem(var));
+            let shape = f.backward_shape;
+            let grid = (d.tokens.div_ceil(shape.keys()) as u32, d.kv_heads as u32, d.batch as u32);
+            let (threads, smem) = (shape.threads(), backward_smem(d.head_dim, shape));
             launch_shared(f.backward, grid, threads, smem, &mut args, stream, "flash attention backward");
         }),
     );
@@ -504,6 +530,8 @@ pub(crate) struct FlashFunctions {
     forward: usize,
     delta: usize,
     backward: usize,
+    /// The launch shape of `backward` (the variant's, or its small one's).
+    backward_shape: Backward,
 }
 
 /// The module's kernels, loaded in one CUDA context.
@@ -570,20 +598,28 @@ fn load() -> Result<Functions, String> {
                 .map(|f| f as usize)
                 .map_err(|e| format!("{name}: {e:?}"))
         };
+        // Shared memory a block may opt in to (227 KB on sm_90, 99 KB on sm_86/sm_89).
+        let smem_limit = cudarc::driver::result::device::get_attribute(
+            dev,
+            sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+        )
+        .map_err(|e| format!("{e:?}"))?;
         let mut flash = Vec::with_capacity(VARIANTS.len());
         for v in VARIANTS {
+            let (name, shape) = backward_for(v, smem_limit as u32);
             let f = FlashFunctions {
                 forward: get(&format!("newt_flash_fwd{}", v.suffix))?,
                 delta: get(&format!("newt_flash_bwd_delta{}", v.suffix))?,
-                backward: get(&format!("newt_flash_bwd{}", v.suffix))?,
+                backward: get(&name)?,
+                backward_shape: shape,
             };
             // The backward kernel's shared memory is dynamic; above 48 KiB a function must ask.
             cudarc::driver::result::function::set_function_attribute(
                 f.backward as sys::CUfunction,
                 sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                backward_smem(v) as i32,
+                backward_smem(v.head_dim, shape) as i32,
             )
-            .map_err(|e| format!("newt_flash_bwd{}: shared memory limit: {e:?}", v.suffix))?;
+            .map_err(|e| format!("{name}: shared memory limit: {e:?}"))?;
             flash.push(f);
         }
         Ok(Functions {
@@ -740,18 +776,36 @@ pub(crate) mod tests {
             let line = SOURCE[at..].lines().next().unwrap();
             line.split_whitespace().nth(2).unwrap().to_string()
         };
-        for v in VARIANTS {
-            let hd = v.head_dim;
-            let wrapper = format!("newt_flash_bwd{}(", v.suffix);
+        let kernels = VARIANTS.iter().flat_map(|v| {
+            [
+                (format!("newt_flash_bwd{}(", v.suffix), Some(v.backward)),
+                (format!("newt_flash_bwd{}_small(", v.suffix), v.small_backward),
+            ]
+            .into_iter()
+            .filter_map(move |(wrapper, shape)| shape.map(|shape| (v.head_dim, wrapper, shape)))
+        });
+        for (hd, wrapper, shape) in kernels {
             let body = &SOURCE[SOURCE.find(&wrapper).expect("the wrapper")..];
             let body = &body[..body.find("\n}").expect("the wrapper's end")];
             // A wrapper with `#if FA_BWD<hd>_TILES` calls flash_bwd_tiles when that is 1.
             let tiles_switch = format!("#if FA_BWD{hd}_TILES");
             let tiles = body.contains(&tiles_switch) && define(&format!("FA_BWD{hd}_TILES")) == "1";
-            match v.backward {
-                Backward::Tiles => {
+            match shape {
+                Backward::Tiles { warps } => {
                     assert!(tiles || !body.contains(&tiles_switch), "{wrapper}: FA_BWD{hd}_TILES is not 1");
-                    assert!(body.contains(&format!("flash_bwd_tiles<{hd}>(")), "{wrapper}: no flash_bwd_tiles<{hd}>");
+                    let call =
+                        &body[body.find("flash_bwd_tiles<").expect("the wrapper's call") + "flash_bwd_tiles<".len()..];
+                    let args: Vec<String> = call[..call.find('>').unwrap()]
+                        .split(',')
+                        .map(|a| a.trim())
+                        .map(|a| if a.starts_with("FA_") { define(a) } else { a.to_string() })
+                        .collect();
+                    assert_eq!(
+                        args,
+                        [hd.to_string(), warps.to_string()],
+                        "{wrapper} instantiates flash_bwd_tiles<{}>",
+                        args.join(", ")
+                    );
                 }
                 Backward::Rows { queries, kv_in_registers, warps } => {
                     assert!(!tiles, "{wrapper} takes flash_bwd_tiles");
@@ -767,10 +821,15 @@ pub(crate) mod tests {
             }
         }
         // head_dim 64: the size the kernel declared statically before it took dynamic memory.
-        assert_eq!(backward_smem(VARIANTS[0]), 37_632);
-        assert_eq!(backward_smem(VARIANTS[1]), 88_832);
+        // The small kernel where the default does not fit a block (sm_89 allows 99 KB, sm_90 227 KB).
+        assert_eq!(backward_for(VARIANTS[1], 232_448), ("newt_flash_bwd_hd128".to_string(), VARIANTS[1].backward));
+        assert_eq!(backward_for(VARIANTS[1], 101_376).0, "newt_flash_bwd_hd128_small");
+        assert_eq!(backward_for(VARIANTS[0], 101_376).0, "newt_flash_bwd");
+        assert_eq!(backward_smem(64, VARIANTS[0].backward), 37_632);
+        assert_eq!(backward_smem(128, VARIANTS[1].backward), 142_080);
+        assert_eq!(backward_smem(128, VARIANTS[1].small_backward.unwrap()), 88_832);
         assert!(SOURCE.contains("if (dynamic_smem_size() < (u32)flash_bwd_smem<HD, BM, KV_REGS, NW>()) asm volatile"));
-        assert!(SOURCE.contains("if (dynamic_smem_size() < (u32)flash_bwd_tiles_smem<HD>()) asm volatile"));
+        assert!(SOURCE.contains("if (dynamic_smem_size() < (u32)flash_bwd_tiles_smem<HD, NW>()) asm volatile"));
     }
 
     /// On a machine with a CUDA GPU (`cargo test -p newt-kernels -- --ignored cuda_ --nocapture`):

@@ -143,6 +143,37 @@ mod tests {
     use super::{FastPath, set_reference_paths, uses_reference};
 
     #[test]
+    fn cuda_pool_layouts_parse_smallest_first_after_the_tiny_pool() {
+        let cubecl_cuda::pools::MemoryConfiguration::Custom { pool_options } =
+            cubecl_cuda::pools::parse("sliced:32m:1m, sliced:1g:256m,exclusive:20g", 512).unwrap()
+        else {
+            panic!("a list is a custom layout")
+        };
+        let kinds: Vec<String> = pool_options.iter().map(|p| format!("{:?}", p.pool_type)).collect();
+        assert_eq!(kinds.len(), 4);
+        assert!(kinds[0].contains("max_alloc_size: 0"));
+        assert!(kinds[1].contains(&format!("page_size: {}", 32u64 << 20)));
+        assert!(kinds[2].contains(&format!("max_slice_size: {}", 256u64 << 20)));
+        assert!(kinds[3].contains(&format!("max_alloc_size: {}", 20u64 << 30)));
+    }
+
+    #[test]
+    fn cuda_pool_sizes_round_up_to_the_alignment_and_bad_layouts_are_errors() {
+        let layout = format!("{:?}", cubecl_cuda::pools::parse("exclusive:1000", 512).unwrap());
+        assert!(layout.contains("max_alloc_size: 1024"), "{layout}");
+        assert!(cubecl_cuda::pools::parse("sliced:1m:2m", 512).is_err());
+        assert!(cubecl_cuda::pools::parse("sliced:1m", 512).is_err());
+        assert!(cubecl_cuda::pools::parse("exclusive:0", 512).is_err());
+        assert!(cubecl_cuda::pools::parse("exclusive:4x", 512).is_err());
+        assert!(matches!(
+            cubecl_cuda::pools::parse("subslices", 512),
+            Ok(cubecl_cuda::pools::MemoryConfiguration::SubSlices)
+        ));
+        let newt = format!("{:?}", cubecl_cuda::pools::parse(cubecl_cuda::pools::NEWT_LAYOUT, 512).unwrap());
+        assert!(newt.contains(&format!("page_size: {}, max_slice_size: {}", 2u64 << 30, 2u64 << 30)), "{newt}");
+    }
+
+    #[test]
     fn no_kernel_reads_the_environment() {
         // Kernel choices come from the pipeline (`kernels:`, part of the keys), never from hidden
         // environment switches; the walk is checked to have seen this very file.

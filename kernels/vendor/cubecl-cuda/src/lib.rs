@@ -11,6 +11,8 @@ pub use device::*;
 pub use compute::external;
 /// newt patch: see `compute/jit_stats.rs`.
 pub use compute::jit_stats;
+/// newt patch: see `pools.rs`.
+pub mod pools;
 pub use runtime::*;
 
 #[cfg(feature = "ptx-wmma")]
