@@ -24,9 +24,10 @@ p = argparse.ArgumentParser()
 p.add_argument("--shape", default="smollm2-135m", choices=sorted(SHAPES))
 p.add_argument("--out", required=True)
 p.add_argument("--tokenizer", required=True)
+p.add_argument("--layers", type=int, help="decoder layers (default: the shape's); fewer for a per-kernel profile")
 a = p.parse_args()
 torch.manual_seed(0)
-cfg = LlamaConfig(max_position_embeddings=8192, **SHAPES[a.shape])
+cfg = LlamaConfig(max_position_embeddings=8192, **{**SHAPES[a.shape], **({"num_hidden_layers": a.layers} if a.layers else {})})
 # Built on the GPU when there is one (a 3B/8B model's random init takes minutes on the CPU).
 with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
     model = LlamaForCausalLM(cfg).to(torch.bfloat16)
