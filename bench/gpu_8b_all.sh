@@ -24,6 +24,8 @@ ROWS=(newt-lora-4x2048 newt-lora-4x2048-nockpt newt-lora newt-qlora
       peer-lora-liger-4x2048 peer-lora-liger-4x2048-nockpt peer-lora-liger
       peer-lora-4x2048 peer-lora-4x2048-nockpt peer-lora
       peer-qlora peer-qlora-liger)
+# ROWS_ONLY="row …" runs those rows instead (in that order), e.g. newt's alone.
+[ -n "${ROWS_ONLY:-}" ] && read -r -a ROWS <<< "$ROWS_ONLY"
 cost() {  # seconds a row usually takes (the first newt row also compiles its kernels: +20 s)
   case $1 in newt-qlora) echo 90 ;; newt-*) echo 85 ;; peer-qlora*) echo 100 ;; *) echo 60 ;; esac
 }
