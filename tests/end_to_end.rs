@@ -358,7 +358,8 @@ fn a_qlora_base_is_quantized_once_into_a_cached_artifact() {
 }
 
 /// `newt plan` estimates an 8B run from the model's config.json alone, before any weight is
-/// downloaded: the production LoRA does not fit a 16 GiB card and plan says QLoRA would; the QLoRA
+/// downloaded: the production LoRA does not fit a 20 GiB card and plan says QLoRA would; on a
+/// 24 GiB card it fits with a warning (estimate 23.4 GiB; 23.1 measured on an H100); the QLoRA
 /// estimate follows `bnb_config_kwargs` (without double quantization the scales cost more).
 #[test]
 fn plan_estimates_an_8b_run_from_its_config_before_any_download() {
@@ -381,13 +382,16 @@ fn plan_estimates_an_8b_run_from_its_config_before_any_download() {
         let w = line.split("weights ").nth(1).and_then(|r| r.split(" GiB").next()).unwrap_or_else(|| panic!("{line}"));
         w.parse().unwrap_or_else(|_| panic!("{line}"))
     };
-    let plan = |p: &Project| {
-        let out = p.run(&["plan", "p.yml", "--gpu-memory", "24GiB"]);
+    let plan_on = |p: &Project, gpu: &str| {
+        let out = p.run(&["plan", "p.yml", "--gpu-memory", gpu]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    let lora = plan(&p);
-    assert!(lora.contains("will not fit a GPU of 24.0 GiB"), "{lora}");
+    let plan = |p: &Project| plan_on(p, "24GiB");
+    let tight = plan(&p);
+    assert!(tight.contains("fits a GPU of 24.0 GiB") && tight.contains("warning: within 10%"), "{tight}");
+    let lora = plan_on(&p, "20GiB");
+    assert!(lora.contains("will not fit a GPU of 20.0 GiB"), "{lora}");
     let qlora_remedy =
         lora.lines().find(|l| l.trim_start().starts_with("adapter: qlora")).unwrap_or_else(|| panic!("{lora}"));
     assert!(qlora_remedy.ends_with("(fits)"), "{qlora_remedy}");
