@@ -28,10 +28,12 @@ set -uo pipefail
 rows=("$@"); [ ${#rows[@]} = 0 ] && rows=(peer-lora peer-lora-liger newt-lora peer-qlora peer-qlora-liger newt-qlora)
 # SHAPE=llama-3.2-1b or smollm2-135m runs the same rows on that shape (random_model.py's shapes).
 SHAPE=${SHAPE:-llama-3.1-8b}
-R=/tmp/bench8b; [ "$SHAPE" = llama-3.1-8b ] || R=/tmp/bench-$SHAPE
+# LAYERS=N: the shape with N decoder layers only (bench/gpu_profile.sh), in folders of its own.
+LAYERS=${LAYERS:-}; tag=${LAYERS:+-${LAYERS}layers}
+R=/tmp/bench8b; [ "$SHAPE" = llama-3.1-8b ] && [ -z "$LAYERS" ] || R=/tmp/bench-$SHAPE$tag
 OUT=${OUT:-/tmp/newt-gpu-out}; mkdir -p "$OUT" "$R"
 steps=${STEPS:-12}
-model=/tmp/model-$SHAPE
+model=/tmp/model-$SHAPE$tag
 if [ -f .dev/gpu/newt.xz ] && { [ ! -x /tmp/newt ] || [ .dev/gpu/newt.xz -nt /tmp/newt ]; }; then
   python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('.dev/gpu/newt.xz'), open('/tmp/newt','wb'))" && chmod +x /tmp/newt
 fi
@@ -40,7 +42,7 @@ ls .dev/gpu/wheels/*.whl >/dev/null 2>&1 && pip install -q --no-index --no-deps 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$R/gpu.txt"
 # The model: random bf16 weights of the shape (throughput does not depend on them), written once.
 if [ ! -f $model/config.json ]; then
-  python3 bench/random_model.py --shape $SHAPE --out $model --tokenizer stages/data/tests/fixtures/smollm2 > "$R/model.log" 2>&1 || { cat "$R/model.log"; exit 1; }
+  python3 bench/random_model.py --shape $SHAPE ${LAYERS:+--layers $LAYERS} --out $model --tokenizer stages/data/tests/fixtures/smollm2 > "$R/model.log" 2>&1 || { cat "$R/model.log"; exit 1; }
 fi
 # newt's data (text + EOS, five tokens a word with SmolLM2's tokenizer): lines of exactly SEQ
 # tokens, one full row each, no padding (checked with `newt query` on pack): 819 words make
@@ -58,7 +60,7 @@ text_for() {  # text_for SEQ: the file (made once)
 }
 # config ADAPTER BATCH SEQ CKPT: the pipeline file of one newt row (printed: its path).
 config() {
-  local adapter=$1 batch=$2 seq=$3 ckpt=$4 f=/tmp/$SHAPE-$1-$2x$3-$4.yml text
+  local adapter=$1 batch=$2 seq=$3 ckpt=$4 f=/tmp/$SHAPE$tag-$1-$2x$3-$4.yml text
   text=$(text_for $seq)
   cat > $f <<YML
 base_model: $model
@@ -119,7 +121,8 @@ newt() {  # newt NAME ADAPTER
   local yml; yml=$(config $adapter $b $s $ck)
   mkdir -p $cache /tmp/kc/cubecl; ln -sfn /tmp/kc/cubecl $cache/cubecl
   NEWT_CACHE_DIR=$cache /tmp/newt plan $yml --gpu-memory "$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)MiB" > "$R/$name.plan" 2>&1
-  row "$name" env NEWT_CACHE_DIR=$cache timeout ${NEWT_TIMEOUT:-450} /tmp/newt run $yml --only train
+  # NEWT_WRAP: a command newt runs under (bench/gpu_profile.sh: ncu), split on spaces.
+  row "$name" env NEWT_CACHE_DIR=$cache timeout ${NEWT_TIMEOUT:-450} ${NEWT_WRAP:-} /tmp/newt run $yml --only train
   local m; m=$(find $cache/ -name metrics.jsonl -printf '%T@ %p\n' 2>/dev/null | sort -n | tail -1 | cut -d' ' -f2-)
   [ -n "$m" ] && cp "$m" "$R/$name.metrics.jsonl"
 }
