@@ -398,8 +398,8 @@ fn plan_estimates_an_8b_run_from_its_config_before_any_download() {
     assert!(!p.path("cache/objects").exists() || std::fs::read_dir(p.path("cache/objects")).unwrap().next().is_none());
     // 8.0B weights in bf16 (14.96 GiB) and the adapter's 84M in f32.
     assert!((weights(&lora) - 15.3).abs() < 0.1, "{lora}");
-    // 4×2048 without checkpointing nearly fills an 80 GiB card (measured: it filled it and
-    // trained on wrong gradients): plan warns; the production shape on the same card does not.
+    // 4×2048 without checkpointing nearly fills an 80 GiB card (measured: in CubeCL's default
+    // pool layout it ran out): plan warns; the production shape on the same card does not.
     let on_80 = |p: &Project| {
         let out = p.run(&["plan", "p.yml", "--gpu-memory", "80GiB"]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -100,7 +100,50 @@ pub fn uses_reference(path: FastPath) -> bool {
 
 /// Kernel compilations and module loads of the CUDA backend so far in this process (zeros when
 /// CUDA is not used); see `kernels/vendor/README.md`.
-pub use cubecl_cuda::jit_stats::{JitStats, jit_stats};
+pub use cubecl_cuda::jit_stats::{JitStats, jit_stats, stream_errors, sync_allocations};
+
+/// CubeCL runs each device's work on a thread of its own (named `DSU-…` / `DSD-…`) that catches
+/// a panic in a task, logs it and goes on. An allocation that runs out of memory there (its
+/// `initialize_memory` unwraps the error) leaves the new tensor unbound, every later task that
+/// touches it panics in turn, and the kernels they would have launched never run: a training run
+/// near the GPU's limit went on with wrong gradients and no error (`bench/results/gpu_8b.md`).
+/// [`watch_device_threads`] installs a panic hook (kept in front of the existing one) that
+/// records such panics; [`device_thread_panics`] lists them, so a caller can stop instead.
+static DEVICE_PANICS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+static WATCH_DEVICE_THREADS: std::sync::Once = std::sync::Once::new();
+
+/// Whether a thread name is one of CubeCL's device-service threads.
+pub fn is_device_thread(name: &str) -> bool {
+    name.starts_with("DSU-") || name.starts_with("DSD-")
+}
+
+/// Starts recording panics of CubeCL's device threads (idempotent; see [`device_thread_panics`]).
+pub fn watch_device_threads() {
+    WATCH_DEVICE_THREADS.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if std::thread::current().name().is_some_and(is_device_thread) {
+                let payload = info.payload();
+                let message = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "(a panic without a message)".into());
+                let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+                let mut panics = DEVICE_PANICS.lock().unwrap_or_else(|p| p.into_inner());
+                if panics.len() < 64 {
+                    panics.push(format!("{message}{at}"));
+                }
+            }
+            previous(info);
+        }));
+    });
+}
+
+/// The panics of CubeCL's device threads since [`watch_device_threads`] (the first 64).
+pub fn device_thread_panics() -> Vec<String> {
+    DEVICE_PANICS.lock().unwrap_or_else(|p| p.into_inner()).clone()
+}
 
 use burn::tensor::{Tensor, activation::silu, backend::Backend};
 
@@ -252,5 +295,67 @@ mod tests {
     fn read_f64_refuses_a_tensor_of_several_elements() {
         let dev = Default::default();
         read_f64(Tensor::<TestBackend, 1>::from_data(TensorData::new(vec![1.0f32, 2.0], [2]), &dev));
+    }
+
+    #[test]
+    fn stream_errors_count_what_cubecl_hands_over_even_when_the_caller_drops_it() {
+        use burn_cubecl::cubecl::server::ServerError;
+        let skipped =
+            |what: &str| ServerError::Generic { reason: format!("test: {what}"), backtrace: Default::default() };
+        let before = crate::stream_errors();
+        cubecl_cuda::jit_stats::record_stream_errors(&[skipped("launch skipped"), skipped("launch skipped")]);
+        cubecl_cuda::jit_stats::record_stream_errors(&[]);
+        cubecl_cuda::jit_stats::record_stream_errors(&[skipped("allocation failed")]);
+        // Other tests of this binary run no CUDA stream, so nothing else adds to the count.
+        assert_eq!(crate::stream_errors() - before, 3);
+    }
+
+    /// Uploading more than 4 GiB with no kernel in between (what loading an 8B model does)
+    /// overflowed cubecl-cuda's u32 count of staged upload bytes: the device thread's `push`
+    /// panicked (debug assertions; it catches the panic and goes on) and dropped the pinned host
+    /// buffer while its asynchronous copy could still be reading it — 587 such panics in every
+    /// 8B LoRA run of bench/results/gpu_8b.md's H200 run. 72 tensors of 64 MiB (each small enough
+    /// for the pinned staging path), each with its own values, must all read back exactly.
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn uploads_past_4_gib_without_a_kernel_between_read_back_exactly() {
+        type B = burn::backend::Cuda<f32, i32>;
+        let device = Default::default();
+        let n = 16 << 20;
+        let value = |k: usize, i: usize| ((i * 7 + k * 13) % 1021) as f32;
+        let tensors: Vec<Tensor<B, 1>> = (0..72)
+            .map(|k| {
+                Tensor::from_data(TensorData::new((0..n).map(|i| value(k, i)).collect::<Vec<f32>>(), [n]), &device)
+            })
+            .collect();
+        for (k, t) in tensors.into_iter().enumerate() {
+            let got = t.into_data().into_vec::<f32>().unwrap();
+            let bad = (0..n).filter(|&i| got[i] != value(k, i)).count();
+            assert_eq!(bad, 0, "tensor {k}: {bad} of {n} values differ from what was uploaded");
+        }
+    }
+
+    #[test]
+    fn a_panic_caught_on_a_device_thread_is_recorded_and_others_are_not() {
+        watch_device_threads();
+        let before = device_thread_panics().len();
+        // What CubeCL's device thread does with a task that fails: catch it and go on.
+        let run = |name: &str, message: &'static str| {
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(move || {
+                    let caught = std::panic::catch_unwind(|| panic!("{message}"));
+                    assert!(caught.is_err());
+                })
+                .unwrap()
+                .join()
+                .unwrap();
+        };
+        run("DSD-0-0", "can't allocate buffer of size: 83024896");
+        run("worker-1", "not a device thread");
+        let after = device_thread_panics();
+        assert_eq!(after.len(), before + 1, "{after:?}");
+        assert!(after[before].starts_with("can't allocate buffer of size: 83024896 at "), "{}", after[before]);
+        assert!(!is_device_thread("main") && is_device_thread("DSU-3-1"));
     }
 }

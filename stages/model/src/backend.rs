@@ -206,7 +206,12 @@ pub trait WithAutodiffBackend {
 pub fn dispatch<W: WithBackend>(backend: ResolvedBackend, work: W) -> W::Output {
     match backend {
         ResolvedBackend::Cpu => work.run::<CpuBackend>(Default::default()),
-        ResolvedBackend::Cuda { index } => work.run::<CudaBackend>(burn::backend::cuda::CudaDevice::new(index)),
+        ResolvedBackend::Cuda { index } => {
+            newt_kernels::watch_device_threads();
+            let out = work.run::<CudaBackend>(burn::backend::cuda::CudaDevice::new(index));
+            fail_on_device_thread_panics();
+            out
+        }
     }
 }
 
@@ -214,7 +219,22 @@ pub fn dispatch<W: WithBackend>(backend: ResolvedBackend, work: W) -> W::Output 
 pub fn dispatch_autodiff<W: WithAutodiffBackend>(backend: ResolvedBackend, work: W) -> W::Output {
     match backend {
         ResolvedBackend::Cpu => work.run::<CpuTrainBackend>(Default::default()),
-        ResolvedBackend::Cuda { index } => work.run::<CudaTrainBackend>(burn::backend::cuda::CudaDevice::new(index)),
+        ResolvedBackend::Cuda { index } => {
+            newt_kernels::watch_device_threads();
+            let out = work.run::<CudaTrainBackend>(burn::backend::cuda::CudaDevice::new(index));
+            fail_on_device_thread_panics();
+            out
+        }
+    }
+}
+
+/// Stops the process's work when a CubeCL device thread panicked: CubeCL catches the panic and
+/// skips what depended on it, so results computed after it cannot be trusted
+/// ([`newt_kernels::watch_device_threads`]). The trainer checks after every step
+/// (`train::device_thread_failure`); this catches the other stages.
+fn fail_on_device_thread_panics() {
+    if let Some(first) = newt_kernels::device_thread_panics().first() {
+        panic!("the CUDA device thread failed, so this stage's results cannot be trusted: {first}");
     }
 }
 

@@ -91,7 +91,10 @@ pub fn seeded_layer<B: burn::tensor::backend::Backend, T>(
     let _lock = LAYER_RNG.lock().unwrap_or_else(|p| p.into_inner());
     B::seed(device, SplitMix64::mix(seed, layer as u64));
     let out = f();
-    // Only a failed device can fail this; the step's next read of a tensor reports it.
-    let _ = B::sync(device);
+    // The sync hands over (and clears) the errors CubeCL recorded on the stream so far: a
+    // failed launch or allocation must stop the step here, or no later read would see it.
+    if let Err(e) = B::sync(device) {
+        panic!("the device failed during layer {layer}'s forward pass: {e:?}");
+    }
     out
 }

@@ -280,6 +280,7 @@ where
 
         let t0 = Instant::now();
         let jit0 = newt_kernels::jit_stats();
+        let (stream_errors0, sync_allocations0) = (newt_kernels::stream_errors(), newt_kernels::sync_allocations());
         let step_no = pos.step + 1;
         let max_norm = cfg.max_grad_norm;
         let opt_ref = &mut opt;
@@ -290,12 +291,33 @@ where
         let seeds: Vec<u64> = (0..micro_batches.len() as u64).map(|k| SplitMix64::mix(step_seed, k)).collect();
         let (mine, my_seeds) = (rank.share(&micro_batches), rank.share(&seeds));
         let (new_model, out) = guard_oom(step_no, cfg, move || {
-            optimizer_step::<B, M>(model, data, &mine, &my_seeds, rank, max_norm, opt_ref, lr, device, clock_ref)
+            let out =
+                optimizer_step::<B, M>(model, data, &mine, &my_seeds, rank, max_norm, opt_ref, lr, device, clock_ref);
+            // The step's loss has been read, so every task it queued has run on the device thread.
+            if let Some(failure) = device_thread_failure() {
+                panic!("{failure}");
+            }
+            out
         })?;
         clock.report(step_no);
         model = new_model;
         let step_s = t0.elapsed().as_secs_f64();
         let jit = newt_kernels::jit_stats().since(&jit0);
+        let stream_errors = newt_kernels::stream_errors() - stream_errors0;
+        let sync_allocations = newt_kernels::sync_allocations() - sync_allocations0;
+        if sync_allocations > 0 {
+            eprintln!(
+                "note: step {step_no}: {sync_allocations} device allocation(s) were refused by the stream-ordered \
+                 allocator and made with cuMemAlloc instead: the GPU is close to full"
+            );
+        }
+        if stream_errors > 0 {
+            eprintln!(
+                "warning: step {step_no}: the CUDA backend recorded {stream_errors} stream error(s) during this step \
+                 (the first are printed above, `cubecl-cuda: stream error`); a kernel that failed to launch \
+                 leaves its output unwritten, so this step's gradients may be wrong"
+            );
+        }
         let memory = <B::InnerBackend as newt_kernels::KernelBackend>::memory_usage(device);
 
         next.step += 1;
@@ -584,6 +606,16 @@ fn guard_oom<T>(step: usize, cfg: &TrainConfig, f: impl FnOnce() -> Result<T, Tr
             }
         }
     }
+}
+
+/// What stops a step when a CubeCL device thread panicked ([`newt_kernels::watch_device_threads`]):
+/// an out-of-memory there reads as one ([`is_out_of_memory`]), so the run ends with the memory
+/// estimate and its remedies instead of training on tensors that were never computed.
+pub fn device_thread_failure() -> Option<String> {
+    let panics = newt_kernels::device_thread_panics();
+    // An out-of-memory panic leads on to others (tensors it left unbound), so name it first.
+    let cause = panics.iter().find(|p| is_out_of_memory(p)).or(panics.first())?;
+    Some(format!("the CUDA device thread failed ({} panic(s); the cause: {cause})", panics.len()))
 }
 
 /// Whether a backend panic message reports device memory exhaustion (CubeCL's

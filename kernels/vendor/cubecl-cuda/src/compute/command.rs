@@ -385,6 +385,14 @@ impl<'a> Command<'a> {
         }?;
 
         current.drop_queue.push(data);
+        // newt patch: the queue's byte count is a u32 and was only checked for a flush after a
+        // kernel launch, so uploading a model (GBs of writes, no kernel between them) overflowed
+        // it; the overflow panicked inside `push` (debug assertions) after `data` had been
+        // moved in, dropping a host buffer the asynchronous copy above may still be reading.
+        // Flushing here, as a launch does, keeps the count below the 64 MiB policy.
+        if current.drop_queue.should_flush() {
+            current.drop_queue.flush(|| Fence::new(current.sys));
+        }
 
         Ok(())
     }

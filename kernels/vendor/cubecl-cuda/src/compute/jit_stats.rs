@@ -2,6 +2,7 @@
 //! caller can see how much of a slow step was JIT work (and whether the kernel cache served it).
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 static COMPILES: AtomicU64 = AtomicU64::new(0);
@@ -62,4 +63,51 @@ pub(crate) fn record_cache_hit() {
 pub(crate) fn record_load(took: Duration) {
     LOADS.fetch_add(1, Ordering::Relaxed);
     LOAD_NS.fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+}
+
+static STREAM_ERRORS: AtomicU64 = AtomicU64::new(0);
+static SHOWN: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Distinct stream errors written to stderr at most; later ones are only counted.
+const SHOW_AT_MOST: usize = 8;
+
+/// Errors taken off a stream's error list so far. CubeCL records a failed launch, allocation or
+/// copy on its stream and carries on; the list is handed to whoever next flushes the stream, and
+/// some callers drop it (the autotuner's benchmark flush does), so a skipped kernel could
+/// otherwise go unseen.
+pub fn stream_errors() -> u64 {
+    STREAM_ERRORS.load(Ordering::Relaxed)
+}
+
+/// Counts `errors` and writes the first distinct ones to stderr (without their backtraces).
+pub fn record_stream_errors(errors: &[cubecl_core::server::ServerError]) {
+    if errors.is_empty() {
+        return;
+    }
+    STREAM_ERRORS.fetch_add(errors.len() as u64, Ordering::Relaxed);
+    let mut shown = SHOWN.lock().unwrap_or_else(|p| p.into_inner());
+    for error in errors {
+        let full = error.to_string();
+        let text: String = full.split("Backtrace").next().unwrap_or_default().trim().chars().take(600).collect();
+        if shown.len() < SHOW_AT_MOST && !shown.contains(&text) {
+            eprintln!("cubecl-cuda: stream error (counted in stream_errors()): {text}");
+            shown.push(text);
+        }
+    }
+}
+
+static SYNC_ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+/// Device allocations that `cuMemAllocAsync` refused and that were retried with `cuMemAlloc`
+/// (newt patch: the storage falls back silently otherwise); the first is written to stderr.
+pub fn sync_allocations() -> u64 {
+    SYNC_ALLOCATIONS.load(Ordering::Relaxed)
+}
+
+pub(crate) fn record_sync_allocation(size: u64, error: &dyn std::fmt::Debug) {
+    if SYNC_ALLOCATIONS.fetch_add(1, Ordering::Relaxed) == 0 {
+        eprintln!(
+            "cubecl-cuda: cuMemAllocAsync of {size} bytes failed ({error:?}); retrying with cuMemAlloc (counted in sync_allocations())"
+        );
+    }
 }

@@ -615,6 +615,8 @@ impl CudaServer {
             Err(_) => return Vec::new(),
         };
         let errors = core::mem::take(&mut stream.current().errors);
+        // newt patch: a drained error is counted and shown (the caller may discard it).
+        super::jit_stats::record_stream_errors(&errors);
 
         // It is very important to tag current profiles as being wrong.
         if !errors.is_empty() {

@@ -174,7 +174,9 @@ impl ComputeStorage for GpuStorage {
         let ptr = unsafe { cudarc::driver::result::malloc_async(self.stream, size as usize) };
         let (ptr, kind) = match ptr {
             Ok(ptr) => (ptr, AllocationKind::Async),
-            Err(_) => unsafe {
+            Err(async_error) => unsafe {
+                // newt patch: counted and shown once (`jit_stats::sync_allocations`).
+                crate::compute::jit_stats::record_sync_allocation(size, &async_error);
                 match cudarc::driver::result::malloc_sync(size as usize) {
                     Ok(ptr) => (ptr, AllocationKind::Sync),
                     Err(DriverError(cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY)) => {
