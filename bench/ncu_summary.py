@@ -20,7 +20,7 @@ start = text.find('"ID"')
 if start < 0:
     raise SystemExit(f"no kernel rows in {a.csv}")
 rows = csv.DictReader(io.StringIO(text[start:]))
-SCALE = {"nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0, "second": 1e3}
+SCALE = {"nsecond": 1e-6, "ns": 1e-6, "usecond": 1e-3, "us": 1e-3, "msecond": 1.0, "ms": 1.0, "second": 1e3, "s": 1e3}
 by = defaultdict(lambda: [0.0, 0, set()])
 total = 0.0
 for r in rows:
