@@ -108,7 +108,8 @@ pub use cubecl_cuda::jit_stats::{JitStats, jit_stats, stream_errors, sync_alloca
 /// touches it panics in turn, and the kernels they would have launched never run: a training run
 /// near the GPU's limit went on with wrong gradients and no error (`bench/results/gpu_8b.md`).
 /// [`watch_device_threads`] installs a panic hook (kept in front of the existing one) that
-/// records such panics; [`device_thread_panics`] lists them, so a caller can stop instead.
+/// records such panics; [`take_device_thread_panics`] hands them over, so a caller can stop
+/// instead (and the one that reports them takes them, so they are reported once).
 static DEVICE_PANICS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
 static WATCH_DEVICE_THREADS: std::sync::Once = std::sync::Once::new();
 
@@ -117,7 +118,7 @@ pub fn is_device_thread(name: &str) -> bool {
     name.starts_with("DSU-") || name.starts_with("DSD-")
 }
 
-/// Starts recording panics of CubeCL's device threads (idempotent; see [`device_thread_panics`]).
+/// Starts recording panics of CubeCL's device threads (idempotent; see [`take_device_thread_panics`]).
 pub fn watch_device_threads() {
     WATCH_DEVICE_THREADS.call_once(|| {
         let previous = std::panic::take_hook();
@@ -140,9 +141,10 @@ pub fn watch_device_threads() {
     });
 }
 
-/// The panics of CubeCL's device threads since [`watch_device_threads`] (the first 64).
-pub fn device_thread_panics() -> Vec<String> {
-    DEVICE_PANICS.lock().unwrap_or_else(|p| p.into_inner()).clone()
+/// The panics of CubeCL's device threads recorded since [`watch_device_threads`] or the last
+/// call (at most 64), taken off the record.
+pub fn take_device_thread_panics() -> Vec<String> {
+    std::mem::take(&mut *DEVICE_PANICS.lock().unwrap_or_else(|p| p.into_inner()))
 }
 
 use burn::tensor::{Tensor, activation::silu, backend::Backend};
@@ -338,7 +340,7 @@ mod tests {
     #[test]
     fn a_panic_caught_on_a_device_thread_is_recorded_and_others_are_not() {
         watch_device_threads();
-        let before = device_thread_panics().len();
+        take_device_thread_panics();
         // What CubeCL's device thread does with a task that fails: catch it and go on.
         let run = |name: &str, message: &'static str| {
             std::thread::Builder::new()
@@ -353,9 +355,10 @@ mod tests {
         };
         run("DSD-0-0", "can't allocate buffer of size: 83024896");
         run("worker-1", "not a device thread");
-        let after = device_thread_panics();
-        assert_eq!(after.len(), before + 1, "{after:?}");
-        assert!(after[before].starts_with("can't allocate buffer of size: 83024896 at "), "{}", after[before]);
+        let after = take_device_thread_panics();
+        assert_eq!(after.len(), 1, "{after:?}");
+        assert!(after[0].starts_with("can't allocate buffer of size: 83024896 at "), "{}", after[0]);
+        assert!(take_device_thread_panics().is_empty(), "taken once");
         assert!(!is_device_thread("main") && is_device_thread("DSU-3-1"));
     }
 }

@@ -228,13 +228,14 @@ pub fn dispatch_autodiff<W: WithAutodiffBackend>(backend: ResolvedBackend, work:
     }
 }
 
-/// Stops the process's work when a CubeCL device thread panicked: CubeCL catches the panic and
-/// skips what depended on it, so results computed after it cannot be trusted
-/// ([`newt_kernels::watch_device_threads`]). The trainer checks after every step
-/// (`train::device_thread_failure`); this catches the other stages.
+/// Stops the process's work when a CubeCL device thread panicked and nothing reported it yet:
+/// CubeCL catches the panic and skips what depended on it, so results computed after it cannot be
+/// trusted ([`newt_kernels::watch_device_threads`]). The trainer reports (and takes) them after
+/// every step, so a training run's out-of-memory error comes through unchanged; this catches the
+/// other stages.
 fn fail_on_device_thread_panics() {
-    if let Some(first) = newt_kernels::device_thread_panics().first() {
-        panic!("the CUDA device thread failed, so this stage's results cannot be trusted: {first}");
+    if let Some(failure) = crate::train::device_thread_failure() {
+        panic!("{failure}; this stage's results cannot be trusted");
     }
 }
 

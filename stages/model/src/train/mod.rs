@@ -45,7 +45,8 @@ pub use plot::{render as render_loss_curve, write_loss_curve};
 pub use rng::with_batch_seed;
 pub use schedule::{LrSchedule, ScheduleKind};
 pub use trainer::{
-    StepGradients, eval_loss, is_out_of_memory, out_of_memory_hint, step_gradients, train, train_data_parallel,
+    StepGradients, device_thread_failure, eval_loss, is_out_of_memory, out_of_memory_hint, step_gradients, train,
+    train_data_parallel,
 };
 
 /// A model that returns the summed cross-entropy of a batch (on any backend).

@@ -608,11 +608,12 @@ fn guard_oom<T>(step: usize, cfg: &TrainConfig, f: impl FnOnce() -> Result<T, Tr
     }
 }
 
-/// What stops a step when a CubeCL device thread panicked ([`newt_kernels::watch_device_threads`]):
-/// an out-of-memory there reads as one ([`is_out_of_memory`]), so the run ends with the memory
-/// estimate and its remedies instead of training on tensors that were never computed.
+/// What stops a step (or a CUDA stage, `backend::dispatch`) when a CubeCL device thread panicked
+/// ([`newt_kernels::watch_device_threads`]); the panics are taken, so they are reported once. An
+/// out-of-memory there reads as one ([`is_out_of_memory`]), so a training run ends with the
+/// memory estimate and its remedies instead of training on tensors that were never computed.
 pub fn device_thread_failure() -> Option<String> {
-    let panics = newt_kernels::device_thread_panics();
+    let panics = newt_kernels::take_device_thread_panics();
     // An out-of-memory panic leads on to others (tensors it left unbound), so name it first.
     let cause = panics.iter().find(|p| is_out_of_memory(p)).or(panics.first())?;
     Some(format!("the CUDA device thread failed ({} panic(s); the cause: {cause})", panics.len()))
