@@ -234,8 +234,8 @@ pub fn dispatch_autodiff<W: WithAutodiffBackend>(backend: ResolvedBackend, work:
 /// every step, so a training run's out-of-memory error comes through unchanged; this catches the
 /// other stages.
 fn fail_on_device_thread_panics() {
-    if let Some(failure) = crate::train::device_thread_failure() {
-        panic!("{failure}; this stage's results cannot be trusted");
+    if let Some(first) = newt_kernels::take_device_thread_panics().first() {
+        panic!("the CUDA device thread failed, so this stage's results cannot be trusted: {first}");
     }
 }
 
