@@ -145,7 +145,7 @@ def forward(kern, q, k, v, seg, scale, window):
     b, hq, t, d = q.shape
     assert d == kern.hd
     hkv = k.shape[1]
-    out = torch.empty((b, hq, t, d), dtype=torch.bfloat16, device="cuda")
+    out = torch.empty((b, t, hq, d), dtype=torch.bfloat16, device="cuda")  # the kernel writes [b, t, h, d]
     lse = torch.empty((b, hq, t), dtype=torch.float32, device="cuda")
     kern.fwd(
         ((t + kern.fwd_rows - 1) // kern.fwd_rows, hq, b),
@@ -155,7 +155,7 @@ def forward(kern, q, k, v, seg, scale, window):
          np.float32(scale), np.int32(window or 0)),
         shared_mem=kern.fwd_smem,
     )
-    return out, lse
+    return out.transpose(1, 2), lse
 
 
 def backward(kern, q, k, v, seg, out, lse, dout, scale, window):
@@ -164,7 +164,8 @@ def backward(kern, q, k, v, seg, out, lse, dout, scale, window):
     delta = torch.empty((b, hq, t), dtype=torch.float32, device="cuda")
     rows = b * hq * t
     ds = strides3(dout)
-    kern.delta(((rows + 3) // 4,), (128,), (p(out), p(dout), p(delta), np.int32(b), np.int32(hq), np.int32(t), *ds))
+    kern.delta(((rows + 3) // 4,), (128,), (p(out), p(dout), p(delta), np.int32(b), np.int32(hq), np.int32(t),
+                                                   *strides3(out), *ds))
     dq = torch.zeros((b, hq, t, d), dtype=torch.float32, device="cuda")
     dk = torch.empty((b, hkv, t, d), dtype=torch.bfloat16, device="cuda")
     dv = torch.empty((b, hkv, t, d), dtype=torch.bfloat16, device="cuda")
@@ -399,7 +400,8 @@ def main():
             bwd128 = BWD128_ROWS if rows else (64, False, warps[0], True) if warps else None
             kerns = {64: Kernels(mod, 64, bwd=tiles64), 128: Kernels(mod, 128, bwd=bwd128)}
             variants.append((name, kerns))
-        if arg == "--other":  # NAME=PATH: another version of the source (same launch shapes)
+        if arg == "--other":  # NAME=PATH: another version of the source (same launch shapes and
+            # arguments: sources from before 2026-12-07 wrote out as [b, h, t, d], with no out strides)
             name, path = sys.argv[i + 1].split("=", 1)
             mod = compile_module(pathlib.Path(path).read_text())  # (sources without flash_bwd_tiles)
             variants.append((name, {64: Kernels(mod, 64), 128: Kernels(mod, 128, bwd=BWD128_ROWS)}))

@@ -257,6 +257,8 @@ fn kernels_check_runs_on_the_cpu_and_reports_agreement() {
     assert!(norm.split_whitespace().nth(2).unwrap().parse::<f64>().unwrap() < 1e-5, "{norm}");
     let rope = text.lines().find(|l| l.starts_with("rope ")).expect("a rope row");
     assert!(rope.split_whitespace().nth(2).unwrap().parse::<f64>().unwrap() < 1e-5, "{rope}");
+    let xent = text.lines().find(|l| l.starts_with("xent ") && l.contains("64×49152")).expect("a cross-entropy row");
+    assert!(xent.split_whitespace().nth(2).unwrap().parse::<f64>().unwrap() < 1e-5, "{xent}");
     let flat = text.lines().find(|l| l.starts_with("flat ")).expect("a flat gather/scatter row");
     assert_eq!(flat.split_whitespace().nth(2).unwrap().parse::<f64>().unwrap(), 0.0, "{flat}");
     let nf4 = text.lines().find(|l| l.starts_with("nf4:")).expect("an nf4 line");

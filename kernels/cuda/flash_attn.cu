@@ -186,7 +186,8 @@ __device__ __forceinline__ float fa_exp2(float x) {
 #define NEWT_INF __int_as_float(0x7f800000)
 
 // grid: (query blocks of 64, q_heads, batch); block: 128 threads.
-// out: [batch, q_heads, tokens, HD] contiguous; lse: [batch, q_heads, tokens] f32, in log2 units
+// out: [batch, tokens, q_heads, HD] contiguous (the layout the output projection reads, so the
+// attention output needs no transposing copy); lse: [batch, q_heads, tokens] f32, in log2 units
 // of the scaled scores (the backward pass's only use of it).
 template <int HD>
 __device__ __forceinline__ void flash_fwd(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
@@ -409,12 +410,13 @@ __device__ __forceinline__ void flash_fwd(const bf16_t* __restrict__ q, const bf
     l1 += __shfl_xor_sync(0xffffffff, l1, 1);
     l1 += __shfl_xor_sync(0xffffffff, l1, 2);
     const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
-    bf16_t* op = out + ((long long)(b * q_heads + h) * tokens) * HD;
+    bf16_t* op = out + ((long long)b * tokens * q_heads + h) * HD;
+    const long long ot = (long long)q_heads * HD;
 #pragma unroll
     for (int n = 0; n < HD / 8; n++) {
         int col = n * 8 + 2 * c;
-        if (qi0 < tokens) *(u32*)&op[(long long)qi0 * HD + col] = pack_bf16(o[n][0] * inv0, o[n][1] * inv0);
-        if (qi1 < tokens) *(u32*)&op[(long long)qi1 * HD + col] = pack_bf16(o[n][2] * inv1, o[n][3] * inv1);
+        if (qi0 < tokens) *(u32*)&op[qi0 * ot + col] = pack_bf16(o[n][0] * inv0, o[n][1] * inv0);
+        if (qi1 < tokens) *(u32*)&op[qi1 * ot + col] = pack_bf16(o[n][2] * inv1, o[n][3] * inv1);
     }
     if (c == 0) {
         float* lp = lse + (long long)(b * q_heads + h) * tokens;
@@ -442,18 +444,19 @@ extern "C" __global__ void __launch_bounds__(FA_THREADS) newt_flash_fwd_hd128(
 }
 
 // delta[row] = Σ_d dO[row, d]·O[row, d] (f32), one warp per row of [batch, q_heads, tokens].
-// O is [batch, q_heads, tokens, HD] contiguous; dO through strides.
+// O and dO through strides (the forward pass writes O as [batch, tokens, q_heads, HD]).
 template <int HD>
 __device__ __forceinline__ void flash_bwd_delta(const bf16_t* __restrict__ o, const bf16_t* __restrict__ dout,
                                                 float* __restrict__ delta, int batch, int q_heads, int tokens,
-                                                long long dsb, long long dsh, long long dst) {
+                                                long long osb, long long osh, long long ost, long long dsb,
+                                                long long dsh, long long dst) {
     long long row = (long long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
     if (row >= (long long)batch * q_heads * tokens) return;
     int t = row % tokens;
     int bh = row / tokens;
     int h = bh % q_heads, b = bh / q_heads;
-    const bf16_t* op = o + row * HD;
+    const bf16_t* op = o + b * osb + h * osh + t * ost;
     const bf16_t* dp = dout + b * dsb + h * dsh + t * dst;
     float acc = 0.f;
 #pragma unroll
@@ -467,14 +470,16 @@ __device__ __forceinline__ void flash_bwd_delta(const bf16_t* __restrict__ o, co
 
 extern "C" __global__ void newt_flash_bwd_delta(const bf16_t* __restrict__ o, const bf16_t* __restrict__ dout,
                                                 float* __restrict__ delta, int batch, int q_heads, int tokens,
-                                                long long dsb, long long dsh, long long dst) {
-    flash_bwd_delta<64>(o, dout, delta, batch, q_heads, tokens, dsb, dsh, dst);
+                                                long long osb, long long osh, long long ost, long long dsb,
+                                                long long dsh, long long dst) {
+    flash_bwd_delta<64>(o, dout, delta, batch, q_heads, tokens, osb, osh, ost, dsb, dsh, dst);
 }
 
 extern "C" __global__ void newt_flash_bwd_delta_hd128(const bf16_t* __restrict__ o, const bf16_t* __restrict__ dout,
                                                       float* __restrict__ delta, int batch, int q_heads, int tokens,
-                                                      long long dsb, long long dsh, long long dst) {
-    flash_bwd_delta<128>(o, dout, delta, batch, q_heads, tokens, dsb, dsh, dst);
+                                                      long long osb, long long osh, long long ost, long long dsb,
+                                                      long long dsh, long long dst) {
+    flash_bwd_delta<128>(o, dout, delta, batch, q_heads, tokens, osb, osh, ost, dsb, dsh, dst);
 }
 
 #ifndef FA_DQ_GROUPS

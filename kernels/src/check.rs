@@ -325,6 +325,40 @@ pub fn rope<B: KernelBackend>(
     CheckRow::new("rope", format!("{batch}×{tokens}×{heads}×{head_dim}"), err, fast_ms, reference_ms, bytes)
 }
 
+/// [`KernelBackend::cross_entropy_rows`] of this backend (on CUDA in bf16,
+/// `kernels/cuda/cross_entropy.cu`) against [`crate::loss::default_cross_entropy_rows`] (Burn
+/// operations in f32), for `rows` rows of `vocab` logits: the larger of the token losses' and
+/// the gradients' relative errors. "TF/s" counts bytes moved (logits in, gradient out, two bytes
+/// each) as TB/s.
+pub fn cross_entropy<B: KernelBackend>(device: &B::Device, rows: usize, vocab: usize, reps: usize) -> CheckRow {
+    use burn::tensor::{DType, Int, TensorData, TensorPrimitive};
+    let logits = Tensor::<B, 2>::random([rows, vocab], Distribution::Normal(0.0, 3.0), device);
+    let targets: Vec<i64> = (0..rows).map(|i| ((i * 7919) % vocab) as i64).collect();
+    let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [rows, 1]), device);
+    let weights = Tensor::<B, 2>::ones([rows, 1], device).cast(DType::F32);
+    let run = |fast: bool| {
+        let (l, t, w) = (
+            logits.clone().into_primitive().tensor(),
+            targets.clone().into_primitive(),
+            weights.clone().into_primitive().tensor(),
+        );
+        let dtype = logits.dtype();
+        let (loss, grad) = if fast {
+            B::cross_entropy_rows(l, t, w, 0, dtype)
+        } else {
+            crate::loss::default_cross_entropy_rows::<B>(l, t, w, 0, DType::F32)
+        };
+        let f32 = |p| Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(p)).cast(DType::F32);
+        (f32(loss), f32(grad))
+    };
+    let ((fl, fg), (rl, rg)) = (run(true), run(false));
+    let err = max_rel(fl, rl).max(max_rel(fg, rg));
+    let fast_ms = time::<B>(device, reps, || drop(run(true)));
+    let reference_ms = time::<B>(device, reps, || drop(run(false)));
+    let bytes = 2.0 * 2.0 * (rows * vocab) as f64;
+    CheckRow::new("xent", format!("{rows}×{vocab}"), err, fast_ms, reference_ms, bytes)
+}
+
 /// [`KernelBackend::flat_gather`] and [`KernelBackend::flat_scatter`] of this backend (on CUDA,
 /// `kernels/cuda/multi_tensor.cu`) against [`crate::multi::default_flat_gather`] and
 /// [`crate::multi::default_flat_scatter`] (Burn's `cat` and slices), for f32 tensors of `sizes`:

@@ -116,6 +116,20 @@ pub trait KernelBackend: Backend {
         crate::rope::default_rope::<Self>(x, cos, sin, sign)
     }
 
+    /// Softmax cross-entropy of the rows of `logits` `[n, vocab]` against targets and weights
+    /// read at rows `row0..row0 + n` of `targets` and `weights` (`[N, 1]`, i.e. one chunk of a
+    /// batch): `(w·(log Σ exp x − x[target]) [n, 1] f32, w·(softmax(x) − onehot(target)) [n, vocab]
+    /// in grad_dtype)` (see [`crate::loss`]).
+    fn cross_entropy_rows(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+        row0: usize,
+        grad_dtype: DType,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        crate::loss::default_cross_entropy_rows::<Self>(logits, targets, weights, row0, grad_dtype)
+    }
+
     /// Whether [`KernelBackend::decode_step`] may run here: callers skip building a step when
     /// it cannot.
     fn has_decode_step() -> bool {
@@ -359,6 +373,20 @@ macro_rules! cuda_kernel_backend {
                     crate::multi::cuda::fusion_scatter::<$f>(flat, sizes)
                 } else {
                     crate::multi::default_flat_scatter::<Self>(flat, sizes)
+                }
+            }
+
+            fn cross_entropy_rows(
+                logits: FloatTensor<Self>,
+                targets: IntTensor<Self>,
+                weights: FloatTensor<Self>,
+                row0: usize,
+                grad_dtype: DType,
+            ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+                if crate::loss::cuda::takes(logits.dtype, targets.dtype, weights.dtype, grad_dtype) {
+                    crate::loss::cuda::fusion_rows::<$f>(logits, targets, weights, row0)
+                } else {
+                    crate::loss::default_cross_entropy_rows::<Self>(logits, targets, weights, row0, grad_dtype)
                 }
             }
 
@@ -654,6 +682,26 @@ impl<B: KernelBackend, C: CheckpointStrategy> KernelBackend for Autodiff<B, C> {
 
     fn rope(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>, sign: f32) -> FloatTensor<Self> {
         crate::rope::autodiff_rope::<B, C>(x, cos, sin, sign)
+    }
+
+    fn cross_entropy_rows(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+        row0: usize,
+        grad_dtype: DType,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        // Constants: the loss computes them from detached inputs and attaches their gradient
+        // itself (crate::loss).
+        use burn::tensor::backend::AutodiffBackend;
+        let (loss, grad) = B::cross_entropy_rows(
+            Self::inner(logits),
+            Self::int_inner(targets),
+            Self::inner(weights),
+            row0,
+            grad_dtype,
+        );
+        (Self::from_inner(loss), Self::from_inner(grad))
     }
 
     fn dequantize_weight(

@@ -50,15 +50,16 @@ type Grads3<F> = (FloatTensor<Fus<F>>, FloatTensor<Fus<F>>, FloatTensor<Fus<F>>)
 
 /// The kernels' source, compiled at run time as one module: the flash attention kernels, the
 /// RMSNorm ones ([`crate::norm`]), RoPE ([`mod@crate::rope`]), the optimizer's flat vector
-/// ([`crate::multi`]), NF4 dequantization ([`crate::nf4`]) and the decoding step
-/// ([`crate::decode`]).
+/// ([`crate::multi`]), NF4 dequantization ([`crate::nf4`]), the decoding step
+/// ([`crate::decode`]) and the loss's cross-entropy rows ([`crate::loss`]).
 pub const SOURCE: &str = concat!(
     include_str!("../cuda/flash_attn.cu"),
     include_str!("../cuda/rms_norm.cu"),
     include_str!("../cuda/rope.cu"),
     include_str!("../cuda/multi_tensor.cu"),
     include_str!("../cuda/nf4.cu"),
-    include_str!("../cuda/decode.cu")
+    include_str!("../cuda/decode.cu"),
+    include_str!("../cuda/cross_entropy.cu")
 );
 /// Queries per forward block (every head dim), of 128 threads.
 const BLOCK: usize = 64;
@@ -343,7 +344,9 @@ fn cube_forward(
 ) -> (CubeTensor<CudaRuntime>, CubeTensor<CudaRuntime>) {
     let (q, k, v) = (readable(q), readable(k), readable(v));
     let d = dims(&q, &k, &v, &segments, options);
-    let out = empty(&q, &[d.batch, d.q_heads, d.tokens, d.head_dim], DType::BF16);
+    // Written as [b, t, h, d] (what the output projection reads: no transposing copy after
+    // attention), returned as the [b, h, t, d] view every attention path returns.
+    let out = empty(&q, &[d.batch, d.tokens, d.q_heads, d.head_dim], DType::BF16);
     let lse = empty(&q, &[d.batch, d.q_heads, d.tokens], DType::F32);
     let buffers = [&q, &k, &v, &segments, &out, &lse].map(|t| t.handle.clone().binding()).to_vec();
     cubecl_cuda::external::launch_external(
@@ -356,7 +359,7 @@ fn cube_forward(
             launch(f.forward, grid, &mut args, stream, "forward");
         }),
     );
-    (out, lse)
+    (burn_cubecl::ops::permute(out, &[0, 2, 1, 3]), lse)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -371,10 +374,10 @@ fn cube_backward(
     options: FlashOptions,
 ) -> (CubeTensor<CudaRuntime>, CubeTensor<CudaRuntime>, CubeTensor<CudaRuntime>) {
     let (q, k, v, grad) = (readable(q), readable(k), readable(v), readable(grad));
-    let out = burn_cubecl::kernel::into_contiguous(out);
+    let out = readable(out);
     let lse = burn_cubecl::kernel::into_contiguous(lse);
     let d = dims(&q, &k, &v, &segments, options);
-    let gs = strides3(&grad);
+    let (gs, os) = (strides3(&grad), strides3(&out));
     let rows = d.batch * d.q_heads * d.tokens;
     let delta = empty(&q, &[d.batch, d.q_heads, d.tokens], DType::F32);
     let dq = empty(&q, &[d.batch, d.q_heads, d.tokens, d.head_dim], DType::F32);
@@ -392,7 +395,7 @@ fn cube_backward(
             // SAFETY: dq is a live buffer of `rows × head_dim` f32, queued on its stream.
             unsafe { cudarc::driver::result::memset_d8_async(dq, 0, rows * d.head_dim * 4, stream) }
                 .expect("zeroing dq");
-            let mut args = delta_args([out, grad, delta], &d, gs);
+            let mut args = delta_args([out, grad, delta], &d, os, gs);
             launch(f.delta, (rows.div_ceil(4) as u32, 1, 1), &mut args, stream, "backward (delta)");
             let mut args = backward_args([q, k, v, seg, grad, lse, delta, dq, dk, dv], &d, gs);
             let shape = f.backward_shape;
@@ -461,12 +464,13 @@ fn forward_args(ptrs: [u64; 6], d: &Dims) -> Args {
     args
 }
 
-/// The arguments of `newt_flash_bwd_delta`: out, dO, delta.
-fn delta_args([out, grad, delta]: [u64; 3], d: &Dims, grad_strides: [i64; 3]) -> Args {
+/// The arguments of `newt_flash_bwd_delta`: out, dO, delta, the sizes, then out's and dO's
+/// strides of batch, head and token.
+fn delta_args([out, grad, delta]: [u64; 3], d: &Dims, out_strides: [i64; 3], grad_strides: [i64; 3]) -> Args {
     let mut args = Args::default();
     args.ptr(out).ptr(grad).ptr(delta);
     args.i32(d.batch as i32).i32(d.q_heads as i32).i32(d.tokens as i32);
-    for s in grad_strides {
+    for s in out_strides.into_iter().chain(grad_strides) {
         args.i64(s);
     }
     args
@@ -545,6 +549,8 @@ pub(crate) struct Functions {
     pub(crate) rms_backward: usize,
     /// `newt_rope`.
     pub(crate) rope: usize,
+    /// `newt_rope_v8`.
+    pub(crate) rope_v8: usize,
     /// `newt_flat_gather`.
     pub(crate) flat_gather: usize,
     /// `newt_flat_scatter`.
@@ -553,6 +559,8 @@ pub(crate) struct Functions {
     pub(crate) dequant_nf4: usize,
     /// `newt_dequant_int8`.
     pub(crate) dequant_int8: usize,
+    /// `newt_ce_rows`.
+    pub(crate) ce_rows: usize,
     /// The decoding step's kernels ([`crate::decode`]).
     pub(crate) decode: crate::decode::cuda::DecodeFunctions,
 }
@@ -627,10 +635,12 @@ fn load() -> Result<Functions, String> {
             rms_forward: get("newt_rms_fwd")?,
             rms_backward: get("newt_rms_bwd")?,
             rope: get("newt_rope")?,
+            rope_v8: get("newt_rope_v8")?,
             flat_gather: get("newt_flat_gather")?,
             flat_scatter: get("newt_flat_scatter")?,
             dequant_nf4: get("newt_dequant_nf4")?,
             dequant_int8: get("newt_dequant_int8")?,
+            ce_rows: get("newt_ce_rows")?,
             decode: crate::decode::cuda::DecodeFunctions {
                 gemv_bf16: get("newt_dec_gemv_bf16")?,
                 gemv_f32: get("newt_dec_gemv_f32")?,
@@ -728,7 +738,7 @@ pub(crate) mod tests {
         let cases = VARIANTS.iter().flat_map(|v| {
             [
                 (format!("newt_flash_fwd{}", v.suffix), forward_args([16; 6], &d)),
-                (format!("newt_flash_bwd_delta{}", v.suffix), delta_args([16; 3], &d, [12, 13, 14])),
+                (format!("newt_flash_bwd_delta{}", v.suffix), delta_args([16; 3], &d, [9, 10, 11], [12, 13, 14])),
                 (format!("newt_flash_bwd{}", v.suffix), backward_args([16; 10], &d, [12, 13, 14])),
             ]
         });
@@ -751,6 +761,9 @@ pub(crate) mod tests {
         assert_eq!(args.0[27], 0.125f32.to_bits() as u64);
         let fwd = forward_args([16; 6], &d);
         assert_eq!(&fwd.0[9..20], &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]);
+        // out's strides, then dO's, after three pointers and three sizes.
+        let delta = delta_args([16; 3], &d, [9, 10, 11], [12, 13, 14]);
+        assert_eq!(&delta.0[3..12], &[2, 4, 100, 9, 10, 11, 12, 13, 14]);
     }
 
     #[test]

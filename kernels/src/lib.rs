@@ -82,6 +82,8 @@ pub enum FastPath {
     /// The decoding step as one operation ([`decode`]); the reference runs the model's layers
     /// in Burn operations.
     DecodeStep,
+    /// The loss's cross-entropy rows as one kernel ([`loss`]); the reference is Burn operations.
+    CrossEntropy,
 }
 
 static REFERENCE_PATHS: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
@@ -251,6 +253,7 @@ mod tests {
             FastPath::DenseMatmul,
             FastPath::Nf4Dequant,
             FastPath::DecodeStep,
+            FastPath::CrossEntropy,
         ];
         set_reference_paths(&[FastPath::Rope, FastPath::Nf4Dequant]);
         let on: Vec<_> = all.into_iter().filter(|&p| uses_reference(p)).collect();

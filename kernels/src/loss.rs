@@ -10,7 +10,8 @@
 //! `g` (the size of the hidden states), never the logits; the arithmetic is the same the
 //! backward pass would have done. This is the "fused linear cross-entropy" idea, in plain Burn.
 
-use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor, TensorData, backend::Backend};
+use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor, TensorData, TensorPrimitive, backend::Backend};
 
 /// Label value of a token that is not trained on (Hugging Face's `ignore_index`).
 pub const IGNORE_INDEX: i64 = -100;
@@ -66,18 +67,29 @@ pub fn chunked_cross_entropy<B: crate::KernelBackend>(
     // computed (their gradient rows are zeros); below, to a power of two. Padding rows repeat
     // row 0 and carry zero weight in the loss and its gradient.
     let kept = rows.len();
-    let padded = if kept > chunk_tokens {
-        tokens.next_multiple_of(chunk_tokens)
+    let (padded, weights, hidden) = if rows_stay_in_place(kept, tokens, chunk_tokens) {
+        // Every row where it is, the unlabelled ones weighted zero: as many chunks as packing the
+        // kept rows would compute, without gathering the hidden states and scattering their
+        // gradient back (Burn's CUDA select_assign runs a thread per column over every row: 3.5 ms
+        // a step at the 8B shape).
+        targets = labels.iter().map(|&l| if l == IGNORE_INDEX { 0 } else { l }).collect();
+        let weights: Vec<f32> = labels.iter().map(|&l| if l == IGNORE_INDEX { 0.0 } else { 1.0 }).collect();
+        (tokens, weights, hidden)
     } else {
-        kept.next_power_of_two().min(chunk_tokens)
-    };
-    rows.resize(padded, rows[0]);
-    targets.resize(padded, targets[0]);
-    let weights: Vec<f32> = (0..padded).map(|i| if i < kept { 1.0 } else { 0.0 }).collect();
-    let hidden = if padded == kept && kept == tokens {
-        hidden
-    } else {
-        hidden.select(0, Tensor::from_data(TensorData::new(rows, [padded]), &device))
+        let padded = if kept > chunk_tokens {
+            tokens.next_multiple_of(chunk_tokens)
+        } else {
+            kept.next_power_of_two().min(chunk_tokens)
+        };
+        rows.resize(padded, rows[0]);
+        targets.resize(padded, targets[0]);
+        let weights: Vec<f32> = (0..padded).map(|i| if i < kept { 1.0 } else { 0.0 }).collect();
+        let hidden = if padded == kept && kept == tokens {
+            hidden
+        } else {
+            hidden.select(0, Tensor::from_data(TensorData::new(rows, [padded]), &device))
+        };
+        (padded, weights, hidden)
     };
 
     let grad_hidden = B::ad_enabled(&device);
@@ -99,26 +111,31 @@ pub fn chunked_cross_entropy<B: crate::KernelBackend>(
     let mut total: Option<Tensor<B, 1>> = None;
     for start in (0..padded).step_by(chunk_tokens) {
         if start >= kept {
-            // Only padding from here on: its gradient rows stay zero.
+            // Only padding from here on: its gradient rows stay zero. (Rows in place never get
+            // here: their last chunk starts below `kept`.)
             break;
         }
         let len = chunk_tokens.min(padded - start);
-        let weight = weights.clone().narrow(0, start, len);
-        let target = targets.clone().narrow(0, start, len);
         let h = h_const.clone().narrow(0, start, len);
-        let logits = crate::dense_matmul(h.clone(), w_t.clone()).cast(DType::F32);
-        let shifted = logits.clone() - logits.max_dim(1);
-        let log_z = shifted.clone().exp().sum_dim(1).log();
-        let token_loss = log_z.clone() - shifted.clone().gather(1, target.clone());
-        let chunk_loss = (token_loss * weight.clone()).sum();
+        let logits = crate::dense_matmul(h.clone(), w_t.clone());
+        // The weighted token losses and d loss / d logits = weighted softmax - onehot(target), in
+        // the hidden states' dtype for their product with the head (as autocast's backward
+        // gives it), in f32 when the head's own gradient is formed from it too.
+        let g_dtype = if grad_weight { DType::F32 } else { h_dtype };
+        let (token_loss, g) = B::cross_entropy_rows(
+            logits.into_primitive().tensor(),
+            targets.clone().into_primitive(),
+            weights.clone().into_primitive().tensor(),
+            start,
+            g_dtype,
+        );
+        let chunk_loss = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(token_loss)).sum();
+        let g = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(g));
         total = Some(match total {
             Some(t) => t + chunk_loss,
             None => chunk_loss,
         });
         if grad_hidden || grad_weight {
-            // d loss / d logits = softmax - onehot(target), weighted
-            let minus_one = Tensor::<B, 2>::full([len, 1], -1.0, (&device, DType::F32));
-            let g = (shifted - log_z).exp().scatter(1, target, minus_one, IndexingUpdateOp::Add) * weight;
             if let Some(acc) = g_hidden.take() {
                 let part = crate::dense_matmul(g.clone().cast(h_dtype), w_const.clone());
                 g_hidden = Some(acc.slice_assign([start..start + len, 0..width], part));
@@ -144,13 +161,120 @@ pub fn chunked_cross_entropy<B: crate::KernelBackend>(
     total
 }
 
+/// [`crate::KernelBackend::cross_entropy_rows`] in Burn operations, in f32.
+pub fn default_cross_entropy_rows<B: Backend>(
+    logits: FloatTensor<B>,
+    targets: IntTensor<B>,
+    weights: FloatTensor<B>,
+    row0: usize,
+    grad_dtype: DType,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let logits = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(logits)).cast(DType::F32);
+    let [n, _] = logits.dims();
+    let device = logits.device();
+    let target = Tensor::<B, 2, Int>::from_primitive(targets).narrow(0, row0, n);
+    let weight = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(weights)).narrow(0, row0, n);
+    let shifted = logits.clone() - logits.max_dim(1);
+    let log_z = shifted.clone().exp().sum_dim(1).log();
+    let token_loss = (log_z.clone() - shifted.clone().gather(1, target.clone())) * weight.clone();
+    let minus_one = Tensor::<B, 2>::full([n, 1], -1.0, (&device, DType::F32));
+    let g = (shifted - log_z).exp().scatter(1, target, minus_one, IndexingUpdateOp::Add) * weight;
+    (token_loss.into_primitive().tensor(), g.cast(grad_dtype).into_primitive().tensor())
+}
+
+/// The CUDA pass (`newt_ce_rows`, kernels/cuda/cross_entropy.cu): bf16 logits and gradient.
+pub(crate) mod cuda {
+    use burn::tensor::DType;
+    use burn::tensor::ops::{FloatTensor, IntTensor};
+    use burn_cubecl::FloatElement;
+    use burn_cubecl::tensor::CubeTensor;
+    use cubecl_cuda::CudaRuntime;
+
+    use crate::cuda_op::{Fus, custom_op, empty};
+    use crate::flash_cuda::{Args, functions, launch_block};
+
+    /// Threads a row (`CE_THREADS` in the source).
+    const THREADS: u32 = 512;
+
+    /// Whether the kernel takes a call: bf16 logits and gradient, i32 targets, f32 weights,
+    /// unless `kernels: {reference: [cross_entropy]}`.
+    pub(crate) fn takes(logits: DType, targets: DType, weights: DType, grad: DType) -> bool {
+        !crate::uses_reference(crate::FastPath::CrossEntropy)
+            && logits == DType::BF16
+            && grad == DType::BF16
+            && targets == DType::I32
+            && weights == DType::F32
+    }
+
+    /// The arguments of `newt_ce_rows`: logits, targets, weights, loss, grad, vocab, the
+    /// logits' row stride, row0.
+    pub(crate) fn args(ptrs: [u64; 5], vocab: usize, ld: usize, row0: usize) -> Args {
+        let mut args = Args::with_ptrs(&ptrs);
+        args.i32(vocab as i32).i64(ld as i64).i32(row0 as i32);
+        args
+    }
+
+    fn cube_rows(
+        logits: CubeTensor<CudaRuntime>,
+        targets: CubeTensor<CudaRuntime>,
+        weights: CubeTensor<CudaRuntime>,
+        row0: usize,
+    ) -> [CubeTensor<CudaRuntime>; 2] {
+        let logits = if logits.meta.strides()[1] == 1 { logits } else { burn_cubecl::kernel::into_contiguous(logits) };
+        let (targets, weights) =
+            (burn_cubecl::kernel::into_contiguous(targets), burn_cubecl::kernel::into_contiguous(weights));
+        let shape = logits.meta.shape();
+        let (rows, vocab) = (shape[0], shape[1]);
+        let ld = logits.meta.strides()[0];
+        let loss = empty(&logits, &[rows, 1], DType::F32);
+        let grad = empty(&logits, &[rows, vocab], DType::BF16);
+        let buffers = [&logits, &targets, &weights, &loss, &grad].map(|t| t.handle.clone().binding()).to_vec();
+        cubecl_cuda::external::launch_external(
+            &logits.client,
+            buffers,
+            Box::new(move |ptrs: &[u64], stream| {
+                let mut args = args(ptrs.try_into().expect("five cross-entropy buffers"), vocab, ld, row0);
+                launch_block(functions().ce_rows, (rows as u32, 1, 1), THREADS, &mut args, stream, "cross-entropy");
+            }),
+        );
+        [loss, grad]
+    }
+
+    /// [`crate::KernelBackend::cross_entropy_rows`] for `Cuda<F>` (see [`takes`]).
+    pub(crate) fn fusion_rows<F: FloatElement>(
+        logits: FloatTensor<Fus<F>>,
+        targets: IntTensor<Fus<F>>,
+        weights: FloatTensor<Fus<F>>,
+        row0: usize,
+    ) -> (FloatTensor<Fus<F>>, FloatTensor<Fus<F>>) {
+        let [rows, vocab] = [logits.shape[0], logits.shape[1]];
+        let outputs = vec![([rows, 1].into(), DType::F32), ([rows, vocab].into(), DType::BF16)];
+        let mut out = custom_op::<F>("newt_ce_rows", vec![logits, targets, weights], outputs, move |ins| {
+            let [logits, targets, weights] = <[_; 3]>::try_from(ins).unwrap_or_else(|_| unreachable!("three inputs"));
+            cube_rows(logits, targets, weights, row0).into()
+        })
+        .into_iter();
+        (out.next().expect("loss"), out.next().expect("grad"))
+    }
+}
+
+/// Whether the loss keeps every hidden row in place (unlabelled ones at zero weight) rather
+/// than packing the `kept` labelled rows: when packing would save no chunk — nearly every token
+/// labelled, as in packed or full-sequence training. Its shapes depend on `tokens` only (the
+/// last chunk may be partial), as the packed path's do.
+fn rows_stay_in_place(kept: usize, tokens: usize, chunk_tokens: usize) -> bool {
+    kept > chunk_tokens && kept.div_ceil(chunk_tokens) == tokens.div_ceil(chunk_tokens)
+}
+
 /// A `[1]` f32 tensor equal to zero whose gradient with respect to `x` is `g`.
 ///
 /// `x - detach(x)` is exactly zero element by element (unlike `Σx⊙g - Σdetach(x)⊙g`, which two
 /// reductions in a different order could leave nonzero in bf16).
 fn with_gradient<B: Backend>(x: Tensor<B, 2>, g: Tensor<B, 2>) -> Tensor<B, 1> {
     let zero = x.clone() - x.detach();
-    (zero * g).sum().cast(DType::F32)
+    // Rows first, then their sums: one whole-tensor sum of the 8B shape's 8192×4096 ran as one
+    // block on CUDA.
+    (zero * g).sum_dim(1).sum().cast(DType::F32)
 }
 
 #[cfg(test)]
@@ -185,7 +309,8 @@ mod tests {
         let (h, w, labels) = setup(n, d, v);
         let mk = |x: &Vec<f32>, s: [usize; 2]| Tensor::<TestBackend, 2>::from_data(TensorData::new(x.clone(), s), &dev);
         let want = naive(mk(&h, [n, d]), mk(&w, [v, d]), &labels).into_scalar();
-        for chunk in [1, 3, 4, 100] {
+        // 5 and 6 keep the rows in place (as many chunks either way), the others pack them.
+        for chunk in [1, 2, 3, 4, 5, 6, 100] {
             let got = chunked_cross_entropy(mk(&h, [n, d]), mk(&w, [v, d]), &labels, chunk).into_scalar();
             assert!((got - want).abs() < 1e-4 * want.abs(), "chunk {chunk}: {got} vs {want}");
         }
@@ -201,8 +326,9 @@ mod tests {
         };
 
         // 3 and 4 leave a partial last chunk, 100 pads the kept rows to a power of two: padding
-        // rows must add nothing to the loss or to any gradient.
-        for chunk in [3, 4, 100] {
+        // rows must add nothing to the loss or to any gradient. 5 and 6 keep the rows in place
+        // (6 with a partial last chunk).
+        for chunk in [2, 3, 4, 5, 6, 100] {
             let (h1, w1) = (mk(&h, [n, d]), mk(&w, [v, d]));
             let want = naive(h1.clone(), w1.clone(), &labels);
             let g1 = want.clone().mul_scalar(0.5).backward();
@@ -222,6 +348,122 @@ mod tests {
             // Ignored tokens get no gradient.
             assert!(gh2[d..2 * d].iter().all(|g| *g == 0.0));
         }
+    }
+
+    #[test]
+    fn rows_stay_in_place_only_when_packing_saves_no_chunk() {
+        // setup(10, ..): 7 of 10 tokens labelled.
+        assert!(rows_stay_in_place(7, 10, 5));
+        assert!(!rows_stay_in_place(7, 10, 2), "packed: 4 chunks instead of 5");
+        assert!(!rows_stay_in_place(7, 10, 3), "packed: 3 chunks instead of 4");
+        assert!(!rows_stay_in_place(7, 10, 4), "packed: 2 chunks instead of 3");
+        assert!(rows_stay_in_place(7, 10, 6), "2 chunks either way, the last one partial");
+        assert!(!rows_stay_in_place(7, 10, 100), "below one chunk: padded to a power of two");
+        // The 8B benchmark's step: 2 rows of 4096, the last token of each unlabelled; Llama 3's
+        // vocabulary gives chunks of 523 tokens.
+        assert!(rows_stay_in_place(8190, 8192, 523));
+        // A chat batch with the prompts masked: packing saves chunks.
+        assert!(!rows_stay_in_place(3000, 8192, 512));
+    }
+
+    /// The CUDA launcher's argument list matches the kernel signature in the source.
+    #[test]
+    fn cuda_cross_entropy_arguments_match_the_kernel_signature() {
+        let args = cuda::args([16, 32, 48, 64, 80], 128256, 128256, 523);
+        assert_eq!(args.1, crate::flash_cuda::tests::signature("newt_ce_rows"));
+    }
+
+    /// The kernel against the f32 Burn operations on the same GPU, on the 8B head's vocabulary
+    /// (16-byte path) and an odd one (one element at a time), at a chunk's offset into the
+    /// batch: token losses within 1e-5 (relative), gradients within one bf16 step (plus 1e-6)
+    /// of the operations' f32 values, zero-weight rows all zeros; then the time of one 523-row
+    /// chunk, kernel against operations.
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn cuda_cross_entropy_rows_match_the_tensor_operations() {
+        use crate::KernelBackend;
+        use burn::tensor::bf16;
+        type B = burn::backend::Cuda<bf16, i32>;
+        let dev = Default::default();
+        for (n, vocab, row0) in [(37, 128256, 5), (9, 1001, 0)] {
+            let total = row0 + n + 3;
+            let logits: Vec<f32> = (0..n * vocab).map(|i| ((i as f32) * 0.0137).sin() * 9.0 + (i % 7) as f32).collect();
+            let logits = Tensor::<B, 2>::from_data(TensorData::new(logits, [n, vocab]), &dev);
+            let targets: Vec<i64> = (0..total).map(|i| ((i * 7919) % vocab) as i64).collect();
+            let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [total, 1]), &dev);
+            let weights: Vec<f32> = (0..total).map(|i| if i % 5 == 3 { 0.0 } else { 1.0 }).collect();
+            let weights = Tensor::<B, 2>::from_data(TensorData::new(weights, [total, 1]), &dev).cast(DType::F32);
+            assert!(cuda::takes(logits.dtype(), targets.dtype(), weights.dtype(), DType::BF16));
+            let run = |fast: bool| {
+                let (l, t, w) = (
+                    logits.clone().into_primitive().tensor(),
+                    targets.clone().into_primitive(),
+                    weights.clone().into_primitive().tensor(),
+                );
+                let (loss, grad) = if fast {
+                    B::cross_entropy_rows(l, t, w, row0, DType::BF16)
+                } else {
+                    default_cross_entropy_rows::<B>(l, t, w, row0, DType::F32)
+                };
+                let host = |p| {
+                    Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(p))
+                        .cast(DType::F32)
+                        .into_data()
+                        .to_vec::<f32>()
+                        .unwrap()
+                };
+                (host(loss), host(grad))
+            };
+            let ((fl, fg), (rl, rg)) = (run(true), run(false));
+            for (i, (a, b)) in fl.iter().zip(&rl).enumerate() {
+                assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "vocab {vocab}, row {i}: loss {a} vs {b}");
+            }
+            for (i, (a, b)) in fg.iter().zip(&rg).enumerate() {
+                // One bf16 step at b's magnitude: the rounding, and room for the exponentials.
+                assert!((a - b).abs() <= b.abs() / 128.0 + 1e-6, "vocab {vocab}, element {i}: grad {a} vs {b}");
+            }
+            let rows_zeroed = (0..n).filter(|r| (row0 + r) % 5 == 3).collect::<Vec<_>>();
+            assert!(
+                !rows_zeroed.is_empty()
+                    && rows_zeroed
+                        .iter()
+                        .all(|&r| fl[r] == 0.0 && fg[r * vocab..(r + 1) * vocab].iter().all(|g| *g == 0.0))
+            );
+        }
+        // One chunk of the 8B head: 523 rows of 128,256 logits.
+        let (n, vocab) = (523, 128256);
+        let logits = Tensor::<B, 2>::random([n, vocab], burn::tensor::Distribution::Normal(0.0, 3.0), &dev);
+        let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(vec![7i64; n], [n, 1]), &dev);
+        let weights = Tensor::<B, 2>::ones([n, 1], &dev).cast(DType::F32);
+        let time = |fast: bool| {
+            let go = || {
+                let (l, t, w) = (
+                    logits.clone().into_primitive().tensor(),
+                    targets.clone().into_primitive(),
+                    weights.clone().into_primitive().tensor(),
+                );
+                let (loss, grad) = if fast {
+                    B::cross_entropy_rows(l, t, w, 0, DType::BF16)
+                } else {
+                    default_cross_entropy_rows::<B>(l, t, w, 0, DType::BF16)
+                };
+                Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(loss)).sum()
+                    + Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(grad))
+                        .slice([0..1, 0..8])
+                        .cast(DType::F32)
+                        .sum()
+            };
+            let _ = go().into_scalar();
+            let t0 = std::time::Instant::now();
+            let mut acc = go();
+            for _ in 1..20 {
+                acc = acc + go();
+            }
+            let _ = acc.into_scalar();
+            t0.elapsed().as_secs_f64() * 1e3 / 20.0
+        };
+        let (k, o) = (time(true), time(false));
+        println!("cross-entropy {n}x{vocab}: kernel {k:.3} ms, tensor operations {o:.3} ms a chunk");
     }
 
     #[test]

@@ -231,6 +231,17 @@ pub(crate) mod cuda {
         args
     }
 
+    /// Whether `newt_rope_v8` takes x: eight pairs a thread need d/2 a multiple of 8, x's
+    /// strides multiples of 8 elements (16-byte rows; the buffers themselves are 16-byte aligned,
+    /// [`crate::flash_cuda::Args`] checks) and a thread count that fits its 32-bit indices.
+    pub(crate) fn vectorized(dims: [usize; 4], strides: [i64; 3], offset_bytes: u64) -> bool {
+        let threads = dims.iter().product::<usize>() / 16;
+        dims[3].is_multiple_of(16)
+            && strides.iter().all(|s| s % 8 == 0)
+            && offset_bytes.is_multiple_of(16)
+            && threads < i32::MAX as usize
+    }
+
     fn cube_rope(
         x: CubeTensor<CudaRuntime>,
         cos: CubeTensor<CudaRuntime>,
@@ -244,15 +255,17 @@ pub(crate) mod cuda {
         let s = x.meta.strides();
         let strides = [s[0] as i64, s[1] as i64, s[2] as i64];
         let y = empty(&x, &dims, DType::BF16);
-        let pairs = dims.iter().product::<usize>() / 2;
-        let grid = (pairs.div_ceil(THREADS as usize).clamp(1, 16384) as u32, 1, 1);
+        let v8 = vectorized(dims, strides, x.handle.offset_start.unwrap_or(0));
+        let (function, per_thread) = if v8 { (functions().rope_v8, 16) } else { (functions().rope, 2) };
+        let threads = dims.iter().product::<usize>() / per_thread;
+        let grid = (threads.div_ceil(THREADS as usize).clamp(1, 16384) as u32, 1, 1);
         let buffers = [&x, &cos, &sin, &y].map(|t| t.handle.clone().binding()).to_vec();
         cubecl_cuda::external::launch_external(
             &x.client,
             buffers,
             Box::new(move |ptrs: &[u64], stream| {
                 let mut args = args(ptrs.try_into().expect("four rope buffers"), dims, strides, sign);
-                launch_block(functions().rope, grid, THREADS, &mut args, stream, "rope");
+                launch_block(function, grid, THREADS, &mut args, stream, "rope");
             }),
         );
         y
@@ -399,10 +412,102 @@ mod tests {
         assert!(max_abs_diff(&op.1, &pv) > 1e-2);
     }
 
-    /// The CUDA launcher's argument list matches the kernel's signature in the source.
+    /// The CUDA launcher's argument list matches both kernels' signatures in the source.
     #[test]
     fn cuda_rope_arguments_match_the_kernel_signature() {
         let args = cuda::args([16, 32, 48, 64], [2, 3, 4, 64], [1, 2, 3], 1.0);
         assert_eq!(args.1, crate::flash_cuda::tests::signature("newt_rope"));
+        assert_eq!(args.1, crate::flash_cuda::tests::signature("newt_rope_v8"));
+    }
+
+    /// Eight pairs a thread only where 16-byte loads land on whole, aligned vectors.
+    #[test]
+    fn the_vectorized_kernel_takes_aligned_head_dims_of_16() {
+        let [b, t, h] = [2, 4096, 32];
+        assert!(cuda::vectorized([b, t, h, 128], [(t * h * 128) as i64, (h * 128) as i64, 128], 0));
+        // q seen through swapped axes ([b, h, t, d] memory): strides still whole vectors.
+        assert!(cuda::vectorized([b, t, h, 64], [(h * t * 64) as i64, 64, (t * 64) as i64], 0));
+        assert!(!cuda::vectorized([b, t, h, 72], [(t * h * 72) as i64, (h * 72) as i64, 72], 0), "d/2 = 36");
+        assert!(!cuda::vectorized([b, t, h, 128], [(t * h * 130) as i64, (h * 130) as i64, 130], 0), "rows of 130");
+        assert!(!cuda::vectorized([b, t, h, 128], [(t * h * 128) as i64, (h * 128) as i64, 128], 8), "offset 8 bytes");
+        assert!(!cuda::vectorized([1 << 16, 1 << 12, 8, 128], [1 << 22, 1024, 128], 0), "2^31 threads");
+    }
+
+    /// Both CUDA kernels (eight pairs a thread at head_dim 64 and 128, contiguous and through
+    /// swapped axes; one pair a thread at head_dim 72) give the rounded formula computed on the
+    /// host bit for bit, forward and backward; then the time of the 8B model's query shape.
+    #[test]
+    #[ignore = "needs a CUDA GPU"]
+    fn cuda_rope_kernels_equal_the_rounded_formula_bit_for_bit() {
+        use burn::tensor::bf16;
+        type B = burn::backend::Cuda<bf16, i32>;
+        let dev = Default::default();
+        let bits = |t: Tensor<B, 4>| -> Vec<u16> {
+            t.into_data().to_vec::<bf16>().unwrap().iter().map(|v| v.to_bits()).collect()
+        };
+        let round = |v: f32| bf16::from_f32(v).to_f32();
+        let prim4 = |t: &Tensor<B, 4>| t.clone().into_primitive().tensor();
+        let prim3 = |t: &Tensor<B, 3>| t.clone().into_primitive().tensor();
+        for (d, swapped) in [(64, false), (128, false), (128, true), (72, false)] {
+            let (b, t, h) = (2, 33, 3);
+            let half = d / 2;
+            // x[bi, ti, hi, i] held in [b, t, h, d] memory, or [b, h, t, d] when swapped.
+            let at = |bi: usize, ti: usize, hi: usize, i: usize| {
+                if swapped { ((bi * h + hi) * t + ti) * d + i } else { ((bi * t + ti) * h + hi) * d + i }
+            };
+            let mem: Vec<f32> = (0..b * t * h * d).map(|i| round(((i as f32) * 0.731).sin() * 3.0)).collect();
+            let x = if swapped {
+                Tensor::<B, 4>::from_data(TensorData::new(mem.clone(), [b, h, t, d]), &dev).swap_dims(1, 2)
+            } else {
+                Tensor::<B, 4>::from_data(TensorData::new(mem.clone(), [b, t, h, d]), &dev)
+            };
+            let angle = |bi: usize, ti: usize, i: usize| ((ti + 5 * bi) as f32) * 0.37f32.powi((i % half) as i32);
+            let table = |f: fn(f32) -> f32| -> Vec<f32> {
+                (0..b * t * d).map(|j| round(f(angle(j / (t * d), j / d % t, j % d)))).collect()
+            };
+            let (cos, sin) = (table(f32::cos), table(f32::sin));
+            let tensor3 = |v: &Vec<f32>| Tensor::<B, 3>::from_data(TensorData::new(v.clone(), [b, t, d]), &dev);
+            let (cos_t, sin_t) = (tensor3(&cos), tensor3(&sin));
+            for sign in [1.0f32, -1.0] {
+                let y = B::rope(prim4(&x), prim3(&cos_t), prim3(&sin_t), sign);
+                let got = bits(Tensor::from_primitive(TensorPrimitive::Float(y)));
+                let mut want = vec![0u16; got.len()];
+                for bi in 0..b {
+                    for ti in 0..t {
+                        let row = (bi * t + ti) * d;
+                        for hi in 0..h {
+                            for i in 0..half {
+                                let (x1, x2) = (mem[at(bi, ti, hi, i)], mem[at(bi, ti, hi, i + half)]);
+                                let (c1, c2) = (cos[row + i], cos[row + i + half]);
+                                let (s1, s2) = (sign * sin[row + i], sign * sin[row + i + half]);
+                                let out = ((bi * t + ti) * h + hi) * d + i;
+                                want[out] = bf16::from_f32(round(x1 * c1) + round(-x2 * s1)).to_bits();
+                                want[out + half] = bf16::from_f32(round(x2 * c2) + round(x1 * s2)).to_bits();
+                            }
+                        }
+                    }
+                }
+                let differ = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+                assert_eq!(differ, 0, "head_dim {d}, swapped {swapped}, sign {sign}: {differ} values differ");
+            }
+        }
+        // The 8B model's queries at 2×4096 tokens: 64 MiB in, 64 MiB out.
+        let (b, t, h, d) = (2, 4096, 32, 128);
+        let x = Tensor::<B, 4>::random([b, t, h, d], burn::tensor::Distribution::Normal(0.0, 1.0), &dev);
+        let table = Tensor::<B, 3>::random([b, t, d], burn::tensor::Distribution::Normal(0.0, 1.0), &dev);
+        let run = || {
+            let y = B::rope(prim4(&x), prim3(&table), prim3(&table), 1.0);
+            Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(y))
+        };
+        let _ = run().sum().into_scalar();
+        let reps = 50;
+        let t0 = std::time::Instant::now();
+        let ys: Vec<_> = (0..reps).map(|_| run()).collect();
+        let _ = ys.last().unwrap().clone().sum().into_scalar();
+        let ms = t0.elapsed().as_secs_f64() * 1e3 / reps as f64;
+        println!(
+            "rope {b}x{t}x{h}x{d}: {ms:.3} ms a call, {:.2} TB/s (x and y)",
+            (4 * b * t * h * d) as f64 / ms / 1e9
+        );
     }
 }

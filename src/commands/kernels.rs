@@ -22,6 +22,8 @@ struct Check {
     shapes: Vec<[usize; 3]>,
     /// `[batch, q_heads, kv_heads, tokens]` of the flash attention rows (head_dim 64).
     attention: Vec<[usize; 4]>,
+    /// `[rows, vocab]` of the loss's cross-entropy rows.
+    loss: Vec<[usize; 2]>,
     reps: usize,
 }
 
@@ -59,6 +61,9 @@ impl WithAutodiffBackend for Check {
         }
         for &[b, hq, _, tokens] in &self.attention {
             print_row(&check::rope::<B::InnerBackend>(&device, b, tokens, hq, 64, self.reps));
+        }
+        for &[rows, vocab] in &self.loss {
+            print_row(&check::cross_entropy::<B::InnerBackend>(&device, rows, vocab, self.reps));
         }
         // A LoRA's parameters, r = 32 on every linear of 30 layers of the first shape's width.
         let sizes: Vec<usize> = (0..30 * 7).flat_map(|_| [32 * i, o * 32]).collect();
@@ -121,7 +126,14 @@ pub fn kernels(cli: &Cli, backend_name: &str, shapes: &[String], reps: usize) ->
         ResolvedBackend::Cpu => vec![[1, 4, 2, 512]],
         _ => vec![[4, 9, 3, 2048], [4, 32, 8, 2048]],
     };
-    backend::dispatch_autodiff(resolved, Check { shapes, attention, reps: reps.max(1) });
+    // One chunk of the loss at SmolLM2's and Llama 3's vocabularies on a GPU (about 256 MiB of
+    // f32 logits a chunk: newt_model::llama::default_chunk_tokens); 64 rows on the CPU.
+    let chunk = |vocab: usize| [(256usize << 20) / (4 * vocab), vocab];
+    let loss = match resolved {
+        ResolvedBackend::Cpu => vec![[64, 49152]],
+        _ => vec![chunk(49152), chunk(128256)],
+    };
+    backend::dispatch_autodiff(resolved, Check { shapes, attention, loss, reps: reps.max(1) });
     print_matmul_calls();
     Ok(0)
 }

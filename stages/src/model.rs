@@ -1203,6 +1203,7 @@ pub(crate) fn set_kernel_options(lora_f32: bool, reference: &[newt_config::Refer
             R::DenseMatmul => F::DenseMatmul,
             R::Nf4Dequant => F::Nf4Dequant,
             R::DecodeStep => F::DecodeStep,
+            R::CrossEntropy => F::CrossEntropy,
         })
         .collect();
     newt_kernels::set_reference_paths(&paths);

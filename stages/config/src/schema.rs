@@ -920,4 +920,7 @@ pub enum ReferenceKernel {
     /// The decoding step of `newt serve`/`newt inference` as one operation (reference: the
     /// model's layers in Burn operations).
     DecodeStep,
+    /// The loss's softmax cross-entropy and its gradient over a chunk of logits as one kernel
+    /// (reference: Burn operations in f32).
+    CrossEntropy,
 }
