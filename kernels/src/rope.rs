@@ -448,6 +448,10 @@ mod tests {
         let round = |v: f32| bf16::from_f32(v).to_f32();
         let prim4 = |t: &Tensor<B, 4>| t.clone().into_primitive().tensor();
         let prim3 = |t: &Tensor<B, 3>| t.clone().into_primitive().tensor();
+        // newt's kernels load into the context CubeCL makes current with its first kernel; this
+        // test's uploads alone leave none (the H100 run of 2026-12-07 stopped here with
+        // CUDA_ERROR_INVALID_CONTEXT), where a model always runs Burn kernels before RoPE.
+        let _ = Tensor::<B, 1>::ones([8], &dev).sum().into_scalar();
         for (d, swapped) in [(64, false), (128, false), (128, true), (72, false)] {
             let (b, t, h) = (2, 33, 3);
             let half = d / 2;
