@@ -5,7 +5,7 @@
 //   grad[r, j] = w[r] · (softmax(x[r])[j] − [j = t[r]])      (bf16, rounded to nearest even)
 //
 // for rows r of the chunk, with targets t and weights w read at row0 + r of their whole-batch
-// vectors. One block of CE_THREADS a row: a first pass over the row keeps each thread's running
+// vectors; the gradient only when want_grad is nonzero (a loss without one: evaluation). One block of CE_THREADS a row: a first pass over the row keeps each thread's running
 // maximum and sum of exponentials (rescaled as the maximum grows), a block reduction combines
 // them, and a second pass (the row is 2·vocab bytes, read again from L2) writes the gradient.
 // Arithmetic in f32, exponentials in base 2. Rows of 8-element multiples (vocab and row stride) at
@@ -41,7 +41,8 @@ union ce_vec8 {
 
 extern "C" __global__ void __launch_bounds__(CE_THREADS)
     newt_ce_rows(const ce_bf16* __restrict__ logits, const int* __restrict__ targets, const float* __restrict__ weights,
-                 float* __restrict__ loss, ce_bf16* __restrict__ grad, int vocab, long long ld, int row0) {
+                 float* __restrict__ loss, ce_bf16* __restrict__ grad, int vocab, long long ld, int row0,
+                 int want_grad) {
   const int r = blockIdx.x;
   const ce_bf16* x = logits + (long long)r * ld;
   ce_bf16* g = grad + (long long)r * vocab;
@@ -98,6 +99,7 @@ extern "C" __global__ void __launch_bounds__(CE_THREADS)
   const int t = targets[row0 + r];
   const float w = weights[row0 + r];
   if (threadIdx.x == 0) loss[r] = w * (l2z * CE_LN2 - ce_to_f32(x[t]));
+  if (!want_grad) return;
 
   // Pass 2: the gradient.
   if (vec) {

@@ -119,14 +119,15 @@ pub trait KernelBackend: Backend {
     /// Softmax cross-entropy of the rows of `logits` `[n, vocab]` against targets and weights
     /// read at rows `row0..row0 + n` of `targets` and `weights` (`[N, 1]`, i.e. one chunk of a
     /// batch): `(w·(log Σ exp x − x[target]) [n, 1] f32, w·(softmax(x) − onehot(target)) [n, vocab]
-    /// in grad_dtype)` (see [`crate::loss`]).
+    /// in grad_dtype)` (see [`crate::loss`]); no gradient when `grad_dtype` is `None` (a loss
+    /// computed without one: evaluation), and none computed.
     fn cross_entropy_rows(
         logits: FloatTensor<Self>,
         targets: IntTensor<Self>,
         weights: FloatTensor<Self>,
         row0: usize,
-        grad_dtype: DType,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        grad_dtype: Option<DType>,
+    ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
         crate::loss::default_cross_entropy_rows::<Self>(logits, targets, weights, row0, grad_dtype)
     }
 
@@ -381,10 +382,10 @@ macro_rules! cuda_kernel_backend {
                 targets: IntTensor<Self>,
                 weights: FloatTensor<Self>,
                 row0: usize,
-                grad_dtype: DType,
-            ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+                grad_dtype: Option<DType>,
+            ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
                 if crate::loss::cuda::takes(logits.dtype, targets.dtype, weights.dtype, grad_dtype) {
-                    crate::loss::cuda::fusion_rows::<$f>(logits, targets, weights, row0)
+                    crate::loss::cuda::fusion_rows::<$f>(logits, targets, weights, row0, grad_dtype.is_some())
                 } else {
                     crate::loss::default_cross_entropy_rows::<Self>(logits, targets, weights, row0, grad_dtype)
                 }
@@ -689,8 +690,8 @@ impl<B: KernelBackend, C: CheckpointStrategy> KernelBackend for Autodiff<B, C> {
         targets: IntTensor<Self>,
         weights: FloatTensor<Self>,
         row0: usize,
-        grad_dtype: DType,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        grad_dtype: Option<DType>,
+    ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
         // Constants: the loss computes them from detached inputs and attaches their gradient
         // itself (crate::loss).
         use burn::tensor::backend::AutodiffBackend;
@@ -701,7 +702,7 @@ impl<B: KernelBackend, C: CheckpointStrategy> KernelBackend for Autodiff<B, C> {
             row0,
             grad_dtype,
         );
-        (Self::from_inner(loss), Self::from_inner(grad))
+        (Self::from_inner(loss), grad.map(Self::from_inner))
     }
 
     fn dequantize_weight(

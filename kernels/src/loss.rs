@@ -43,20 +43,14 @@ pub fn chunked_cross_entropy<B: crate::KernelBackend>(
     let [vocab, head_width] = lm_head_weight.dims();
     assert_eq!(width, head_width, "hidden width {width} vs lm_head width {head_width}");
     assert_eq!(labels.len(), tokens, "one label per hidden row");
-    let mut rows = Vec::new();
-    let mut targets = Vec::new();
     for (i, &label) in labels.iter().enumerate() {
-        if label == IGNORE_INDEX {
-            continue;
-        }
         assert!(
-            (0..vocab as i64).contains(&label),
+            label == IGNORE_INDEX || (0..vocab as i64).contains(&label),
             "label {label} at token {i} is outside the vocabulary (0..{vocab})"
         );
-        rows.push(i as i64);
-        targets.push(label);
     }
-    if rows.is_empty() {
+    let kept = labels.iter().filter(|&&l| l != IGNORE_INDEX).count();
+    if kept == 0 {
         return Tensor::zeros([1], (&device, DType::F32));
     }
     let chunk_tokens = chunk_tokens.max(1);
@@ -66,16 +60,17 @@ pub fn chunked_cross_entropy<B: crate::KernelBackend>(
     // chunks — one size for every batch of the run — and chunks holding only padding are not
     // computed (their gradient rows are zeros); below, to a power of two. Padding rows repeat
     // row 0 and carry zero weight in the loss and its gradient.
-    let kept = rows.len();
-    let (padded, weights, hidden) = if rows_stay_in_place(kept, tokens, chunk_tokens) {
+    let (padded, targets, weights, hidden) = if rows_stay_in_place(kept, tokens, chunk_tokens) {
         // Every row where it is, the unlabelled ones weighted zero: as many chunks as packing the
         // kept rows would compute, without gathering the hidden states and scattering their
         // gradient back (Burn's CUDA select_assign runs a thread per column over every row: 3.5 ms
         // a step at the 8B shape).
-        targets = labels.iter().map(|&l| if l == IGNORE_INDEX { 0 } else { l }).collect();
+        let targets = labels.iter().map(|&l| if l == IGNORE_INDEX { 0 } else { l }).collect();
         let weights: Vec<f32> = labels.iter().map(|&l| if l == IGNORE_INDEX { 0.0 } else { 1.0 }).collect();
-        (tokens, weights, hidden)
+        (tokens, targets, weights, hidden)
     } else {
+        let (mut rows, mut targets): (Vec<i64>, Vec<i64>) =
+            labels.iter().enumerate().filter(|(_, l)| **l != IGNORE_INDEX).map(|(i, &l)| (i as i64, l)).unzip();
         let padded = if kept > chunk_tokens {
             tokens.next_multiple_of(chunk_tokens)
         } else {
@@ -89,7 +84,7 @@ pub fn chunked_cross_entropy<B: crate::KernelBackend>(
         } else {
             hidden.select(0, Tensor::from_data(TensorData::new(rows, [padded]), &device))
         };
-        (padded, weights, hidden)
+        (padded, targets, weights, hidden)
     };
 
     let grad_hidden = B::ad_enabled(&device);
@@ -121,7 +116,8 @@ pub fn chunked_cross_entropy<B: crate::KernelBackend>(
         // The weighted token losses and d loss / d logits = weighted softmax - onehot(target), in
         // the hidden states' dtype for their product with the head (as autocast's backward
         // gives it), in f32 when the head's own gradient is formed from it too.
-        let g_dtype = if grad_weight { DType::F32 } else { h_dtype };
+        // No gradient at all when nothing takes one (a loss for evaluation).
+        let g_dtype = (grad_hidden || grad_weight).then_some(if grad_weight { DType::F32 } else { h_dtype });
         let (token_loss, g) = B::cross_entropy_rows(
             logits.into_primitive().tensor(),
             targets.clone().into_primitive(),
@@ -130,12 +126,12 @@ pub fn chunked_cross_entropy<B: crate::KernelBackend>(
             g_dtype,
         );
         let chunk_loss = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(token_loss)).sum();
-        let g = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(g));
         total = Some(match total {
             Some(t) => t + chunk_loss,
             None => chunk_loss,
         });
-        if grad_hidden || grad_weight {
+        if let Some(g) = g {
+            let g = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(g));
             if let Some(acc) = g_hidden.take() {
                 let part = crate::dense_matmul(g.clone().cast(h_dtype), w_const.clone());
                 g_hidden = Some(acc.slice_assign([start..start + len, 0..width], part));
@@ -167,8 +163,8 @@ pub fn default_cross_entropy_rows<B: Backend>(
     targets: IntTensor<B>,
     weights: FloatTensor<B>,
     row0: usize,
-    grad_dtype: DType,
-) -> (FloatTensor<B>, FloatTensor<B>) {
+    grad_dtype: Option<DType>,
+) -> (FloatTensor<B>, Option<FloatTensor<B>>) {
     let logits = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(logits)).cast(DType::F32);
     let [n, _] = logits.dims();
     let device = logits.device();
@@ -177,9 +173,12 @@ pub fn default_cross_entropy_rows<B: Backend>(
     let shifted = logits.clone() - logits.max_dim(1);
     let log_z = shifted.clone().exp().sum_dim(1).log();
     let token_loss = (log_z.clone() - shifted.clone().gather(1, target.clone())) * weight.clone();
-    let minus_one = Tensor::<B, 2>::full([n, 1], -1.0, (&device, DType::F32));
-    let g = (shifted - log_z).exp().scatter(1, target, minus_one, IndexingUpdateOp::Add) * weight;
-    (token_loss.into_primitive().tensor(), g.cast(grad_dtype).into_primitive().tensor())
+    let g = grad_dtype.map(|dtype| {
+        let minus_one = Tensor::<B, 2>::full([n, 1], -1.0, (&device, DType::F32));
+        let g = (shifted - log_z).exp().scatter(1, target, minus_one, IndexingUpdateOp::Add) * weight;
+        g.cast(dtype).into_primitive().tensor()
+    });
+    (token_loss.into_primitive().tensor(), g)
 }
 
 /// The CUDA pass (`newt_ce_rows`, kernels/cuda/cross_entropy.cu): bf16 logits and gradient.
@@ -196,21 +195,21 @@ pub(crate) mod cuda {
     /// Threads a row (`CE_THREADS` in the source).
     const THREADS: u32 = 512;
 
-    /// Whether the kernel takes a call: bf16 logits and gradient, i32 targets, f32 weights,
-    /// unless `kernels: {reference: [cross_entropy]}`.
-    pub(crate) fn takes(logits: DType, targets: DType, weights: DType, grad: DType) -> bool {
+    /// Whether the kernel takes a call: bf16 logits and gradient (or none), i32 targets, f32
+    /// weights, unless `kernels: {reference: [cross_entropy]}`.
+    pub(crate) fn takes(logits: DType, targets: DType, weights: DType, grad: Option<DType>) -> bool {
         !crate::uses_reference(crate::FastPath::CrossEntropy)
             && logits == DType::BF16
-            && grad == DType::BF16
+            && grad.is_none_or(|g| g == DType::BF16)
             && targets == DType::I32
             && weights == DType::F32
     }
 
     /// The arguments of `newt_ce_rows`: logits, targets, weights, loss, grad, vocab, the
-    /// logits' row stride, row0.
-    pub(crate) fn args(ptrs: [u64; 5], vocab: usize, ld: usize, row0: usize) -> Args {
+    /// logits' row stride, row0, whether to write the gradient.
+    pub(crate) fn args(ptrs: [u64; 5], vocab: usize, ld: usize, row0: usize, want_grad: bool) -> Args {
         let mut args = Args::with_ptrs(&ptrs);
-        args.i32(vocab as i32).i64(ld as i64).i32(row0 as i32);
+        args.i32(vocab as i32).i64(ld as i64).i32(row0 as i32).i32(want_grad as i32);
         args
     }
 
@@ -219,7 +218,8 @@ pub(crate) mod cuda {
         targets: CubeTensor<CudaRuntime>,
         weights: CubeTensor<CudaRuntime>,
         row0: usize,
-    ) -> [CubeTensor<CudaRuntime>; 2] {
+        want_grad: bool,
+    ) -> Vec<CubeTensor<CudaRuntime>> {
         let logits = if logits.meta.strides()[1] == 1 { logits } else { burn_cubecl::kernel::into_contiguous(logits) };
         let (targets, weights) =
             (burn_cubecl::kernel::into_contiguous(targets), burn_cubecl::kernel::into_contiguous(weights));
@@ -227,17 +227,19 @@ pub(crate) mod cuda {
         let (rows, vocab) = (shape[0], shape[1]);
         let ld = logits.meta.strides()[0];
         let loss = empty(&logits, &[rows, 1], DType::F32);
-        let grad = empty(&logits, &[rows, vocab], DType::BF16);
+        // Without a gradient the kernel gets a 16-byte buffer it never writes.
+        let grad =
+            if want_grad { empty(&logits, &[rows, vocab], DType::BF16) } else { empty(&logits, &[1, 8], DType::BF16) };
         let buffers = [&logits, &targets, &weights, &loss, &grad].map(|t| t.handle.clone().binding()).to_vec();
         cubecl_cuda::external::launch_external(
             &logits.client,
             buffers,
             Box::new(move |ptrs: &[u64], stream| {
-                let mut args = args(ptrs.try_into().expect("five cross-entropy buffers"), vocab, ld, row0);
+                let mut args = args(ptrs.try_into().expect("five cross-entropy buffers"), vocab, ld, row0, want_grad);
                 launch_block(functions().ce_rows, (rows as u32, 1, 1), THREADS, &mut args, stream, "cross-entropy");
             }),
         );
-        [loss, grad]
+        if want_grad { vec![loss, grad] } else { vec![loss] }
     }
 
     /// [`crate::KernelBackend::cross_entropy_rows`] for `Cuda<F>` (see [`takes`]).
@@ -246,15 +248,20 @@ pub(crate) mod cuda {
         targets: IntTensor<Fus<F>>,
         weights: FloatTensor<Fus<F>>,
         row0: usize,
-    ) -> (FloatTensor<Fus<F>>, FloatTensor<Fus<F>>) {
+        want_grad: bool,
+    ) -> (FloatTensor<Fus<F>>, Option<FloatTensor<Fus<F>>>) {
         let [rows, vocab] = [logits.shape[0], logits.shape[1]];
-        let outputs = vec![([rows, 1].into(), DType::F32), ([rows, vocab].into(), DType::BF16)];
-        let mut out = custom_op::<F>("newt_ce_rows", vec![logits, targets, weights], outputs, move |ins| {
+        let mut outputs = vec![([rows, 1].into(), DType::F32)];
+        if want_grad {
+            outputs.push(([rows, vocab].into(), DType::BF16));
+        }
+        let name = if want_grad { "newt_ce_rows" } else { "newt_ce_rows_loss" };
+        let mut out = custom_op::<F>(name, vec![logits, targets, weights], outputs, move |ins| {
             let [logits, targets, weights] = <[_; 3]>::try_from(ins).unwrap_or_else(|_| unreachable!("three inputs"));
-            cube_rows(logits, targets, weights, row0).into()
+            cube_rows(logits, targets, weights, row0, want_grad)
         })
         .into_iter();
-        (out.next().expect("loss"), out.next().expect("grad"))
+        (out.next().expect("loss"), out.next())
     }
 }
 
@@ -350,6 +357,39 @@ mod tests {
         }
     }
 
+    /// Asked for no gradient, the reference gives none and the same token losses.
+    #[test]
+    fn the_reference_without_a_gradient_gives_the_same_losses() {
+        let dev = Default::default();
+        let (n, v) = (6, 11);
+        let logits = Tensor::<TestBackend, 2>::from_data(TensorData::new(values(n * v, 53), [n, v]), &dev);
+        let targets =
+            Tensor::<TestBackend, 2, Int>::from_data(TensorData::new(vec![3i64, 0, 10, 7, 7, 1], [n, 1]), &dev);
+        let weights =
+            Tensor::<TestBackend, 2>::from_data(TensorData::new(vec![1.0f32, 0.0, 1.0, 1.0, 0.5, 1.0], [n, 1]), &dev);
+        let run = |grad: Option<DType>| {
+            let (l, g) = default_cross_entropy_rows::<TestBackend>(
+                logits.clone().into_primitive().tensor(),
+                targets.clone().into_primitive(),
+                weights.clone().into_primitive().tensor(),
+                0,
+                grad,
+            );
+            (
+                Tensor::<TestBackend, 2>::from_primitive(TensorPrimitive::Float(l))
+                    .into_data()
+                    .to_vec::<f32>()
+                    .unwrap(),
+                g,
+            )
+        };
+        let ((with, g), (without, none)) = (run(Some(DType::F32)), run(None));
+        assert!(g.is_some() && none.is_none());
+        assert_eq!(with, without);
+        assert_eq!(with[1], 0.0, "a zero-weight row adds nothing");
+        assert!(with.iter().enumerate().all(|(i, l)| i == 1 || *l > 0.0));
+    }
+
     #[test]
     fn rows_stay_in_place_only_when_packing_saves_no_chunk() {
         // setup(10, ..): 7 of 10 tokens labelled.
@@ -369,7 +409,7 @@ mod tests {
     /// The CUDA launcher's argument list matches the kernel signature in the source.
     #[test]
     fn cuda_cross_entropy_arguments_match_the_kernel_signature() {
-        let args = cuda::args([16, 32, 48, 64, 80], 128256, 128256, 523);
+        let args = cuda::args([16, 32, 48, 64, 80], 128256, 128256, 523, true);
         assert_eq!(args.1, crate::flash_cuda::tests::signature("newt_ce_rows"));
     }
 
@@ -393,18 +433,20 @@ mod tests {
             let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [total, 1]), &dev);
             let weights: Vec<f32> = (0..total).map(|i| if i % 5 == 3 { 0.0 } else { 1.0 }).collect();
             let weights = Tensor::<B, 2>::from_data(TensorData::new(weights, [total, 1]), &dev).cast(DType::F32);
-            assert!(cuda::takes(logits.dtype(), targets.dtype(), weights.dtype(), DType::BF16));
-            let run = |fast: bool| {
+            assert!(cuda::takes(logits.dtype(), targets.dtype(), weights.dtype(), Some(DType::BF16)));
+            assert!(cuda::takes(logits.dtype(), targets.dtype(), weights.dtype(), None));
+            let run = |fast: bool, grad: bool| {
                 let (l, t, w) = (
                     logits.clone().into_primitive().tensor(),
                     targets.clone().into_primitive(),
                     weights.clone().into_primitive().tensor(),
                 );
-                let (loss, grad) = if fast {
-                    B::cross_entropy_rows(l, t, w, row0, DType::BF16)
+                let (loss, g) = if fast {
+                    B::cross_entropy_rows(l, t, w, row0, grad.then_some(DType::BF16))
                 } else {
-                    default_cross_entropy_rows::<B>(l, t, w, row0, DType::F32)
+                    default_cross_entropy_rows::<B>(l, t, w, row0, grad.then_some(DType::F32))
                 };
+                assert_eq!(g.is_some(), grad, "a gradient exactly when one is asked for");
                 let host = |p| {
                     Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(p))
                         .cast(DType::F32)
@@ -412,9 +454,11 @@ mod tests {
                         .to_vec::<f32>()
                         .unwrap()
                 };
-                (host(loss), host(grad))
+                (host(loss), g.map(host).unwrap_or_default())
             };
-            let ((fl, fg), (rl, rg)) = (run(true), run(false));
+            let ((fl, fg), (rl, rg)) = (run(true, true), run(false, true));
+            // Without the gradient, the same token losses (the kernel stops after the first pass).
+            assert_eq!(run(true, false).0, fl, "vocab {vocab}: losses without the gradient");
             for (i, (a, b)) in fl.iter().zip(&rl).enumerate() {
                 assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "vocab {vocab}, row {i}: loss {a} vs {b}");
             }
@@ -443,10 +487,11 @@ mod tests {
                     weights.clone().into_primitive().tensor(),
                 );
                 let (loss, grad) = if fast {
-                    B::cross_entropy_rows(l, t, w, 0, DType::BF16)
+                    B::cross_entropy_rows(l, t, w, 0, Some(DType::BF16))
                 } else {
-                    default_cross_entropy_rows::<B>(l, t, w, 0, DType::BF16)
+                    default_cross_entropy_rows::<B>(l, t, w, 0, Some(DType::BF16))
                 };
+                let grad = grad.expect("asked for");
                 Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(loss)).sum()
                     + Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(grad))
                         .slice([0..1, 0..8])

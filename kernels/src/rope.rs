@@ -256,7 +256,7 @@ pub(crate) mod cuda {
         let strides = [s[0] as i64, s[1] as i64, s[2] as i64];
         let y = empty(&x, &dims, DType::BF16);
         let v8 = vectorized(dims, strides, x.handle.offset_start.unwrap_or(0));
-        let (function, per_thread) = if v8 { (functions().rope_v8, 16) } else { (functions().rope, 2) };
+        let per_thread = if v8 { 16 } else { 2 };
         let threads = dims.iter().product::<usize>() / per_thread;
         let grid = (threads.div_ceil(THREADS as usize).clamp(1, 16384) as u32, 1, 1);
         let buffers = [&x, &cos, &sin, &y].map(|t| t.handle.clone().binding()).to_vec();
@@ -264,6 +264,10 @@ pub(crate) mod cuda {
             &x.client,
             buffers,
             Box::new(move |ptrs: &[u64], stream| {
+                // Here, on the device thread, where CubeCL has made its context current (the
+                // module is loaded per context): RoPE may be a process's first kernel.
+                let f = functions();
+                let function = if v8 { f.rope_v8 } else { f.rope };
                 let mut args = args(ptrs.try_into().expect("four rope buffers"), dims, strides, sign);
                 launch_block(function, grid, THREADS, &mut args, stream, "rope");
             }),
@@ -448,10 +452,10 @@ mod tests {
         let round = |v: f32| bf16::from_f32(v).to_f32();
         let prim4 = |t: &Tensor<B, 4>| t.clone().into_primitive().tensor();
         let prim3 = |t: &Tensor<B, 3>| t.clone().into_primitive().tensor();
-        // newt's kernels load into the context CubeCL makes current with its first kernel; this
-        // test's uploads alone leave none (the H100 run of 2026-12-07 stopped here with
-        // CUDA_ERROR_INVALID_CONTEXT), where a model always runs Burn kernels before RoPE.
-        let _ = Tensor::<B, 1>::ones([8], &dev).sum().into_scalar();
+        // RoPE is this process's first kernel: newt's module loads on the device thread, in the
+        // context CubeCL makes current there (the H100 run of 2026-12-07 stopped here with
+        // CUDA_ERROR_INVALID_CONTEXT when the launcher looked its function up on the caller's
+        // thread, where uploads alone had made no context current).
         for (d, swapped) in [(64, false), (128, false), (128, true), (72, false)] {
             let (b, t, h) = (2, 33, 3);
             let half = d / 2;
