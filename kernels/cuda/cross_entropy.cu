@@ -5,9 +5,10 @@
 //   grad[r, j] = w[r] · (softmax(x[r])[j] − [j = t[r]])      (bf16, rounded to nearest even)
 //
 // for rows r of the chunk, with targets t and weights w read at row0 + r of their whole-batch
-// vectors; the gradient only when want_grad is nonzero (a loss without one: evaluation). One block of CE_THREADS a row: a first pass over the row keeps each thread's running
-// maximum and sum of exponentials (rescaled as the maximum grows), a block reduction combines
-// them, and a second pass (the row is 2·vocab bytes, read again from L2) writes the gradient.
+// vectors; the gradient only when want_grad is nonzero (a loss without one: evaluation). One
+// block of CE_THREADS a row: a first pass over the row keeps each thread's running maximum and
+// sum of exponentials (rescaled as the maximum grows), a block reduction combines them, and a
+// second pass (the row is 2·vocab bytes, read again from L2) writes the gradient.
 // Arithmetic in f32, exponentials in base 2. Rows of 8-element multiples (vocab and row stride) at
 // 16-byte aligned addresses go 16 bytes a load and store, others one element at a time.
 // Compiled with flash_attn.cu and the others as one module: names carry a `ce_` prefix.

@@ -93,6 +93,10 @@ pub fn chunked_cross_entropy<B: crate::KernelBackend>(
     let h_const = hidden.clone().detach();
     let w_const = lm_head_weight.clone().detach();
     let w_t = w_const.clone().transpose();
+    // d loss / d logits = weighted softmax - onehot(target) in the hidden states' dtype for their
+    // product with the head (as autocast's backward gives it), in f32 when the head's own
+    // gradient is formed from it too; none at all when nothing takes one (evaluation).
+    let g_dtype = if grad_weight { Some(DType::F32) } else { grad_hidden.then_some(h_dtype) };
     // Every computed chunk runs the same operations (weighted, its gradient written into one
     // preallocated tensor) whatever the batch: on a fusing JIT backend a chunk that ran
     // different operations (unweighted when full, say) would be another kernel to compile the
@@ -113,11 +117,7 @@ pub fn chunked_cross_entropy<B: crate::KernelBackend>(
         let len = chunk_tokens.min(padded - start);
         let h = h_const.clone().narrow(0, start, len);
         let logits = crate::dense_matmul(h.clone(), w_t.clone());
-        // The weighted token losses and d loss / d logits = weighted softmax - onehot(target), in
-        // the hidden states' dtype for their product with the head (as autocast's backward
-        // gives it), in f32 when the head's own gradient is formed from it too.
-        // No gradient at all when nothing takes one (a loss for evaluation).
-        let g_dtype = (grad_hidden || grad_weight).then_some(if grad_weight { DType::F32 } else { h_dtype });
+        // The weighted token losses, and d loss / d logits when a gradient is taken (g_dtype).
         let (token_loss, g) = B::cross_entropy_rows(
             logits.into_primitive().tensor(),
             targets.clone().into_primitive(),
