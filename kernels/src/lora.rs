@@ -168,7 +168,9 @@ pub(crate) mod cuda {
     /// `(dx, dA, dB)`.
     type Grads<F> = (Option<FloatTensor<Fus<F>>>, FloatTensor<Fus<F>>, FloatTensor<Fus<F>>);
 
-    /// Forward: `t = x·Aᵀ`, `y = x·Wᵀ`, then `y += s·t·Bᵀ` in place.
+    /// Forward: `t = x·Aᵀ`, `y = s·t·Bᵀ`, then `y += x·Wᵀ` in place. The rank-`r` product goes
+    /// first: it is memory-bound, and writing `y` costs it less than reading and writing it; the
+    /// base GEMM, compute-bound, then reads `y` in its epilogue (`beta = 1`).
     pub(crate) fn cube_forward<F: FloatElement>(
         x: CubeTensor<CudaRuntime>,
         w: CubeTensor<CudaRuntime>,
@@ -177,12 +179,13 @@ pub(crate) mod cuda {
         scale: f64,
     ) -> (CubeTensor<CudaRuntime>, CubeTensor<CudaRuntime>) {
         let t = cube_gemm::<F>(x.clone(), Cube::<F>::float_transpose(a), 1.0, None);
-        let y = cube_gemm::<F>(x, Cube::<F>::float_transpose(w), 1.0, None);
-        let y = cube_gemm::<F>(t.clone(), Cube::<F>::float_transpose(b), scale as f32, Some(y));
+        let y = cube_gemm::<F>(t.clone(), Cube::<F>::float_transpose(b), scale as f32, None);
+        let y = cube_gemm::<F>(x, Cube::<F>::float_transpose(w), 1.0, Some(y));
         (y, t)
     }
 
-    /// Backward: `dt = s·dy·B`; `dx = dy·W`, then `dx += dt·A`; `dA = dtᵀ·x`; `dB = s·dyᵀ·t`.
+    /// Backward: `dt = s·dy·B`; `dx = dt·A`, then `dx += dy·W` (the rank-`r` product first, as
+    /// forward); `dA = dtᵀ·x`; `dB = s·dyᵀ·t`.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn cube_backward<F: FloatElement>(
         dy: CubeTensor<CudaRuntime>,
@@ -197,8 +200,8 @@ pub(crate) mod cuda {
         let s = scale as f32;
         let dt = cube_gemm::<F>(dy.clone(), b, s, None);
         let dx = need_dx.then(|| {
-            let dx = cube_gemm::<F>(dy.clone(), w, 1.0, None);
-            cube_gemm::<F>(dt.clone(), a, 1.0, Some(dx))
+            let dx = cube_gemm::<F>(dt.clone(), a, 1.0, None);
+            cube_gemm::<F>(dy.clone(), w, 1.0, Some(dx))
         });
         let da = cube_gemm::<F>(Cube::<F>::float_transpose(dt), x, 1.0, None);
         let db = cube_gemm::<F>(Cube::<F>::float_transpose(dy), t, s, None);
