@@ -217,7 +217,8 @@ mod tests {
             Ok(cubecl_cuda::pools::MemoryConfiguration::SubSlices)
         ));
         let newt = format!("{:?}", cubecl_cuda::pools::parse(cubecl_cuda::pools::NEWT_LAYOUT, 512).unwrap());
-        assert!(newt.contains(&format!("page_size: {}, max_slice_size: {}", 2u64 << 30, 2u64 << 30)), "{newt}");
+        assert!(newt.contains(&format!("page_size: {}, max_slice_size: {}", 512u64 << 20, 512u64 << 20)), "{newt}");
+        assert!(newt.contains(&format!("max_alloc_size: {}", 1u64 << 30)), "{newt}");
     }
 
     #[test]

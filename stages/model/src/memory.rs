@@ -312,12 +312,13 @@ mod tests {
             (&b1, false, 4, 2048, false, 19.71),
             (&b8, false, 2, 2048, false, 47.27),
             (&b8, false, 3, 2048, false, 57.40),
-            // With the bf16 loss kernel (H100, runs/h100_2026-12-07c): 23,833, 12,697, 23,833,
-            // 69,145 and 7,385 MiB.
-            (&b8, false, 2, 4096, true, 23.27),
-            (&b8, true, 2, 4096, true, 12.40),
-            (&b8, false, 4, 2048, true, 23.27),
-            (&b8, false, 4, 2048, false, 67.52),
+            // With the bf16 loss kernel and newt's pages of 512 MB (H100, runs/h100_2026-12-07c/
+            // pools): 22,741, 12,117, 22,741 and 68,567 MiB.
+            (&b8, false, 2, 4096, true, 22.21),
+            (&b8, true, 2, 4096, true, 11.83),
+            (&b8, false, 4, 2048, true, 22.21),
+            (&b8, false, 4, 2048, false, 66.96),
+            // With the bf16 loss kernel, in the pages of 2 GB before (same run): 7,385 MiB.
             (&smol, false, 4, 2048, false, 7.21),
         ];
         for (c, nf4, rows, seq, ckpt, measured) in rows {

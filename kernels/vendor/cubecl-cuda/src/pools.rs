@@ -3,10 +3,12 @@
 //! CubeCL's default layout (`SubSlices`) carves allocations out of pages whose size grows by
 //! four from pool to pool, up to a quarter of the device (20 GB on an 80 GB card), and never
 //! gives a page back during a run: a training step's transient tensors of 312 MB to 2.5 GB open
-//! pages of 5 GB. newt's layout ([`NEWT_LAYOUT`]) keeps every tensor from 16 MB to 2 GB in pages
-//! of 2 GB instead; measured on the H100 with the same steps and losses, it lowered the
-//! process's peak by 3.7 GiB on Llama-3.1-8B LoRA (2×4096, checkpointing) and by 5.4 GiB on
-//! Llama-3.2-1B (4×2048), at the same speed (bench/results/gpu_8b.md).
+//! pages of 5 GB. newt's layout ([`NEWT_LAYOUT`]) keeps every tensor from 16 MB to 512 MB in
+//! pages of 512 MB and gives each larger one a page of its own; measured on the H100 with the
+//! same steps and losses, pages of 2 GB for everything up to 2 GB lowered the process's peak by
+//! 3.7 GiB on Llama-3.1-8B LoRA (2×4096, checkpointing) and by 5.4 GiB on Llama-3.2-1B (4×2048),
+//! and pages of 512 MB by another 1.07 GiB on that 8B run, at the same speed
+//! (bench/results/gpu_8b.md).
 //!
 //! `NEWT_CUDA_POOLS` sets another layout without a rebuild, so layouts can be measured on one
 //! binary:
@@ -20,12 +22,14 @@
 pub use cubecl_core::MemoryConfiguration;
 use cubecl_runtime::memory_management::{MemoryPoolOptions, PoolType};
 
-/// newt's layout: small tensors in pages of 20 MB, up to 16 MB in pages of 128 MB, up to 2 GB in
-/// pages of 2 GB, anything larger in a page of its own (CubeCL's exclusive pools size a new page
-/// by the running mean of their requests, starting from half their limit: hence a pool per
-/// doubling rather than one for everything above 2 GB).
-pub const NEWT_LAYOUT: &str =
-    "sliced:20m:1m,sliced:128m:16m,sliced:2g:2g,exclusive:4g,exclusive:8g,exclusive:16g,exclusive:64g";
+/// newt's layout: small tensors in pages of 20 MB, up to 16 MB in pages of 128 MB, up to 512 MB
+/// in pages of 512 MB, anything larger in a page of its own (CubeCL's exclusive pools size a new
+/// page by the running mean of their requests, starting from half their limit: hence a pool per
+/// doubling rather than one for everything above 512 MB). Which tensors made the 1.07 GiB
+/// this saved on the 8B run is not traced; an 8B model's embedding and head (1.05 GB each in
+/// bf16) were slices of 2 GB pages before and now have pages of their own.
+pub const NEWT_LAYOUT: &str = "sliced:20m:1m,sliced:128m:16m,sliced:512m:512m,exclusive:1g,exclusive:2g,\
+                               exclusive:4g,exclusive:8g,exclusive:16g,exclusive:64g";
 
 /// The layout `NEWT_CUDA_POOLS` names, or newt's when it is unset or empty.
 ///
