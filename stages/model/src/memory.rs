@@ -307,8 +307,8 @@ mod tests {
         // (model, NF4 base, rows, sequence, checkpointing, measured GiB)
         let rows = [
             // The runtime factor was fitted to these (H100, runs/pools_flash_h100_2026-12-06 and
-            // runs/final_h100_2026-12-06), measured before the bf16 loss kernel: the 1B and 8B
-            // 2×2048 and 3×2048 runs' peaks are upper bounds for today's binary.
+            // runs/final_h100_2026-12-06), measured before the bf16 loss kernel and the 512 MB
+            // pages, which lowered every 8B peak measured since (not rerun).
             (&b1, false, 4, 2048, false, 19.71),
             (&b8, false, 2, 2048, false, 47.27),
             (&b8, false, 3, 2048, false, 57.40),
