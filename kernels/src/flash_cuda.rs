@@ -547,6 +547,10 @@ pub(crate) struct Functions {
     pub(crate) rms_forward: usize,
     /// `newt_rms_bwd`.
     pub(crate) rms_backward: usize,
+    /// `newt_rms_fwd_v8`.
+    pub(crate) rms_forward_v8: usize,
+    /// `newt_rms_bwd_v8`.
+    pub(crate) rms_backward_v8: usize,
     /// `newt_rope`.
     pub(crate) rope: usize,
     /// `newt_rope_v8`.
@@ -634,6 +638,8 @@ fn load() -> Result<Functions, String> {
             flash: flash.try_into().unwrap_or_else(|_| unreachable!()),
             rms_forward: get("newt_rms_fwd")?,
             rms_backward: get("newt_rms_bwd")?,
+            rms_forward_v8: get("newt_rms_fwd_v8")?,
+            rms_backward_v8: get("newt_rms_bwd_v8")?,
             rope: get("newt_rope")?,
             rope_v8: get("newt_rope_v8")?,
             flat_gather: get("newt_flat_gather")?,
