@@ -171,7 +171,11 @@ pub fn estimate(c: &ModelConfig, spec: &MemorySpec<'_>) -> MemoryEstimate {
     let head_name = if c.tie_word_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
     let head_trains = match &spec.trained {
         Trained::Full(unfrozen) => unfrozen.is_none_or(|u| u.matches(head_name)),
-        Trained::Lora(l) => l.modules_to_save.iter().any(|m| m == "lm_head" || m == "embed_tokens"),
+        // The head's weight is `lm_head`, or the embedding when tied: an untied model's saved
+        // embedding leaves the head frozen.
+        Trained::Lora(l) => {
+            l.modules_to_save.iter().any(|m| m == "lm_head" || (m == "embed_tokens" && c.tie_word_embeddings))
+        }
     };
     let head = tokens * h * w * 2 + chunk * v * (w + if head_trains { 4 } else { w });
     let (gradients, activations) = (grad_bytes + trained * 4, kept + head);
@@ -217,13 +221,13 @@ pub fn gib(bytes: u64) -> String {
 mod tests {
     use super::*;
 
+    const LLAMA_8B: &str = r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+        "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "vocab_size": 128256, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+        "max_position_embeddings": 131072, "tie_word_embeddings": false}"#;
+
     fn llama_8b() -> ModelConfig {
-        config(
-            r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
-            "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-            "num_key_value_heads": 8, "vocab_size": 128256, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-            "max_position_embeddings": 131072, "tie_word_embeddings": false}"#,
-        )
+        config(LLAMA_8B)
     }
 
     fn spec<'a>(trained: Trained<'a>, quantized_bits: Option<u64>) -> MemorySpec<'a> {
@@ -342,6 +346,31 @@ mod tests {
             // On the CPU there is no runtime share.
             assert_eq!(estimate(c, &MemorySpec { cuda: false, ..spec }).runtime, 0);
         }
+    }
+
+    /// The loss's gradient is held in f32 only when the head's weight trains (`chunk × vocab × 2`
+    /// bytes more): `lm_head` saved, or `embed_tokens` saved on a model whose head is the
+    /// embedding; an untied model's saved embedding leaves the head frozen.
+    #[test]
+    fn the_loss_gradient_is_f32_only_when_the_head_trains() {
+        let activations = |c: &ModelConfig, saved: &[&str]| {
+            let lora = LoraConfig {
+                r: 32,
+                modules_to_save: saved.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            };
+            estimate(c, &spec(Trained::Lora(&lora), None)).activations
+        };
+        let (untied, tied) = (
+            llama_8b(),
+            config(&LLAMA_8B.replace(r#""tie_word_embeddings": false"#, r#""tie_word_embeddings": true"#)),
+        );
+        let f32_part = 1024 * 128_256 * 2;
+        for c in [&untied, &tied] {
+            assert_eq!(activations(c, &["lm_head"]), activations(c, &[]) + f32_part);
+        }
+        assert_eq!(activations(&untied, &["embed_tokens"]), activations(&untied, &[]));
+        assert_eq!(activations(&tied, &["embed_tokens"]), activations(&tied, &[]) + f32_part);
     }
 
     #[test]
