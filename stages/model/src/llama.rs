@@ -858,12 +858,14 @@ where
     B::InnerBackend: KernelBackend,
 {
     /// Gradient checkpointing, layer by layer: a forward pass without autodiff keeps each
-    /// decoder layer's input only; the head (final norm and loss) runs with autodiff from the
-    /// last layer's output; then each layer, last to first, is run again with autodiff from its
-    /// saved input and back-propagated alone with the gradient of its output (`Σ out ⊙ g`), which
-    /// gives its parameters' gradients and the gradient of its input for the layer below. Peak
-    /// activation memory is one layer's graph plus one `[batch, seq, hidden]` tensor per layer,
-    /// for one more forward pass of compute.
+    /// decoder layer's input only; the last layer and the head (final norm and loss) run with
+    /// autodiff from the last layer's input and are back-propagated together (the last layer's
+    /// graph is needed at once, so it is not run twice); then each layer below, last to first, is
+    /// run again with autodiff from its saved input and back-propagated alone with the gradient
+    /// of its output (`Σ out ⊙ g`), which gives its parameters' gradients and the gradient of
+    /// its input for the layer below. Peak activation memory is one layer's graph plus one
+    /// `[batch, seq, hidden]` tensor per layer, for one more forward pass of all layers but the
+    /// last.
     ///
     /// LoRA dropout: each layer seeds its masks from the micro-batch's seed and its index, in
     /// the forward pass and again in its recomputation, so both draw the same masks. Outside the
@@ -880,7 +882,7 @@ where
         let dropout = self.has_dropout();
         let seed = crate::rng::batch_seed().filter(|_| dropout);
         let device = batch.input_ids.device();
-        if !self.gradient_checkpointing || (dropout && seed.is_none()) {
+        if !self.gradient_checkpointing || (dropout && seed.is_none()) || self.layers.is_empty() {
             return None;
         }
         let inner = self.valid();
@@ -899,9 +901,10 @@ where
             cache_at: CacheAt::Whole { at: 0, capacity: t, span: t },
         };
         let mut x = inner.embed_tokens.val().select(0, inner_ids.reshape([b * t])).reshape([b, t, hidden]);
-        let mut inputs = Vec::with_capacity(inner.layers.len());
+        let last_layer = inner.layers.len() - 1;
+        let mut inputs = Vec::with_capacity(last_layer);
         let inner_device = x.device();
-        for (i, layer) in inner.layers.iter().enumerate() {
+        for (i, layer) in inner.layers[..last_layer].iter().enumerate() {
             inputs.push(x.clone());
             x = match seed {
                 Some(s) => seeded_layer::<B::InnerBackend, _>(&inner_device, s, i, || {
@@ -912,14 +915,6 @@ where
         }
         drop(inner);
 
-        // The head, with autodiff from the last layer's output.
-        let last = Tensor::<B, 3>::from_inner(x).require_grad();
-        let out = self.head_loss(rms_norm(last.clone(), self.norm.val(), self.config.rms_norm_eps), batch);
-        let mut g = out.sum.backward();
-        let mut grads = ParamGrads::collect::<B, _>(&mut g, self);
-        let mut grad_out = last.grad(&g).expect("the head's input has a gradient");
-        drop(g);
-
         let rope = RopeTables::new(batch.position_ids.clone(), &self.inv_freq).cast(dtype);
         let attend = Attend::Flash(batch.segment_ids.clone());
         let ctx = LayerContext {
@@ -928,12 +923,24 @@ where
             attend: &attend,
             cache_at: CacheAt::Whole { at: 0, capacity: t, span: t },
         };
-        for (i, (layer, input)) in self.layers.iter().zip(inputs).enumerate().rev() {
+        // A layer with autodiff from its saved input (seeded as its forward pass was).
+        let layer_forward = |i: usize, input: &Tensor<B, 3>| match seed {
+            Some(s) => seeded_layer::<B, _>(&device, s, i, || self.layers[i].forward(input.clone(), &ctx, None)),
+            None => self.layers[i].forward(input.clone(), &ctx, None),
+        };
+
+        // The last layer and the head, with autodiff from the last layer's input.
+        let last = Tensor::<B, 3>::from_inner(x).require_grad();
+        let y = layer_forward(last_layer, &last);
+        let out = self.head_loss(rms_norm(y, self.norm.val(), self.config.rms_norm_eps), batch);
+        let mut g = out.sum.backward();
+        let mut grads = ParamGrads::collect::<B, _>(&mut g, self);
+        let mut grad_out = last.grad(&g).expect("the last layer's input has a gradient");
+        drop(g);
+
+        for (i, input) in inputs.into_iter().enumerate().rev() {
             let input = Tensor::<B, 3>::from_inner(input).require_grad();
-            let y = match seed {
-                Some(s) => seeded_layer::<B, _>(&device, s, i, || layer.forward(input.clone(), &ctx, None)),
-                None => layer.forward(input.clone(), &ctx, None),
-            };
+            let y = layer_forward(i, &input);
             let mut g = (y * Tensor::from_inner(grad_out)).sum().backward();
             grads.accumulate(ParamGrads::collect::<B, _>(&mut g, self));
             grad_out = input.grad(&g).expect("a layer's input has a gradient");
