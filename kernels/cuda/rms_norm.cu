@@ -30,6 +30,18 @@ __device__ __forceinline__ float rn_warp_sum(float v) {
   return v;
 }
 
+// The per-value formulas of both passes, shared by the scalar and the `_v8` kernels.
+__device__ __forceinline__ rn_bf16 rn_norm_value(rn_bf16 x, float r, rn_bf16 w) {
+  const float normed = rn_to_f32(rn_to_bf16(rn_to_f32(x) * r));
+  return rn_to_bf16(normed * rn_to_f32(w));
+}
+
+__device__ __forceinline__ rn_bf16 rn_dx_value(rn_bf16 x, rn_bf16 dy, rn_bf16 w, float r, float mean) {
+  const float xh = rn_to_f32(x) * r;
+  const float g = rn_to_f32(dy) * rn_to_f32(w);
+  return rn_to_bf16(r * (g - xh * mean));
+}
+
 extern "C" __global__ void newt_rms_fwd(const rn_bf16* __restrict__ x, const rn_bf16* __restrict__ w,
                                         rn_bf16* __restrict__ y, float* __restrict__ inv, int rows, int n,
                                         float eps) {
@@ -45,10 +57,7 @@ extern "C" __global__ void newt_rms_fwd(const rn_bf16* __restrict__ x, const rn_
   const float r = rsqrtf(rn_warp_sum(ss) / (float)n + eps);
   if (lane == 0) inv[row] = r;
   rn_bf16* yr = y + row * n;
-  for (int i = lane; i < n; i += 32) {
-    const float normed = rn_to_f32(rn_to_bf16(rn_to_f32(xr[i]) * r));
-    yr[i] = rn_to_bf16(normed * rn_to_f32(w[i]));
-  }
+  for (int i = lane; i < n; i += 32) yr[i] = rn_norm_value(xr[i], r, w[i]);
 }
 
 extern "C" __global__ void newt_rms_bwd(const rn_bf16* __restrict__ x, const rn_bf16* __restrict__ w,
@@ -64,11 +73,7 @@ extern "C" __global__ void newt_rms_bwd(const rn_bf16* __restrict__ x, const rn_
   for (int i = lane; i < n; i += 32) dot += rn_to_f32(dyr[i]) * rn_to_f32(w[i]) * rn_to_f32(xr[i]) * r;
   const float mean = rn_warp_sum(dot) / (float)n;
   rn_bf16* dxr = dx + row * n;
-  for (int i = lane; i < n; i += 32) {
-    const float xh = rn_to_f32(xr[i]) * r;
-    const float g = rn_to_f32(dyr[i]) * rn_to_f32(w[i]);
-    dxr[i] = rn_to_bf16(r * (g - xh * mean));
-  }
+  for (int i = lane; i < n; i += 32) dxr[i] = rn_dx_value(xr[i], dyr[i], w[i], r, mean);
 }
 
 // 16-byte vectors of eight bf16.
@@ -79,7 +84,7 @@ union rn_vec8 {
 
 // The same passes in 16-byte loads and stores, eight values a lane, for n a multiple of 8 and
 // rows starting on 16 bytes (the launcher checks both). The per-value arithmetic is the scalar
-// kernels'; the row sums add the same terms in another order, so r and the mean may differ from
+// kernels' (the helpers above); the row sums add the same terms in another order, so r and the mean may differ from
 // theirs in the last place of an f32.
 extern "C" __global__ void newt_rms_fwd_v8(const rn_bf16* __restrict__ x, const rn_bf16* __restrict__ w,
                                            rn_bf16* __restrict__ y, float* __restrict__ inv, int rows, int n,
@@ -108,10 +113,7 @@ extern "C" __global__ void newt_rms_fwd_v8(const rn_bf16* __restrict__ x, const 
     a.v = *(const uint4*)(xr + i);
     g.v = __ldg((const uint4*)(w + i));
 #pragma unroll
-    for (int j = 0; j < 8; j++) {
-      const float normed = rn_to_f32(rn_to_bf16(rn_to_f32(a.e[j]) * r));
-      o.e[j] = rn_to_bf16(normed * rn_to_f32(g.e[j]));
-    }
+    for (int j = 0; j < 8; j++) o.e[j] = rn_norm_value(a.e[j], r, g.e[j]);
     *(uint4*)(yr + i) = o.v;
   }
 }
@@ -144,11 +146,7 @@ extern "C" __global__ void newt_rms_bwd_v8(const rn_bf16* __restrict__ x, const 
     g.v = __ldg((const uint4*)(w + i));
     d.v = *(const uint4*)(dyr + i);
 #pragma unroll
-    for (int j = 0; j < 8; j++) {
-      const float xh = rn_to_f32(a.e[j]) * r;
-      const float gw = rn_to_f32(d.e[j]) * rn_to_f32(g.e[j]);
-      o.e[j] = rn_to_bf16(r * (gw - xh * mean));
-    }
+    for (int j = 0; j < 8; j++) o.e[j] = rn_dx_value(a.e[j], d.e[j], g.e[j], r, mean);
     *(uint4*)(dxr + i) = o.v;
   }
 }
