@@ -43,7 +43,9 @@ impl CheckRow {
     }
 }
 
-fn time<B: Backend>(device: &B::Device, reps: usize, mut f: impl FnMut()) -> f64 {
+/// Milliseconds a call of `f` takes on `device`: one call first (compiles, autotuning, pool
+/// growth), then `reps` calls between two device syncs.
+pub(crate) fn time<B: Backend>(device: &B::Device, reps: usize, mut f: impl FnMut()) -> f64 {
     f(); // first call: compile / autotune / plan
     B::sync(device).expect("device sync");
     let start = Instant::now();

@@ -425,12 +425,7 @@ mod op_tests {
                 B::rms_norm_backward(x.clone().into_primitive().tensor(), w.clone().into_primitive().tensor(), inv, y);
             Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(dx))
         };
-        let _ = run().sum().into_scalar();
-        let reps = 50;
-        let t0 = std::time::Instant::now();
-        let outs: Vec<_> = (0..reps).map(|_| run()).collect();
-        let _ = outs.last().unwrap().clone().sum().into_scalar();
-        let ms = t0.elapsed().as_secs_f64() * 1e3 / reps as f64;
+        let ms = crate::check::time::<B>(&dev, 50, || drop(run()));
         // Forward reads x and writes y; backward reads x and dy and writes dx.
         println!(
             "rms_norm {rows}x{n} forward + backward: {ms:.3} ms, {:.2} TB/s",

@@ -507,12 +507,7 @@ mod tests {
             let y = B::rope(prim4(&x), prim3(&table), prim3(&table), 1.0);
             Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(y))
         };
-        let _ = run().sum().into_scalar();
-        let reps = 50;
-        let t0 = std::time::Instant::now();
-        let ys: Vec<_> = (0..reps).map(|_| run()).collect();
-        let _ = ys.last().unwrap().clone().sum().into_scalar();
-        let ms = t0.elapsed().as_secs_f64() * 1e3 / reps as f64;
+        let ms = crate::check::time::<B>(&dev, 50, || drop(run()));
         println!(
             "rope {b}x{t}x{h}x{d}: {ms:.3} ms a call, {:.2} TB/s (x and y)",
             (4 * b * t * h * d) as f64 / ms / 1e9
