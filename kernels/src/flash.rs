@@ -21,7 +21,7 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::ops::{FloatTensor, IntTensor};
-use burn::tensor::{DType, Int, Tensor, TensorPrimitive, backend::Backend};
+use burn::tensor::{DType, Int, Tensor, TensorMetadata, TensorPrimitive, backend::Backend};
 
 /// Added to the score of a masked key (as in [`mod@crate::attention`]). Every query keeps its own
 /// diagonal, so no row is entirely masked.
@@ -215,6 +215,37 @@ pub trait KernelBackend: Backend {
         need_dx: bool,
     ) -> (Option<FloatTensor<Self>>, FloatTensor<Self>, FloatTensor<Self>) {
         crate::lora::default_lora_backward::<Self>(dy, x, w, a, b, t, scale, need_dx)
+    }
+
+    /// [`KernelBackend::lora_linear`] where only its backward pass is wanted (see
+    /// [`crate::lora::lora_linear_for_backward`]): zeros `[rows, out]` here, where nothing is
+    /// recorded; under [`Autodiff`] the node of `lora_linear`, whose forward computes only what
+    /// its backward reads (`t = x·Aᵀ`).
+    fn lora_linear_for_backward(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        _a: FloatTensor<Self>,
+        _b: FloatTensor<Self>,
+        _scale: f64,
+    ) -> FloatTensor<Self> {
+        crate::lora::zeros_rows::<Self>(&x, w.shape()[0])
+    }
+
+    /// [`KernelBackend::dense_matmul`] where only its backward pass is wanted: zeros `[m, n]`
+    /// here; under [`Autodiff`] the node of `dense_matmul`, nothing computed forward.
+    fn dense_matmul_for_backward(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        crate::lora::zeros_rows::<Self>(&lhs, rhs.shape()[1])
+    }
+
+    /// [`KernelBackend::nf4_linear`] where only its backward pass is wanted: zeros `[rows, out]`
+    /// here; under [`Autodiff`] the node of `nf4_linear`, nothing computed forward.
+    fn nf4_linear_for_backward(
+        x: FloatTensor<Self>,
+        _packed: IntTensor<Self>,
+        _absmax: FloatTensor<Self>,
+        shape: crate::nf4::Nf4Shape,
+    ) -> FloatTensor<Self> {
+        crate::lora::zeros_rows::<Self>(&x, shape.out_features)
     }
 
     /// The quantized weight `[out, in]` in `dtype` (see [`crate::nf4`]): tensor operations by
@@ -660,7 +691,11 @@ pub fn backward<B: Backend>(
 
 impl<B: KernelBackend, C: CheckpointStrategy> KernelBackend for Autodiff<B, C> {
     fn dense_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
-        crate::matmul::autodiff_dense_matmul::<B, C>(lhs, rhs)
+        crate::matmul::autodiff_dense_matmul::<B, C>(lhs, rhs, true)
+    }
+
+    fn dense_matmul_for_backward(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
+        crate::matmul::autodiff_dense_matmul::<B, C>(lhs, rhs, false)
     }
 
     fn memory_usage(device: &Self::Device) -> Option<(u64, u64)> {
@@ -674,7 +709,17 @@ impl<B: KernelBackend, C: CheckpointStrategy> KernelBackend for Autodiff<B, C> {
         b: FloatTensor<Self>,
         scale: f64,
     ) -> FloatTensor<Self> {
-        crate::lora::autodiff_lora_linear::<B, C>(x, w, a, b, scale)
+        crate::lora::autodiff_lora_linear::<B, C>(x, w, a, b, scale, true)
+    }
+
+    fn lora_linear_for_backward(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        crate::lora::autodiff_lora_linear::<B, C>(x, w, a, b, scale, false)
     }
 
     fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
@@ -722,7 +767,16 @@ impl<B: KernelBackend, C: CheckpointStrategy> KernelBackend for Autodiff<B, C> {
         absmax: FloatTensor<Self>,
         shape: crate::nf4::Nf4Shape,
     ) -> FloatTensor<Self> {
-        crate::nf4::autodiff_nf4_linear::<B, C>(x, packed, absmax, shape)
+        crate::nf4::autodiff_nf4_linear::<B, C>(x, packed, absmax, shape, true)
+    }
+
+    fn nf4_linear_for_backward(
+        x: FloatTensor<Self>,
+        packed: IntTensor<Self>,
+        absmax: FloatTensor<Self>,
+        shape: crate::nf4::Nf4Shape,
+    ) -> FloatTensor<Self> {
+        crate::nf4::autodiff_nf4_linear::<B, C>(x, packed, absmax, shape, false)
     }
 
     fn flash_attention(

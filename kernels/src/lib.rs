@@ -36,9 +36,9 @@ pub mod rope;
 
 pub use attention::{AttentionMask, attention};
 pub use flash::{FlashOptions, KernelBackend, flash_attention};
-pub use lora::lora_linear;
+pub use lora::{lora_linear, lora_linear_for_backward};
 pub use loss::chunked_cross_entropy;
-pub use matmul::dense_matmul;
+pub use matmul::{dense_matmul, dense_matmul_for_backward};
 pub use multi::{flat_gather, flat_scatter};
 pub use norm::{rms_norm, rms_norm_reference};
 pub use rope::{RopeScaling, RopeTables, apply_rope, rope, rope_inv_freq};

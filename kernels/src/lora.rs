@@ -28,7 +28,7 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{Tensor, TensorPrimitive};
+use burn::tensor::{Tensor, TensorMetadata, TensorPrimitive};
 
 use crate::{KernelBackend, dense_matmul};
 
@@ -41,6 +41,42 @@ pub fn lora_linear<B: KernelBackend>(
     b: Tensor<B, 2>,
     scale: f64,
 ) -> Tensor<B, 2> {
+    check_operands(&x, &w, &a, &b);
+    Tensor::from_primitive(TensorPrimitive::Float(B::lora_linear(prim(x), prim(w), prim(a), prim(b), scale)))
+}
+
+/// [`lora_linear`] for a pass that wants only its backward: the value is zeros `[rows, out]`,
+/// but under autodiff the node is `lora_linear`'s, so whatever it is added into sends `x`, `A`
+/// and `B` the gradients `lora_linear` would; its forward computes only `t = x·Aᵀ` (what the
+/// backward reads), not the `[rows, out]` products. Gradient checkpointing's recomputation of a
+/// decoder layer uses it for the layer's last linear: the output it would make is the next
+/// layer's input, which is saved.
+pub fn lora_linear_for_backward<B: KernelBackend>(
+    x: Tensor<B, 2>,
+    w: Tensor<B, 2>,
+    a: Tensor<B, 2>,
+    b: Tensor<B, 2>,
+    scale: f64,
+) -> Tensor<B, 2> {
+    check_operands(&x, &w, &a, &b);
+    Tensor::from_primitive(TensorPrimitive::Float(B::lora_linear_for_backward(
+        prim(x),
+        prim(w),
+        prim(a),
+        prim(b),
+        scale,
+    )))
+}
+
+/// Zeros `[rows of x, n]` in `x`'s dtype, on its device: the value of the `*_for_backward`
+/// operations.
+pub(crate) fn zeros_rows<B: burn::tensor::backend::Backend>(x: &FloatTensor<B>, n: usize) -> FloatTensor<B> {
+    let rows = x.shape()[0];
+    let zeros = Tensor::<B, 2>::zeros([rows, n], (&B::float_device(x), x.dtype()));
+    zeros.into_primitive().tensor()
+}
+
+fn check_operands<B: KernelBackend>(x: &Tensor<B, 2>, w: &Tensor<B, 2>, a: &Tensor<B, 2>, b: &Tensor<B, 2>) {
     let dtypes = [x.dtype(), w.dtype(), a.dtype(), b.dtype()];
     assert!(dtypes.iter().all(|d| *d == dtypes[0]), "lora_linear: x, W, A and B must share a dtype, got {dtypes:?}");
     let [rows, input] = x.dims();
@@ -51,7 +87,6 @@ pub fn lora_linear<B: KernelBackend>(
         "lora_linear: x [{rows}, {input}], W [{out}, {w_in}], A [{r}, {a_in}], B {:?}",
         b.dims()
     );
-    Tensor::from_primitive(TensorPrimitive::Float(B::lora_linear(prim(x), prim(w), prim(a), prim(b), scale)))
 }
 
 fn prim<B: KernelBackend>(t: Tensor<B, 2>) -> FloatTensor<B> {
@@ -96,60 +131,72 @@ pub fn default_lora_backward<B: KernelBackend>(
     (dx, prim(da), prim(db))
 }
 
+/// [`KernelBackend::lora_linear`]'s backward: `(dx, dA, dB)` through
+/// [`KernelBackend::lora_backward`], and `dW` if `W` is tracked (newt freezes it).
+#[derive(Debug)]
+struct LoraBackward;
+
+/// x, W, A, B, t = x·Aᵀ, scale.
+type LoraState<B> = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, f64);
+
+impl<B: KernelBackend> Backward<B, 4> for LoraBackward {
+    type State = LoraState<B>;
+
+    fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_w, node_a, node_b] = ops.parents;
+        let dy = grads.consume::<B>(&ops.node);
+        let (x, w, a, b, t, scale) = ops.state;
+        if let Some(node) = node_w {
+            let dw = B::dense_matmul(B::float_transpose(dy.clone()), x.clone());
+            grads.register::<B>(node.id, dw);
+        }
+        let (dx, da, db) = B::lora_backward(dy, x, w, a, b, t, scale, node_x.is_some());
+        if let (Some(node), Some(dx)) = (node_x, dx) {
+            grads.register::<B>(node.id, dx);
+        }
+        if let Some(node) = node_a {
+            grads.register::<B>(node.id, da);
+        }
+        if let Some(node) = node_b {
+            grads.register::<B>(node.id, db);
+        }
+    }
+}
+
 /// [`KernelBackend::lora_linear`] under autodiff: one node whose backward is
-/// [`KernelBackend::lora_backward`]. `W` gets a gradient too if it is tracked (newt freezes it).
+/// [`KernelBackend::lora_backward`]. Without `value` it is
+/// [`KernelBackend::lora_linear_for_backward`]: the same node, valued zeros, its forward only
+/// `t = x·Aᵀ`.
 pub(crate) fn autodiff_lora_linear<B: KernelBackend, C: CheckpointStrategy>(
     x: FloatTensor<Autodiff<B, C>>,
     w: FloatTensor<Autodiff<B, C>>,
     a: FloatTensor<Autodiff<B, C>>,
     b: FloatTensor<Autodiff<B, C>>,
     scale: f64,
+    value: bool,
 ) -> FloatTensor<Autodiff<B, C>> {
-    #[derive(Debug)]
-    struct LoraBackward;
-
-    /// x, W, A, B, t = x·Aᵀ, scale.
-    type State<B> = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, f64);
-
-    impl<B: KernelBackend> Backward<B, 4> for LoraBackward {
-        type State = State<B>;
-
-        fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
-            let [node_x, node_w, node_a, node_b] = ops.parents;
-            let dy = grads.consume::<B>(&ops.node);
-            let (x, w, a, b, t, scale) = ops.state;
-            if let Some(node) = node_w {
-                let dw = B::dense_matmul(B::float_transpose(dy.clone()), x.clone());
-                grads.register::<B>(node.id, dw);
-            }
-            let (dx, da, db) = B::lora_backward(dy, x, w, a, b, t, scale, node_x.is_some());
-            if let (Some(node), Some(dx)) = (node_x, dx) {
-                grads.register::<B>(node.id, dx);
-            }
-            if let Some(node) = node_a {
-                grads.register::<B>(node.id, da);
-            }
-            if let Some(node) = node_b {
-                grads.register::<B>(node.id, db);
-            }
-        }
-    }
-
     let nodes = [x.node.clone(), w.node.clone(), a.node.clone(), b.node.clone()];
+    let out = w.primitive.shape()[0];
     match LoraBackward.prepare::<C>(nodes).compute_bound().stateful() {
         OpsKind::Tracked(prep) => {
-            let (y, t) = B::lora_forward(
-                x.primitive.clone(),
-                w.primitive.clone(),
-                a.primitive.clone(),
-                b.primitive.clone(),
-                scale,
-            );
+            let (y, t) = if value {
+                B::lora_forward(
+                    x.primitive.clone(),
+                    w.primitive.clone(),
+                    a.primitive.clone(),
+                    b.primitive.clone(),
+                    scale,
+                )
+            } else {
+                let t = B::dense_matmul(x.primitive.clone(), B::float_transpose(a.primitive.clone()));
+                (zeros_rows::<B>(&x.primitive, out), t)
+            };
             prep.finish((x.primitive, w.primitive, a.primitive, b.primitive, t, scale), y)
         }
-        OpsKind::UnTracked(prep) => {
+        OpsKind::UnTracked(prep) if value => {
             prep.finish(B::lora_linear(x.primitive, w.primitive, a.primitive, b.primitive, scale))
         }
+        OpsKind::UnTracked(prep) => prep.finish(zeros_rows::<B>(&x.primitive, out)),
     }
 }
 
@@ -303,6 +350,19 @@ mod tests {
         let (fused, plain) = (run(true), run(false));
         for (name, (f, p)) in ["y", "dx", "dA", "dB"].iter().zip(fused.iter().zip(&plain)) {
             assert!(max_abs_diff(f, p) < 1e-5, "{name}: {f:?} vs {p:?}");
+        }
+        // For the backward alone: valued zeros, the same gradients (here added into another
+        // tensor, as a decoder layer adds it into the residual stream).
+        let x = t::<A>(xv.clone(), [rows, input]).require_grad();
+        let (w, a, b) = (t::<A>(wv.clone(), [out, input]), t::<A>(av.clone(), [r, input]), t::<A>(bv.clone(), [out, r]));
+        let (a, b) = (a.require_grad(), b.require_grad());
+        let y = lora_linear_for_backward(x.clone(), w, a.clone(), b.clone(), scale);
+        assert!(vec(y.clone().inner()).iter().all(|v| *v == 0.0));
+        let residual = t::<A>(values(rows * out, 6), [rows, out]);
+        let g = ((y + residual) * t::<A>(pv.clone(), [rows, out])).sum().backward();
+        let grads = [x.grad(&g).unwrap(), a.grad(&g).unwrap(), b.grad(&g).unwrap()].map(vec);
+        for (name, (f, p)) in ["dx", "dA", "dB"].iter().zip(grads.iter().zip(&plain[1..])) {
+            assert!(max_abs_diff(f, p) < 1e-5, "for backward, {name}: {f:?} vs {p:?}");
         }
         // The gradients are not all zero (B starts non-zero here), so the comparison means something.
         assert!(plain[2].iter().any(|v| v.abs() > 1e-3) && plain[3].iter().any(|v| v.abs() > 1e-3));

@@ -24,13 +24,23 @@ use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::tensor::ops::FloatTensor;
-use burn::tensor::{Tensor, TensorPrimitive};
+use burn::tensor::{Tensor, TensorMetadata, TensorPrimitive};
 
 use crate::KernelBackend;
 
 /// `lhs · rhs` for `[m, k] · [k, n]` through [`KernelBackend::dense_matmul`].
 pub fn dense_matmul<B: KernelBackend>(lhs: Tensor<B, 2>, rhs: Tensor<B, 2>) -> Tensor<B, 2> {
     Tensor::from_primitive(TensorPrimitive::Float(B::dense_matmul(
+        lhs.into_primitive().tensor(),
+        rhs.into_primitive().tensor(),
+    )))
+}
+
+/// [`dense_matmul`] for a pass that wants only its backward: zeros `[m, n]`, recorded under
+/// autodiff as `dense_matmul`'s node (the same gradients reach `lhs` and `rhs`), with no product
+/// computed forward (see [`crate::lora::lora_linear_for_backward`]).
+pub fn dense_matmul_for_backward<B: KernelBackend>(lhs: Tensor<B, 2>, rhs: Tensor<B, 2>) -> Tensor<B, 2> {
+    Tensor::from_primitive(TensorPrimitive::Float(B::dense_matmul_for_backward(
         lhs.into_primitive().tensor(),
         rhs.into_primitive().tensor(),
     )))
@@ -104,9 +114,12 @@ impl GemmPlan {
 }
 
 /// [`KernelBackend::dense_matmul`] under autodiff: one operation, its backward two more.
+/// Without `value` it is [`KernelBackend::dense_matmul_for_backward`]: the same node, valued
+/// zeros, with no product computed forward.
 pub(crate) fn autodiff_dense_matmul<B: KernelBackend, C: CheckpointStrategy>(
     lhs: FloatTensor<Autodiff<B, C>>,
     rhs: FloatTensor<Autodiff<B, C>>,
+    value: bool,
 ) -> FloatTensor<Autodiff<B, C>> {
     {
         #[derive(Debug)]
@@ -131,12 +144,16 @@ pub(crate) fn autodiff_dense_matmul<B: KernelBackend, C: CheckpointStrategy>(
 
         let lhs_tracked = !lhs.node.requirement.is_none();
         let rhs_tracked = !rhs.node.requirement.is_none();
+        let product = |lhs: FloatTensor<B>, rhs: FloatTensor<B>| match value {
+            true => B::dense_matmul(lhs, rhs),
+            false => crate::lora::zeros_rows::<B>(&lhs, rhs.shape()[1]),
+        };
         match DenseMatmulBackward.prepare::<C>([lhs.node.clone(), rhs.node.clone()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
                 let state = (rhs_tracked.then(|| lhs.primitive.clone()), lhs_tracked.then(|| rhs.primitive.clone()));
-                prep.finish(state, B::dense_matmul(lhs.primitive, rhs.primitive))
+                prep.finish(state, product(lhs.primitive, rhs.primitive))
             }
-            OpsKind::UnTracked(prep) => prep.finish(B::dense_matmul(lhs.primitive, rhs.primitive)),
+            OpsKind::UnTracked(prep) => prep.finish(product(lhs.primitive, rhs.primitive)),
         }
     }
 }
@@ -517,34 +534,42 @@ mod tests {
     }
 
     /// `x·Wᵀ` for a `[out, in]` weight, as the linears use it, with gradients for both (and for
-    /// the frozen case, only for `x`), against Burn's matmul.
+    /// the frozen case, only for `x`), against Burn's matmul; [`dense_matmul_for_backward`] is
+    /// valued zeros and sends the same gradients.
     #[test]
     fn dense_matmul_and_its_gradients_equal_burn_matmul() {
         type A = TestAutodiff;
         let (m, k, n) = (5, 7, 3);
         for weight_trained in [true, false] {
-            let run = |dense: bool| {
+            // 0: Burn's matmul, 1: dense_matmul, 2: dense_matmul_for_backward.
+            let run = |op: usize| {
                 let (x, w) = mats::<A>(m, k, n);
                 let x = x.require_grad();
                 let w = if weight_trained { w.require_grad() } else { w };
-                let y = if dense {
-                    dense_matmul(x.clone(), w.clone().transpose())
-                } else {
-                    x.clone().matmul(w.clone().transpose())
+                let y = match op {
+                    0 => x.clone().matmul(w.clone().transpose()),
+                    1 => dense_matmul(x.clone(), w.clone().transpose()),
+                    _ => dense_matmul_for_backward(x.clone(), w.clone().transpose()),
                 };
                 let probe = Tensor::<A, 2>::from_data(TensorData::new(values(m * n, 9), [m, n]), &Default::default());
                 let g = (y.clone() * probe).sum().backward();
                 (vec2(y), vec2(x.grad(&g).unwrap()), w.grad(&g).map(vec2))
             };
-            let (y0, dx0, dw0) = run(false);
-            let (y1, dx1, dw1) = run(true);
-            assert!(max_abs_diff(&y0, &y1) < 1e-5);
-            assert!(max_abs_diff(&dx0, &dx1) < 1e-5);
-            assert_eq!(dw0.is_some(), weight_trained);
-            assert_eq!(dw1.is_some(), weight_trained, "a frozen weight must get no gradient");
-            if let (Some(a), Some(b)) = (dw0, dw1) {
-                assert!(max_abs_diff(&a, &b) < 1e-5);
+            let (y0, dx0, dw0) = run(0);
+            for op in [1, 2] {
+                let (y1, dx1, dw1) = run(op);
+                match op {
+                    1 => assert!(max_abs_diff(&y0, &y1) < 1e-5),
+                    _ => assert!(y1.len() == m * n && y1.iter().all(|v| *v == 0.0), "{y1:?}"),
+                }
+                assert!(max_abs_diff(&dx0, &dx1) < 1e-5, "op {op}");
+                assert_eq!(dw0.is_some(), weight_trained);
+                assert_eq!(dw1.is_some(), weight_trained, "a frozen weight must get no gradient");
+                if let (Some(a), Some(b)) = (&dw0, dw1) {
+                    assert!(max_abs_diff(a, &b) < 1e-5, "op {op}");
+                }
             }
+            assert!(dx0.iter().any(|v| v.abs() > 1e-3));
         }
     }
 }

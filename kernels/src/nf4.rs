@@ -327,6 +327,23 @@ pub fn nf4_linear<B: KernelBackend>(
     )))
 }
 
+/// [`nf4_linear`] for a pass that wants only its backward: zeros `[rows, out]`, recorded under
+/// autodiff as `nf4_linear`'s node (the same gradient reaches `x`), with nothing dequantized or
+/// multiplied forward (see [`crate::lora::lora_linear_for_backward`]).
+pub fn nf4_linear_for_backward<B: KernelBackend>(
+    x: Tensor<B, 2>,
+    packed: Tensor<B, 1, Int>,
+    absmax: Tensor<B, 1>,
+    shape: Nf4Shape,
+) -> Tensor<B, 2> {
+    Tensor::from_primitive(TensorPrimitive::Float(B::nf4_linear_for_backward(
+        x.into_primitive().tensor(),
+        packed.into_primitive(),
+        absmax.into_primitive().tensor(),
+        shape,
+    )))
+}
+
 /// The default [`KernelBackend::nf4_linear`]: dequantize, then [`crate::dense_matmul`].
 pub(crate) fn nf4_linear_default<B: KernelBackend>(
     x: FloatTensor<B>,
@@ -356,7 +373,9 @@ fn dequantize_primitives<B: Backend>(
 }
 
 /// [`KernelBackend::nf4_linear`] under autodiff: the weight is never trained; the backward pass
-/// (`dX = dY·W`) dequantizes it again, so only the codes and scales are kept for it.
+/// (`dX = dY·W`) dequantizes it again, so only the codes and scales are kept for it. Without
+/// `value` it is [`KernelBackend::nf4_linear_for_backward`]: the same node, valued zeros,
+/// nothing dequantized or multiplied forward.
 pub(crate) fn autodiff_nf4_linear<
     B: KernelBackend,
     C: burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy,
@@ -365,6 +384,7 @@ pub(crate) fn autodiff_nf4_linear<
     packed: IntTensor<B>,
     absmax: FloatTensor<burn::backend::Autodiff<B, C>>,
     shape: Nf4Shape,
+    value: bool,
 ) -> FloatTensor<burn::backend::Autodiff<B, C>> {
     use burn::backend::autodiff::checkpoint::base::Checkpointer;
     use burn::backend::autodiff::grads::Gradients;
@@ -390,12 +410,16 @@ pub(crate) fn autodiff_nf4_linear<
     }
 
     let absmax = absmax.primitive;
+    let product = |x: FloatTensor<B>, packed: IntTensor<B>, absmax: FloatTensor<B>| match value {
+        true => B::nf4_linear(x, packed, absmax, shape),
+        false => crate::lora::zeros_rows::<B>(&x, shape.out_features),
+    };
     match Nf4Backward.prepare::<C>([x.node.clone()]).compute_bound().stateful() {
         OpsKind::Tracked(prep) => {
-            let out = B::nf4_linear(x.primitive, packed.clone(), absmax.clone(), shape);
+            let out = product(x.primitive, packed.clone(), absmax.clone());
             prep.finish((packed, absmax, shape), out)
         }
-        OpsKind::UnTracked(prep) => prep.finish(B::nf4_linear(x.primitive, packed, absmax, shape)),
+        OpsKind::UnTracked(prep) => prep.finish(product(x.primitive, packed, absmax)),
     }
 }
 
@@ -620,9 +644,20 @@ mod tests {
         let y1 = nf4_linear(x1.clone(), packed, absmax, shape);
         let g1 = (y1.clone() * probe).sum().backward();
 
+        // For the backward alone: valued zeros, the same gradient.
+        let x2 = x();
+        let (packed, absmax) = tensors::<A>(&q, &dev);
+        let y2 = nf4_linear_for_backward(x2.clone(), packed, absmax, shape);
+        let probe = Tensor::<A, 2>::from_data(TensorData::new(values(rows * out, 15), [rows, out]), &dev);
+        let g2 = (y2.clone() * probe).sum().backward();
+
         let v = |t: Tensor<TestBackend, 2>| t.into_data().to_vec::<f32>().unwrap();
         assert!(max_abs_diff(&v(y0.inner()), &v(y1.inner())) < 1e-5);
-        assert!(max_abs_diff(&v(x0.grad(&g0).unwrap()), &v(x1.grad(&g1).unwrap())) < 1e-5);
+        let dx0 = v(x0.grad(&g0).unwrap());
+        assert!(max_abs_diff(&dx0, &v(x1.grad(&g1).unwrap())) < 1e-5);
+        assert!(v(y2.inner()).iter().all(|y| *y == 0.0));
+        assert!(max_abs_diff(&dx0, &v(x2.grad(&g2).unwrap())) < 1e-5);
+        assert!(dx0.iter().any(|g| g.abs() > 1e-3));
     }
 
     /// The CUDA launcher's argument list matches both kernels' signatures in the source.

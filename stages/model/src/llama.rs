@@ -368,12 +368,31 @@ impl<B: KernelBackend> DecoderLayer<B> {
         ctx: &LayerContext<'_, B>,
         cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
     ) -> Tensor<B, 3> {
+        self.forward_as(x, ctx, cache, true)
+    }
+
+    /// [`DecoderLayer::forward`]; with `value` false, the layer under autodiff for its backward
+    /// pass alone (gradient checkpointing's recomputation, whose output is the next layer's
+    /// saved input): the same graph and gradients, but `down_proj` through
+    /// [`LoraLinear::forward_for_backward`], so its product — a third of the MLP's — is not
+    /// computed and the value returned is not the layer's output.
+    fn forward_as(
+        &self,
+        x: Tensor<B, 3>,
+        ctx: &LayerContext<'_, B>,
+        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+        value: bool,
+    ) -> Tensor<B, 3> {
         let eps = ctx.config.rms_norm_eps;
         let normed = rms_norm(x.clone(), self.input_layernorm.val(), eps);
         let h = x + self.self_attn.forward(normed, ctx, cache);
         let normed = rms_norm(h.clone(), self.post_attention_layernorm.val(), eps);
         let mlp = &self.mlp;
-        h + mlp.down_proj.forward(swiglu(mlp.gate_proj.forward(normed.clone()), mlp.up_proj.forward(normed)))
+        let act = swiglu(mlp.gate_proj.forward(normed.clone()), mlp.up_proj.forward(normed));
+        h + match value {
+            true => mlp.down_proj.forward(act),
+            false => mlp.down_proj.forward_for_backward(act),
+        }
     }
 }
 
@@ -923,15 +942,19 @@ where
             attend: &attend,
             cache_at: CacheAt::Whole { at: 0, capacity: t, span: t },
         };
-        // A layer with autodiff from its saved input (seeded as its forward pass was).
-        let layer_forward = |i: usize, input: &Tensor<B, 3>| match seed {
-            Some(s) => seeded_layer::<B, _>(&device, s, i, || self.layers[i].forward(input.clone(), &ctx, None)),
-            None => self.layers[i].forward(input.clone(), &ctx, None),
+        // A layer with autodiff from its saved input (seeded as its forward pass was); with
+        // `value` false for its backward alone (DecoderLayer::forward_as).
+        let layer_forward = |i: usize, input: &Tensor<B, 3>, value: bool| {
+            let run = || self.layers[i].forward_as(input.clone(), &ctx, None, value);
+            match seed {
+                Some(s) => seeded_layer::<B, _>(&device, s, i, run),
+                None => run(),
+            }
         };
 
         // The last layer and the head, with autodiff from the last layer's input.
         let last = Tensor::<B, 3>::from_inner(x).require_grad();
-        let y = layer_forward(last_layer, &last);
+        let y = layer_forward(last_layer, &last, true);
         let out = self.head_loss(rms_norm(y, self.norm.val(), self.config.rms_norm_eps), batch);
         let mut g = out.sum.backward();
         let mut grads = ParamGrads::collect::<B, _>(&mut g, self);
@@ -939,8 +962,9 @@ where
         drop(g);
 
         for (i, input) in inputs.into_iter().enumerate().rev() {
+            // The layer's output is the next one's saved input: only its gradient is needed.
             let input = Tensor::<B, 3>::from_inner(input).require_grad();
-            let y = layer_forward(i, &input);
+            let y = layer_forward(i, &input, false);
             let mut g = (y * Tensor::from_inner(grad_out)).sum().backward();
             grads.accumulate(ParamGrads::collect::<B, _>(&mut g, self));
             grad_out = input.grad(&g).expect("a layer's input has a gradient");

@@ -271,6 +271,20 @@ impl<B: newt_kernels::KernelBackend> LoraLinear<B> {
     /// `x·Wᵀ + b + scale·((dropout(x)·Aᵀ)·Bᵀ)` over the last dimension of `x`. The frozen
     /// product goes through [`newt_kernels::dense_matmul`] (cuBLASLt on CUDA).
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        self.forward_as(x, true)
+    }
+
+    /// The layer under autodiff for a pass that wants only its backward: the gradients that
+    /// [`LoraLinear::forward`]'s output would send to `x`, the adapter (and a trained weight or
+    /// bias), with a value that is not the output — the `[rows, out]` products are not computed
+    /// (see [`newt_kernels::lora_linear_for_backward`]); the adapter's dropout draws its mask as
+    /// `forward` does. Gradient checkpointing's recomputation uses it for a layer's last linear.
+    pub fn forward_for_backward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        self.forward_as(x, false)
+    }
+
+    /// [`LoraLinear::forward`], or with `value` false [`LoraLinear::forward_for_backward`].
+    fn forward_as<const D: usize>(&self, x: Tensor<B, D>, value: bool) -> Tensor<B, D> {
         let [out, input] = self.dims();
         let mut shape = x.dims();
         let rows = shape[..D - 1].iter().product();
@@ -279,16 +293,24 @@ impl<B: newt_kernels::KernelBackend> LoraLinear<B> {
             && let Some((a, b)) = lora.fused_operands(x.dtype(), &x.device())
         {
             // One operation forward and one backward (newt_kernels::lora).
-            let mut y = newt_kernels::lora_linear(x, self.weight.val(), a, b, lora.scale);
+            let w = self.weight.val();
+            let mut y = match value {
+                true => newt_kernels::lora_linear(x, w, a, b, lora.scale),
+                false => newt_kernels::lora_linear_for_backward(x, w, a, b, lora.scale),
+            };
             if let Some(bias) = &self.bias {
                 y = y + bias.val().unsqueeze();
             }
             shape[D - 1] = out;
             return y.reshape(shape);
         }
-        let mut y = match &self.nf4 {
-            Some(q) => newt_kernels::nf4::nf4_linear(x.clone(), q.packed.val(), q.scales(), q.shape()),
-            None => newt_kernels::dense_matmul(x.clone(), self.weight.val().transpose()),
+        let mut y = match (&self.nf4, value) {
+            (Some(q), true) => newt_kernels::nf4::nf4_linear(x.clone(), q.packed.val(), q.scales(), q.shape()),
+            (Some(q), false) => {
+                newt_kernels::nf4::nf4_linear_for_backward(x.clone(), q.packed.val(), q.scales(), q.shape())
+            }
+            (None, true) => newt_kernels::dense_matmul(x.clone(), self.weight.val().transpose()),
+            (None, false) => newt_kernels::dense_matmul_for_backward(x.clone(), self.weight.val().transpose()),
         };
         if let Some(bias) = &self.bias {
             y = y + bias.val().unsqueeze();

@@ -244,3 +244,45 @@ fn gradient_checkpointing_with_lora_dropout_recomputes_the_same_masks() {
     assert!(moved > 1e-2, "dropout must change the gradients (largest relative change {moved})");
     assert_ne!(plain_loss, off_loss);
 }
+
+/// A quantized base (QLoRA's NF4, `load_in_8bit`'s int8) with gradient checkpointing: each
+/// recomputed layer's `down_proj` computes no product (the layer's output is the next layer's
+/// saved input), and the loss and gradients are still the ordinary backward pass's. (The bf16
+/// fused path and the dropout path are the two tests above.)
+#[test]
+fn gradient_checkpointing_on_a_quantized_base_gives_the_ordinary_grads() {
+    use newt_kernels::nf4::QuantCode;
+    let g = golden();
+    let device = Default::default();
+    for code in [QuantCode::Nf4, QuantCode::Int8] {
+        let run = |checkpointing: bool| {
+            let base = Llama::<AD>::from_hf_dir(&goldens_dir().join("llama"), &device).unwrap().quantize_base(code);
+            let (mut model, _) = load_adapter(base, &fixture_dir().join("adapter")).unwrap();
+            model.gradient_checkpointing = checkpointing;
+            let data = TrainData::from_rows(g.rows.clone()).unwrap();
+            let all: Vec<usize> = (0..data.len()).collect();
+            let own = newt_model::train::SelfBackward::self_backward(&model, &data.micro_batch::<AD>(&all, &device));
+            assert_eq!(own.is_some(), checkpointing);
+            let step = step_gradients::<AD, _>(&model, &data, &[all], &device);
+            let loss = step.loss();
+            let mut grads: ParamGrads<_> = step.grads;
+            let paths: Vec<String> = grads.paths().map(str::to_string).collect();
+            let named: Vec<(String, Vec<f32>)> = paths
+                .into_iter()
+                .map(|p| (p.clone(), grads.remove(&p).unwrap().into_data().convert::<f32>().into_vec::<f32>().unwrap()))
+                .collect();
+            (loss, named)
+        };
+        let ((plain_loss, plain), (ckpt_loss, ckpt)) = (run(false), run(true));
+        assert!(((plain_loss - ckpt_loss) / plain_loss).abs() < 1e-6, "{code:?}: {plain_loss} vs {ckpt_loss}");
+        assert_eq!(plain.len(), ckpt.len());
+        assert!(plain.iter().any(|(name, _)| name.contains("down_proj")), "down_proj's adapter is trained");
+        for ((name, a), (name_b, b)) in plain.iter().zip(&ckpt) {
+            assert_eq!(name, name_b);
+            let scale = max_abs(a);
+            assert!(scale > 0.0 || !name.contains("down_proj"), "{code:?} {name}: a zero gradient compares nothing");
+            let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            assert!(diff <= 1e-5 * scale, "{code:?} {name}: checkpointed vs plain differ by {diff} (scale {scale})");
+        }
+    }
+}
