@@ -179,6 +179,14 @@ pub trait KernelBackend: Backend {
         crate::multi::default_flat_scatter::<Self>(flat, sizes)
     }
 
+    /// The root of a backward pass that gives `x` the gradient `g` ([`crate::seed::backward_with`]
+    /// makes it and runs the pass): a `[1]` f32 zero here, where nothing is recorded; under
+    /// [`Autodiff`] one node whose backward hands `g` (in `x`'s dtype) to `x`, with nothing
+    /// computed forward. Only as a root: it ignores the gradient it receives.
+    fn gradient_root(x: FloatTensor<Self>, _g: FloatTensor<Self>) -> FloatTensor<Self> {
+        crate::seed::zero::<Self>(&x)
+    }
+
     /// `x·Wᵀ + scale·(x·Aᵀ)·Bᵀ`, a LoRA linear layer as one operation (see [`crate::lora`]).
     fn lora_linear(
         x: FloatTensor<Self>,
@@ -724,6 +732,10 @@ impl<B: KernelBackend, C: CheckpointStrategy> KernelBackend for Autodiff<B, C> {
 
     fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
         crate::norm::autodiff_rms_norm::<B, C>(x, weight, eps)
+    }
+
+    fn gradient_root(x: FloatTensor<Self>, g: FloatTensor<Self>) -> FloatTensor<Self> {
+        crate::seed::autodiff_gradient_root::<B, C>(x, g)
     }
 
     fn rope(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>, sign: f32) -> FloatTensor<Self> {

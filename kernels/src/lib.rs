@@ -33,6 +33,7 @@ pub mod multi;
 pub mod nf4;
 pub mod norm;
 pub mod rope;
+pub mod seed;
 
 pub use attention::{AttentionMask, attention};
 pub use flash::{FlashOptions, KernelBackend, flash_attention};
@@ -42,6 +43,7 @@ pub use matmul::{dense_matmul, dense_matmul_for_backward};
 pub use multi::{flat_gather, flat_scatter};
 pub use norm::{rms_norm, rms_norm_reference};
 pub use rope::{RopeScaling, RopeTables, apply_rope, rope, rope_inv_freq};
+pub use seed::backward_with;
 
 /// The value of a one-element tensor as `f64`, read in the tensor's own dtype.
 ///

@@ -354,7 +354,8 @@ mod tests {
         // For the backward alone: valued zeros, the same gradients (here added into another
         // tensor, as a decoder layer adds it into the residual stream).
         let x = t::<A>(xv.clone(), [rows, input]).require_grad();
-        let (w, a, b) = (t::<A>(wv.clone(), [out, input]), t::<A>(av.clone(), [r, input]), t::<A>(bv.clone(), [out, r]));
+        let (w, a, b) =
+            (t::<A>(wv.clone(), [out, input]), t::<A>(av.clone(), [r, input]), t::<A>(bv.clone(), [out, r]));
         let (a, b) = (a.require_grad(), b.require_grad());
         let y = lora_linear_for_backward(x.clone(), w, a.clone(), b.clone(), scale);
         assert!(vec(y.clone().inner()).iter().all(|v| *v == 0.0));

@@ -400,7 +400,8 @@ mod tests {
         assert!(rows_stay_in_place(7, 10, 6), "2 chunks either way, the last one partial");
         assert!(!rows_stay_in_place(7, 10, 100), "below one chunk: padded to a power of two");
         // The 8B benchmark's step: 2 rows of 4096, the last token of each unlabelled; Llama 3's
-        // vocabulary gives chunks of 523 tokens.
+        // vocabulary gives chunks of 512 tokens (523 before they were rounded to 128).
+        assert!(rows_stay_in_place(8190, 8192, 512));
         assert!(rows_stay_in_place(8190, 8192, 523));
         // A chat batch with the prompts masked: packing saves chunks.
         assert!(!rows_stay_in_place(3000, 8192, 512));

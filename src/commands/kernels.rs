@@ -126,9 +126,9 @@ pub fn kernels(cli: &Cli, backend_name: &str, shapes: &[String], reps: usize) ->
         ResolvedBackend::Cpu => vec![[1, 4, 2, 512]],
         _ => vec![[4, 9, 3, 2048], [4, 32, 8, 2048]],
     };
-    // One chunk of the loss at SmolLM2's and Llama 3's vocabularies on a GPU (about 256 MiB of
+    // One chunk of the loss at SmolLM2's and Llama 3's vocabularies on a GPU (at most 256 MiB of
     // f32 logits a chunk: newt_model::llama::default_chunk_tokens); 64 rows on the CPU.
-    let chunk = |vocab: usize| [(256usize << 20) / (4 * vocab), vocab];
+    let chunk = |vocab: usize| [newt_model::llama::default_chunk_tokens(vocab), vocab];
     let loss = match resolved {
         ResolvedBackend::Cpu => vec![[64, 49152]],
         _ => vec![chunk(49152), chunk(128256)],

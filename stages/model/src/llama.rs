@@ -965,14 +965,14 @@ where
             // The layer's output is the next one's saved input: only its gradient is needed.
             let input = Tensor::<B, 3>::from_inner(input).require_grad();
             let y = layer_forward(i, &input, false);
-            let mut g = (y * Tensor::from_inner(grad_out)).sum().backward();
+            let mut g = newt_kernels::backward_with(y, Tensor::from_inner(grad_out));
             grads.accumulate(ParamGrads::collect::<B, _>(&mut g, self));
             grad_out = input.grad(&g).expect("a layer's input has a gradient");
         }
         if self.embed_tokens.is_require_grad() {
             let ids = batch.input_ids.clone().reshape([b * t]);
             let x = self.embed_tokens.val().select(0, ids).reshape([b, t, hidden]);
-            let mut g = (x * Tensor::from_inner(grad_out)).sum().backward();
+            let mut g = newt_kernels::backward_with(x, Tensor::from_inner(grad_out));
             grads.accumulate(ParamGrads::collect::<B, _>(&mut g, self));
         }
         Some(crate::grads::SelfBackwardOut { loss_sum: out.sum.inner(), tokens: out.tokens, grads })
@@ -1041,9 +1041,15 @@ impl<B: Backend> Llama<B> {
 }
 
 /// Tokens per chunk of the loss's logits for a vocabulary of `vocab` (the default of
-/// [`Llama::loss_chunk_tokens`]): about 256 MiB of f32 logits per chunk, at least 16 tokens.
+/// [`Llama::loss_chunk_tokens`]): at most 256 MiB of f32 logits per chunk, rounded down to a
+/// multiple of 128 tokens (cuBLASLt's tile height: Llama 3's 523 rows ran as five tiles of 128,
+/// the last one 11 rows full, in both of the head's products), at least 16 tokens.
 pub fn default_chunk_tokens(vocab: usize) -> usize {
-    ((256usize << 20) / (4 * vocab.max(1))).max(16)
+    let tokens = (256usize << 20) / (4 * vocab.max(1));
+    match tokens >= 128 {
+        true => tokens / 128 * 128,
+        false => tokens.max(16),
+    }
 }
 
 /// Next-token targets: `labels[i + 1]` when it is in the same segment as `i`, else ignored.
@@ -1106,6 +1112,20 @@ impl<B: Backend> Loader<'_, B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Chunks of at most 256 MiB of f32 logits, whole 128-row tiles where a tile fits.
+    #[test]
+    fn loss_chunks_are_whole_tiles() {
+        assert_eq!(default_chunk_tokens(128256), 512, "Llama 3: 523 rounded down");
+        assert_eq!(default_chunk_tokens(49152), 1280, "SmolLM2: 1365 rounded down");
+        assert_eq!(default_chunk_tokens(32000), 2048);
+        assert_eq!(default_chunk_tokens(1 << 20), 64, "below a tile: as it comes");
+        assert_eq!(default_chunk_tokens(1 << 30), 16, "at least 16");
+        for vocab in [1000, 32000, 49152, 128256, 151936, 262144] {
+            let t = default_chunk_tokens(vocab);
+            assert!(t * vocab * 4 <= 256 << 20 && t % 128 == 0, "{vocab}: {t}");
+        }
+    }
 
     #[test]
     fn targets_shift_within_segments_only() {
