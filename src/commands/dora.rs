@@ -116,12 +116,18 @@ pub fn execute(
         let mut last_error: BTreeMap<String, String> = BTreeMap::new();
         let daemons = c.daemons().await?;
         let mut lost = None;
-        while messages.len() < ids.len() && c.running(uuid).await? {
-            // dora 1.1 keeps a dataflow running when one of its daemons dies: stop it then.
-            let now = c.daemons().await?;
-            if let Some(gone) = daemons.iter().find(|d| !now.contains(d)) {
-                lost = Some(gone.clone());
-                break;
+        while messages.len() < ids.len() {
+            // The logs are read after this check, so a dataflow that ends on its own before
+            // every report was read still gets one last read (dora serves a finished
+            // dataflow's logs for nodes placed by machine id).
+            let running = c.running(uuid).await?;
+            if running {
+                // dora 1.1 keeps a dataflow running when one of its daemons dies: stop it then.
+                let now = c.daemons().await?;
+                if let Some(gone) = daemons.iter().find(|d| !now.contains(d)) {
+                    lost = Some(gone.clone());
+                    break;
+                }
             }
             let waiting: Vec<String> = ids.iter().filter(|id| !messages.contains_key(*id)).cloned().collect();
             for id in &waiting {
@@ -136,17 +142,15 @@ pub fn execute(
                     }
                 }
             }
+            if !running {
+                break;
+            }
             if messages.len() < ids.len() {
                 tokio::time::sleep(std::time::Duration::from_millis(300)).await;
             }
         }
-        if c.running(uuid).await? {
-            c.stop(uuid).await?;
-        }
-        let result = match tokio::time::timeout(std::time::Duration::from_secs(30), c.wait(uuid)).await {
-            Ok(r) => Some(r?),
-            Err(_) => None,
-        };
+        // A stop that races the dataflow's own end is not an error (see `stop_and_wait`).
+        let result = c.stop_and_wait(uuid, std::time::Duration::from_secs(30)).await?;
         if let Some(gone) = &lost {
             for id in ids.iter().filter(|id| !messages.contains_key(*id)) {
                 last_error.insert(id.clone(), format!("daemon `{gone}` left the cluster during the run"));

@@ -108,6 +108,28 @@ impl Control {
         self.request(ControlRequest::Stop { dataflow_uuid: uuid, grace_duration: None, force: false }).await.map(|_| ())
     }
 
+    /// Stops a dataflow if it is still running, then waits up to `patience` for it to end: its
+    /// per-node results, or `None` when it had not ended by then.
+    ///
+    /// A failed stop is an error only if the dataflow is still running after `patience`. A
+    /// dataflow spread over several daemons ends on each separately: a daemon whose nodes have
+    /// all exited (a failed stage, say) drops the dataflow before the coordinator hears of it,
+    /// answers the coordinator's stop with "no running dataflow with ID …", and the coordinator
+    /// reports the whole stop as failed, though it told the other daemons to stop. So what is
+    /// checked is what a stop is for, the dataflow ending, not the coordinator's wording.
+    pub async fn stop_and_wait(&mut self, uuid: Uuid, patience: Duration) -> anyhow::Result<Option<DataflowResult>> {
+        let stop_error = if self.running(uuid).await? { self.stop(uuid).await.err() } else { None };
+        match tokio::time::timeout(patience, self.wait(uuid)).await {
+            Ok(result) => result.map(Some),
+            Err(_) => match stop_error {
+                Some(e) => {
+                    Err(e.context(format!("dataflow {uuid} is still running {patience:?} after newt asked to stop it")))
+                }
+                None => Ok(None),
+            },
+        }
+    }
+
     /// Whether a dataflow is still running.
     pub async fn running(&mut self, uuid: Uuid) -> anyhow::Result<bool> {
         match self.request(ControlRequest::Check { dataflow_uuid: uuid }).await? {
@@ -141,5 +163,81 @@ impl Control {
     /// Stops the coordinator and every daemon connected to it (`dora destroy`).
     pub async fn destroy(&mut self) -> anyhow::Result<()> {
         self.request(ControlRequest::Destroy).await.map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dora_message::uhlc::HLC;
+    use tokio::net::TcpListener;
+
+    /// A stand-in coordinator on a loopback port, for one connection: it answers the handshake,
+    /// and every other request with `answer`.
+    async fn coordinator(mut answer: impl FnMut(ControlRequest) -> ControlRequestReply + Send + 'static) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+            while let Some(Ok(Message::Text(text))) = ws.next().await {
+                let req: WsRequest = serde_json::from_str(&text).unwrap();
+                let reply = match serde_json::from_value::<ControlRequest>(req.params).unwrap() {
+                    ControlRequest::Hello { .. } => {
+                        ControlRequestReply::HelloOk { dora_version: dora_message::current_crate_version() }
+                    }
+                    other => answer(other),
+                };
+                let frame = WsResponse::ok(req.id, serde_json::to_value(&reply).unwrap());
+                if ws.send(Message::Text(serde_json::to_string(&frame).unwrap().into())).await.is_err() {
+                    break;
+                }
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_stop_refused_by_a_daemon_whose_part_had_ended_still_gives_the_dataflows_result() {
+        let uuid = Uuid::new_v4();
+        let mut checks = 0;
+        let addr = coordinator(move |req| match req {
+            // Running when asked, ended when checked again.
+            ControlRequest::Check { .. } => {
+                checks += 1;
+                if checks == 1 {
+                    ControlRequestReply::DataflowSpawned { uuid }
+                } else {
+                    let result = DataflowResult::ok_empty(uuid, HLC::default().new_timestamp());
+                    ControlRequestReply::DataflowStopped { uuid, result }
+                }
+            }
+            // dora 1.1's answer when one daemon had already dropped the dataflow.
+            ControlRequest::Stop { .. } => ControlRequestReply::Error(format!(
+                "failed to stop dataflow `{uuid}` on 1 of 2 daemon(s): gpu: failed to stop dataflow: \
+                 no running dataflow with ID `{uuid}`"
+            )),
+            other => panic!("unexpected request {other:?}"),
+        })
+        .await;
+        let mut c = Control::connect(addr).await.unwrap();
+        let result = c.stop_and_wait(uuid, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(result.map(|r| r.uuid), Some(uuid));
+    }
+
+    #[tokio::test]
+    async fn a_failed_stop_is_an_error_while_the_dataflow_keeps_running() {
+        let uuid = Uuid::new_v4();
+        let addr = coordinator(move |req| match req {
+            ControlRequest::Check { .. } => ControlRequestReply::DataflowSpawned { uuid },
+            ControlRequest::Stop { .. } => ControlRequestReply::Error(format!(
+                "failed to stop dataflow `{uuid}` on 1 of 2 daemon(s): gpu: no daemon connection"
+            )),
+            other => panic!("unexpected request {other:?}"),
+        })
+        .await;
+        let mut c = Control::connect(addr).await.unwrap();
+        let e = format!("{:#}", c.stop_and_wait(uuid, Duration::from_secs(1)).await.unwrap_err());
+        assert!(e.contains("still running") && e.contains("no daemon connection"), "{e}");
     }
 }
