@@ -236,13 +236,13 @@ pub trait KernelBackend: Backend {
         _b: FloatTensor<Self>,
         _scale: f64,
     ) -> FloatTensor<Self> {
-        crate::lora::zeros_rows::<Self>(&x, w.shape()[0])
+        crate::seed::zeros_rows::<Self>(&x, w.shape()[0])
     }
 
     /// [`KernelBackend::dense_matmul`] where only its backward pass is wanted: zeros `[m, n]`
     /// here; under [`Autodiff`] the node of `dense_matmul`, nothing computed forward.
     fn dense_matmul_for_backward(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
-        crate::lora::zeros_rows::<Self>(&lhs, rhs.shape()[1])
+        crate::seed::zeros_rows::<Self>(&lhs, rhs.shape()[1])
     }
 
     /// [`KernelBackend::nf4_linear`] where only its backward pass is wanted: zeros `[rows, out]`
@@ -253,7 +253,7 @@ pub trait KernelBackend: Backend {
         _absmax: FloatTensor<Self>,
         shape: crate::nf4::Nf4Shape,
     ) -> FloatTensor<Self> {
-        crate::lora::zeros_rows::<Self>(&x, shape.out_features)
+        crate::seed::zeros_rows::<Self>(&x, shape.out_features)
     }
 
     /// The quantized weight `[out, in]` in `dtype` (see [`crate::nf4`]): tensor operations by

@@ -68,14 +68,6 @@ pub fn lora_linear_for_backward<B: KernelBackend>(
     )))
 }
 
-/// Zeros `[rows of x, n]` in `x`'s dtype, on its device: the value of the `*_for_backward`
-/// operations.
-pub(crate) fn zeros_rows<B: burn::tensor::backend::Backend>(x: &FloatTensor<B>, n: usize) -> FloatTensor<B> {
-    let rows = x.shape()[0];
-    let zeros = Tensor::<B, 2>::zeros([rows, n], (&B::float_device(x), x.dtype()));
-    zeros.into_primitive().tensor()
-}
-
 fn check_operands<B: KernelBackend>(x: &Tensor<B, 2>, w: &Tensor<B, 2>, a: &Tensor<B, 2>, b: &Tensor<B, 2>) {
     let dtypes = [x.dtype(), w.dtype(), a.dtype(), b.dtype()];
     assert!(dtypes.iter().all(|d| *d == dtypes[0]), "lora_linear: x, W, A and B must share a dtype, got {dtypes:?}");
@@ -189,14 +181,14 @@ pub(crate) fn autodiff_lora_linear<B: KernelBackend, C: CheckpointStrategy>(
                 )
             } else {
                 let t = B::dense_matmul(x.primitive.clone(), B::float_transpose(a.primitive.clone()));
-                (zeros_rows::<B>(&x.primitive, out), t)
+                (crate::seed::zeros_rows::<B>(&x.primitive, out), t)
             };
             prep.finish((x.primitive, w.primitive, a.primitive, b.primitive, t, scale), y)
         }
         OpsKind::UnTracked(prep) if value => {
             prep.finish(B::lora_linear(x.primitive, w.primitive, a.primitive, b.primitive, scale))
         }
-        OpsKind::UnTracked(prep) => prep.finish(zeros_rows::<B>(&x.primitive, out)),
+        OpsKind::UnTracked(prep) => prep.finish(crate::seed::zeros_rows::<B>(&x.primitive, out)),
     }
 }
 

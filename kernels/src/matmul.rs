@@ -146,7 +146,7 @@ pub(crate) fn autodiff_dense_matmul<B: KernelBackend, C: CheckpointStrategy>(
         let rhs_tracked = !rhs.node.requirement.is_none();
         let product = |lhs: FloatTensor<B>, rhs: FloatTensor<B>| match value {
             true => B::dense_matmul(lhs, rhs),
-            false => crate::lora::zeros_rows::<B>(&lhs, rhs.shape()[1]),
+            false => crate::seed::zeros_rows::<B>(&lhs, rhs.shape()[1]),
         };
         match DenseMatmulBackward.prepare::<C>([lhs.node.clone(), rhs.node.clone()]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {

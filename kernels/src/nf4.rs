@@ -412,7 +412,7 @@ pub(crate) fn autodiff_nf4_linear<
     let absmax = absmax.primitive;
     let product = |x: FloatTensor<B>, packed: IntTensor<B>, absmax: FloatTensor<B>| match value {
         true => B::nf4_linear(x, packed, absmax, shape),
-        false => crate::lora::zeros_rows::<B>(&x, shape.out_features),
+        false => crate::seed::zeros_rows::<B>(&x, shape.out_features),
     };
     match Nf4Backward.prepare::<C>([x.node.clone()]).compute_bound().stateful() {
         OpsKind::Tracked(prep) => {

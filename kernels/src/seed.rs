@@ -40,6 +40,14 @@ pub(crate) fn zero<B: Backend>(x: &FloatTensor<B>) -> FloatTensor<B> {
     Tensor::<B, 1>::zeros([1], (&B::float_device(x), DType::F32)).into_primitive().tensor()
 }
 
+/// Zeros `[rows of x, n]` in `x`'s dtype, on its device: the value of the `*_for_backward`
+/// operations.
+pub(crate) fn zeros_rows<B: Backend>(x: &FloatTensor<B>, n: usize) -> FloatTensor<B> {
+    let rows = x.shape()[0];
+    let zeros = Tensor::<B, 2>::zeros([rows, n], (&B::float_device(x), x.dtype()));
+    zeros.into_primitive().tensor()
+}
+
 /// [`KernelBackend::gradient_root`] under autodiff: one node, `g` its state.
 pub(crate) fn autodiff_gradient_root<B: KernelBackend, C: CheckpointStrategy>(
     x: FloatTensor<Autodiff<B, C>>,

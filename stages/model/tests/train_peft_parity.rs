@@ -12,7 +12,7 @@ mod model_support;
 
 use std::path::{Path, PathBuf};
 
-use model_support::{AD, goldens_dir};
+use model_support::{AD, B, goldens_dir};
 use newt_model::llama::Llama;
 use newt_model::peft::load_adapter;
 use newt_model::tensors::TensorStore;
@@ -88,6 +88,15 @@ fn first_step(
         })
         .collect();
     (loss, tokens, named)
+}
+
+/// The gradients by parameter path (newt's), flattened to f32, in path order.
+fn by_path(mut grads: ParamGrads<B>) -> Vec<(String, Vec<f32>)> {
+    let paths: Vec<String> = grads.paths().map(str::to_string).collect();
+    paths
+        .into_iter()
+        .map(|p| (p.clone(), grads.remove(&p).unwrap().into_data().convert::<f32>().into_vec::<f32>().unwrap()))
+        .collect()
 }
 
 fn max_abs(v: &[f32]) -> f32 {
@@ -222,13 +231,7 @@ fn gradient_checkpointing_with_lora_dropout_recomputes_the_same_masks() {
         }
         let step = step_gradients::<AD, _>(&model, &data, &[all], &device);
         let loss = step.loss();
-        let mut grads: ParamGrads<_> = step.grads;
-        let paths: Vec<String> = grads.paths().map(str::to_string).collect();
-        let named: Vec<(String, Vec<f32>)> = paths
-            .into_iter()
-            .map(|p| (p.clone(), grads.remove(&p).unwrap().into_data().convert::<f32>().into_vec::<f32>().unwrap()))
-            .collect();
-        (loss, named)
+        (loss, by_path(step.grads))
     };
     let (plain_loss, plain) = run(false, 0.3);
     let (ckpt_loss, ckpt) = run(true, 0.3);
@@ -265,13 +268,7 @@ fn gradient_checkpointing_on_a_quantized_base_gives_the_ordinary_grads() {
             assert_eq!(own.is_some(), checkpointing);
             let step = step_gradients::<AD, _>(&model, &data, &[all], &device);
             let loss = step.loss();
-            let mut grads: ParamGrads<_> = step.grads;
-            let paths: Vec<String> = grads.paths().map(str::to_string).collect();
-            let named: Vec<(String, Vec<f32>)> = paths
-                .into_iter()
-                .map(|p| (p.clone(), grads.remove(&p).unwrap().into_data().convert::<f32>().into_vec::<f32>().unwrap()))
-                .collect();
-            (loss, named)
+            (loss, by_path(step.grads))
         };
         let ((plain_loss, plain), (ckpt_loss, ckpt)) = (run(false), run(true));
         assert!(((plain_loss - ckpt_loss) / plain_loss).abs() < 1e-6, "{code:?}: {plain_loss} vs {ckpt_loss}");
