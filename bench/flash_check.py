@@ -31,10 +31,18 @@ PAD = 8
 # The backward kernel's instantiations in the source, per head dim (kernels/src/flash_cuda.rs
 # `VARIANTS` has the same table): queries per step, whether the K/V fragments live in registers,
 # warps (16 keys each: a block takes 16 × warps keys), and whether it is flash_bwd_tiles (64 keys
-# and 64 queries a step, 4 warps of 2-D tiles) rather than flash_bwd. The forward kernel takes 64
-# queries a block, 128 threads and static shared memory at both head dims.
+# and 64 queries a step, 4 warps of 2-D tiles) rather than flash_bwd.
 BWD_CFG = {64: (64, True, 4, False), 128: (64, False, 8, True)}
 BWD128_ROWS = (32, False, 4, False)  # flash_bwd<128, 32, false, 4>: -DFA_BWD128_TILES=0, and f97b4bd / 0727a94
+# The forward kernel's instantiations, per head dim (flash_cuda.rs `VARIANTS` `forward`), 128 threads:
+# groups of 16 query rows a warp (a block takes 64 queries a group) and keys a step; FA_FWD128_MT and
+# FA_FWD128_BN select others at head_dim 128.
+FWD_CFG = {64: (1, 64), 128: (2, 64)}
+
+
+def fwd_smem(hd, mt, bn):
+    """flash_fwd_smem<HD, MT, BN>() of the source: static (0) for one group, else q, K and V tiles."""
+    return 0 if mt == 1 else 2 * (64 * mt + 2 * bn) * (hd + PAD)
 
 
 def bwd_smem(hd, bm, kv_regs, nw, tiles):
@@ -48,13 +56,16 @@ def bwd_smem(hd, bm, kv_regs, nw, tiles):
 class Kernels:
     """The three kernels of one head dim, with their launch shapes."""
 
-    def __init__(self, mod, hd, bwd=None, legacy=False):
+    def __init__(self, mod, hd, bwd=None, legacy=False, fwd=None):
         suffix = "" if hd == 64 else f"_hd{hd}"
         self.hd = hd
         self.fwd = mod.get_function("newt_flash_fwd" + suffix)
         self.delta = mod.get_function("newt_flash_bwd_delta" + suffix)
         self.bwd = mod.get_function("newt_flash_bwd" + suffix)
-        self.fwd_rows, self.fwd_smem = 64, 0
+        mt, bn = (1, 64) if legacy else fwd or FWD_CFG[hd]
+        self.fwd_rows, self.fwd_smem = 64 * mt, fwd_smem(hd, mt, bn)
+        if self.fwd_smem:
+            self.fwd.max_dynamic_shared_size_bytes = self.fwd_smem
         if legacy:  # the head_dim-64-only source: static shared memory
             self.smem, self.bwd_warps = 0, 4
         else:
@@ -67,7 +78,8 @@ class Kernels:
             f"{n}: {getattr(f, 'num_regs', '?')} regs, {getattr(f, 'local_size_bytes', '?')} B local, "
             f"{getattr(f, 'shared_size_bytes', '?')} B static smem"
             for n, f in [("fwd", self.fwd), ("bwd", self.bwd)]
-        ) + f", bwd dynamic smem {self.smem} B, {self.bwd_warps} warps ({16 * self.bwd_warps} keys) a block"
+        ) + (f", fwd {self.fwd_rows} queries a block, dynamic smem {self.fwd_smem} B"
+             f", bwd dynamic smem {self.smem} B, {self.bwd_warps} warps ({16 * self.bwd_warps} keys) a block")
 
 
 def nvrtc_cubin(src, options):
@@ -398,13 +410,16 @@ def main():
             tiles64 = (64, False, 4, True) if "-DFA_BWD64_TILES=1" in defines.split(",") else None
             warps = [int(d.split("=")[1]) for d in defines.split(",") if d.startswith("-DFA_BWD128_TILE_WARPS=")]
             bwd128 = BWD128_ROWS if rows else (64, False, warps[0], True) if warps else None
-            kerns = {64: Kernels(mod, 64, bwd=tiles64), 128: Kernels(mod, 128, bwd=bwd128)}
+            define = {d.split("=")[0]: d.split("=")[1] for d in defines.split(",") if "=" in d}
+            fwd128 = (int(define.get("-DFA_FWD128_MT", FWD_CFG[128][0])), int(define.get("-DFA_FWD128_BN", FWD_CFG[128][1])))
+            kerns = {64: Kernels(mod, 64, bwd=tiles64), 128: Kernels(mod, 128, bwd=bwd128, fwd=fwd128)}
             variants.append((name, kerns))
         if arg == "--other":  # NAME=PATH: another version of the source (same launch shapes and
             # arguments: sources from before 2026-12-07 wrote out as [b, h, t, d], with no out strides)
             name, path = sys.argv[i + 1].split("=", 1)
             mod = compile_module(pathlib.Path(path).read_text())  # (sources without flash_bwd_tiles)
-            variants.append((name, {64: Kernels(mod, 64), 128: Kernels(mod, 128, bwd=BWD128_ROWS)}))
+            fwd1 = (1, 64)  # sources before the two-group forward
+            variants.append((name, {64: Kernels(mod, 64, fwd=fwd1), 128: Kernels(mod, 128, bwd=BWD128_ROWS, fwd=fwd1)}))
     for name, kerns in variants:
         for hd in (64, 128):
             print(f"variant {name}, head_dim {hd}: {kerns[hd].describe()}")

@@ -22,9 +22,13 @@
 // 16-wide k step: the scores never leave registers between the two products.
 //
 // Block shapes (the launchers in kernels/src/flash_cuda.rs and bench/flash_check.py mirror them):
-//   forward:  64 queries a block, 64 keys a step, 4 warps of 16 query rows; Q goes through the V
-//             buffer into registers once, so shared memory is two 64-row tiles (static). The next
-//             K tile loads while softmax and P·V run; V loads while the scores are computed.
+//   forward, HD 64 (flash_fwd<64, 1, 64>): 64 queries a block, 64 keys a step, 4 warps of 16
+//             query rows; Q goes through the V buffer into registers once, so shared memory is two
+//             64-row tiles (static). The next K tile loads while softmax and P·V run; V loads while
+//             the scores are computed.
+//   forward, HD 128 (flash_fwd<128, 2, 64>): 128 queries a block, 4 warps of two 16-row groups
+//             (each K/V fragment read feeds both), Q kept in dynamic shared memory (68 KB with the
+//             K and V tiles) and read at each k step; the same pipeline.
 //   backward, HD 64 (flash_bwd<64, 64, true, 4>): 64 keys a block, 4 warps of 16 keys that hold
 //             their K and V fragments and all 64 dims of their dK/dV in registers; 64 queries a
 //             step; dynamic shared memory of flash_bwd_smem<...>() bytes (37.6 KB).
@@ -39,7 +43,8 @@
 //   next step's q and dO tiles load while dQ is computed; dQ is accumulated in f32 with vector
 //   reductions (red.global.add.v4.f32 on sm_90). Segment ids (and lse, delta) are loaded two
 //   steps ahead and voted on (does a step have work, does it need segment masking) a step ahead.
-//   FA_BWD64_TILES, FA_BWD128_TILES, FA_BWD128_TILE_WARPS, FA_BWD128_BM, FA_BWD128_NW, FA_DQ_GROUPS and FA_PRECISE_EXP2 exist for
+//   FA_FWD128_MT, FA_FWD128_BN, FA_BWD64_TILES, FA_BWD128_TILES, FA_BWD128_TILE_WARPS, FA_BWD128_BM, FA_BWD128_NW,
+//   FA_DQ_GROUPS and FA_PRECISE_EXP2 exist for
 //   bench/flash_check.py's --variant runs; newt compiles the defaults (a test in flash_cuda.rs
 //   checks them against its launch table).
 
@@ -185,23 +190,47 @@ __device__ __forceinline__ float fa_exp2(float x) {
 }
 #define NEWT_INF __int_as_float(0x7f800000)
 
-// grid: (query blocks of 64, q_heads, batch); block: 128 threads.
+// grid: (query blocks of 64·MT, q_heads, batch); block: 128 threads.
 // out: [batch, tokens, q_heads, HD] contiguous (the layout the output projection reads, so the
 // attention output needs no transposing copy); lse: [batch, q_heads, tokens] f32, in log2 units
 // of the scaled scores (the backward pass's only use of it).
-template <int HD>
+// MT = 1: a warp owns 16 query rows, whose q fragments stay in registers; shared memory is static
+// (q's tile passes through the V buffer). MT = 2: a warp owns two groups of 16 rows (warp·16 and
+// 64 + warp·16 of the block's 128), so every K and V fragment read from shared memory feeds two
+// products (half the shared-memory reads per product); q's tile stays in dynamic shared memory
+// (flash_fwd_smem<HD, MT, BN>() bytes) and its fragments are read at each k step, as registers
+// hold the two groups' outputs and scores instead. BN keys a step.
+template <int HD, int MT, int BN>
+__host__ __device__ constexpr int flash_fwd_smem() {
+    return MT == 1 ? 0 : 2 * (64 * MT + 2 * BN) * (HD + FA_PAD);
+}
+
+template <int HD, int MT, int BN>
 __device__ __forceinline__ void flash_fwd(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
                                           const bf16_t* __restrict__ v, const int* __restrict__ seg,
                                           bf16_t* __restrict__ out, float* __restrict__ lse, int tokens, int q_heads,
                                           int kv_heads, long long qsb, long long qsh, long long qst, long long ksb,
                                           long long ksh, long long kst, long long vsb, long long vsh, long long vst,
                                           long long ssb, long long sst, float scale, int window) {
-    constexpr int BM = 64, BN = 64, LDS = HD + FA_PAD;
-    __shared__ __align__(16) bf16_t ks[BN * LDS];
-    __shared__ __align__(16) bf16_t vs[BN * LDS];
+    static_assert(MT == 1 || MT == 2, "one or two row groups a warp");
+    static_assert(BN % 32 == 0 && (MT == 2 || BN == 64), "the single-group kernel takes 64 keys a step");
+    constexpr int BM = 64 * MT, LDS = HD + FA_PAD;
     __shared__ int qseg_s[BM];
     __shared__ int kseg_s[BN];
-    bf16_t* const qs = vs;  // q's tile passes through the V buffer into registers, once
+    bf16_t *ks, *vs, *qs;
+    if constexpr (MT == 1) {
+        __shared__ __align__(16) bf16_t ks1[BN * LDS];
+        __shared__ __align__(16) bf16_t vs1[BN * LDS];
+        ks = ks1;
+        vs = vs1;
+        qs = vs1;  // q's tile passes through the V buffer into registers, once
+    } else {
+        extern __shared__ __align__(16) unsigned char fa_smem[];
+        if (dynamic_smem_size() < (u32)flash_fwd_smem<HD, MT, BN>()) asm volatile("trap;");
+        qs = (bf16_t*)fa_smem;
+        ks = qs + BM * LDS;
+        vs = ks + BN * LDS;
+    }
 
     int blk, h, b;
     heavy_first(blk, h, b);
@@ -237,23 +266,31 @@ __device__ __forceinline__ void flash_fwd(const bf16_t* __restrict__ q, const bf
         }
     }
 
-    // This warp's 16 query rows as A fragments, for the HD / 16 k steps of q·kᵀ.
-    u32 qf[HD / 16][4];
-    const int r0 = warp * 16 + g;
+    // Row group t of this warp: block rows t·64 + warp·16 + [0, 16); this thread's rows g and g + 8
+    // of it (block row t·64 + rw + 8·hi; recomputed where used, to spare registers).
+    const int rw = warp * 16 + g;
+    // MT = 1: the warp's 16 query rows as A fragments, for the HD / 16 k steps of q·kᵀ.
+    u32 qf[MT == 1 ? HD / 16 : 1][4];
+    if constexpr (MT == 1) {
+        const int r0 = warp * 16 + g;
 #pragma unroll
-    for (int kk = 0; kk < HD / 16; kk++) {
-        qf[kk][0] = ld32(&qs[r0 * LDS + kk * 16 + 2 * c]);
-        qf[kk][1] = ld32(&qs[(r0 + 8) * LDS + kk * 16 + 2 * c]);
-        qf[kk][2] = ld32(&qs[r0 * LDS + kk * 16 + 8 + 2 * c]);
-        qf[kk][3] = ld32(&qs[(r0 + 8) * LDS + kk * 16 + 8 + 2 * c]);
+        for (int kk = 0; kk < HD / 16; kk++) {
+            qf[kk][0] = ld32(&qs[r0 * LDS + kk * 16 + 2 * c]);
+            qf[kk][1] = ld32(&qs[(r0 + 8) * LDS + kk * 16 + 2 * c]);
+            qf[kk][2] = ld32(&qs[r0 * LDS + kk * 16 + 8 + 2 * c]);
+            qf[kk][3] = ld32(&qs[(r0 + 8) * LDS + kk * 16 + 8 + 2 * c]);
+        }
     }
-    const int qi0 = q0 + r0, qi1 = qi0 + 8;
-    const int qs0 = qseg_s[r0], qs1 = qseg_s[r0 + 8];
 
-    float o[HD / 8][4];
+    float o[MT][HD / 8][4];
+    float m[MT][2], l[MT][2];
 #pragma unroll
-    for (int n = 0; n < HD / 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
-    float m0 = -NEWT_INF, m1 = -NEWT_INF, l0 = 0.f, l1 = 0.f;
+    for (int t = 0; t < MT; t++) {
+#pragma unroll
+        for (int n = 0; n < HD / 8; n++) o[t][n][0] = o[t][n][1] = o[t][n][2] = o[t][n][3] = 0.f;
+        m[t][0] = m[t][1] = -NEWT_INF;
+        l[t][0] = l[t][1] = 0.f;
+    }
 
     const int q_last = min(q0 + BM, tokens) - 1;
     const int k_end = q_last + 1;  // causal: keys [0, k_end)
@@ -302,6 +339,11 @@ __device__ __forceinline__ void flash_fwd(const bf16_t* __restrict__ q, const bf
             continue;
         }
         const bool full = (step_votes & 2) && k0 + BN - 1 <= q0 && window == 0 && k0 + BN <= tokens;
+        // A row group whose rows all precede the step's first key sees none of its keys (causal):
+        // it skips the step (the same for the whole block; always live with MT = 1).
+        bool live[MT];
+#pragma unroll
+        for (int t = 0; t < MT; t++) live[t] = k0 <= q0 + t * 64 + 63;
 
         if (k_pending != k0) {
             load_tile<HD, BN>(ks, kp, kst, k0, tokens);
@@ -312,18 +354,33 @@ __device__ __forceinline__ void flash_fwd(const bf16_t* __restrict__ q, const bf
         load_tile<HD, BN>(vs, vp, vst, k0, tokens);
         cp_async_commit();
 
-        // s = q·kᵀ for this warp's 16 rows and the 64 keys (8 tiles of 8).
-        float s[BN / 8][4];
+        // s = q·kᵀ for this warp's rows and the BN keys (tiles of 8).
+        float s[MT][BN / 8][4];
 #pragma unroll
-        for (int n = 0; n < BN / 8; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+        for (int t = 0; t < MT; t++)
+#pragma unroll
+            for (int n = 0; n < BN / 8; n++) s[t][n][0] = s[t][n][1] = s[t][n][2] = s[t][n][3] = 0.f;
 #pragma unroll
         for (int kk = 0; kk < HD / 16; kk++) {
+            u32 af[MT][4];
+            if constexpr (MT == 1) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) af[0][e] = qf[kk][e];
+            } else {
+#pragma unroll
+                for (int t = 0; t < MT; t++)
+                    if (live[t]) ldmatrix_x4(af[t], &qs[(t * 64 + warp * 16 + (mat & 1) * 8 + r) * LDS + kk * 16 + (mat >> 1) * 8]);
+            }
 #pragma unroll
             for (int n = 0; n < BN / 8; n += 2) {
                 u32 bfr[4];  // B fragments of key tiles n and n + 1
                 ldmatrix_x4(bfr, &ks[((n + (mat >> 1)) * 8 + r) * LDS + kk * 16 + (mat & 1) * 8]);
-                mma16816(s[n], qf[kk], bfr);
-                mma16816(s[n + 1], qf[kk], bfr + 2);
+#pragma unroll
+                for (int t = 0; t < MT; t++) {
+                    if (!live[t]) continue;
+                    mma16816(s[t][n], af[t], bfr);
+                    mma16816(s[t][n + 1], af[t], bfr + 2);
+                }
             }
         }
         vote_step<BN / 32>(votes_s[(si + 1) & 1], kseg_next, qmin, qmax);
@@ -335,50 +392,54 @@ __device__ __forceinline__ void flash_fwd(const bf16_t* __restrict__ q, const bf
             cp_async_commit();
             k_pending = k0 + BN;
         }
-        // Scale into log2 units, mask, and the running row maxima.
-        float mx0 = m0, mx1 = m1;
+        // Scale into log2 units, mask, the running row maxima, and the probabilities.
 #pragma unroll
-        for (int n = 0; n < BN / 8; n++) {
+        for (int t = 0; t < MT; t++) {
+            if (!live[t]) continue;
+            float mx0 = m[t][0], mx1 = m[t][1];
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                float x = s[n][e] * sl2;
-                if (!full) {
-                    int col = n * 8 + 2 * c + (e & 1);
-                    int kj = k0 + col;
-                    bool hi = e >= 2;
-                    if (masked(hi ? qi1 : qi0, kj, hi ? qs1 : qs0, kseg_s[col], window, tokens)) x = -NEWT_INF;
+            for (int n = 0; n < BN / 8; n++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    float x = s[t][n][e] * sl2;
+                    if (!full) {
+                        int col = n * 8 + 2 * c + (e & 1);
+                        int kj = k0 + col;
+                        const int row = t * 64 + rw + 8 * (e >> 1);
+                        if (masked(q0 + row, kj, qseg_s[row], kseg_s[col], window, tokens)) x = -NEWT_INF;
+                    }
+                    s[t][n][e] = x;
                 }
-                s[n][e] = x;
+                mx0 = fmaxf(mx0, fmaxf(s[t][n][0], s[t][n][1]));
+                mx1 = fmaxf(mx1, fmaxf(s[t][n][2], s[t][n][3]));
             }
-            mx0 = fmaxf(mx0, fmaxf(s[n][0], s[n][1]));
-            mx1 = fmaxf(mx1, fmaxf(s[n][2], s[n][3]));
-        }
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 1));
-        mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 2));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 1));
-        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 2));
-        const float use0 = mx0 == -NEWT_INF ? 0.f : mx0, use1 = mx1 == -NEWT_INF ? 0.f : mx1;
-        const float a0 = fa_exp2(m0 - use0), a1 = fa_exp2(m1 - use1);
-        m0 = mx0;
-        m1 = mx1;
-        float sum0 = 0.f, sum1 = 0.f;
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 1));
+            mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffff, mx0, 2));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 1));
+            mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffff, mx1, 2));
+            const float use0 = mx0 == -NEWT_INF ? 0.f : mx0, use1 = mx1 == -NEWT_INF ? 0.f : mx1;
+            const float a0 = fa_exp2(m[t][0] - use0), a1 = fa_exp2(m[t][1] - use1);
+            m[t][0] = mx0;
+            m[t][1] = mx1;
+            float sum0 = 0.f, sum1 = 0.f;
 #pragma unroll
-        for (int n = 0; n < BN / 8; n++) {
-            s[n][0] = fa_exp2(s[n][0] - use0);
-            s[n][1] = fa_exp2(s[n][1] - use0);
-            s[n][2] = fa_exp2(s[n][2] - use1);
-            s[n][3] = fa_exp2(s[n][3] - use1);
-            sum0 += s[n][0] + s[n][1];
-            sum1 += s[n][2] + s[n][3];
-        }
-        l0 = l0 * a0 + sum0;
-        l1 = l1 * a1 + sum1;
+            for (int n = 0; n < BN / 8; n++) {
+                s[t][n][0] = fa_exp2(s[t][n][0] - use0);
+                s[t][n][1] = fa_exp2(s[t][n][1] - use0);
+                s[t][n][2] = fa_exp2(s[t][n][2] - use1);
+                s[t][n][3] = fa_exp2(s[t][n][3] - use1);
+                sum0 += s[t][n][0] + s[t][n][1];
+                sum1 += s[t][n][2] + s[t][n][3];
+            }
+            l[t][0] = l[t][0] * a0 + sum0;
+            l[t][1] = l[t][1] * a1 + sum1;
 #pragma unroll
-        for (int n = 0; n < HD / 8; n++) {
-            o[n][0] *= a0;
-            o[n][1] *= a0;
-            o[n][2] *= a1;
-            o[n][3] *= a1;
+            for (int n = 0; n < HD / 8; n++) {
+                o[t][n][0] *= a0;
+                o[t][n][1] *= a0;
+                o[t][n][2] *= a1;
+                o[t][n][3] *= a1;
+            }
         }
 
         if (prefetch)
@@ -390,48 +451,69 @@ __device__ __forceinline__ void flash_fwd(const bf16_t* __restrict__ q, const bf
         // o += p·v: p's C fragments are the A fragments of the k steps.
 #pragma unroll
         for (int kk = 0; kk < BN / 16; kk++) {
-            u32 pf[4];
-            pf[0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
-            pf[1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
-            pf[2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-            pf[3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            u32 pf[MT][4];
+#pragma unroll
+            for (int t = 0; t < MT; t++) {
+                pf[t][0] = pack_bf16(s[t][2 * kk][0], s[t][2 * kk][1]);
+                pf[t][1] = pack_bf16(s[t][2 * kk][2], s[t][2 * kk][3]);
+                pf[t][2] = pack_bf16(s[t][2 * kk + 1][0], s[t][2 * kk + 1][1]);
+                pf[t][3] = pack_bf16(s[t][2 * kk + 1][2], s[t][2 * kk + 1][3]);
+            }
 #pragma unroll
             for (int n = 0; n < HD / 8; n += 2) {
                 u32 vf[4];
                 ldmatrix_x4_trans(vf, &vs[(kk * 16 + (mat & 1) * 8 + r) * LDS + n * 8 + (mat >> 1) * 8]);
-                mma16816(o[n], pf, vf);
-                mma16816(o[n + 1], pf, vf + 2);
+#pragma unroll
+                for (int t = 0; t < MT; t++) {
+                    if (!live[t]) continue;
+                    mma16816(o[t][n], pf[t], vf);
+                    mma16816(o[t][n + 1], pf[t], vf + 2);
+                }
             }
         }
     }
 
-    l0 += __shfl_xor_sync(0xffffffff, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffff, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffff, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffff, l1, 2);
-    const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
     bf16_t* op = out + ((long long)b * tokens * q_heads + h) * HD;
     const long long ot = (long long)q_heads * HD;
+    float* lp = lse + (long long)(b * q_heads + h) * tokens;
 #pragma unroll
-    for (int n = 0; n < HD / 8; n++) {
-        int col = n * 8 + 2 * c;
-        if (qi0 < tokens) *(u32*)&op[qi0 * ot + col] = pack_bf16(o[n][0] * inv0, o[n][1] * inv0);
-        if (qi1 < tokens) *(u32*)&op[qi1 * ot + col] = pack_bf16(o[n][2] * inv1, o[n][3] * inv1);
-    }
-    if (c == 0) {
-        float* lp = lse + (long long)(b * q_heads + h) * tokens;
-        if (qi0 < tokens) lp[qi0] = m0 + log2f(l0);
-        if (qi1 < tokens) lp[qi1] = m1 + log2f(l1);
+    for (int t = 0; t < MT; t++) {
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            l[t][i] += __shfl_xor_sync(0xffffffff, l[t][i], 1);
+            l[t][i] += __shfl_xor_sync(0xffffffff, l[t][i], 2);
+        }
+        const float inv0 = l[t][0] > 0.f ? 1.f / l[t][0] : 0.f, inv1 = l[t][1] > 0.f ? 1.f / l[t][1] : 0.f;
+        const int qi0 = q0 + t * 64 + rw, qi1 = qi0 + 8;
+#pragma unroll
+        for (int n = 0; n < HD / 8; n++) {
+            int col = n * 8 + 2 * c;
+            if (qi0 < tokens) *(u32*)&op[qi0 * ot + col] = pack_bf16(o[t][n][0] * inv0, o[t][n][1] * inv0);
+            if (qi1 < tokens) *(u32*)&op[qi1 * ot + col] = pack_bf16(o[t][n][2] * inv1, o[t][n][3] * inv1);
+        }
+        if (c == 0) {
+            if (qi0 < tokens) lp[qi0] = m[t][0] + log2f(l[t][0]);
+            if (qi1 < tokens) lp[qi1] = m[t][1] + log2f(l[t][1]);
+        }
     }
 }
+
+// The head_dim-128 forward: two row groups a warp (FA_FWD128_MT 2, 128 queries a block) and
+// FA_FWD128_BN keys a step; FA_FWD128_MT 1 is the single-group kernel (64 queries, static smem).
+#ifndef FA_FWD128_MT
+#define FA_FWD128_MT 2
+#endif
+#ifndef FA_FWD128_BN
+#define FA_FWD128_BN 64
+#endif
 
 extern "C" __global__ void __launch_bounds__(FA_THREADS) newt_flash_fwd(
     const bf16_t* __restrict__ q, const bf16_t* __restrict__ k, const bf16_t* __restrict__ v,
     const int* __restrict__ seg, bf16_t* __restrict__ out, float* __restrict__ lse, int tokens, int q_heads,
     int kv_heads, long long qsb, long long qsh, long long qst, long long ksb, long long ksh, long long kst,
     long long vsb, long long vsh, long long vst, long long ssb, long long sst, float scale, int window) {
-    flash_fwd<64>(q, k, v, seg, out, lse, tokens, q_heads, kv_heads, qsb, qsh, qst, ksb, ksh, kst, vsb, vsh, vst,
-                  ssb, sst, scale, window);
+    flash_fwd<64, 1, 64>(q, k, v, seg, out, lse, tokens, q_heads, kv_heads, qsb, qsh, qst, ksb, ksh, kst, vsb, vsh,
+                         vst, ssb, sst, scale, window);
 }
 
 extern "C" __global__ void __launch_bounds__(FA_THREADS) newt_flash_fwd_hd128(
@@ -439,8 +521,8 @@ extern "C" __global__ void __launch_bounds__(FA_THREADS) newt_flash_fwd_hd128(
     const int* __restrict__ seg, bf16_t* __restrict__ out, float* __restrict__ lse, int tokens, int q_heads,
     int kv_heads, long long qsb, long long qsh, long long qst, long long ksb, long long ksh, long long kst,
     long long vsb, long long vsh, long long vst, long long ssb, long long sst, float scale, int window) {
-    flash_fwd<128>(q, k, v, seg, out, lse, tokens, q_heads, kv_heads, qsb, qsh, qst, ksb, ksh, kst, vsb, vsh, vst,
-                   ssb, sst, scale, window);
+    flash_fwd<128, FA_FWD128_MT, FA_FWD128_BN>(q, k, v, seg, out, lse, tokens, q_heads, kv_heads, qsb, qsh, qst,
+                                               ksb, ksh, kst, vsb, vsh, vst, ssb, sst, scale, window);
 }
 
 // delta[row] = Σ_d dO[row, d]·O[row, d] (f32), one warp per row of [batch, q_heads, tokens].

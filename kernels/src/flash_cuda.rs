@@ -61,8 +61,7 @@ pub const SOURCE: &str = concat!(
     include_str!("../cuda/decode.cu"),
     include_str!("../cuda/cross_entropy.cu")
 );
-/// Queries per forward block (every head dim), of 128 threads.
-const BLOCK: usize = 64;
+/// Threads of a forward block (every head dim), four warps.
 const THREADS: u32 = 128;
 
 /// One head dim's instantiation of the flash kernels in the source.
@@ -71,10 +70,33 @@ struct Variant {
     head_dim: usize,
     /// Appended to `newt_flash_fwd`, `newt_flash_bwd_delta` and `newt_flash_bwd`.
     suffix: &'static str,
+    forward: Forward,
     backward: Backward,
     /// A backward kernel that needs less shared memory (`newt_flash_bwd{suffix}_small`), for GPUs
     /// whose blocks may not take `backward`'s.
     small_backward: Option<Backward>,
+}
+
+/// How a head dim instantiates the forward kernel, `flash_fwd<HD, MT, BN>`: MT groups of 16 query
+/// rows a warp (a block takes 64·MT queries) and BN keys a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Forward {
+    groups: usize,
+    keys: usize,
+}
+
+impl Forward {
+    /// Queries a block (the grid's x dimension divides the tokens by it).
+    const fn queries(self) -> usize {
+        64 * self.groups
+    }
+}
+
+/// Dynamic shared memory of the forward kernel, in bytes: `flash_fwd_smem<HD, MT, BN>()` of the
+/// source (none with one group, whose tiles are static; else the q tile and a K and a V tile, rows
+/// padded by 8 bf16).
+const fn forward_smem(head_dim: usize, forward: Forward) -> u32 {
+    if forward.groups == 1 { 0 } else { (2 * (forward.queries() + 2 * forward.keys) * (head_dim + 8)) as u32 }
 }
 
 /// Which backward kernel a head dim instantiates.
@@ -107,12 +129,14 @@ const VARIANTS: [Variant; 2] = [
     Variant {
         head_dim: 64,
         suffix: "",
+        forward: Forward { groups: 1, keys: 64 },
         backward: Backward::Rows { queries: 64, kv_in_registers: true, warps: 4 },
         small_backward: None,
     },
     Variant {
         head_dim: 128,
         suffix: "_hd128",
+        forward: Forward { groups: 2, keys: 64 },
         backward: Backward::Tiles { warps: 8 },
         small_backward: Some(Backward::Tiles { warps: 4 }),
     },
@@ -355,8 +379,10 @@ fn cube_forward(
         Box::new(move |ptrs: &[u64], stream| {
             let f = functions().flash[d.variant];
             let mut args = forward_args(ptrs.try_into().expect("six flash forward buffers"), &d);
-            let grid = (d.tokens.div_ceil(BLOCK) as u32, d.q_heads as u32, d.batch as u32);
-            launch(f.forward, grid, &mut args, stream, "forward");
+            let shape = VARIANTS[d.variant].forward;
+            let grid = (d.tokens.div_ceil(shape.queries()) as u32, d.q_heads as u32, d.batch as u32);
+            let smem = forward_smem(d.head_dim, shape);
+            launch_shared(f.forward, grid, THREADS, smem, &mut args, stream, "flash attention forward");
         }),
     );
     (burn_cubecl::ops::permute(out, &[0, 2, 1, 3]), lse)
@@ -625,13 +651,22 @@ fn load() -> Result<Functions, String> {
                 backward: get(&name)?,
                 backward_shape: shape,
             };
-            // The backward kernel's shared memory is dynamic; above 48 KiB a function must ask.
-            cudarc::driver::result::function::set_function_attribute(
-                f.backward as sys::CUfunction,
-                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                backward_smem(v.head_dim, shape) as i32,
-            )
-            .map_err(|e| format!("{name}: shared memory limit: {e:?}"))?;
+            // The backward kernel's shared memory is dynamic (and the two-group forward's); above
+            // 48 KiB a function must ask.
+            for (func, fname, bytes) in [
+                (f.backward, name.clone(), backward_smem(v.head_dim, shape)),
+                (f.forward, format!("newt_flash_fwd{}", v.suffix), forward_smem(v.head_dim, v.forward)),
+            ]
+            .into_iter()
+            .filter(|&(_, _, bytes)| bytes > 0)
+            {
+                cudarc::driver::result::function::set_function_attribute(
+                    func as sys::CUfunction,
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    bytes as i32,
+                )
+                .map_err(|e| format!("{fname}: shared memory limit of {bytes} bytes: {e:?}"))?;
+            }
             flash.push(f);
         }
         Ok(Functions {
@@ -849,6 +884,35 @@ pub(crate) mod tests {
         assert_eq!(backward_smem(128, VARIANTS[1].small_backward.unwrap()), 88_832);
         assert!(SOURCE.contains("if (dynamic_smem_size() < (u32)flash_bwd_smem<HD, BM, KV_REGS, NW>()) asm volatile"));
         assert!(SOURCE.contains("if (dynamic_smem_size() < (u32)flash_bwd_tiles_smem<HD, NW>()) asm volatile"));
+    }
+
+    /// Each variant's forward kernel is instantiated with the row groups and keys a step the
+    /// launcher's grid and shared memory assume.
+    #[test]
+    fn forward_variants_match_the_source_instantiations() {
+        let define = |name: &str| {
+            let at = SOURCE.find(&format!("#define {name} ")).unwrap_or_else(|| panic!("no #define {name}"));
+            SOURCE[at..].lines().next().unwrap().split_whitespace().nth(2).unwrap().to_string()
+        };
+        for v in VARIANTS {
+            let wrapper = format!("newt_flash_fwd{}(", v.suffix);
+            let body = &SOURCE[SOURCE.find(&wrapper).expect("the wrapper")..];
+            let body = &body[..body.find("\n}").expect("the wrapper's end")];
+            let call = &body[body.find("flash_fwd<").expect("the wrapper's call") + "flash_fwd<".len()..];
+            let args: Vec<String> = call[..call.find('>').unwrap()]
+                .split(',')
+                .map(|a| a.trim())
+                .map(|a| if a.starts_with("FA_") { define(a) } else { a.to_string() })
+                .collect();
+            let want = [v.head_dim.to_string(), v.forward.groups.to_string(), v.forward.keys.to_string()];
+            assert_eq!(args, want, "{wrapper} instantiates flash_fwd<{}>", args.join(", "));
+        }
+        // One group: static tiles. Two at head_dim 128: q's 128 rows, a K and a V tile of 64.
+        assert_eq!(forward_smem(64, VARIANTS[0].forward), 0);
+        assert_eq!(forward_smem(128, VARIANTS[1].forward), 69_632);
+        assert_eq!(VARIANTS[1].forward.queries(), 128);
+        assert!(SOURCE.contains("return MT == 1 ? 0 : 2 * (64 * MT + 2 * BN) * (HD + FA_PAD);"));
+        assert!(SOURCE.contains("if (dynamic_smem_size() < (u32)flash_fwd_smem<HD, MT, BN>()) asm volatile"));
     }
 
     /// On a machine with a CUDA GPU (`cargo test -p newt-kernels -- --ignored cuda_ --nocapture`):
