@@ -147,6 +147,26 @@ impl<B: Backend> ParamGrads<B> {
     }
 }
 
+/// Σ x² over a vector, as a `[1]` tensor still on the device. A whole-tensor sum of a long vector
+/// runs on CUDA as one reduction to one output, which CubeCL gives one block (a profile of the 8B
+/// shape showed 1.8 ms a step for the 5.2 M adapter values of two layers, ~12 GB/s, so ~29 ms for
+/// all 32 layers' 84 M); rows of [`SUM_ROW`] values summed first, one output each, then their
+/// sums, read the vector in parallel.
+pub fn sum_squares<B: Backend>(x: Tensor<B, 1>) -> Tensor<B, 1> {
+    let n = x.dims()[0];
+    let rows = n / SUM_ROW;
+    let sq = x.square();
+    if rows < 2 {
+        return sq.sum();
+    }
+    let whole = rows * SUM_ROW;
+    let head = sq.clone().slice(0..whole).reshape([rows, SUM_ROW]).sum_dim(1).sum();
+    if whole == n { head } else { head + sq.slice(whole..n).sum() }
+}
+
+/// Values a row in [`sum_squares`]'s first stage.
+pub const SUM_ROW: usize = 4096;
+
 /// torch's clipping factor `min(1, max_norm / (total + 1e-6))`; 1 when `max_norm <= 0`.
 pub fn clip_coefficient(total: f64, max_norm: f64) -> f64 {
     if max_norm > 0.0 { (max_norm / (total + 1e-6)).min(1.0) } else { 1.0 }

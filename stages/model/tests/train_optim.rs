@@ -166,6 +166,23 @@ fn global_norm_clipping_scales_all_params_together() {
     assert_eq!(flat(off.get("a").unwrap().clone()), vec![30.0, 40.0]);
 }
 
+/// The gradient norm's sum of squares in two stages (rows of SUM_ROW, then their sums) counts every
+/// value once at every length: shorter than a row, whole rows, whole rows and a remainder. The
+/// values' squares are small integers, so each sum is exact in f32 in any order.
+#[test]
+fn sum_squares_counts_every_value_once() {
+    use newt_model::grads::{SUM_ROW, sum_squares};
+    let dev = Default::default();
+    for n in [1, 7, SUM_ROW - 1, SUM_ROW, 2 * SUM_ROW - 1, 2 * SUM_ROW, 2 * SUM_ROW + 5, 4 * SUM_ROW - 1] {
+        let v: Vec<f32> = (0..n).map(|i| (i % 7) as f32 - 3.0).collect();
+        let want: f64 = v.iter().map(|x| (*x as f64) * (*x as f64)).sum();
+        let x = Tensor::<burn::backend::Flex, 1>::from_data(TensorData::new(v, [n]), &dev);
+        let got = flat(sum_squares(x));
+        assert_eq!(got.len(), 1, "n = {n}");
+        assert_eq!(got[0] as f64, want, "n = {n}");
+    }
+}
+
 #[test]
 fn schedules_match_hf_formulas() {
     let g = golden("schedule_golden.json");

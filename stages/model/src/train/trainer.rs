@@ -565,7 +565,7 @@ where
     // few operations each, not a few per parameter.
     let (layout, grad) = flat.expect("checked above");
     let grad = grad.mul_scalar(1.0 / trained_tokens as f64);
-    let norm_sq = grad.clone().square().sum();
+    let norm_sq = crate::grads::sum_squares(grad.clone());
     // One read for the loss and the gradient norm: each read waits for the device.
     let (loss_sum, grad_norm) = match loss_sum {
         Some(loss) => {
