@@ -820,16 +820,27 @@ pub(crate) mod tests {
         }
     }
 
+    /// `#define NAME VALUE` of the source, for template arguments given as macros.
+    fn define(name: &str) -> String {
+        let at = SOURCE.find(&format!("#define {name} ")).unwrap_or_else(|| panic!("no #define {name}"));
+        let line = SOURCE[at..].lines().next().unwrap();
+        line.split_whitespace().nth(2).unwrap().to_string()
+    }
+
+    /// The template arguments of the call to `template<` in a wrapper's body, macros resolved.
+    fn template_args(body: &str, template: &str) -> Vec<String> {
+        let call = &body[body.find(template).expect("the wrapper's call") + template.len()..];
+        call[..call.find('>').unwrap()]
+            .split(',')
+            .map(|a| a.trim())
+            .map(|a| if a.starts_with("FA_") { define(a) } else { a.to_string() })
+            .collect()
+    }
+
     /// Each variant's backward kernel and block shape are the ones the source instantiates (the
     /// grid, threads and shared memory the launcher gives it follow from them).
     #[test]
     fn backward_variants_match_the_source_instantiations() {
-        // `#define NAME VALUE` of the source, for template arguments given as macros.
-        let define = |name: &str| {
-            let at = SOURCE.find(&format!("#define {name} ")).unwrap_or_else(|| panic!("no #define {name}"));
-            let line = SOURCE[at..].lines().next().unwrap();
-            line.split_whitespace().nth(2).unwrap().to_string()
-        };
         let kernels = VARIANTS.iter().flat_map(|v| {
             [
                 (format!("newt_flash_bwd{}(", v.suffix), Some(v.backward)),
@@ -847,13 +858,7 @@ pub(crate) mod tests {
             match shape {
                 Backward::Tiles { warps } => {
                     assert!(tiles || !body.contains(&tiles_switch), "{wrapper}: FA_BWD{hd}_TILES is not 1");
-                    let call =
-                        &body[body.find("flash_bwd_tiles<").expect("the wrapper's call") + "flash_bwd_tiles<".len()..];
-                    let args: Vec<String> = call[..call.find('>').unwrap()]
-                        .split(',')
-                        .map(|a| a.trim())
-                        .map(|a| if a.starts_with("FA_") { define(a) } else { a.to_string() })
-                        .collect();
+                    let args = template_args(body, "flash_bwd_tiles<");
                     assert_eq!(
                         args,
                         [hd.to_string(), warps.to_string()],
@@ -863,12 +868,7 @@ pub(crate) mod tests {
                 }
                 Backward::Rows { queries, kv_in_registers, warps } => {
                     assert!(!tiles, "{wrapper} takes flash_bwd_tiles");
-                    let call = &body[body.find("flash_bwd<").expect("the wrapper's call") + "flash_bwd<".len()..];
-                    let args: Vec<String> = call[..call.find('>').unwrap()]
-                        .split(',')
-                        .map(|a| a.trim())
-                        .map(|a| if a.starts_with("FA_") { define(a) } else { a.to_string() })
-                        .collect();
+                    let args = template_args(body, "flash_bwd<");
                     let want = [hd.to_string(), queries.to_string(), kv_in_registers.to_string(), warps.to_string()];
                     assert_eq!(args, want, "{wrapper} instantiates flash_bwd<{}>", args.join(", "));
                 }
@@ -890,20 +890,11 @@ pub(crate) mod tests {
     /// launcher's grid and shared memory assume.
     #[test]
     fn forward_variants_match_the_source_instantiations() {
-        let define = |name: &str| {
-            let at = SOURCE.find(&format!("#define {name} ")).unwrap_or_else(|| panic!("no #define {name}"));
-            SOURCE[at..].lines().next().unwrap().split_whitespace().nth(2).unwrap().to_string()
-        };
         for v in VARIANTS {
             let wrapper = format!("newt_flash_fwd{}(", v.suffix);
             let body = &SOURCE[SOURCE.find(&wrapper).expect("the wrapper")..];
             let body = &body[..body.find("\n}").expect("the wrapper's end")];
-            let call = &body[body.find("flash_fwd<").expect("the wrapper's call") + "flash_fwd<".len()..];
-            let args: Vec<String> = call[..call.find('>').unwrap()]
-                .split(',')
-                .map(|a| a.trim())
-                .map(|a| if a.starts_with("FA_") { define(a) } else { a.to_string() })
-                .collect();
+            let args = template_args(body, "flash_fwd<");
             let want = [v.head_dim.to_string(), v.forward.groups.to_string(), v.forward.keys.to_string()];
             assert_eq!(args, want, "{wrapper} instantiates flash_fwd<{}>", args.join(", "));
         }

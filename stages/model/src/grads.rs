@@ -117,7 +117,7 @@ impl<B: Backend> ParamGrads<B> {
     fn global_norm_sq(&self) -> Option<Tensor<B, 1>> {
         let mut total: Option<Tensor<B, 1>> = None;
         for g in self.by_path.values() {
-            let sq = g.clone().square().sum().cast(FloatDType::F32);
+            let sq = sum_squares(g.clone()).cast(FloatDType::F32);
             total = Some(match total {
                 Some(t) => t + sq,
                 None => sq,
