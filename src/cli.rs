@@ -348,6 +348,10 @@ pub struct ServeArgs {
     /// at the next step); 1 answers them one after another.
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
+    /// Prompt tokens read a step: a long prompt is read over several steps, and the answers
+    /// already streaming get a token at each of them; 0 reads a whole prompt at once.
+    #[arg(long, default_value_t = 256)]
+    pub prefill_chunk: usize,
 }
 
 /// A memory size: a number with an optional unit (B, KB, MB, GB, TB in powers of 1000; KiB, MiB,

@@ -380,6 +380,84 @@ fn a_request_joins_one_already_generating_and_gets_its_own_answer() {
     }
 }
 
+/// Events of a stream that carry text (a chunk whose `text` is not empty), counted in `raw`.
+fn texts_in(raw: &[u8]) -> usize {
+    let s = String::from_utf8_lossy(raw);
+    s.matches("\"text\":\"").count() - s.matches("\"text\":\"\"").count()
+}
+
+/// A long prompt is read a piece a step (`--prefill-chunk`): between the moment it is accepted
+/// and its first token, the answer already streaming keeps getting tokens, about one a piece,
+/// where reading the whole prompt at once gives it one; and the long prompt's answer is the one
+/// the whole prompt read at once gives (greedy).
+#[test]
+fn a_long_prompt_is_read_in_pieces_while_another_answer_streams() {
+    let p = Project::new();
+    let prompt = "The capital of France is Paris, and the capital of Italy is Rome. ".repeat(40);
+    let body = json!({"prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": true, "stream": true,
+        "stream_options": {"include_usage": true}});
+    let whole = {
+        let s = p.serve(&["--base", "--prefill-chunk", "0"]);
+        streamed_text(&post(&s, "/v1/completions", body.clone()))
+    };
+    let prompt_tokens = whole.1.last().unwrap()["usage"]["prompt_tokens"].as_u64().unwrap() as usize;
+    let chunk = 8;
+    let pieces = prompt_tokens.div_ceil(chunk);
+    assert!(pieces >= 50, "a prompt of {prompt_tokens} tokens is {pieces} pieces");
+    let s = p.serve(&["--base", "--batch", "2", "--prefill-chunk", &chunk.to_string()]);
+    // The streaming answer, read on a thread that notes when each of its tokens arrives.
+    let long = json!({"prompt": "Paris", "max_tokens": 100000, "temperature": 0, "ignore_eos": true, "stream": true});
+    let mut a = start_stream(&s, long);
+    let a_handle = a.try_clone().unwrap();
+    let arrivals = Arc::new(Mutex::new(Vec::<Instant>::new()));
+    let reader = {
+        let arrivals = arrivals.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 65536];
+            while let Ok(n) = a.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let now = Instant::now();
+                arrivals.lock().unwrap().extend(std::iter::repeat_n(now, texts_in(&buf[..n])));
+            }
+        })
+    };
+    // The long prompt, streamed: its headers come once it is accepted (before its reading), then
+    // its tokens.
+    let mut b = TcpStream::connect(&s.addr).unwrap();
+    b.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    b.write_all(&request_bytes(&s.addr, "POST", "/v1/completions", Some(&body.to_string()), &[])).unwrap();
+    let (mut raw, mut buf) = (Vec::new(), [0u8; 65536]);
+    let mut accepted = None;
+    let mut first = None;
+    loop {
+        let n = b.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&buf[..n]);
+        let now = Instant::now();
+        if accepted.is_none() && raw.windows(4).any(|w| w == b"\r\n\r\n") {
+            accepted = Some(now);
+        }
+        if first.is_none() && texts_in(&raw) > 0 {
+            first = Some(now);
+        }
+    }
+    let (accepted, first) = (accepted.expect("headers"), first.expect("a token"));
+    let _ = a_handle.shutdown(std::net::Shutdown::Both);
+    reader.join().unwrap();
+    let joined = streamed_text(&parse_reply(&raw));
+    assert_eq!(joined.1.last().unwrap()["usage"]["prompt_tokens"], prompt_tokens);
+    assert_eq!(joined.0, whole.0, "the answer read in pieces differs from the one read whole");
+    let meanwhile = arrivals.lock().unwrap().iter().filter(|t| **t > accepted && **t < first).count();
+    assert!(
+        meanwhile >= pieces / 2,
+        "the streaming answer got {meanwhile} tokens while a prompt of {pieces} pieces was read"
+    );
+}
+
 #[test]
 fn a_full_queue_answers_503_and_a_client_that_leaves_stops_its_generation() {
     let p = Project::new();

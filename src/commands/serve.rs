@@ -106,7 +106,7 @@ pub fn serve(
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let worker = {
         let stats = stats.clone();
-        let (backend, max_sequences) = (c.backend, args.batch);
+        let (backend, max_sequences, prefill_chunk) = (c.backend, args.batch, args.prefill_chunk);
         std::thread::Builder::new().name("newt-generate".into()).spawn(move || {
             let models = newt_stages::serve::Models {
                 model: &model,
@@ -115,6 +115,7 @@ pub fn serve(
                 params: &params,
                 backend,
                 max_sequences,
+                prefill_chunk,
             };
             newt_stages::serve::run_worker(models, jobs_rx, stats, ready_tx)
         })?

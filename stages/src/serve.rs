@@ -2,6 +2,7 @@
 //! share the frozen weights: the adapter model is a clone of the base, whose tensors are
 //! reference-counted, with the adapter attached), prompted as the pipeline trained them.
 
+use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -30,6 +31,8 @@ pub struct Models<'a> {
     pub backend: BackendChoiceKey,
     /// Requests decoded together (`newt serve --batch`).
     pub max_sequences: usize,
+    /// Prompt tokens read a step (`newt serve --prefill-chunk`; 0: a whole prompt at once).
+    pub prefill_chunk: usize,
 }
 
 /// Loads the models, sends the context length (or the loading error) through `ready`, then
@@ -78,7 +81,14 @@ impl WithBackend for ServeWork<'_> {
                 .iter()
                 .map(|l| Batch { cache: BatchKvCache::new(l.config.num_hidden_layers), rows: Vec::new() })
                 .collect();
-            Ok(BurnEngine { models, prompting, batches, max_sequences: m.max_sequences })
+            Ok(BurnEngine {
+                models,
+                prompting,
+                batches,
+                reading: VecDeque::new(),
+                max_sequences: m.max_sequences,
+                prefill_chunk: m.prefill_chunk,
+            })
         })();
         match loaded {
             Err(e) => {
@@ -99,7 +109,24 @@ struct BurnEngine<B: KernelBackend> {
     /// The sequences being decoded, one batch per model (an adapter's rows cannot share a
     /// pass with the base's).
     batches: Vec<Batch<B>>,
+    /// Prompts being read, oldest first; each step reads the next piece of the oldest, so a long
+    /// prompt does not hold up the answers already decoding for the whole of its reading.
+    reading: VecDeque<Reading<B>>,
     max_sequences: usize,
+    /// Tokens of a prompt read a step (0: the whole prompt).
+    prefill_chunk: usize,
+}
+
+/// A prompt being read into its own cache; its sequence joins its model's batch once the last
+/// piece is read.
+struct Reading<B: KernelBackend> {
+    id: u64,
+    model: usize,
+    prompt: Vec<u32>,
+    /// Tokens of `prompt` in `cache`.
+    read: usize,
+    cache: KvCache<B>,
+    params: GenParams,
 }
 
 /// The sequences of one model decoding together.
@@ -136,6 +163,64 @@ fn host_logits<B: KernelBackend>(logits: burn::tensor::Tensor<B, 2>) -> Vec<f32>
     logits.into_data().convert::<f32>().into_vec().expect("f32 logits")
 }
 
+impl<B: KernelBackend> BurnEngine<B> {
+    /// Reads the next piece of the oldest prompt being read (`prefill_chunk` tokens, or all that
+    /// is left); a prompt read to its end joins its model's batch with the logits of its last
+    /// token, so its first token is sampled in this step. Every prompt still being read is
+    /// reported as [`Step::Reading`].
+    fn read_prompts(&mut self) -> Vec<(u64, Step)> {
+        let mut out = Vec::new();
+        if let Some(mut r) = self.reading.pop_front() {
+            let left = r.prompt.len() - r.read;
+            let n = if self.prefill_chunk == 0 { left } else { left.min(self.prefill_chunk) };
+            let llama = &self.models[r.model];
+            let piece = &r.prompt[r.read..r.read + n];
+            let cache = &mut r.cache;
+            let logits = catch(|| {
+                let device = llama.embed_tokens.device();
+                let ids: Vec<i64> = piece.iter().map(|&t| t as i64).collect();
+                let ids = burn::tensor::Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, n]), &device);
+                let logits = llama.forward_next(ids, cache);
+                // Only the last piece's logits are used: the others stay on the device.
+                (n == left).then(|| host_logits(logits))
+            });
+            r.read += n;
+            match logits {
+                Err(e) => out.push((r.id, Step::Failed(e))),
+                Ok(Some(logits)) => self.join(r, logits),
+                Ok(None) => self.reading.push_front(r),
+            }
+        }
+        out.extend(self.reading.iter().map(|r| (r.id, Step::Reading)));
+        out
+    }
+
+    /// A sequence whose prompt is read joins its model's batch.
+    fn join(&mut self, r: Reading<B>, logits: Vec<f32>) {
+        let params = &r.params;
+        let sampling = SamplingConfig {
+            max_new_tokens: params.max_tokens,
+            temperature: params.temperature,
+            top_p: params.top_p,
+            seed: params.seed,
+            ..Default::default()
+        };
+        let stop_token_ids = if params.ignore_eos { Vec::new() } else { self.prompting.stop_token_ids.clone() };
+        let batch = &mut self.batches[r.model];
+        batch.cache.join(r.cache);
+        batch.rows.push(Row {
+            id: r.id,
+            sampler: Sampler::new(sampling),
+            history: r.prompt,
+            logits,
+            generated: 0,
+            max_tokens: params.max_tokens,
+            stop_token_ids,
+            text: TextPieces::default(),
+        });
+    }
+}
+
 impl<B: KernelBackend> Engine for BurnEngine<B> {
     fn context_len(&self) -> usize {
         self.models[0].config.max_position_embeddings
@@ -163,40 +248,15 @@ impl<B: KernelBackend> Engine for BurnEngine<B> {
 
     fn start(&mut self, id: u64, model: usize, prompt: &[u32], params: &GenParams) -> Result<(), String> {
         let llama = self.models.get(model).ok_or_else(|| format!("no model {model}"))?;
-        let (cache, logits) = catch(|| {
-            let device = llama.embed_tokens.device();
-            let ids: Vec<i64> = prompt.iter().map(|&t| t as i64).collect();
-            let ids = burn::tensor::Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [1, prompt.len()]), &device);
-            let mut cache = KvCache::new(llama.config.num_hidden_layers);
-            let logits = llama.forward_next(ids, &mut cache);
-            (cache, host_logits(logits))
-        })?;
-        let sampling = SamplingConfig {
-            max_new_tokens: params.max_tokens,
-            temperature: params.temperature,
-            top_p: params.top_p,
-            seed: params.seed,
-            ..Default::default()
-        };
-        let batch = &mut self.batches[model];
-        batch.cache.join(cache);
-        batch.rows.push(Row {
-            id,
-            sampler: Sampler::new(sampling),
-            history: prompt.to_vec(),
-            logits,
-            generated: 0,
-            max_tokens: params.max_tokens,
-            stop_token_ids: if params.ignore_eos { Vec::new() } else { self.prompting.stop_token_ids.clone() },
-            text: TextPieces::default(),
-        });
+        let cache = KvCache::new(llama.config.num_hidden_layers);
+        self.reading.push_back(Reading { id, model, prompt: prompt.to_vec(), read: 0, cache, params: params.clone() });
         Ok(())
     }
 
     fn step(&mut self) -> Vec<(u64, Step)> {
+        let mut out = self.read_prompts();
         let context = self.context_len();
         let tok = self.prompting.tokenizer.as_ref();
-        let mut out = Vec::new();
         for (llama, batch) in self.models.iter().zip(&mut self.batches) {
             // Each row's next token, from the logits of its last step.
             let mut next = Vec::new();
@@ -247,6 +307,7 @@ impl<B: KernelBackend> Engine for BurnEngine<B> {
     }
 
     fn finish(&mut self, id: u64) {
+        self.reading.retain(|r| r.id != id);
         for batch in &mut self.batches {
             if let Some(r) = batch.rows.iter().position(|row| row.id == id) {
                 batch.cache.leave(r);

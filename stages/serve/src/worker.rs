@@ -1,6 +1,7 @@
 //! The generation worker: one thread owns the model and takes jobs from a bounded queue; up to
 //! the engine's number of sequences decode together, one token each per step, and a job queued
-//! meanwhile joins them at the next step. Each job streams its events back to the request that
+//! meanwhile joins them at the next step (the engine may read its prompt over several steps,
+//! while the others go on decoding). Each job streams its events back to the request that
 //! queued it. A request whose client went away (its receiver dropped) is skipped if still queued
 //! and stopped at the next token if running.
 
@@ -79,6 +80,8 @@ pub enum Step {
     Token { text: String, last: bool },
     /// The model's stop token (end of turn): the sequence ends without it.
     Stop,
+    /// A piece of the prompt was read; no token yet.
+    Reading,
     /// The sequence failed; the message says why.
     Failed(String),
 }
@@ -93,10 +96,12 @@ pub trait Engine {
     fn tokenize(&self, model: usize, prompt: &Prompt) -> Result<Vec<u32>, String>;
     /// How many sequences may be decoding at once (1: one request after another).
     fn max_sequences(&self) -> usize;
-    /// Starts sequence `id` of model `model`: reads `prompt` now; its tokens come from the
-    /// following [`Engine::step`]s. `params.max_tokens` already fits the context.
+    /// Starts sequence `id` of model `model` with `prompt`; the following [`Engine::step`]s read
+    /// the prompt (an engine may read a long one a piece a step, [`Step::Reading`], so that the
+    /// sequences already decoding go on meanwhile) and then give its tokens. `params.max_tokens`
+    /// already fits the context.
     fn start(&mut self, id: u64, model: usize, prompt: &[u32], params: &GenParams) -> Result<(), String>;
-    /// Advances every started sequence by one token.
+    /// Advances every started sequence: one token each, or one more piece of a prompt being read.
     fn step(&mut self) -> Vec<(u64, Step)>;
     /// Forgets sequence `id` (it ended, or its client left); an unknown id is ignored.
     fn finish(&mut self, id: u64);
@@ -164,8 +169,8 @@ pub fn run_worker(engine: &mut dyn Engine, mut jobs: mpsc::Receiver<Job>, stats:
     let mut next_id = 0u64;
     let mut open = true;
     loop {
-        // New jobs: wait for one when idle, else take one already queued (each prompt is read
-        // before the next step, so one a step lets the running answers go on meanwhile).
+        // New jobs: wait for one when idle, else take one already queued (one a step: admitting
+        // tokenizes the prompt, and the running answers go on meanwhile).
         let mut taken = 0;
         while open && live.len() < engine.max_sequences().max(1) && (live.is_empty() || taken == 0) {
             taken += 1;
@@ -251,6 +256,7 @@ impl Live {
                 self.done(FinishReason::Stop, stats);
                 true
             }
+            Step::Reading => false,
             Step::Failed(e) => {
                 self.fail(&e);
                 true
@@ -392,17 +398,21 @@ mod tests {
     }
 
     /// Counts up from the prompt's last token, one character a token, every started sequence
-    /// a step; records how many steps it ran.
+    /// a step; reads prompts `chunk` tokens a step, the oldest first (a sequence's first token
+    /// comes in the step that reads its prompt's last piece); records each step's outcomes.
     struct Counter {
         context: usize,
         max_sequences: usize,
-        seqs: Vec<(u64, u32, usize, usize)>,
+        chunk: usize,
+        /// id, last prompt token, tokens given, max tokens, prompt tokens not yet read.
+        seqs: Vec<(u64, u32, usize, usize, usize)>,
         steps: usize,
+        log: Vec<Vec<(u64, Step)>>,
     }
 
     impl Counter {
         fn new(context: usize, max_sequences: usize) -> Self {
-            Counter { context, max_sequences, seqs: Vec::new(), steps: 0 }
+            Counter { context, max_sequences, chunk: usize::MAX, seqs: Vec::new(), steps: 0, log: Vec::new() }
         }
     }
 
@@ -421,19 +431,28 @@ mod tests {
         }
         fn start(&mut self, id: u64, _: usize, prompt: &[u32], params: &GenParams) -> Result<(), String> {
             assert!(self.seqs.len() < self.max_sequences, "more sequences than the engine takes");
-            self.seqs.push((id, prompt[prompt.len() - 1], 0, params.max_tokens));
+            self.seqs.push((id, prompt[prompt.len() - 1], 0, params.max_tokens, prompt.len()));
             Ok(())
         }
         fn step(&mut self) -> Vec<(u64, Step)> {
             self.steps += 1;
-            self.seqs
+            if let Some(s) = self.seqs.iter_mut().find(|s| s.4 > 0) {
+                s.4 -= s.4.min(self.chunk);
+            }
+            let out: Vec<_> = self
+                .seqs
                 .iter_mut()
-                .map(|(id, last, n, max)| {
+                .map(|(id, last, n, max, unread)| {
+                    if *unread > 0 {
+                        return (*id, Step::Reading);
+                    }
                     *n += 1;
                     let c = char::from(b'0' + ((*last as usize + *n) % 10) as u8);
                     (*id, Step::Token { text: c.to_string(), last: *n >= *max })
                 })
-                .collect()
+                .collect();
+            self.log.push(out.clone());
+            out
         }
         fn finish(&mut self, id: u64) {
             self.seqs.retain(|s| s.0 != id);
@@ -535,6 +554,41 @@ mod tests {
         let mut eight = Counter::new(100, 8);
         assert_eq!(run_all(&mut eight, jobs()), one_by_one);
         assert_eq!(eight.steps, 6, "joined at steps 1, 2 and 3; the second (5 tokens) ends at 6");
+    }
+
+    /// A prompt read a piece a step: the answer already decoding gets a token every step
+    /// meanwhile, the reading sends nothing, and both answers are what they are alone.
+    #[test]
+    fn a_long_prompt_is_read_a_piece_a_step_while_the_others_decode() {
+        let jobs =
+            || vec![(Prompt::Text("0".into()), params(6, &[])), (Prompt::Text("0123456789".into()), params(2, &[]))];
+        let one_by_one = run_all(&mut Counter::new(100, 1), jobs());
+        let mut e = Counter::new(100, 2);
+        e.chunk = 4;
+        let together = run_all(&mut e, jobs());
+        assert_eq!(together, one_by_one);
+        assert_eq!(text(&together[1]), "89");
+        let kinds: Vec<Vec<(u64, &str)>> = e
+            .log
+            .iter()
+            .map(|step| {
+                step.iter().map(|(id, s)| (*id, if matches!(s, Step::Reading) { "read" } else { "token" })).collect()
+            })
+            .collect();
+        // Step 1: the first job's prompt (one token) read and its first token. The second job
+        // joins at step 2; its 10 tokens take steps 2, 3 (4 each) and 4 (the last 2, and its
+        // first token), while the first job's tokens go on.
+        assert_eq!(
+            kinds,
+            vec![
+                vec![(1, "token")],
+                vec![(1, "token"), (2, "read")],
+                vec![(1, "token"), (2, "read")],
+                vec![(1, "token"), (2, "token")],
+                vec![(1, "token"), (2, "token")],
+                vec![(1, "token")],
+            ]
+        );
     }
 
     #[test]
