@@ -31,6 +31,8 @@ SHAPE=${SHAPE:-llama-3.1-8b}
 # LAYERS=N: the shape with N decoder layers only (bench/gpu_profile.sh), in folders of its own.
 LAYERS=${LAYERS:-}; tag=${LAYERS:+-${LAYERS}layers}
 R=/tmp/bench8b; [ "$SHAPE" = llama-3.1-8b ] && [ -z "$LAYERS" ] || R=/tmp/bench-$SHAPE$tag
+# BENCH_DIR=DIR keeps this call's rows apart (another binary's rows under the same names).
+R=${BENCH_DIR:-$R}
 OUT=${OUT:-/tmp/newt-gpu-out}; mkdir -p "$OUT" "$R"
 steps=${STEPS:-12}
 model=/tmp/model-$SHAPE$tag

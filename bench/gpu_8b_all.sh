@@ -20,6 +20,8 @@ OUT=${OUT:-/tmp/newt-gpu-out}; mkdir -p "$OUT"
 t0=$(date +%s)
 BUDGET=${BUDGET:-560}
 left() { echo $(( BUDGET - ($(date +%s) - t0) )); }
+# BENCH_DIR=DIR: rows kept there instead of /tmp/bench8b (a second binary's rows, same names).
+B8=${BENCH_DIR:-/tmp/bench8b}
 ROWS=(newt-lora-4x2048 newt-lora-4x2048-nockpt newt-lora newt-qlora
       peer-lora-liger-4x2048 peer-lora-liger-4x2048-nockpt peer-lora-liger
       peer-lora-4x2048 peer-lora-4x2048-nockpt peer-lora
@@ -35,13 +37,13 @@ fi
 # The model (random bf16 weights of the shape) is written by the first row; count its time.
 [ -f /tmp/model-llama-3.1-8b/config.json ] || BUDGET=$(( BUDGET - 60 ))
 for r in "${ROWS[@]}"; do
-  [ -f /tmp/bench8b/$r.done ] && continue
+  [ -f $B8/$r.done ] && continue
   if [[ $r == peer-qlora* ]] && [ ! -d /tmp/site/bitsandbytes ]; then echo "$r: waits for the bitsandbytes wheel"; continue; fi
   if [ "$(left)" -lt "$(cost $r)" ]; then echo "$r: not started ($(left) s left)"; continue; fi
   OUT=/tmp/bench8b-out NEWT_TIMEOUT=$(( $(left) - 10 )) PEER_TIMEOUT=$(( $(left) - 10 )) \
     bash bench/gpu_8b.sh $r 2>&1 | grep -v '^|' | tail -2
 done
-python3 bench/gpu_8b_summary.py /tmp/bench8b | tee "$OUT/summary.md"
-missing=0; for r in "${ROWS[@]}"; do [ -f /tmp/bench8b/$r.done ] || missing=$((missing + 1)); done
+python3 bench/gpu_8b_summary.py $B8 | tee "$OUT/summary.md"
+missing=0; for r in "${ROWS[@]}"; do [ -f $B8/$r.done ] || missing=$((missing + 1)); done
 echo "rows done: $(( ${#ROWS[@]} - missing )) of ${#ROWS[@]}; $(( $(date +%s) - t0 )) s"
-(cd /tmp && tar czf "$OUT/bench8b.tgz" --exclude='*.mem' bench8b)
+(cd "$(dirname $B8)" && tar czf "$OUT/$(basename $B8).tgz" --exclude='*.mem' "$(basename $B8)")
