@@ -290,6 +290,35 @@ pub fn rms_norm<B: KernelBackend>(device: &B::Device, rows: usize, n: usize, rep
     CheckRow::new("rmsnorm", format!("{rows}×{n}"), err, fast_ms, reference_ms, bytes)
 }
 
+/// [`KernelBackend::swiglu`] and [`KernelBackend::swiglu_backward`] of this backend (on CUDA in
+/// bf16, `kernels/cuda/swiglu.cu`) against [`crate::swiglu::default_swiglu_forward`] and
+/// [`crate::swiglu::default_swiglu_backward`] (Burn operations), `[rows, n]` gates from N(0, 2²).
+/// The error is the largest of h's, dg's and du's; times are forward + backward; "TF/s" counts
+/// bytes moved (g, u and h forward; g, u, dh, dg and du backward; two bytes each) as TB/s.
+pub fn swiglu<B: KernelBackend>(device: &B::Device, rows: usize, n: usize, reps: usize) -> CheckRow {
+    use crate::swiglu::{default_swiglu_backward, default_swiglu_forward};
+    use burn::tensor::TensorPrimitive;
+    let normal = |std| Tensor::<B, 2>::random([rows, n], Distribution::Normal(0.0, std), device);
+    let (g, u, dh) = (normal(2.0), normal(1.0), normal(1.0));
+    let prim = |t: &Tensor<B, 2>| t.clone().into_primitive().tensor();
+    let run = |fast: bool| {
+        let (h, (dg, du)) = if fast {
+            (B::swiglu(prim(&g), prim(&u)), B::swiglu_backward(prim(&g), prim(&u), prim(&dh)))
+        } else {
+            (
+                default_swiglu_forward::<B>(prim(&g), prim(&u)),
+                default_swiglu_backward::<B>(prim(&g), prim(&u), prim(&dh)),
+            )
+        };
+        [h, dg, du].map(|t| Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(t)).cast(burn::tensor::DType::F32))
+    };
+    let err = run(true).into_iter().zip(run(false)).map(|(f, r)| max_rel(f, r)).fold(0.0, f64::max);
+    let fast_ms = time::<B>(device, reps, || drop(run(true)));
+    let reference_ms = time::<B>(device, reps, || drop(run(false)));
+    let bytes = 8.0 * 2.0 * (rows * n) as f64;
+    CheckRow::new("swiglu", format!("{rows}×{n}"), err, fast_ms, reference_ms, bytes)
+}
+
 /// [`KernelBackend::rope`] of this backend (on CUDA in bf16, `kernels/cuda/rope.cu`) against
 /// [`crate::rope::default_rope`], for `[batch, tokens, heads, head_dim]` queries at positions
 /// `0..tokens`, both signs (forward and backward). "TF/s" counts bytes moved (x and y, two bytes

@@ -110,6 +110,20 @@ pub trait KernelBackend: Backend {
         crate::norm::default_rms_norm_backward::<Self>(x, weight, inv, dy)
     }
 
+    /// SwiGLU gating `silu(gate)·up` of `gate` and `up` `[rows, n]` (see [`mod@crate::swiglu`]).
+    fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        crate::swiglu::default_swiglu_forward::<Self>(gate, up)
+    }
+
+    /// The backward pass of [`KernelBackend::swiglu`]: `(d gate, d up)` for the output's gradient.
+    fn swiglu_backward(
+        gate: FloatTensor<Self>,
+        up: FloatTensor<Self>,
+        dh: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        crate::swiglu::default_swiglu_backward::<Self>(gate, up, dh)
+    }
+
     /// Rotary embedding of `x` `[b, t, h, d]` by tables `[b, t, d]` (their halves repeated):
     /// `x·cos + sign·rotate_half(x)·sin` (see [`mod@crate::rope`]).
     fn rope(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>, sign: f32) -> FloatTensor<Self> {
@@ -469,6 +483,27 @@ macro_rules! cuda_kernel_backend {
                 }
             }
 
+            fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+                if crate::swiglu::cuda::takes(gate.dtype, up.dtype) {
+                    crate::swiglu::cuda::fusion_forward::<$f>(gate, up)
+                } else {
+                    crate::swiglu::default_swiglu_forward::<Self>(gate, up)
+                }
+            }
+
+            fn swiglu_backward(
+                gate: FloatTensor<Self>,
+                up: FloatTensor<Self>,
+                dh: FloatTensor<Self>,
+            ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+                // The same test as the forward pass: a forward and its backward take one path.
+                if crate::swiglu::cuda::takes(gate.dtype, up.dtype) {
+                    crate::swiglu::cuda::fusion_backward::<$f>(gate, up, dh)
+                } else {
+                    crate::swiglu::default_swiglu_backward::<Self>(gate, up, dh)
+                }
+            }
+
             fn lora_backward(
                 dy: FloatTensor<Self>,
                 x: FloatTensor<Self>,
@@ -736,6 +771,10 @@ impl<B: KernelBackend, C: CheckpointStrategy> KernelBackend for Autodiff<B, C> {
 
     fn gradient_root(x: FloatTensor<Self>, g: FloatTensor<Self>) -> FloatTensor<Self> {
         crate::seed::autodiff_gradient_root::<B, C>(x, g)
+    }
+
+    fn swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        crate::swiglu::autodiff_swiglu::<B, C>(gate, up)
     }
 
     fn rope(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>, sign: f32) -> FloatTensor<Self> {

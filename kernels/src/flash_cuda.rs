@@ -51,7 +51,8 @@ type Grads3<F> = (FloatTensor<Fus<F>>, FloatTensor<Fus<F>>, FloatTensor<Fus<F>>)
 /// The kernels' source, compiled at run time as one module: the flash attention kernels, the
 /// RMSNorm ones ([`crate::norm`]), RoPE ([`mod@crate::rope`]), the optimizer's flat vector
 /// ([`crate::multi`]), NF4 dequantization ([`crate::nf4`]), the decoding step
-/// ([`crate::decode`]) and the loss's cross-entropy rows ([`crate::loss`]).
+/// ([`crate::decode`]), the loss's cross-entropy rows ([`crate::loss`]) and SwiGLU
+/// ([`mod@crate::swiglu`]).
 pub const SOURCE: &str = concat!(
     include_str!("../cuda/flash_attn.cu"),
     include_str!("../cuda/rms_norm.cu"),
@@ -59,7 +60,8 @@ pub const SOURCE: &str = concat!(
     include_str!("../cuda/multi_tensor.cu"),
     include_str!("../cuda/nf4.cu"),
     include_str!("../cuda/decode.cu"),
-    include_str!("../cuda/cross_entropy.cu")
+    include_str!("../cuda/cross_entropy.cu"),
+    include_str!("../cuda/swiglu.cu")
 );
 /// Threads of a forward block (every head dim), four warps.
 const THREADS: u32 = 128;
@@ -591,6 +593,10 @@ pub(crate) struct Functions {
     pub(crate) dequant_int8: usize,
     /// `newt_ce_rows`.
     pub(crate) ce_rows: usize,
+    /// `newt_swiglu_fwd`.
+    pub(crate) swiglu_forward: usize,
+    /// `newt_swiglu_bwd`.
+    pub(crate) swiglu_backward: usize,
     /// The decoding step's kernels ([`crate::decode`]).
     pub(crate) decode: crate::decode::cuda::DecodeFunctions,
 }
@@ -682,6 +688,8 @@ fn load() -> Result<Functions, String> {
             dequant_nf4: get("newt_dequant_nf4")?,
             dequant_int8: get("newt_dequant_int8")?,
             ce_rows: get("newt_ce_rows")?,
+            swiglu_forward: get("newt_swiglu_fwd")?,
+            swiglu_backward: get("newt_swiglu_bwd")?,
             decode: crate::decode::cuda::DecodeFunctions {
                 gemv_bf16: get("newt_dec_gemv_bf16")?,
                 gemv_f32: get("newt_dec_gemv_f32")?,

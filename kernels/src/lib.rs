@@ -8,8 +8,8 @@
 //! Fast paths are Burn backend extensions ([`KernelBackend`]), each one autodiff node with its own
 //! backward pass and a default written in Burn tensor operations: [`flash`] (attention; on CUDA
 //! the FlashAttention-2 kernels of [`flash_cuda`]), [`matmul`] (cuBLASLt on CUDA), [`lora`] (a
-//! LoRA linear as one operation, its products cuBLASLt calls on CUDA), [`norm`] and [`mod@rope`]
-//! (one CUDA kernel per pass), [`multi`] (the optimizer's flat vector, a few CUDA launches), and
+//! LoRA linear as one operation, its products cuBLASLt calls on CUDA), [`norm`], [`mod@rope`] and
+//! [`mod@swiglu`] (one CUDA kernel per pass), [`multi`] (the optimizer's flat vector, a few CUDA launches), and
 //! [`decode`] (a whole decoding step of `newt serve` as one operation).
 //! [`check`] compares them with their references on the machine at hand (`newt kernels`).
 //!
@@ -34,6 +34,7 @@ pub mod nf4;
 pub mod norm;
 pub mod rope;
 pub mod seed;
+pub mod swiglu;
 
 pub use attention::{AttentionMask, attention};
 pub use flash::{FlashOptions, KernelBackend, flash_attention};
@@ -44,6 +45,7 @@ pub use multi::{flat_gather, flat_scatter};
 pub use norm::{rms_norm, rms_norm_reference};
 pub use rope::{RopeScaling, RopeTables, apply_rope, rope, rope_inv_freq};
 pub use seed::backward_with;
+pub use swiglu::swiglu;
 
 /// The value of a one-element tensor as `f64`, read in the tensor's own dtype.
 ///
@@ -86,20 +88,22 @@ pub enum FastPath {
     DecodeStep,
     /// The loss's cross-entropy rows as one kernel ([`loss`]); the reference is Burn operations.
     CrossEntropy,
+    /// The MLP's SwiGLU gating as one kernel a pass ([`mod@swiglu`]).
+    Swiglu,
 }
 
-static REFERENCE_PATHS: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+static REFERENCE_PATHS: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
 
 /// Sets, for this process, which fast paths run as their Burn-op reference instead (none by
 /// default). The stages that build a model call it from their params before they do.
 pub fn set_reference_paths(paths: &[FastPath]) {
-    let bits = paths.iter().fold(0u8, |bits, &p| bits | 1 << p as u8);
+    let bits = paths.iter().fold(0u16, |bits, &p| bits | 1 << p as u16);
     REFERENCE_PATHS.store(bits, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// Whether `path` is set aside for its reference ([`set_reference_paths`]).
 pub fn uses_reference(path: FastPath) -> bool {
-    REFERENCE_PATHS.load(std::sync::atomic::Ordering::Relaxed) & (1 << path as u8) != 0
+    REFERENCE_PATHS.load(std::sync::atomic::Ordering::Relaxed) & (1 << path as u16) != 0
 }
 
 /// Kernel compilations and module loads of the CUDA backend so far in this process (zeros when
@@ -151,12 +155,7 @@ pub fn take_device_thread_panics() -> Vec<String> {
     std::mem::take(&mut *DEVICE_PANICS.lock().unwrap_or_else(|p| p.into_inner()))
 }
 
-use burn::tensor::{Tensor, activation::silu, backend::Backend};
-
-/// SwiGLU gating of a Llama MLP: `silu(gate) * up`.
-pub fn swiglu<B: Backend, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) -> Tensor<B, D> {
-    silu(gate) * up
-}
+use burn::tensor::{Tensor, backend::Backend};
 
 #[cfg(test)]
 pub(crate) mod test_util {
@@ -257,33 +256,18 @@ mod tests {
             FastPath::Nf4Dequant,
             FastPath::DecodeStep,
             FastPath::CrossEntropy,
+            FastPath::Swiglu,
         ];
-        set_reference_paths(&[FastPath::Rope, FastPath::Nf4Dequant]);
+        set_reference_paths(&[FastPath::Rope, FastPath::Nf4Dequant, FastPath::Swiglu]);
         let on: Vec<_> = all.into_iter().filter(|&p| uses_reference(p)).collect();
         set_reference_paths(&[]);
-        assert_eq!(on, [FastPath::Rope, FastPath::Nf4Dequant]);
+        assert_eq!(on, [FastPath::Rope, FastPath::Nf4Dequant, FastPath::Swiglu]);
         assert!(all.into_iter().all(|p| !uses_reference(p)));
     }
 
     use super::test_util::*;
     use super::*;
     use burn::tensor::{DType, TensorData};
-
-    #[test]
-    fn swiglu_is_silu_of_gate_times_up() {
-        let dev = Default::default();
-        let g = values(12, 1);
-        let u = values(12, 2);
-        let out = swiglu(
-            Tensor::<TestBackend, 2>::from_data(TensorData::new(g.clone(), [3, 4]), &dev),
-            Tensor::<TestBackend, 2>::from_data(TensorData::new(u.clone(), [3, 4]), &dev),
-        )
-        .into_data()
-        .to_vec::<f32>()
-        .unwrap();
-        let want: Vec<f32> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
-        assert!(max_abs_diff(&out, &want) < 1e-6);
-    }
 
     #[test]
     fn read_f64_reads_f32_and_bf16_tensors_in_their_own_precision() {

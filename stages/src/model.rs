@@ -1204,6 +1204,7 @@ pub(crate) fn set_kernel_options(lora_f32: bool, reference: &[newt_config::Refer
             R::Nf4Dequant => F::Nf4Dequant,
             R::DecodeStep => F::DecodeStep,
             R::CrossEntropy => F::CrossEntropy,
+            R::Swiglu => F::Swiglu,
         })
         .collect();
     newt_kernels::set_reference_paths(&paths);

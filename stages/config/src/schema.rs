@@ -896,7 +896,7 @@ pub struct KernelOptions {
     pub lora_f32: bool,
     /// Fast paths to run as their reference in Burn's tensor operations instead (to measure one
     /// against the other, or to rule a kernel out): `[flash_attention, rms_norm, rope,
-    /// multi_tensor, dense_matmul, nf4_dequant, decode_step]`. Replaces the `NEWT_FLASH=burn`-style
+    /// multi_tensor, dense_matmul, nf4_dequant, decode_step, cross_entropy, swiglu]`. Replaces the `NEWT_FLASH=burn`-style
     /// environment variables.
     pub reference: Vec<ReferenceKernel>,
 }
@@ -923,4 +923,6 @@ pub enum ReferenceKernel {
     /// The loss's softmax cross-entropy and its gradient over a chunk of logits as one kernel
     /// (reference: Burn operations in f32).
     CrossEntropy,
+    /// The MLP's SwiGLU gating, one kernel forward and one backward (reference: Burn operations).
+    Swiglu,
 }
