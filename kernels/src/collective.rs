@@ -111,16 +111,10 @@ pub(crate) mod cuda {
     use burn::tensor::ops::FloatTensor;
     use burn::tensor::{DType, Shape};
     use burn_cubecl::FloatElement;
-    use burn_cubecl::tensor::CubeTensor;
-    use cubecl_cuda::CudaRuntime;
     use cudarc::nccl::{result, sys};
 
     use super::Collective;
-    use crate::cuda_op::{Fus, custom_op, empty};
-
-    fn contiguous(t: CubeTensor<CudaRuntime>) -> CubeTensor<CudaRuntime> {
-        if t.is_contiguous() { t } else { burn_cubecl::kernel::into_contiguous(t) }
-    }
+    use crate::cuda_op::{Fus, contiguous, custom_op, empty};
 
     /// `x` (f32 `[n]`) summed over the group by `ncclAllReduce` into a new vector, queued on
     /// this device's stream.

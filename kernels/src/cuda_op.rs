@@ -86,3 +86,10 @@ pub(crate) fn empty(like: &CubeTensor<CudaRuntime>, dims: &[usize], dtype: DType
         dtype,
     )
 }
+
+/// `t` as every kernel of this crate reads a tensor: contiguous and starting on 16 bytes (the
+/// bf16 kernels load eight values at a time), or a contiguous copy when it is not.
+pub(crate) fn contiguous(t: CubeTensor<CudaRuntime>) -> CubeTensor<CudaRuntime> {
+    let aligned = t.handle.offset_start.unwrap_or(0).is_multiple_of(16);
+    if t.is_contiguous() && aligned { t } else { burn_cubecl::kernel::into_contiguous(t) }
+}

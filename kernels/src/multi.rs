@@ -103,7 +103,7 @@ pub(crate) mod cuda {
     use cudarc::driver::sys;
 
     use super::{Table, tables};
-    use crate::cuda_op::{Fus, custom_op, empty};
+    use crate::cuda_op::{Fus, contiguous, custom_op, empty};
     use crate::flash_cuda::{Functions, functions};
 
     const THREADS: u32 = 256;
@@ -112,10 +112,6 @@ pub(crate) mod cuda {
     pub(crate) fn takes(dtypes: impl IntoIterator<Item = DType>) -> bool {
         let burn_only = crate::uses_reference(crate::FastPath::MultiTensor);
         !burn_only && dtypes.into_iter().all(|d| d == DType::F32)
-    }
-
-    fn contiguous(t: CubeTensor<CudaRuntime>) -> CubeTensor<CudaRuntime> {
-        if t.is_contiguous() { t } else { burn_cubecl::kernel::into_contiguous(t) }
     }
 
     /// On the device thread: one launch per table, `flat` the other buffer.

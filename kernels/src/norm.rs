@@ -133,7 +133,7 @@ pub(crate) mod cuda {
     use burn_cubecl::tensor::CubeTensor;
     use cubecl_cuda::CudaRuntime;
 
-    use crate::cuda_op::{Fus, custom_op, empty};
+    use crate::cuda_op::{Fus, contiguous, custom_op, empty};
     use crate::flash_cuda::{Args, functions, launch_block};
 
     /// Rows per block of 128 threads (one warp each; `RN_ROWS_PER_BLOCK` in the source).
@@ -143,11 +143,6 @@ pub(crate) mod cuda {
     pub(crate) fn takes(x: DType, weight: DType) -> bool {
         let burn_only = crate::uses_reference(crate::FastPath::RmsNorm);
         !burn_only && x == DType::BF16 && weight == DType::BF16
-    }
-
-    fn contiguous(t: CubeTensor<CudaRuntime>) -> CubeTensor<CudaRuntime> {
-        let aligned = t.handle.offset_start.unwrap_or(0).is_multiple_of(16);
-        if t.is_contiguous() && aligned { t } else { burn_cubecl::kernel::into_contiguous(t) }
     }
 
     /// The arguments of `newt_rms_fwd`: x, w, y, inv, rows, n, eps.

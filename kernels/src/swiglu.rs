@@ -112,7 +112,7 @@ pub(crate) mod cuda {
     use burn_cubecl::tensor::CubeTensor;
     use cubecl_cuda::CudaRuntime;
 
-    use crate::cuda_op::{Fus, custom_op, empty};
+    use crate::cuda_op::{Fus, contiguous, custom_op, empty};
     use crate::flash_cuda::{Args, functions, launch_block};
 
     const THREADS: u32 = 256;
@@ -120,11 +120,6 @@ pub(crate) mod cuda {
     /// Whether the kernels take a call: bf16 gate and up, unless `kernels: {reference: [swiglu]}`.
     pub(crate) fn takes(gate: DType, up: DType) -> bool {
         !crate::uses_reference(crate::FastPath::Swiglu) && gate == DType::BF16 && up == DType::BF16
-    }
-
-    fn contiguous(t: CubeTensor<CudaRuntime>) -> CubeTensor<CudaRuntime> {
-        let aligned = t.handle.offset_start.unwrap_or(0).is_multiple_of(16);
-        if t.is_contiguous() && aligned { t } else { burn_cubecl::kernel::into_contiguous(t) }
     }
 
     /// The arguments of `newt_swiglu_fwd` (g, u, h, n) and `newt_swiglu_bwd` (g, u, dh, dg, du, n).
