@@ -46,6 +46,16 @@ pub(crate) fn tree_size(path: &Path) -> u64 {
         .sum()
 }
 
+/// Whether `dir` holds nothing but directories (or is missing). Anything that is not a
+/// directory, and any entry that cannot be read, counts as a file: the answer errs towards
+/// keeping.
+pub(crate) fn holds_no_files(dir: &Path) -> bool {
+    walkdir::WalkDir::new(dir).follow_links(false).into_iter().all(|e| match e {
+        Ok(e) => e.file_type().is_dir(),
+        Err(e) => e.io_error().is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound),
+    })
+}
+
 /// Mode of a file in a published object: read-only for everyone, whatever the stage's umask or
 /// the mode of the file it was copied from (`fs::copy` keeps the source's, e.g. a model folder's
 /// 0666).

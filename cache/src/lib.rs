@@ -136,7 +136,9 @@ impl Cache {
 
     /// A per-key scratch directory (created if needed) that, unlike staging, survives a killed
     /// run: long stages keep resumable checkpoints there. Use it while holding the key's lock.
-    /// gc removes it once the key has a result, or after [`WORK_DIR_GRACE`] without writes.
+    /// The executor removes it when the key's result is published, and after a failed run when
+    /// no file is in it; gc removes what is left once the key has a result, or after
+    /// [`WORK_DIR_GRACE`] without writes.
     pub fn work_dir(&self, key: &Digest) -> Result<PathBuf, CacheError> {
         let dir = self.work_root().join(key.to_string());
         std::fs::create_dir_all(&dir).map_err(io_err("create directory", &dir))?;
@@ -146,6 +148,13 @@ impl Cache {
     /// Removes the work directory of `key` (call after publishing its result).
     pub fn remove_work_dir(&self, key: &Digest) -> Result<(), CacheError> {
         self.discard(&self.work_root().join(key.to_string()))
+    }
+
+    /// Removes the work directory of `key` if no file is in it (directories only, or nothing):
+    /// after a failed run, a scratch directory with nothing to resume from is not kept.
+    pub fn remove_work_dir_if_empty(&self, key: &Digest) -> Result<(), CacheError> {
+        let dir = self.work_root().join(key.to_string());
+        if crate::fsutil::holds_no_files(&dir) { self.discard(&dir) } else { Ok(()) }
     }
 
     fn work_root(&self) -> PathBuf {

@@ -462,34 +462,44 @@ impl StageTask {
         let ki = inputs_k.clone();
         let remote = inputs_k.remote.clone();
         let result = tokio::task::spawn_blocking(move || {
-            std::fs::create_dir_all(&work)?;
-            let ctx = StageContext {
-                node: &node,
-                inputs,
-                out_dir: staging.out_dir().to_path_buf(),
-                work_dir: work,
-                base_dir,
-                external,
-                remote,
-                cache_root: cache.root().to_path_buf(),
-                progress,
-                cancel,
+            let ran = (|| {
+                std::fs::create_dir_all(&work)?;
+                let ctx = StageContext {
+                    node: &node,
+                    inputs,
+                    out_dir: staging.out_dir().to_path_buf(),
+                    work_dir: work.clone(),
+                    base_dir,
+                    external,
+                    remote,
+                    cache_root: cache.root().to_path_buf(),
+                    progress,
+                    cancel,
+                };
+                let summary = stage.run(&ctx)?;
+                ctx.check_cancelled()?;
+                let required = stage.required_outputs(&node);
+                let required: Vec<&str> = required.iter().map(String::as_str).collect();
+                let meta = ManifestMeta {
+                    stage_id: node.id.clone(),
+                    kind: node.kind.clone(),
+                    key,
+                    key_inputs: serde_json::to_value(&ki)?,
+                    summary,
+                    elapsed_ms: t0.elapsed().as_millis() as u64,
+                };
+                let manifest = cache.publish(staging, meta, &required)?;
+                anyhow::Ok(manifest)
+            })();
+            // Still under the key's lock: a published key's scratch goes now (gc would take it
+            // later), a failed run's stays only if the stage left something in it to resume from.
+            // Neither can fail the stage: gc removes what is left.
+            let _ = match &ran {
+                Ok(_) => cache.remove_work_dir(&key),
+                Err(_) => cache.remove_work_dir_if_empty(&key),
             };
-            let summary = stage.run(&ctx)?;
-            ctx.check_cancelled()?;
-            let required = stage.required_outputs(&node);
-            let required: Vec<&str> = required.iter().map(String::as_str).collect();
-            let meta = ManifestMeta {
-                stage_id: node.id.clone(),
-                kind: node.kind.clone(),
-                key,
-                key_inputs: serde_json::to_value(&ki)?,
-                summary,
-                elapsed_ms: t0.elapsed().as_millis() as u64,
-            };
-            let manifest = cache.publish(staging, meta, &required)?;
             drop(lock);
-            anyhow::Ok(manifest)
+            ran
         })
         .await;
         match result {

@@ -31,6 +31,17 @@ impl Stage for Echo {
     }
     fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<serde_json::Value> {
         *self.runs.lock().unwrap().entry(ctx.node.id.clone()).or_default() += 1;
+        // `params.scratch`: a path under the work directory to create first (a trailing `/`
+        // makes a directory, anything else a file), as a long stage keeps its checkpoints.
+        if let Some(scratch) = ctx.node.params["scratch"].as_str() {
+            let path = ctx.work_dir.join(scratch);
+            if scratch.ends_with('/') {
+                std::fs::create_dir_all(&path)?;
+            } else {
+                std::fs::create_dir_all(path.parent().unwrap())?;
+                std::fs::write(&path, "step 3")?;
+            }
+        }
         if self.fail_on.as_deref() == Some(ctx.node.id.as_str()) {
             anyhow::bail!("boom");
         }
@@ -152,6 +163,61 @@ fn failure_names_the_stage_and_keeps_finished_results() {
     assert_eq!(outcome(&again, "a"), Outcome::Hit);
     assert_eq!(outcome(&again, "c"), Outcome::Hit);
     assert_eq!(outcome(&again, "b"), Outcome::Ran);
+}
+
+/// The entries of the cache's work root, with the files under each.
+fn work_dirs(h: &Harness) -> Vec<Vec<String>> {
+    let root = h.dir.path().join("cache/v1/work");
+    let mut dirs: Vec<Vec<String>> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| {
+            let dir = e.unwrap().path();
+            let mut files: Vec<String> = files_under(&dir);
+            files.sort();
+            files
+        })
+        .collect();
+    dirs.sort();
+    dirs
+}
+
+fn files_under(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let path = e.unwrap().path();
+            if path.is_dir() {
+                todo.push(path);
+            } else {
+                out.push(path.strip_prefix(dir).unwrap().display().to_string());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_stage_keeps_its_work_dir_only_while_it_holds_something_to_resume_from() {
+    let h = Harness::new();
+    let with = |scratch: &str| {
+        let mut n = node("t", "T", &[]);
+        n.params["scratch"] = serde_json::json!(scratch);
+        vec![n]
+    };
+    // Failed with nothing written (an empty checkpoints directory is nothing): no scratch left.
+    let r = h.run(with("checkpoints/"), Some("t"));
+    assert!(matches!(outcome(&r, "t"), Outcome::Failed(_)), "{r:?}");
+    assert_eq!(work_dirs(&h), Vec::<Vec<String>>::new());
+    // Failed after a checkpoint: kept for the next run to resume from.
+    let r = h.run(with("checkpoints/checkpoint-3/state"), Some("t"));
+    assert!(matches!(outcome(&r, "t"), Outcome::Failed(_)), "{r:?}");
+    assert_eq!(work_dirs(&h), vec![vec!["checkpoints/checkpoint-3/state".to_string()]]);
+    // The same key finishing: its result is published and its scratch goes with it.
+    let r = h.run(with("checkpoints/checkpoint-3/state"), None);
+    assert_eq!(outcome(&r, "t"), Outcome::Ran);
+    assert_eq!(work_dirs(&h), Vec::<Vec<String>>::new());
+    assert_eq!(outcome(&h.run(with("checkpoints/checkpoint-3/state"), None), "t"), Outcome::Hit);
 }
 
 #[test]
