@@ -5,7 +5,10 @@
 //! (0 for padding). A query sees a key only when the key is not in its future and both carry the
 //! same segment id, so a packed batch computes exactly what the samples would compute alone.
 
-use burn::tensor::{DType, Int, Tensor, TensorData, activation::softmax, backend::Backend};
+use burn::tensor::ops::FloatTensor;
+use burn::tensor::{DType, Int, Tensor, TensorData, TensorPrimitive, activation::softmax, backend::Backend};
+
+use crate::KernelBackend;
 
 /// Added to the score of a masked key. Finite (as transformers' `finfo.min`) so that no
 /// `-inf - -inf` can appear; every row keeps at least its own diagonal, so no row is all masked.
@@ -83,7 +86,37 @@ impl<B: Backend> AttentionMask<B> {
 /// order). The keys and values are not repeated: the queries of one key/value head are stacked
 /// into one `[group × q_len, head_dim]` matrix instead, so decoding against a KV cache reads the
 /// cache once per step rather than copying it `q_heads / kv_heads` times.
-pub fn attention<B: Backend>(
+///
+/// Through [`KernelBackend::masked_attention`]: on the CPU a prompt's queries run as blocks over
+/// the keys they see (`cpu_attention`), elsewhere [`attention_reference`].
+pub fn attention<B: KernelBackend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: &AttentionMask<B>,
+    scale: f64,
+) -> Tensor<B, 4> {
+    let prim = |t: Tensor<B, 4>| t.into_primitive().tensor();
+    let bias = prim(mask.bias.clone());
+    Tensor::from_primitive(TensorPrimitive::Float(B::masked_attention(prim(q), prim(k), prim(v), bias, scale)))
+}
+
+/// [`KernelBackend::masked_attention`]'s default: [`attention_reference`] on primitives.
+pub(crate) fn default_masked_attention<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    bias: FloatTensor<B>,
+    scale: f64,
+) -> FloatTensor<B> {
+    let t = |p: FloatTensor<B>| Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(p));
+    let mask = AttentionMask { bias: t(bias) };
+    attention_reference(t(q), t(k), t(v), &mask, scale).into_primitive().tensor()
+}
+
+/// [`attention()`] in Burn tensor operations: the score matrix whole, the mask added, the
+/// softmax in f32.
+pub fn attention_reference<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,

@@ -86,6 +86,18 @@ pub trait KernelBackend: Backend {
         Self::float_matmul(lhs, rhs)
     }
 
+    /// `softmax(q·kᵀ·scale + bias)·v` with grouped-query heads, `bias` the additive f32 mask
+    /// `[batch, 1, q_len, k_len]` of an [`crate::AttentionMask`] (see [`crate::attention()`]).
+    fn masked_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        crate::attention::default_masked_attention::<Self>(q, k, v, bias, scale)
+    }
+
     /// RMSNorm of `x` `[rows, n]` by `weight` `[n]` (see [`crate::norm`]).
     fn rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> FloatTensor<Self> {
         Self::rms_norm_forward(x, weight, eps).0
@@ -348,10 +360,25 @@ pub fn default_flash_backward<B: Backend>(
 }
 
 /// Burn's Flex (CPU): the dense product of a few rows is spread over the rayon pool
-/// ([`crate::cpu_matmul`]); everything else is the defaults.
+/// ([`crate::cpu_matmul`]), a prompt's masked attention runs as blocks of queries
+/// ([`crate::cpu_attention`]); everything else is the defaults.
 impl KernelBackend for burn::backend::Flex {
     fn dense_matmul(lhs: FloatTensor<Self>, rhs: FloatTensor<Self>) -> FloatTensor<Self> {
         crate::cpu_matmul::dense_matmul(lhs, rhs)
+    }
+
+    fn masked_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        if crate::cpu_attention::takes(&q, &k, &v, &bias) {
+            crate::cpu_attention::attention(q, k, v, bias, scale)
+        } else {
+            crate::attention::default_masked_attention::<Self>(q, k, v, bias, scale)
+        }
     }
 }
 
@@ -889,7 +916,7 @@ impl<B: KernelBackend, C: CheckpointStrategy> KernelBackend for Autodiff<B, C> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::attention::{AttentionMask, attention};
+    use crate::attention::{AttentionMask, attention_reference};
     use crate::test_util::*;
     use burn::tensor::TensorData;
 
@@ -920,7 +947,7 @@ mod tests {
 
     fn reference<Bk: Backend>(case: &Case, [q, k, v]: [Tensor<Bk, 4>; 3], dev: &Bk::Device) -> Tensor<Bk, 4> {
         let mask = AttentionMask::packed_causal(segs::<Bk>(case, dev), segs::<Bk>(case, dev), 0, case.window);
-        attention(q, k, v, &mask, options(case).scale)
+        attention_reference(q, k, v, &mask, options(case).scale)
     }
 
     fn cases() -> Vec<Case> {

@@ -21,6 +21,7 @@
 pub mod attention;
 pub mod check;
 pub mod collective;
+mod cpu_attention;
 mod cpu_matmul;
 mod cuda_op;
 pub mod decode;
@@ -90,6 +91,9 @@ pub enum FastPath {
     CrossEntropy,
     /// The MLP's SwiGLU gating as one kernel a pass ([`mod@swiglu`]).
     Swiglu,
+    /// A prompt's attention on the CPU (Flex) as blocks of queries over the keys they see
+    /// (`cpu_attention`); the reference is [`attention::attention_reference`].
+    PromptAttention,
 }
 
 static REFERENCE_PATHS: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
@@ -257,6 +261,7 @@ mod tests {
             FastPath::DecodeStep,
             FastPath::CrossEntropy,
             FastPath::Swiglu,
+            FastPath::PromptAttention,
         ];
         set_reference_paths(&[FastPath::Rope, FastPath::Nf4Dequant, FastPath::Swiglu]);
         let on: Vec<_> = all.into_iter().filter(|&p| uses_reference(p)).collect();

@@ -1205,6 +1205,7 @@ pub(crate) fn set_kernel_options(lora_f32: bool, reference: &[newt_config::Refer
             R::DecodeStep => F::DecodeStep,
             R::CrossEntropy => F::CrossEntropy,
             R::Swiglu => F::Swiglu,
+            R::PromptAttention => F::PromptAttention,
         })
         .collect();
     newt_kernels::set_reference_paths(&paths);

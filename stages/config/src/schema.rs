@@ -896,7 +896,7 @@ pub struct KernelOptions {
     pub lora_f32: bool,
     /// Fast paths to run as their reference in Burn's tensor operations instead (to measure one
     /// against the other, or to rule a kernel out): `[flash_attention, rms_norm, rope,
-    /// multi_tensor, dense_matmul, nf4_dequant, decode_step, cross_entropy, swiglu]`. Replaces the `NEWT_FLASH=burn`-style
+    /// multi_tensor, dense_matmul, nf4_dequant, decode_step, cross_entropy, swiglu, prompt_attention]`. Replaces the `NEWT_FLASH=burn`-style
     /// environment variables.
     pub reference: Vec<ReferenceKernel>,
 }
@@ -925,4 +925,7 @@ pub enum ReferenceKernel {
     CrossEntropy,
     /// The MLP's SwiGLU gating, one kernel forward and one backward (reference: Burn operations).
     Swiglu,
+    /// A prompt's attention on the CPU as blocks of queries over the keys they may see
+    /// (reference: the whole score matrix in Burn operations).
+    PromptAttention,
 }
