@@ -115,10 +115,20 @@ impl File<'_> {
         let field = e.path().to_string();
         let inner = e.inner().to_string();
         let inner = inner.split(" at line ").next().unwrap_or(&inner).to_string();
-        // The last named segment of `datasets[0].type` is the key to point at.
-        let leaf = field.rsplit('.').next().unwrap_or(&field).split('[').next().unwrap_or("").to_string();
-        let (line, column) = locate_key(self.text, &leaf, 0).unwrap_or((0, 0));
-        ConfigError::Invalid { path: self.path.to_path_buf(), line, column, message: format!("`{field}`: {inner}") }
+        // The last named segment of `datasets[0].type` is the key to point at; failing that
+        // (a key newt's own defaults filled in), the nearest one above it that the file names.
+        let (line, column) = field
+            .rsplit('.')
+            .filter_map(|segment| locate_key(self.text, segment.split('[').next().unwrap_or(""), 0))
+            .next()
+            .unwrap_or((0, 0));
+        let hint = variant_hint(&inner);
+        ConfigError::Invalid {
+            path: self.path.to_path_buf(),
+            line,
+            column,
+            message: format!("`{field}`: {inner}{hint}"),
+        }
     }
 }
 
@@ -291,20 +301,29 @@ fn check_list(v: serde_yaml::Value, keys: &[String], file: &File<'_>) -> Result<
 
 fn unknown(key: &str, known: &[String], file: &File<'_>, min_indent: usize) -> ConfigError {
     let (line, column) = locate_key(file.text, key, min_indent).unwrap_or((0, 0));
-    let best = known
-        .iter()
-        .map(|k| (strsim::jaro_winkler(key, k), k))
-        .filter(|(s, _)| *s > 0.85)
-        .max_by(|a, b| a.0.total_cmp(&b.0))
-        .map(|(_, k)| k.clone());
-    let hint = match best {
-        Some(k) => format!("; did you mean `{k}`?"),
-        None => String::new(),
-    };
+    let hint = did_you_mean(key, known.iter().map(String::as_str));
     ConfigError::UnknownKey { path: file.path.to_path_buf(), line, column, key: key.to_string(), hint }
 }
 
-/// Finds `key:` in the text (1-based line and column), at an indent of at least `min_indent`.
+/// `; did you mean `…`?` with the closest of `known` to `word`, or nothing when none is close.
+fn did_you_mean<'a>(word: &str, known: impl Iterator<Item = &'a str>) -> String {
+    known
+        .map(|k| (strsim::jaro_winkler(word, k), k))
+        .filter(|(s, _)| *s > 0.85)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, k)| format!("; did you mean `{k}`?"))
+        .unwrap_or_default()
+}
+
+/// For serde's "unknown variant `x`, expected one of `a`, `b`, …": the closest of them to `x`.
+fn variant_hint(message: &str) -> String {
+    let Some(rest) = message.strip_prefix("unknown variant `") else { return String::new() };
+    let Some((word, expected)) = rest.split_once('`') else { return String::new() };
+    did_you_mean(word, expected.split('`').skip(1).step_by(2))
+}
+
+/// Finds `key:` in the text (1-based line and column), at an indent of at least `min_indent`;
+/// failing that, `key:` as a key of a flow mapping (`kernels: {reference: [...]}`), anywhere.
 pub fn locate_key(text: &str, key: &str, min_indent: usize) -> Option<(usize, usize)> {
     for (i, line) in text.lines().enumerate() {
         let trimmed = line.trim_start();
@@ -318,6 +337,23 @@ pub fn locate_key(text: &str, key: &str, min_indent: usize) -> Option<(usize, us
             && rest.trim_start().starts_with(':')
         {
             return Some((i + 1, col + 1));
+        }
+    }
+    locate_flow_key(text, key)
+}
+
+/// `key:` right after a flow mapping's `{` or `,` (spaces between allowed).
+fn locate_flow_key(text: &str, key: &str) -> Option<(usize, usize)> {
+    if key.is_empty() {
+        return None;
+    }
+    for (i, line) in text.lines().enumerate() {
+        for (at, _) in line.match_indices(key) {
+            let before = line[..at].trim_end();
+            let after = line[at + key.len()..].trim_start();
+            if (before.ends_with('{') || before.ends_with(',')) && after.starts_with(':') {
+                return Some((i + 1, line[..at].chars().count() + 1));
+            }
         }
     }
     None

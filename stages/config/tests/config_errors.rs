@@ -42,6 +42,19 @@ fn wrong_type_names_the_key_and_what_was_expected() {
 }
 
 #[test]
+fn errors_inside_a_flow_mapping_name_their_line_and_column() {
+    // A bad value: placed at its key inside the braces.
+    let y = format!("{OK}kernels: {{lora_f32: false, reference: [swiglu, prompt_atention]}}\n");
+    let msg = parse(&y, Path::new("p.yml")).unwrap_err().to_string();
+    assert!(msg.starts_with("p.yml:6:28: `kernels.reference[1]`: unknown variant `prompt_atention`"), "{msg}");
+    assert!(msg.ends_with("; did you mean `prompt_attention`?"), "{msg}");
+    // A misspelt key.
+    let y = format!("{OK}kernels: {{referense: [swiglu]}}\n");
+    let msg = parse(&y, Path::new("p.yml")).unwrap_err().to_string();
+    assert!(msg.starts_with("p.yml:6:11: unknown key `referense`; did you mean `reference`?"), "{msg}");
+}
+
+#[test]
 fn malformed_yaml_reports_its_position() {
     let y = "base_model: newt:tiny\ndatasets: [\n";
     let e = parse(y, Path::new("p.yml")).unwrap_err();
